@@ -1,0 +1,188 @@
+"""Files -> cases: NIfTI volumes (or modality sets) and DICOM series.
+
+:func:`scan` classifies the files of one unpacked input by content (run off the
+event loop); :class:`CaseBuilder` turns scans into cases with opaque ids and
+unique output names. NIfTI cases are complete as soon as their input is
+scanned; a DICOM series may span inputs, so series become cases only when
+every input has been scanned (:meth:`CaseBuilder.finish`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import re
+import zlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .case import Case, DicomInstance, SkippedFile, SourceKind
+from .dicom import NotAnImage, has_dicom_preamble, read_instance
+from .inputs import UnpackedInput
+
+__all__ = ["CaseBuilder", "Scan", "is_nifti_header", "scan"]
+
+_CHANNEL = re.compile(r"^(?P<id>.+)_(?P<channel>\d{4})$")
+_NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_STEM_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tbz2", ".txz", ".tar", *_NIFTI_SUFFIXES, ".dcm")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+\-]+")
+
+
+def is_nifti_header(head: bytes) -> bool:
+    """NIfTI-1 (single file, 'n+1') or NIfTI-2 ('n+2') header at the start of ``head``."""
+    if len(head) >= 348 and head[344:348] == b"n+1\0":
+        return int.from_bytes(head[:4], "little") == 348 or int.from_bytes(head[:4], "big") == 348
+    if len(head) >= 8 and head[4:8] == b"n+2\0":
+        return int.from_bytes(head[:4], "little") == 540 or int.from_bytes(head[:4], "big") == 540
+    return False
+
+
+def _head(path: Path) -> bytes:
+    with path.open("rb") as f:
+        head = f.read(544)
+    if head[:2] == b"\x1f\x8b":
+        try:
+            with gzip.open(path, "rb") as f:
+                return f.read(544)
+        except (OSError, EOFError, zlib.error):
+            return b""
+    return head
+
+
+@dataclass
+class Scan:
+    """What one unpacked input holds."""
+
+    unpacked: UnpackedInput
+    nifti: list[Path] = field(default_factory=list)
+    dicom: list[DicomInstance] = field(default_factory=list)
+    skipped: list[SkippedFile] = field(default_factory=list)
+
+
+def scan(unpacked: UnpackedInput) -> Scan:
+    """Classify every file of an input by content, never by name."""
+    result = Scan(unpacked, skipped=list(unpacked.skipped))
+    origin = unpacked.item.name
+    for path in unpacked.files:
+        try:
+            head = _head(path)
+        except OSError as exc:
+            result.skipped.append(SkippedFile(origin, unpacked.relative(path), f"unreadable: {exc.strerror}"))
+            continue
+        if has_dicom_preamble(head):
+            try:
+                result.dicom.append(read_instance(path))
+            except NotAnImage as exc:
+                result.skipped.append(SkippedFile(origin, unpacked.relative(path), str(exc)))
+        elif is_nifti_header(head):
+            result.nifti.append(path)
+        else:
+            result.skipped.append(SkippedFile(origin, unpacked.relative(path), "neither DICOM nor NIfTI"))
+    return result
+
+
+def _stem(name: str) -> str:
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    for suffix in _STEM_SUFFIXES:
+        if base.lower().endswith(suffix) and len(base) > len(suffix):
+            base = base[: -len(suffix)]
+            break
+    return _UNSAFE.sub("_", base).strip("._") or "case"
+
+
+@dataclass
+class _Series:
+    origin: str
+    instances: dict[str, DicomInstance] = field(default_factory=dict)  # by SOPInstanceUID
+
+
+class CaseBuilder:
+    """Turns scans into cases: opaque ids, unique output names, series across inputs."""
+
+    def __init__(self, *, multi_modal: bool = False) -> None:
+        self.multi_modal = multi_modal
+        self._count = 0
+        self._names: set[str] = set()
+        self._series: dict[str, _Series] = {}
+        self.skipped: list[SkippedFile] = []
+
+    def _new_case(self, kind: SourceKind, stem: str, origin: str, files: list[Path]) -> Case:
+        self._count += 1
+        name, n = stem, 1
+        while name.lower() in self._names:
+            n += 1
+            name = f"{stem}-{n}"
+        self._names.add(name.lower())
+        return Case(
+            case_id=f"case-{self._count:04d}", kind=kind, output_name=name, origin=origin, files=files
+        )
+
+    def add(self, result: Scan) -> list[Case]:
+        """NIfTI cases of this scan; its DICOM instances wait for :meth:`finish`."""
+        origin = result.unpacked.item.name
+        self.skipped.extend(result.skipped)
+        for instance in result.dicom:
+            series = self._series.setdefault(instance.series_instance_uid, _Series(origin))
+            # The same instance twice (two exports of one study) is one slice.
+            series.instances.setdefault(instance.sop_instance_uid, instance)
+        return [
+            self._new_case(SourceKind.NIFTI, stem, origin, files)
+            for stem, files in self._nifti_groups(result)
+        ]
+
+    def _nifti_groups(self, result: Scan) -> list[tuple[str, list[Path]]]:
+        unpacked = result.unpacked
+        singles: list[tuple[str, list[Path]]] = []
+        sets: dict[tuple[Path, str], dict[int, Path]] = defaultdict(dict)
+        for path in result.nifti:
+            stem = _stem(path.name)
+            match = _CHANNEL.match(stem)
+            if self.multi_modal and match:
+                sets[(path.parent, match["id"])][int(match["channel"])] = path
+            else:
+                # nnU-Net names its single-channel inputs <case>_0000: the case is <case>.
+                singles.append((match["id"] if match and match["channel"] == "0000" else stem, [path]))
+        for (_, case_id), channels in sets.items():
+            if sorted(channels) != list(range(len(channels))):
+                for path in channels.values():
+                    self.skipped.append(
+                        SkippedFile(
+                            unpacked.item.name,
+                            unpacked.relative(path),
+                            f"modalities of {case_id} are {sorted(channels)}, not 0..{len(channels) - 1}",
+                        )
+                    )
+                continue
+            singles.append((case_id, [channels[c] for c in sorted(channels)]))
+        return singles
+
+    def finish(self) -> list[Case]:
+        """One case per DICOM series, named after the input it came from."""
+        per_origin: dict[str, int] = defaultdict(int)
+        for series in self._series.values():
+            per_origin[series.origin] += 1
+        cases = []
+        ordered = sorted(
+            self._series.values(),
+            key=lambda s: (s.origin, next(iter(s.instances.values())).series_number or 0),
+        )
+        for index, series in enumerate(ordered):
+            instances = list(series.instances.values())
+            if len(instances) < 2:
+                self.skipped.append(
+                    SkippedFile(
+                        series.origin,
+                        instances[0].path.name,
+                        "single-slice series (a localizer?) is not a volume",
+                    )
+                )
+                continue
+            stem = _stem(series.origin)
+            if per_origin[series.origin] > 1:
+                number = instances[0].series_number
+                stem = f"{stem}_S{number if number is not None else index + 1}"
+            case = self._new_case(SourceKind.DICOM, stem, series.origin, [i.path for i in instances])
+            case.instances = instances
+            cases.append(case)
+        self._series.clear()
+        return cases

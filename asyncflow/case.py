@@ -1,0 +1,108 @@
+"""The values that travel between stages, and the per-case report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "Case",
+    "CaseReport",
+    "CaseStatus",
+    "DicomInstance",
+    "PredictedCase",
+    "PreparedCase",
+    "SkippedFile",
+    "SourceKind",
+]
+
+
+class SourceKind(StrEnum):
+    DICOM = "dicom"
+    NIFTI = "nifti"
+
+
+class CaseStatus(StrEnum):
+    PENDING = "pending"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class DicomInstance:
+    """The header facts of one DICOM image file that grouping and sorting need."""
+
+    path: Path
+    sop_instance_uid: str
+    series_instance_uid: str
+    series_number: int | None
+    position: tuple[float, float, float] | None  # ImagePositionPatient
+    orientation: tuple[float, ...] | None  # ImageOrientationPatient (6 values)
+    rows: int
+    columns: int
+
+
+@dataclass
+class Case:
+    """One volume to segment: a DICOM series or a NIfTI volume (one file per channel)."""
+
+    case_id: str  # opaque and stable within the request: never patient data
+    kind: SourceKind
+    output_name: str  # unique stem of the output file
+    origin: str  # the request input it came from (report only, never logged)
+    files: list[Path]  # NIfTI: one per channel, in channel order; DICOM: unordered
+    instances: list[DicomInstance] = field(default_factory=list)
+
+
+@dataclass
+class PreparedCase:
+    case: Case
+    workdir: Path
+    channel_files: list[Path]  # <case_id>_0000.nii.gz, _0001 ...
+    source_files: list[Path]  # DICOM: instances in slice order (index = z); NIfTI: as input
+
+
+@dataclass
+class PredictedCase:
+    prepared: PreparedCase
+    labels: np.ndarray  # (z, y, x) label map in the geometry of channel_files[0]
+
+
+@dataclass
+class CaseReport:
+    case_id: str
+    kind: SourceKind
+    origin: str
+    output: str | None = None
+    status: CaseStatus = CaseStatus.PENDING
+    error: str | None = None
+    stage_s: dict[str, float] = field(default_factory=dict)
+    labels_present: list[int] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "case_id": self.case_id,
+            "kind": str(self.kind),
+            "origin": self.origin,
+            "output": self.output,
+            "status": str(self.status),
+            "error": self.error,
+            "stage_s": {k: round(v, 4) for k, v in self.stage_s.items()},
+            "labels_present": self.labels_present,
+        }
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file of the request that became no case, and why."""
+
+    origin: str
+    path: str  # relative to its input
+    reason: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"origin": self.origin, "path": self.path, "reason": self.reason}

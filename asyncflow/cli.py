@@ -1,0 +1,208 @@
+"""Command line: ``asyncflow run`` and ``asyncflow demo`` over the same pipeline.
+
+Exit codes: 0 every case done, 1 some cases failed, 2 usage or request error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from . import __version__
+from .backends import ModelError
+from .inputs import RequestError
+from .log import configure_logging
+from .pipeline import Progress, Result, run_request_sync
+from .settings import Settings, SettingsError, packaged_demo_model
+
+__all__ = ["main"]
+
+EXIT_DONE, EXIT_SOME_FAILED, EXIT_ERROR = 0, 1, 2
+
+
+class _ProgressBar:
+    """A tqdm bar on a TTY; log lines are written above it instead of through it."""
+
+    def __init__(self, enabled: bool) -> None:
+        self._bar: Any = None
+        if enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=None, unit="case", desc="segmenting", file=sys.stderr, leave=True)
+
+    def stream(self) -> TextIO | None:
+        if self._bar is None:
+            return None
+        bar = self._bar
+
+        class _AboveBar:
+            def write(self, text: str) -> int:
+                bar.write(text.rstrip("\n"), file=sys.stderr)
+                return len(text)
+
+            def flush(self) -> None:
+                sys.stderr.flush()
+
+            def isatty(self) -> bool:
+                return True
+
+        return _AboveBar()  # type: ignore[return-value]
+
+    def __call__(self, progress: Progress) -> None:
+        if self._bar is None:
+            return
+        if progress.total is not None and self._bar.total != progress.total:
+            self._bar.total = progress.total
+        self._bar.n = progress.done + progress.failed
+        self._bar.set_postfix(failed=progress.failed, refresh=False)
+        self._bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--folds", nargs="+", help="folds to ensemble (default: every fold_N found)")
+    group.add_argument("--checkpoint", help="checkpoint file name (default: checkpoint_final.pth)")
+    group.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: cuda when available")
+    group.add_argument("--tile-step", type=float, dest="tile_step_size", help="sliding-window step (0.5)")
+    group.add_argument(
+        "--no-mirroring",
+        action="store_false",
+        dest="use_mirroring",
+        default=None,
+        help="disable mirroring TTA",
+    )
+    group.add_argument("--threads", type=int, dest="torch_threads", help="torch CPU threads")
+    parser.add_argument(
+        "--work-dir", type=Path, help="parent folder of temporary files (default: system temp)"
+    )
+    parser.add_argument("--json-logs", action="store_true", help="JSON lines (default when not on a TTY)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="asyncflow", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"asyncflow {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="segment files, folders and archives")
+    run.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="files, folders or TAR archives")
+    run.add_argument(
+        "-o", "--output", type=Path, required=True, help="folder for SEG/NIfTI outputs and report"
+    )
+    run.add_argument(
+        "--model",
+        type=Path,
+        help="trained nnU-Net v2 model folder (dataset.json, plans.json, fold_N/); "
+        "default: $nnUNet_results/$TASK_NAME/nnUNetTrainer__nnUNetPlans__3d_fullres",
+    )
+    run.add_argument(
+        "--multi-modal", action="store_true", default=None, help="<id>_0000, _0001... form one case"
+    )
+    _add_model_options(run)
+
+    demo = commands.add_parser("demo", help="segment synthetic CT archives with the built-in tiny model")
+    demo.add_argument(
+        "-o", "--output", type=Path, default=Path("asyncflow-demo"), help="default: ./asyncflow-demo"
+    )
+    _add_model_options(demo)
+    return parser
+
+
+def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
+    folds = tuple(int(f) if f.isdigit() else f for f in args.folds) if args.folds else None
+    return Settings.from_env(
+        folds=folds,
+        checkpoint=args.checkpoint,
+        device=args.device,
+        tile_step_size=args.tile_step_size,
+        use_mirroring=args.use_mirroring,
+        torch_threads=args.torch_threads,
+        work_dir=args.work_dir,
+        **extra,
+    )
+
+
+def write_outputs(result: Result, output: Path) -> Path:
+    """``output/dicom_seg/*.dcm``, ``output/nifti_seg/*.nii.gz`` and ``output/report.json``."""
+    for folder, files in (("dicom_seg", result.dicom_seg_bytes), ("nifti_seg", result.nifti_seg_bytes)):
+        if files:
+            (output / folder).mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            (output / folder / name).write_bytes(data)
+    report = output / "report.json"
+    report.write_text(json.dumps(result.report(), indent=2) + "\n")
+    return report
+
+
+def _summary(result: Result, output: Path, scores: dict[str, dict[str, float]] | None = None) -> str:
+    lines = [f"{'case':<10} {'kind':<6} {'status':<7} {'seconds':>8}  output"]
+    for case in result.cases:
+        seconds = sum(case.stage_s.values())
+        where = case.output or case.error or ""
+        if scores and case.output in scores:
+            where += "  Dice " + " ".join(f"{k}={v:.3f}" for k, v in scores[case.output].items())
+        lines.append(f"{case.case_id:<10} {case.kind!s:<6} {case.status!s:<7} {seconds:8.2f}  {where}")
+    done = sum(c.status == "done" for c in result.cases)
+    lines.append(
+        f"{result.status}: {done}/{len(result.cases)} cases in {result.duration_s:.1f} s, "
+        f"{len(result.dicom_seg_bytes)} DICOM SEG, {len(result.nifti_seg_bytes)} NIfTI, "
+        f"{len(result.skipped)} file(s) skipped -> {output}"
+    )
+    return "\n".join(lines)
+
+
+def _execute(args: argparse.Namespace) -> int:
+    bar = _ProgressBar(enabled=sys.stderr.isatty() and not args.json_logs and not args.quiet)
+    configure_logging(
+        json=True if args.json_logs else None,
+        level=logging.WARNING if args.quiet else logging.INFO,
+        stream=bar.stream(),
+    )
+    try:
+        if args.command == "demo":
+            from .demo import score, write_demo_inputs
+
+            settings = _settings(args, model_dir=packaged_demo_model())
+            demo_inputs = write_demo_inputs(args.output / "inputs")
+            entries: Sequence[Path] = demo_inputs.paths
+        else:
+            settings = _settings(args, model_dir=args.model, multi_modal=args.multi_modal)
+            settings.resolve_model_dir()  # fail before any work when no model is named
+            entries = args.inputs
+        result = run_request_sync(entries, settings, on_progress=bar)
+    finally:
+        bar.close()
+    write_outputs(result, args.output)
+    scores = None
+    if args.command == "demo":
+        labels = json.loads((packaged_demo_model() / "dataset.json").read_text())["labels"]
+        scores = score(result, demo_inputs, {k: int(v) for k, v in labels.items() if int(v)})
+    print(_summary(result, args.output, scores))
+    return EXIT_DONE if result.status == "done" else EXIT_SOME_FAILED
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    started = time.perf_counter()
+    try:
+        return _execute(args)
+    except (SettingsError, ModelError, RequestError) as exc:
+        print(f"asyncflow: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"asyncflow: interrupted after {time.perf_counter() - started:.1f} s", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""DICOM input: recognise files by content, read headers, order a series in space."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
+from .case import DicomInstance
+
+__all__ = ["NotAnImage", "has_dicom_preamble", "order_series", "read_instance"]
+
+# Headers a spatially ordered single-frame image series cannot do without.
+_REQUIRED = ("SOPInstanceUID", "SeriesInstanceUID", "Rows", "Columns")
+_ORIENTATION_TOLERANCE = 1e-4
+_SPACING_TOLERANCE = 0.01  # relative deviation of slice gaps accepted as uniform
+
+
+class NotAnImage(Exception):
+    """A DICOM file that is not a segmentable image (SR, SEG, presentation state...)."""
+
+
+def has_dicom_preamble(head: bytes) -> bool:
+    """DICOM Part 10 files carry 'DICM' after a 128-byte preamble, whatever their name."""
+    return len(head) >= 132 and head[128:132] == b"DICM"
+
+
+def read_instance(path: Path) -> DicomInstance:
+    """Header facts of one image instance; :class:`NotAnImage` says why a file is skipped."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+        raise NotAnImage(f"unreadable DICOM header ({type(exc).__name__})") from exc
+    sop_class = UID(str(ds.get("SOPClassUID", "")))
+    if "Image Storage" not in sop_class.name:
+        raise NotAnImage(f"not an image storage class ({sop_class.name or 'no SOPClassUID'})")
+    missing = [k for k in _REQUIRED if k not in ds]
+    if missing:
+        raise NotAnImage(f"image without {', '.join(missing)}")
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        raise NotAnImage("multi-frame images are not supported yet")
+    position = ds.get("ImagePositionPatient")
+    orientation = ds.get("ImageOrientationPatient")
+    series_number = ds.get("SeriesNumber")
+    return DicomInstance(
+        path=path,
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        series_instance_uid=str(ds.SeriesInstanceUID),
+        series_number=int(series_number) if series_number not in (None, "") else None,
+        position=tuple(float(v) for v in position) if position else None,  # type: ignore[arg-type]
+        orientation=tuple(float(v) for v in orientation) if orientation else None,
+        rows=int(ds.Rows),
+        columns=int(ds.Columns),
+    )
+
+
+def order_series(instances: Sequence[DicomInstance]) -> list[DicomInstance]:
+    """Instances of one series sorted by position along the slice normal.
+
+    Never by file name or InstanceNumber. Raises ValueError with a reason when
+    the series is not one regular volume.
+    """
+    if not instances:
+        raise ValueError("empty series")
+    if any(i.position is None or i.orientation is None for i in instances):
+        raise ValueError("series lacks ImagePositionPatient/ImageOrientationPatient")
+    if len({(i.rows, i.columns) for i in instances}) > 1:
+        raise ValueError("series mixes image sizes")
+    orientations = np.array([i.orientation for i in instances], dtype=np.float64)
+    if orientations.shape[1] != 6 or np.abs(orientations - orientations[0]).max() > _ORIENTATION_TOLERANCE:
+        raise ValueError("series mixes image orientations")
+    row, column = orientations[0, :3], orientations[0, 3:]
+    normal = np.cross(row, column)
+    if np.linalg.norm(normal) < 0.5:
+        raise ValueError("invalid ImageOrientationPatient")
+    distances = np.array([np.dot(normal, i.position) for i in instances])  # type: ignore[arg-type]
+    order = np.argsort(distances, kind="stable")
+    ordered = [instances[k] for k in order]
+    if len(ordered) > 1:
+        gaps = np.diff(distances[order])
+        if gaps.min() <= 1e-3:
+            raise ValueError("series has two or more slices at the same position")
+        if (gaps.max() - gaps.min()) > _SPACING_TOLERANCE * gaps.mean():
+            raise ValueError("series has non-uniform slice spacing (missing slices?)")
+    return ordered

@@ -1,0 +1,224 @@
+"""Request inputs: normalise entries, recognise archives by content, unpack safely.
+
+Plain synchronous functions; the pipeline runs them off the event loop.
+
+An entry is ``bytes`` (an archive or a single file), a ``{name: bytes}`` mapping
+(FLAME's s3 shape: names are full object keys and may contain ``/``), or a local
+path (a file or a folder, from the CLI). Archives are TAR, plain or gz/bz2/xz
+compressed, recognised by content and never by name. Every archive member goes
+through Python's ``tarfile`` data filter (PEP 706): nothing is written outside
+the input's own folder, and links and special files are not extracted.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import io
+import lzma
+import os
+import re
+import shutil
+import tarfile
+import zlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO
+
+from .case import SkippedFile
+
+__all__ = [
+    "Entry",
+    "InputItem",
+    "RequestError",
+    "UnpackedInput",
+    "request_items",
+    "sanitise_relpath",
+    "unpack",
+]
+
+Entry = bytes | bytearray | memoryview | Mapping[str, bytes] | str | os.PathLike[str]
+
+_COMPRESSED: dict[bytes, Callable[..., Any]] = {
+    b"\x1f\x8b": gzip.open,
+    b"BZh": bz2.open,
+    b"\xfd7zXZ": lzma.open,
+}
+_PROBE_BYTES = 1 << 20  # how much of a compressed non-archive input is test-decompressed
+_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._+\- ]+")
+_MAX_COMPONENT = 120
+
+
+class RequestError(ValueError):
+    """The request as a whole cannot be processed (bad entry type, no usable case...)."""
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One request input: bytes held in memory or a local file used in place."""
+
+    index: int
+    name: str  # object key, file path or ``input-N``: for the report, never logged
+    data: bytes | None = None
+    path: Path | None = None
+
+    @property
+    def size(self) -> int:
+        if self.data is not None:
+            return len(self.data)
+        assert self.path is not None
+        return self.path.stat().st_size
+
+    def open(self) -> BinaryIO:
+        if self.data is not None:
+            return io.BytesIO(self.data)  # shares the bytes, no copy
+        assert self.path is not None
+        return self.path.open("rb")
+
+
+@dataclass
+class UnpackedInput:
+    item: InputItem
+    kind: str  # "archive" or "file"
+    root: Path  # files are reported relative to this folder
+    files: list[Path] = field(default_factory=list)
+    skipped: list[SkippedFile] = field(default_factory=list)
+    bytes_written: int = 0
+    error: str | None = None
+
+    def relative(self, path: Path) -> str:
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            return path.name
+
+
+def request_items(entries: Iterable[Entry]) -> list[InputItem]:
+    """Flatten a request into numbered inputs; folders become one input per file."""
+    if isinstance(entries, bytes | bytearray | memoryview | Mapping | str | os.PathLike):
+        raise RequestError("a request is a list of entries, not a single entry: wrap it in a list")
+    items: list[InputItem] = []
+
+    def add(name: str, data: bytes | None = None, path: Path | None = None) -> None:
+        items.append(InputItem(index=len(items), name=name, data=data, path=path))
+
+    for position, entry in enumerate(entries):
+        if isinstance(entry, bytes | bytearray | memoryview):
+            add(f"input-{position}", data=bytes(entry))
+        elif isinstance(entry, Mapping):
+            for key, value in entry.items():
+                if not isinstance(value, bytes | bytearray | memoryview):
+                    raise RequestError(
+                        f"entry {position}: value of {key!r} is {type(value).__name__}, expected bytes"
+                    )
+                add(str(key), data=bytes(value))
+        elif isinstance(entry, str | os.PathLike):
+            path = Path(entry)
+            if path.is_dir():
+                for file in sorted(p for p in path.rglob("*") if p.is_file()):
+                    add((path.name / file.relative_to(path)).as_posix(), path=file)
+            elif path.is_file():
+                add(path.name, path=path)
+            else:
+                raise RequestError(f"input {str(path)!r} does not exist")
+        else:
+            raise RequestError(
+                f"entry {position} is {type(entry).__name__}; expected bytes, "
+                "a {name: bytes} mapping or a path"
+            )
+    return items
+
+
+def sanitise_relpath(name: str, fallback: str = "input") -> PurePosixPath:
+    """A safe relative path from an untrusted name: no '..', no root, tame characters."""
+    parts = []
+    for part in re.split(r"[\\/]+", name):
+        if part in ("", ".", ".."):
+            continue
+        clean = _UNSAFE_CHARS.sub("_", part).strip(" ")
+        clean = clean.lstrip(".") or "_"
+        parts.append(clean[:_MAX_COMPONENT])
+    return PurePosixPath(*parts) if parts else PurePosixPath(fallback)
+
+
+def _open_tar(item: InputItem) -> tarfile.TarFile | None:
+    """The archive, or None when the content is not a TAR (plain, gz, bz2 or xz)."""
+    stream = item.open()
+    try:
+        return tarfile.open(fileobj=stream, mode="r:*")
+    except tarfile.ReadError:
+        stream.close()
+        return None
+
+
+def _corrupt_compression(item: InputItem) -> str | None:
+    """Why a gz/bz2/xz input cannot be decompressed, or None when it can (or is not compressed).
+
+    Only the start is probed: enough to tell a truncated archive from a .nii.gz.
+    """
+    with item.open() as stream:
+        head = stream.read(6)
+        stream.seek(0)
+        opener = next((o for magic, o in _COMPRESSED.items() if head.startswith(magic)), None)
+        if opener is None:
+            return None
+        try:
+            with opener(stream) as decompressed:
+                decompressed.read(_PROBE_BYTES)
+        except (OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
+            return f"compressed input is truncated or corrupt: {type(exc).__name__}"
+    return None
+
+
+def unpack(item: InputItem, dest: Path) -> UnpackedInput:
+    """Extract an archive into ``dest``, or place a single file there (bytes) or in place (path).
+
+    A failure leaves no files of this input behind: a half-extracted archive could
+    otherwise turn into a silently incomplete DICOM series.
+    """
+    if item.size == 0:
+        return UnpackedInput(item, "file", dest, error="empty input (0 bytes)")
+    tar = _open_tar(item)
+    if tar is None:
+        reason = _corrupt_compression(item)
+        if reason:
+            return UnpackedInput(item, "file", dest, error=reason)
+        if item.path is not None:
+            return UnpackedInput(item, "file", item.path.parent, files=[item.path])
+        target = dest / sanitise_relpath(item.name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        assert item.data is not None
+        target.write_bytes(item.data)
+        return UnpackedInput(item, "file", dest, files=[target], bytes_written=len(item.data))
+
+    result = UnpackedInput(item, "archive", dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        with tar:
+            for member in tar:
+                try:
+                    safe = tarfile.data_filter(member, str(dest))
+                except tarfile.FilterError as exc:
+                    result.skipped.append(
+                        SkippedFile(item.name, member.name, f"refused by the tar data filter: {exc}")
+                    )
+                    continue
+                if safe.isdir():
+                    continue
+                if not safe.isfile():
+                    result.skipped.append(
+                        SkippedFile(item.name, member.name, "links and special files are not extracted")
+                    )
+                    continue
+                tar.extract(safe, dest, set_attrs=False, filter="data")
+                result.files.append(dest / safe.name)
+                result.bytes_written += safe.size
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        shutil.rmtree(dest, ignore_errors=True)
+        return UnpackedInput(
+            item, "archive", dest, error=f"archive could not be read: {type(exc).__name__}: {exc}"
+        )
+    # Several members may share a name; the last one wins, as in any extraction.
+    result.files = list(dict.fromkeys(result.files))
+    return result

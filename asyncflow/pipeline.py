@@ -1,0 +1,432 @@
+"""The request pipeline: stages joined by bounded streams, one prediction worker.
+
+::
+
+    items -> unpack (N) -> assemble (1) -> prepare (N) -> predict (1) -> export (N) -> result
+
+Every arrow is a bounded anyio memory object stream, so a slow stage holds the
+ones before it back. CPU work runs in worker threads; the event loop only
+schedules, logs and keeps the books. The model loads while the first inputs
+are unpacked. Every case ends as done or failed with a reason; a case's working
+folder is removed as soon as the case ends, the request's folder in ``finally``
+on success, error and cancellation alike.
+
+This module owns all concurrency; the stage functions it calls are plain
+synchronous functions from the domain modules.
+"""
+
+from __future__ import annotations
+
+import resource
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Coroutine, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import structlog
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from .assemble import CaseBuilder, scan
+from .backends import Backend, ModelInfo, create_backend
+from .case import (
+    Case,
+    CaseReport,
+    CaseStatus,
+    PredictedCase,
+    PreparedCase,
+    SkippedFile,
+    SourceKind,
+)
+from .inputs import Entry, InputItem, RequestError, UnpackedInput, request_items, unpack
+from .log import get_logger, scrub
+from .prepare import prepare_case
+from .seg import Algorithm, dicom_seg_bytes, nifti_seg_bytes
+from .settings import Settings
+
+__all__ = ["Progress", "RequestError", "Result", "build_backend", "run_request", "run_request_sync"]
+
+log = get_logger("asyncflow.pipeline")
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Sent after every case that ends; ``total`` is None until all inputs are assembled."""
+
+    done: int
+    failed: int
+    total: int | None
+
+
+@dataclass
+class Result:
+    request_id: str
+    status: str  # done | partial | failed
+    dicom_seg_bytes: dict[str, bytes]
+    nifti_seg_bytes: dict[str, bytes]
+    cases: list[CaseReport]
+    inputs: list[dict[str, Any]]
+    skipped: list[SkippedFile]
+    duration_s: float
+
+    def report(self) -> dict[str, Any]:
+        """JSON-serialisable account of every input, case and skipped file."""
+        return {
+            "request_id": self.request_id,
+            "status": self.status,
+            "duration_s": round(self.duration_s, 3),
+            "cases": [c.as_dict() for c in self.cases],
+            "inputs": self.inputs,
+            "skipped_files": [s.as_dict() for s in self.skipped],
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        """The reference result contract plus the report."""
+        return {
+            "status": self.status,
+            "dicom_seg_bytes": self.dicom_seg_bytes,
+            "nifti_seg_bytes": self.nifti_seg_bytes,
+            "report": self.report(),
+        }
+
+
+def build_backend(settings: Settings) -> Backend:
+    """The prediction backend the settings describe (not yet loaded)."""
+    info = ModelInfo.from_folder(
+        settings.resolve_model_dir(), folds=settings.folds, checkpoint=settings.checkpoint
+    )
+    return create_backend(
+        info,
+        tile_step_size=settings.tile_step_size,
+        use_mirroring=settings.use_mirroring,
+        device=settings.device,
+        torch_threads=settings.torch_threads,
+    )
+
+
+def _stream(size: int) -> tuple[MemoryObjectSendStream[Any], MemoryObjectReceiveStream[Any]]:
+    return anyio.create_memory_object_stream[Any](size)
+
+
+class _Request:
+    def __init__(
+        self,
+        settings: Settings,
+        backend: Backend,
+        workdir: Path,
+        on_progress: Callable[[Progress], None] | None,
+    ) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.workdir = workdir
+        self.on_progress = on_progress
+        self.builder = CaseBuilder(multi_modal=settings.multi_modal)
+        self.reports: dict[str, CaseReport] = {}
+        self.inputs: list[dict[str, Any]] = []
+        self.dicom: dict[str, bytes] = {}
+        self.nifti: dict[str, bytes] = {}
+        self.total: int | None = None
+        info = backend.info
+        self.algorithm = Algorithm(name=f"nnU-Net {info.name}"[:64], version=info.description[:64])
+
+    # -- orchestration -----------------------------------------------------------
+
+    async def run(self, items: list[InputItem]) -> None:
+        size = self.settings.queue_size
+        unpacked_send, unpacked_recv = _stream(size)
+        cases_send, cases_recv = _stream(size)
+        prepared_send, prepared_recv = _stream(size)
+        predicted_send, predicted_recv = _stream(size)
+        async with anyio.create_task_group() as tg:
+            self._fan_out(tg, self.settings.unpack_workers, self._unpack_worker, iter(items), unpacked_send)
+            tg.start_soon(self._assemble, unpacked_recv, cases_send)
+            self._fan_out(tg, self.settings.prepare_workers, self._prepare_worker, cases_recv, prepared_send)
+            tg.start_soon(self._predict_worker, prepared_recv, predicted_send)
+            self._fan_out(tg, self.settings.export_workers, self._export_worker, predicted_recv, None)
+
+    @staticmethod
+    def _fan_out(
+        tg: TaskGroup,
+        count: int,
+        worker: Callable[[Any, Any], Coroutine[Any, Any, None]],
+        source: Any,
+        send: MemoryObjectSendStream[Any] | None,
+    ) -> None:
+        """``count`` workers share ``source``; ``send`` closes when the last worker ends."""
+        shared_receive = isinstance(source, MemoryObjectReceiveStream)
+        for _ in range(count):
+            tg.start_soon(
+                worker, source.clone() if shared_receive else source, send.clone() if send else None
+            )
+        if shared_receive:
+            source.close()
+        if send is not None:
+            send.close()
+
+    async def _step(self, case: Case, stage: str, fn: Callable[..., R], *args: Any) -> R | None:
+        """Run one stage of one case in a worker thread; a failure ends the case."""
+        started = time.perf_counter()
+        stage_s = self.reports[case.case_id].stage_s
+        try:
+            result = await anyio.to_thread.run_sync(fn, *args)
+        except Exception as exc:  # noqa: BLE001 - any error of one case fails that case alone
+            stage_s[stage] = time.perf_counter() - started
+            self._end_case(case, stage=stage, error=exc)
+            return None
+        stage_s[stage] = time.perf_counter() - started
+        return result
+
+    def _end_case(self, case: Case, *, stage: str | None = None, error: Exception | None = None) -> None:
+        """Book a case as done or failed, remove its working folder, report progress."""
+        shutil.rmtree(self._case_dir(case), ignore_errors=True)
+        report = self.reports[case.case_id]
+        if error is not None:
+            report.status = CaseStatus.FAILED
+            report.error = f"{stage}: {type(error).__name__}: {error}"
+            log.warning(
+                "case.failed",
+                stage=stage,
+                error_type=type(error).__name__,
+                reason=scrub(str(error)),
+            )
+        else:
+            report.status = CaseStatus.DONE
+        log.info(
+            "case.finished",
+            status=str(report.status),
+            kind=str(report.kind),
+            **{f"{stage}_s": round(seconds, 4) for stage, seconds in report.stage_s.items()},
+        )
+        if self.on_progress is not None:
+            statuses = [r.status for r in self.reports.values()]
+            self.on_progress(
+                Progress(
+                    done=statuses.count(CaseStatus.DONE),
+                    failed=statuses.count(CaseStatus.FAILED),
+                    total=self.total,
+                )
+            )
+
+    def _case_dir(self, case: Case) -> Path:
+        return self.workdir / "cases" / case.case_id
+
+    # -- stages --------------------------------------------------------------------
+
+    async def _unpack_worker(
+        self, items: Iterator[InputItem], send: MemoryObjectSendStream[UnpackedInput]
+    ) -> None:
+        async with send:
+            for item in items:  # shared iterator: each worker takes the next item
+                started = time.perf_counter()
+                dest = self.workdir / "inputs" / f"{item.index:04d}"
+                unpacked = await anyio.to_thread.run_sync(unpack, item, dest)
+                duration = round(time.perf_counter() - started, 4)
+                if unpacked.error:
+                    log.warning("input.failed", input_index=item.index, reason=scrub(unpacked.error))
+                elif unpacked.kind == "archive":
+                    log.info(
+                        "archive.extracted",
+                        input_index=item.index,
+                        files=len(unpacked.files),
+                        members_skipped=len(unpacked.skipped),
+                        bytes=unpacked.bytes_written,
+                        duration_s=duration,
+                    )
+                else:
+                    log.info("file.received", input_index=item.index, bytes=item.size, duration_s=duration)
+                await send.send(unpacked)
+
+    async def _assemble(
+        self, receive: MemoryObjectReceiveStream[UnpackedInput], send: MemoryObjectSendStream[Case]
+    ) -> None:
+        async with receive, send:
+            async for unpacked in receive:
+                self.inputs.append(
+                    {
+                        "index": unpacked.item.index,
+                        "name": unpacked.item.name,
+                        "kind": unpacked.kind,
+                        "files": len(unpacked.files),
+                        "bytes": unpacked.item.size,
+                        "error": unpacked.error,
+                    }
+                )
+                if unpacked.error:
+                    continue
+                scanned = await anyio.to_thread.run_sync(scan, unpacked)
+                if scanned.skipped:
+                    log.info("files.skipped", input_index=unpacked.item.index, files=len(scanned.skipped))
+                for case in self.builder.add(scanned):
+                    await self._emit(case, send)
+            for case in self.builder.finish():
+                await self._emit(case, send)
+            self.total = len(self.reports)
+            log.info("request.assembled", cases=self.total, files_skipped=len(self.builder.skipped))
+
+    async def _emit(self, case: Case, send: MemoryObjectSendStream[Case]) -> None:
+        self.reports[case.case_id] = CaseReport(case.case_id, case.kind, case.origin)
+        log.info("case.assembled", case_id=case.case_id, kind=str(case.kind), files=len(case.files))
+        await send.send(case)
+
+    async def _prepare_worker(
+        self, receive: MemoryObjectReceiveStream[Case], send: MemoryObjectSendStream[PreparedCase]
+    ) -> None:
+        async with receive, send:
+            async for case in receive:
+                with structlog.contextvars.bound_contextvars(case_id=case.case_id):
+                    prepared = await self._step(case, "prepare", prepare_case, case, self._case_dir(case))
+                    if prepared is None:
+                        continue
+                    log.info(
+                        "case.prepared",
+                        channels=len(prepared.channel_files),
+                        duration_s=round(self.reports[case.case_id].stage_s["prepare"], 4),
+                    )
+                    await send.send(prepared)
+
+    async def _predict_worker(
+        self, receive: MemoryObjectReceiveStream[PreparedCase], send: MemoryObjectSendStream[PredictedCase]
+    ) -> None:
+        async with receive, send:
+            started = time.perf_counter()
+            await anyio.to_thread.run_sync(self.backend.load)
+            log.info(
+                "model.loaded",
+                model=self.backend.info.name,
+                folds=len(self.backend.info.folds),
+                duration_s=round(time.perf_counter() - started, 4),
+            )
+            async for prepared in receive:
+                case = prepared.case
+                with structlog.contextvars.bound_contextvars(case_id=case.case_id):
+                    labels = await self._step(case, "predict", self.backend.predict, prepared.channel_files)
+                    if labels is None:
+                        continue
+                    log.info(
+                        "case.predicted",
+                        voxels=int(labels.size),
+                        duration_s=round(self.reports[case.case_id].stage_s["predict"], 4),
+                    )
+                    await send.send(PredictedCase(prepared, labels))
+
+    async def _export_worker(self, receive: MemoryObjectReceiveStream[PredictedCase], _: None) -> None:
+        async with receive:
+            async for predicted in receive:
+                case = predicted.prepared.case
+                with structlog.contextvars.bound_contextvars(case_id=case.case_id):
+                    output = await self._step(case, "export", self._export, predicted)
+                    if output is None:
+                        continue
+                    name, data = output
+                    (self.dicom if case.kind is SourceKind.DICOM else self.nifti)[name] = data
+                    report = self.reports[case.case_id]
+                    report.output = name
+                    report.labels_present = sorted(int(v) for v in set(predicted.labels.flat) if v)
+                    log.info(
+                        "case.exported",
+                        format="dicom_seg" if case.kind is SourceKind.DICOM else "nifti",
+                        bytes=len(data),
+                        duration_s=round(report.stage_s["export"], 4),
+                    )
+                    self._end_case(case)
+
+    def _export(self, predicted: PredictedCase) -> tuple[str, bytes]:
+        prepared = predicted.prepared
+        case = prepared.case
+        if case.kind is SourceKind.DICOM:
+            data = dicom_seg_bytes(
+                prepared.source_files, predicted.labels, self.backend.info.labels, self.algorithm
+            )
+            return f"{case.output_name}.dcm", data
+        data = nifti_seg_bytes(predicted.labels, prepared.source_files[0], prepared.workdir / "seg.nii.gz")
+        return f"{case.output_name}.nii.gz", data
+
+    # -- result --------------------------------------------------------------------
+
+    def result(self, request_id: str, duration_s: float) -> Result:
+        reports = sorted(self.reports.values(), key=lambda r: r.case_id)
+        failed = sum(r.status is not CaseStatus.DONE for r in reports)
+        status = "done" if failed == 0 else ("failed" if failed == len(reports) else "partial")
+        return Result(
+            request_id=request_id,
+            status=status,
+            dicom_seg_bytes=self.dicom,
+            nifti_seg_bytes=self.nifti,
+            cases=reports,
+            inputs=sorted(self.inputs, key=lambda i: i["index"]),
+            skipped=self.builder.skipped,
+            duration_s=duration_s,
+        )
+
+
+async def run_request(
+    entries: Iterable[Entry],
+    settings: Settings | None = None,
+    *,
+    backend: Backend | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> Result:
+    """Segment every volume of a request.
+
+    ``entries`` is a list of ``bytes``, ``{name: bytes}`` mappings or local paths.
+    Pass a loaded ``backend`` to reuse a model across requests. Raises
+    :class:`RequestError` when the request holds no usable case, and the
+    backend's :class:`ModelError` when the model cannot load.
+    """
+    settings = settings or Settings.from_env()
+    items = request_items(entries)
+    if not items:
+        raise RequestError("the request has no inputs")
+    backend = backend or build_backend(settings)
+    request_id = uuid.uuid4().hex[:12]
+    started = time.perf_counter()
+    if settings.work_dir is not None:
+        settings.work_dir.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix=f"asyncflow-{request_id}-", dir=settings.work_dir))
+    with structlog.contextvars.bound_contextvars(request_id=request_id):
+        log.info("request.started", inputs=len(items), bytes=sum(i.size for i in items))
+        request = _Request(settings, backend, workdir, on_progress)
+        status = "error"
+        try:
+            try:
+                await request.run(items)
+            except BaseExceptionGroup as group:
+                # One failing stage cancels the others; surface its error, not the group.
+                errors = [e for e in group.exceptions if not isinstance(e, anyio.get_cancelled_exc_class())]
+                if len(errors) == 1 and isinstance(errors[0], Exception):
+                    raise errors[0] from None
+                raise
+            if not request.reports:
+                failed_inputs = sum(1 for i in request.inputs if i["error"])
+                raise RequestError(
+                    f"no usable case in the request: {len(items)} input(s), {failed_inputs} unreadable, "
+                    f"{len(request.builder.skipped)} file(s) skipped as not DICOM images or NIfTI volumes"
+                )
+            result = request.result(request_id, time.perf_counter() - started)
+            status = result.status
+            return result
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+            statuses = [r.status for r in request.reports.values()]
+            log.info(
+                "request.finished",
+                status=status,
+                cases=len(statuses),
+                cases_done=statuses.count(CaseStatus.DONE),
+                cases_failed=statuses.count(CaseStatus.FAILED),
+                files_skipped=len(request.builder.skipped),
+                duration_s=round(time.perf_counter() - started, 4),
+                peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            )
+
+
+def run_request_sync(entries: Iterable[Entry], settings: Settings | None = None, **kwargs: Any) -> Result:
+    """:func:`run_request` for synchronous callers (the CLI, FLAME's ``analysis_method``)."""
+    return anyio.run(lambda: run_request(entries, settings, **kwargs))

@@ -1,0 +1,127 @@
+"""One typed settings object for every entry point (CLI, FLAME, library).
+
+Environment variables keep the names of the reference image (``nnUNet_input``,
+``nnUNet_output``, ``RESULTS_FOLDER``, ``TASK_NAME``, ``MULTI_MODAL``) plus
+nnU-Net v2's own ``nnUNet_results``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+__all__ = ["Settings", "SettingsError", "default_workers", "packaged_demo_model"]
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class SettingsError(ValueError):
+    """A setting is missing or has an impossible value."""
+
+
+def default_workers() -> int:
+    """CPU-bound stage workers: one per core, at least one, at most four."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def packaged_demo_model() -> Path:
+    """The tiny synthetic-phantom model shipped inside the package (demo and tests only)."""
+    return Path(__file__).resolve().parent / "models" / "tiny"
+
+
+def _flag(value: str | None) -> bool:
+    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything one request needs besides its inputs."""
+
+    # Model (nnU-Net v2): a trained model folder holding dataset.json, plans.json
+    # and fold_N/<checkpoint>. When unset it is resolved from nnUNet_results.
+    model_dir: Path | None = None
+    results_folder: Path | None = None  # nnUNet_results (v2) or RESULTS_FOLDER (v1)
+    task_name: str | None = None  # dataset/task folder name under results_folder
+    trainer: str = "nnUNetTrainer"
+    plans: str = "nnUNetPlans"
+    configuration: str = "3d_fullres"
+    folds: tuple[int | str, ...] | None = None  # None: every fold_N found
+    checkpoint: str = "checkpoint_final.pth"
+    tile_step_size: float = 0.5
+    use_mirroring: bool = True
+    device: Device = "auto"
+    torch_threads: int | None = None
+
+    # Inputs
+    multi_modal: bool = False  # <id>_0000, <id>_0001 ... form one case
+
+    # Pipeline
+    work_dir: Path | None = None  # parent of the request's temp dir (default: system temp)
+    unpack_workers: int = field(default_factory=default_workers)
+    prepare_workers: int = field(default_factory=default_workers)
+    export_workers: int = field(default_factory=default_workers)
+    queue_size: int = 2  # items waiting between two stages
+
+    # Reference-image paths, used by the FLAME entry point and as CLI defaults.
+    input_dir: Path | None = None  # nnUNet_input
+    output_dir: Path | None = None  # nnUNet_output
+
+    def __post_init__(self) -> None:
+        for name in ("unpack_workers", "prepare_workers", "export_workers", "queue_size"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 < self.tile_step_size <= 1:
+            raise SettingsError(f"tile_step_size must be in (0, 1], got {self.tile_step_size}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise SettingsError(f"device must be auto, cpu or cuda, got {self.device!r}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Settings from environment variables; keyword overrides win when not None."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {
+            "results_folder": _path(env.get("nnUNet_results") or env.get("RESULTS_FOLDER")),
+            "task_name": env.get("TASK_NAME") or None,
+            "multi_modal": _flag(env.get("MULTI_MODAL")),
+            "input_dir": _path(env.get("nnUNet_input")),
+            "output_dir": _path(env.get("nnUNet_output")),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]
+
+    def with_model(self, model_dir: Path) -> Settings:
+        return replace(self, model_dir=model_dir)
+
+    def resolve_model_dir(self) -> Path:
+        """The trained model folder, or a clear error saying how to name one."""
+        if self.model_dir is not None:
+            candidate = self.model_dir
+        elif self.results_folder is not None and self.task_name:
+            task = _find_case_insensitive(self.results_folder, self.task_name)
+            candidate = task / f"{self.trainer}__{self.plans}__{self.configuration}"
+        else:
+            raise SettingsError(
+                "no model given: pass --model DIR (a trained nnU-Net v2 model folder) "
+                "or set nnUNet_results and TASK_NAME"
+            )
+        if not (candidate / "dataset.json").is_file() or not (candidate / "plans.json").is_file():
+            raise SettingsError(
+                f"{candidate} is not a trained nnU-Net v2 model folder "
+                "(expected dataset.json, plans.json and fold_N/ inside)"
+            )
+        return candidate
+
+
+def _find_case_insensitive(parent: Path, name: str) -> Path:
+    exact = parent / name
+    if exact.exists() or not parent.is_dir():
+        return exact
+    matches = [p for p in parent.iterdir() if p.name.lower() == name.lower()]
+    return matches[0] if len(matches) == 1 else exact

@@ -1,0 +1,60 @@
+"""Shared fixtures. One torch thread: on a busy 2-core machine two threads run up to 20x slower."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("nnUNet_def_n_proc", "1")
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from asyncflow.backends import Backend
+from asyncflow.pipeline import build_backend
+from asyncflow.settings import Settings, packaged_demo_model
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    return packaged_demo_model()
+
+
+@pytest.fixture(scope="session")
+def settings_factory(model_dir: Path):
+    def make(work_dir: Path, **overrides: object) -> Settings:
+        values: dict[str, object] = {
+            "model_dir": model_dir,
+            "work_dir": work_dir,
+            "use_mirroring": False,
+            "torch_threads": 1,
+            "device": "cpu",
+            "unpack_workers": 2,
+            "prepare_workers": 2,
+            "export_workers": 2,
+        }
+        values.update(overrides)
+        return Settings(**values)  # type: ignore[arg-type]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def loaded_backend(settings_factory, tmp_path_factory) -> Iterator[Backend]:
+    """The tiny real model, loaded once for the whole session."""
+    backend = build_backend(settings_factory(tmp_path_factory.mktemp("unused")))
+    backend.load()
+    yield backend
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)

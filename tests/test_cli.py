@@ -1,0 +1,66 @@
+"""The command line as a user runs it: README's demo, ``run`` with a model, exit codes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from asyncflow.cli import main
+from asyncflow.synthetic import make_phantom, nifti_bytes
+
+FAST = ["--no-mirroring", "--threads", "1", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def _no_model_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("nnUNet_results", "RESULTS_FOLDER", "TASK_NAME", "MULTI_MODAL"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_demo_then_run_on_its_inputs(
+    tmp_path: Path, model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    demo = tmp_path / "demo"
+    assert main(["demo", "--output", str(demo), *FAST]) == 0
+    summary = capsys.readouterr().out
+    assert "done: 4/4 cases" in summary and "Dice liver=" in summary
+    for line in summary.splitlines()[1:-1]:
+        dice = [float(part.split("=")[1]) for part in line.split() if "=" in part]
+        assert min(dice) >= 0.85, line
+    report = json.loads((demo / "report.json").read_text())
+    assert [c["status"] for c in report["cases"]] == ["done"] * 4
+    demo_outputs = sorted(p.relative_to(demo).as_posix() for p in demo.glob("*_seg/*"))
+    assert demo_outputs == [
+        "dicom_seg/ct_study_a.dcm",
+        "dicom_seg/ct_study_b_S1.dcm",
+        "dicom_seg/ct_study_b_S2.dcm",
+        "nifti_seg/phantom_nifti.nii.gz",
+    ]
+
+    out = tmp_path / "run"
+    code = main(["run", str(demo / "inputs"), "--output", str(out), "--model", str(model_dir), *FAST])
+    assert code == 0
+    assert sorted(p.relative_to(out).as_posix() for p in out.glob("*_seg/*")) == demo_outputs
+
+
+def test_run_without_a_model_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "in").mkdir()
+    assert main(["run", str(tmp_path / "in"), "--output", str(tmp_path / "out")]) == 2
+    assert "no model given: pass --model DIR" in capsys.readouterr().err
+
+
+def test_run_exits_1_when_some_cases_fail(tmp_path: Path, model_dir: Path, rng: np.random.Generator) -> None:
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    phantom = make_phantom(rng, (32, 32, 32))
+    (inputs / "good.nii.gz").write_bytes(nifti_bytes(phantom.image, phantom.spacing, phantom.origin))
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 4), np.int16)), str(inputs / "flat.nii"))
+    out = tmp_path / "out"
+    assert main(["run", str(inputs), "-o", str(out), "--model", str(model_dir), *FAST]) == 1
+    report = json.loads((out / "report.json").read_text())
+    assert sorted(c["status"] for c in report["cases"]) == ["done", "failed"]
+    assert (out / "nifti_seg" / "good.nii.gz").is_file()

@@ -1,0 +1,204 @@
+"""End to end through the real tiny nnU-Net model: archives in, SEG and NIfTI out."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import anyio
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from helpers import dicom_bytes, make_tar
+
+from asyncflow.backends import Backend, ModelError
+from asyncflow.inputs import RequestError
+from asyncflow.log import configure_logging
+from asyncflow.pipeline import Progress, run_request
+from asyncflow.seg import read_dicom_seg, read_nifti_seg
+from asyncflow.synthetic import Phantom, dicom_series_datasets, dicom_series_tar, make_phantom, nifti_bytes
+
+pytestmark = pytest.mark.anyio
+
+LABELS = {"liver": 1, "tumor": 2}
+OBLIQUE = (0.866025, 0.5, 0.0, -0.5, 0.866025, 0.0)
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+
+
+def _expected_prediction(backend: Backend, phantom: Phantom, folder: Path) -> np.ndarray:
+    """The model's answer on the phantom's voxels, computed without the pipeline."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "reference_0000.nii.gz"
+    path.write_bytes(nifti_bytes(phantom.image, phantom.spacing, phantom.origin))
+    return backend.predict([path])
+
+
+def _workdir_is_empty(work: Path) -> bool:
+    return not any(work.iterdir())
+
+
+@pytest.fixture
+def request_data(rng: np.random.Generator):
+    """Two TARs holding three DICOM series (one oblique) and a NIfTI under an S3-style key."""
+    phantoms = {
+        "a1": make_phantom(rng, (48, 64, 64)),
+        "b1": make_phantom(rng, (40, 64, 64), spacing=(0.9, 0.9, 1.5)),
+        "b2": make_phantom(rng, (64, 56, 64)),
+        "n1": make_phantom(rng, (56, 64, 64), origin=(5.0, 6.0, 7.0)),
+    }
+    series = {
+        "a1": dicom_series_datasets(phantoms["a1"], series_number=1),
+        "b1": dicom_series_datasets(phantoms["b1"], series_number=1, orientation=OBLIQUE),
+        "b2": dicom_series_datasets(phantoms["b2"], series_number=2),
+    }
+    entries = [
+        {"project/site-a/Doe_John.tar.gz": dicom_series_tar([series["a1"]])},
+        dicom_series_tar([series["b1"], series["b2"]], compression=""),
+        {"project/site-a/volumes/liver_scan.nii.gz": nifti_bytes(phantoms["n1"].image, (1, 1, 1), (5, 6, 7))},
+    ]
+    expected_names = {
+        "Doe_John.dcm": "a1",
+        "input-1_S1.dcm": "b1",
+        "input-1_S2.dcm": "b2",
+        "liver_scan.nii.gz": "n1",
+    }
+    return entries, phantoms, series, expected_names
+
+
+async def test_a_request_of_archives_and_nifti_is_segmented_exactly(
+    tmp_path: Path, settings_factory, loaded_backend: Backend, request_data
+) -> None:
+    entries, phantoms, series, expected_names = request_data
+    work = tmp_path / "work"
+    logs = io.StringIO()
+    configure_logging(json=True, stream=logs)
+    progress: list[Progress] = []
+    result = await run_request(
+        entries, settings_factory(work), backend=loaded_backend, on_progress=progress.append
+    )
+
+    # Every case accounted for, under the expected unique names.
+    assert result.status == "done"
+    assert [c.status for c in result.cases] == ["done"] * 4
+    assert {c.output for c in result.cases} == set(expected_names)
+    assert set(result.dicom_seg_bytes) | set(result.nifti_seg_bytes) == set(expected_names)
+    assert all(set(c.stage_s) == {"prepare", "predict", "export"} for c in result.cases)
+    contract = result.as_dict()
+    assert contract["status"] == "done" and contract["dicom_seg_bytes"] is result.dicom_seg_bytes
+    json.dumps(contract["report"])  # the report is JSON as it stands
+
+    for name, key in expected_names.items():
+        phantom = phantoms[key]
+        expected = _expected_prediction(loaded_backend, phantom, tmp_path / "ref" / key)
+        if name.endswith(".dcm"):
+            uids = [str(ds.SOPInstanceUID) for ds in series[key]]
+            numbers, segment_names = read_dicom_seg(result.dicom_seg_bytes[name], uids)
+            decoded = np.zeros_like(numbers)
+            for number, label in segment_names.items():
+                decoded[numbers == number] = LABELS[label]
+            # A reversed slice order would not match: the phantoms are asymmetric along z.
+            assert _dice(phantom.labels[::-1] == 1, phantom.labels == 1) < 0.8
+        else:
+            image = read_nifti_seg(result.nifti_seg_bytes[name])
+            assert image.GetOrigin() == pytest.approx((5.0, 6.0, 7.0))
+            decoded = sitk.GetArrayFromImage(image)
+        # Geometry-exact: the output equals the model's prediction voxel for voxel ...
+        np.testing.assert_array_equal(decoded, expected, err_msg=name)
+        # ... and the model is right about the phantom.
+        for label, value in LABELS.items():
+            assert _dice(decoded == value, phantom.labels == value) >= 0.85, (name, label)
+        assert _dice(decoded > 0, phantom.labels > 0) >= 0.95, name
+
+    assert _workdir_is_empty(work)
+    assert progress[-1] == Progress(done=4, failed=0, total=4)
+    assert [p.done for p in progress] == sorted(p.done for p in progress)
+
+    # Logs: JSON lines with the request id, cases by opaque id, no patient data or input names.
+    lines = [json.loads(line) for line in logs.getvalue().splitlines()]
+    assert {line["request_id"] for line in lines} == {result.request_id}
+    events = [line["event"] for line in lines]
+    assert events[0] == "request.started" and events[-1] == "request.finished"
+    assert events.count("case.finished") == 4 and events.count("request.finished") == 1
+    assert {line["case_id"] for line in lines if line["event"].startswith("case.")} == {
+        c.case_id for c in result.cases
+    }
+    text = logs.getvalue()
+    for secret in ("Demo^Synthetic", "SYNTH-0001", "19700101", "Doe", "John", "liver_scan", "site-a"):
+        assert secret not in text
+
+
+async def test_one_bad_case_fails_alone_with_a_reason(
+    tmp_path: Path, settings_factory, loaded_backend: Backend, rng: np.random.Generator
+) -> None:
+    good = make_phantom(rng, (32, 32, 32))
+    flat = sitk.GetImageFromArray(np.zeros((8, 8), np.int16))
+    flat_path = tmp_path / "flat.nii.gz"
+    sitk.WriteImage(flat, str(flat_path))
+    entries = [
+        {"good.nii.gz": nifti_bytes(good.image, good.spacing, good.origin)},
+        {"flat.nii.gz": flat_path.read_bytes()},
+        {"broken.tar.gz": make_tar({"a": rng.bytes(50_000)})[:20_000]},
+    ]
+    work = tmp_path / "work"
+    result = await run_request(entries, settings_factory(work), backend=loaded_backend)
+    assert result.status == "partial"
+    by_output = {c.origin: c for c in result.cases}
+    assert by_output["good.nii.gz"].status == "done"
+    assert by_output["flat.nii.gz"].status == "failed"
+    assert (
+        by_output["flat.nii.gz"].error == "prepare: ValueError: NIfTI channel 0 is 2D; a 3D volume is needed"
+    )
+    assert list(result.nifti_seg_bytes) == ["good.nii.gz"]
+    broken = next(i for i in result.inputs if i["name"] == "broken.tar.gz")
+    assert broken["error"]
+    assert _workdir_is_empty(work)
+
+
+async def test_a_request_without_any_usable_case_raises(
+    tmp_path: Path, settings_factory, loaded_backend: Backend, rng: np.random.Generator
+) -> None:
+    series = dicom_series_datasets(make_phantom(rng, (1, 8, 8)))
+    work = tmp_path / "work"
+    with pytest.raises(RequestError, match=r"no usable case in the request: 2 input\(s\)"):
+        await run_request(
+            [b"plain text", dicom_bytes(series[0])], settings_factory(work), backend=loaded_backend
+        )
+    assert _workdir_is_empty(work)
+
+
+async def test_cancellation_removes_every_temporary_file(
+    tmp_path: Path, settings_factory, loaded_backend: Backend, rng: np.random.Generator
+) -> None:
+    entries = []
+    for _ in range(4):
+        phantom = make_phantom(rng, (32, 32, 32))
+        entries.append(nifti_bytes(phantom.image, phantom.spacing, phantom.origin))
+    work = tmp_path / "work"
+    with anyio.CancelScope() as scope:
+        await run_request(
+            entries, settings_factory(work), backend=loaded_backend, on_progress=lambda _: scope.cancel()
+        )
+    assert scope.cancelled_caught
+    assert _workdir_is_empty(work)
+
+
+async def test_a_model_that_cannot_load_fails_the_request_cleanly(
+    tmp_path: Path, settings_factory, model_dir: Path, rng: np.random.Generator
+) -> None:
+    broken = tmp_path / "model"
+    shutil.copytree(model_dir, broken)
+    (broken / "fold_0" / "checkpoint_final.pth").write_bytes(b"not a checkpoint")
+    phantom = make_phantom(rng, (16, 16, 16))
+    work = tmp_path / "work"
+    with pytest.raises(ModelError, match="could not load the model"):
+        await run_request(
+            [nifti_bytes(phantom.image, phantom.spacing, phantom.origin)],
+            settings_factory(work, model_dir=broken),
+        )
+    assert _workdir_is_empty(work)

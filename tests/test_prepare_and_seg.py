@@ -1,0 +1,109 @@
+"""Prepare and export without the model: geometry must survive both ways exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from helpers import dicom_bytes
+
+from asyncflow.case import Case, SourceKind
+from asyncflow.dicom import read_instance
+from asyncflow.labels import labels_from_dataset_json
+from asyncflow.prepare import prepare_case
+from asyncflow.seg import Algorithm, dicom_seg_bytes, nifti_seg_bytes, read_dicom_seg, read_nifti_seg
+from asyncflow.synthetic import dicom_series_datasets, make_phantom, nifti_bytes
+
+LABELS = labels_from_dataset_json({"labels": {"background": 0, "liver": 1, "tumor": 2, "vessel": 3}})
+ALGORITHM = Algorithm(name="nnU-Net test", version="test 1")
+
+
+def _dicom_case(tmp_path: Path, rng: np.random.Generator, orientation=(1, 0, 0, 0, 1, 0)):
+    phantom = make_phantom(rng, (12, 20, 24), spacing=(0.7, 0.8, 2.5))
+    datasets = dicom_series_datasets(phantom, orientation=orientation)
+    source = tmp_path / "src"
+    source.mkdir()
+    paths = []
+    for k, ds in zip(rng.permutation(len(datasets)), datasets, strict=True):
+        path = source / f"file{k:03d}"  # names unrelated to slice order
+        path.write_bytes(dicom_bytes(ds))
+        paths.append(path)
+    case = Case("case-0001", SourceKind.DICOM, "x", "origin", paths, [read_instance(p) for p in paths])
+    return phantom, datasets, case
+
+
+@pytest.mark.parametrize("orientation", [(1, 0, 0, 0, 1, 0), (0.866025, 0.5, 0, -0.5, 0.866025, 0)])
+def test_dicom_prepare_rebuilds_the_volume_in_slice_order(
+    tmp_path: Path, rng: np.random.Generator, orientation: tuple[float, ...]
+) -> None:
+    phantom, datasets, case = _dicom_case(tmp_path, rng, orientation)
+    prepared = prepare_case(case, tmp_path / "work")
+    assert [p.name for p in prepared.channel_files] == ["case-0001_0000.nii.gz"]
+    image = sitk.ReadImage(str(prepared.channel_files[0]))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), phantom.image)  # HU after rescale
+    np.testing.assert_allclose(image.GetSpacing(), phantom.spacing, atol=1e-4)
+    np.testing.assert_allclose(image.GetOrigin(), datasets[0].ImagePositionPatient, atol=1e-3)
+    np.testing.assert_allclose(image.GetDirection()[:6:3], orientation[0:2], atol=1e-4)
+    by_path = {i.path: i.sop_instance_uid for i in case.instances}
+    assert [by_path[p] for p in prepared.source_files] == [str(ds.SOPInstanceUID) for ds in datasets]
+
+
+def test_dicom_seg_decodes_to_the_label_map_on_its_sources(tmp_path: Path, rng: np.random.Generator) -> None:
+    phantom, datasets, case = _dicom_case(tmp_path, rng)
+    prepared = prepare_case(case, tmp_path / "work")
+    labels = phantom.labels.copy()
+    labels[labels == 2] = 3  # values {1, 3}: segments must not be renumbered by count
+    labels[0] = 0  # an empty first frame is omitted on write
+    data = dicom_seg_bytes(prepared.source_files, labels, LABELS, ALGORITHM)
+    numbers, names = read_dicom_seg(data, [str(ds.SOPInstanceUID) for ds in datasets])
+    assert names == {1: "liver", 2: "vessel"}
+    decoded = np.select([numbers == 1, numbers == 2], [1, 3], 0)
+    np.testing.assert_array_equal(decoded, labels)
+
+
+def test_dicom_seg_of_an_empty_prediction_still_describes_the_model_labels(
+    tmp_path: Path, rng: np.random.Generator
+) -> None:
+    _, datasets, case = _dicom_case(tmp_path, rng)
+    prepared = prepare_case(case, tmp_path / "work")
+    empty = np.zeros((len(datasets), datasets[0].Rows, datasets[0].Columns), np.uint8)
+    data = dicom_seg_bytes(prepared.source_files, empty, LABELS, ALGORITHM)
+    numbers, names = read_dicom_seg(data, [str(ds.SOPInstanceUID) for ds in datasets])
+    assert sorted(names.values()) == ["liver", "tumor", "vessel"]
+    assert not numbers.any()
+
+
+def test_dicom_seg_rejects_a_prediction_off_the_source_grid(tmp_path: Path, rng: np.random.Generator) -> None:
+    phantom, _, case = _dicom_case(tmp_path, rng)
+    prepared = prepare_case(case, tmp_path / "work")
+    with pytest.raises(ValueError, match="does not match the source grid"):
+        dicom_seg_bytes(prepared.source_files, phantom.labels[:, :, 1:], LABELS, ALGORITHM)
+
+
+def test_nifti_prepare_and_export_keep_the_source_geometry(tmp_path: Path, rng: np.random.Generator) -> None:
+    phantom = make_phantom(rng, (10, 12, 14), spacing=(0.6, 0.7, 3.0), origin=(10.0, -20.0, 5.0))
+    source = tmp_path / "scan.nii.gz"
+    source.write_bytes(nifti_bytes(phantom.image, phantom.spacing, phantom.origin))
+    case = Case("case-0002", SourceKind.NIFTI, "scan", "origin", [source])
+    prepared = prepare_case(case, tmp_path / "work")
+    np.testing.assert_array_equal(
+        sitk.GetArrayFromImage(sitk.ReadImage(str(prepared.channel_files[0]))), phantom.image
+    )
+    out = read_nifti_seg(nifti_seg_bytes(phantom.labels, source, tmp_path / "seg.nii.gz"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(out), phantom.labels)
+    reference = sitk.ReadImage(str(source))
+    assert out.GetSpacing() == pytest.approx(reference.GetSpacing())
+    assert out.GetOrigin() == pytest.approx(reference.GetOrigin())
+    assert out.GetDirection() == pytest.approx(reference.GetDirection())
+
+
+@pytest.mark.parametrize("shape", [(12, 14), (2, 6, 7, 8)], ids=["2D", "4D"])
+def test_nifti_that_is_not_a_3d_volume_fails_clearly(tmp_path: Path, shape: tuple[int, ...]) -> None:
+    image = sitk.GetImageFromArray(np.zeros(shape, np.int16), isVector=False)
+    source = tmp_path / "odd.nii.gz"
+    sitk.WriteImage(image, str(source))
+    case = Case("case-0003", SourceKind.NIFTI, "odd", "origin", [source])
+    with pytest.raises(ValueError, match=rf"{len(shape)}D; a 3D volume is needed"):
+        prepare_case(case, tmp_path / "work")

@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from asyncflow.backends import ModelError, ModelInfo
+from asyncflow.settings import Settings, SettingsError
+
+
+def test_packaged_model_is_small_safe_to_load_and_described(model_dir: Path) -> None:
+    checkpoint = model_dir / "fold_0" / "checkpoint_final.pth"
+    assert checkpoint.stat().st_size < 1_000_000
+    loaded = torch.load(checkpoint, weights_only=True)  # no pickled code inside
+    assert loaded["trainer_name"] == "nnUNetTrainer"
+    info = ModelInfo.from_folder(model_dir)
+    assert info.folds == (0,)
+    assert info.num_channels == 1
+    assert {v: label.name for v, label in info.labels.items()} == {1: "liver", 2: "tumor"}
+    assert info.labels[1].type.value == "10200004"  # SNOMED CT Liver
+    assert info.name == "Dataset999_AsyncflowTiny" and info.configuration == "3d_fullres"
+
+
+def test_model_folder_errors_are_clear(tmp_path: Path, model_dir: Path) -> None:
+    with pytest.raises(ModelError, match=r"no readable dataset\.json"):
+        ModelInfo.from_folder(tmp_path)
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    with pytest.raises(ModelError, match=r"no checkpoint_final.pth for fold\(s\) \[3\]"):
+        ModelInfo.from_folder(copy, folds=[3])
+    shutil.rmtree(copy / "fold_0")
+    with pytest.raises(ModelError, match="for fold"):
+        ModelInfo.from_folder(copy)
+
+
+def test_settings_from_the_reference_environment(tmp_path: Path, model_dir: Path) -> None:
+    model = tmp_path / "results" / "Dataset029_LiTS" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    shutil.copytree(model_dir, model)
+    env = {
+        "nnUNet_results": str(tmp_path / "results"),
+        "TASK_NAME": "dataset029_lits",  # task folders resolve case-insensitively
+        "MULTI_MODAL": "True",
+        "nnUNet_input": "/in",
+        "nnUNet_output": "/out",
+    }
+    settings = Settings.from_env(env, device="cpu", folds=None)
+    assert settings.multi_modal and settings.device == "cpu"
+    assert settings.input_dir == Path("/in") and settings.output_dir == Path("/out")
+    assert settings.resolve_model_dir() == model
+
+
+def test_settings_refuse_impossible_values_and_missing_models(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="no model given"):
+        Settings.from_env({}).resolve_model_dir()
+    with pytest.raises(SettingsError, match="is not a trained nnU-Net v2 model folder"):
+        Settings(model_dir=tmp_path).resolve_model_dir()
+    with pytest.raises(SettingsError, match="queue_size must be at least 1"):
+        Settings(queue_size=0)
+    with pytest.raises(SettingsError, match="tile_step_size"):
+        Settings(tile_step_size=1.5)
