@@ -39,6 +39,8 @@ class DicomInstance:
     path: Path
     sop_instance_uid: str
     series_instance_uid: str
+    study_instance_uid: str | None
+    frame_of_reference_uid: str | None
     series_number: int | None
     position: tuple[float, float, float] | None  # ImagePositionPatient
     orientation: tuple[float, ...] | None  # ImageOrientationPatient (6 values)

@@ -134,6 +134,7 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
 
 def write_outputs(result: Result, output: Path) -> Path:
     """``output/dicom_seg/*.dcm``, ``output/nifti_seg/*.nii.gz`` and ``output/report.json``."""
+    output.mkdir(parents=True, exist_ok=True)
     for folder, files in (("dicom_seg", result.dicom_seg_bytes), ("nifti_seg", result.nifti_seg_bytes)):
         if files:
             (output / folder).mkdir(parents=True, exist_ok=True)

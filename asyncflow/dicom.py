@@ -50,12 +50,19 @@ def read_instance(path: Path) -> DicomInstance:
         path=path,
         sop_instance_uid=str(ds.SOPInstanceUID),
         series_instance_uid=str(ds.SeriesInstanceUID),
+        study_instance_uid=_optional(ds, "StudyInstanceUID"),
+        frame_of_reference_uid=_optional(ds, "FrameOfReferenceUID"),
         series_number=int(series_number) if series_number not in (None, "") else None,
         position=tuple(float(v) for v in position) if position else None,  # type: ignore[arg-type]
         orientation=tuple(float(v) for v in orientation) if orientation else None,
         rows=int(ds.Rows),
         columns=int(ds.Columns),
     )
+
+
+def _optional(ds: pydicom.Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    return str(value) if value else None
 
 
 def order_series(instances: Sequence[DicomInstance]) -> list[DicomInstance]:
@@ -70,6 +77,11 @@ def order_series(instances: Sequence[DicomInstance]) -> list[DicomInstance]:
         raise ValueError("series lacks ImagePositionPatient/ImageOrientationPatient")
     if len({(i.rows, i.columns) for i in instances}) > 1:
         raise ValueError("series mixes image sizes")
+    # One volume, one SEG: its slices must agree on study and frame of reference.
+    for attribute in ("study_instance_uid", "frame_of_reference_uid"):
+        if len({getattr(i, attribute) for i in instances}) > 1:
+            keyword = "StudyInstanceUID" if attribute.startswith("study") else "FrameOfReferenceUID"
+            raise ValueError(f"series mixes {keyword}s (an inconsistent export)")
     orientations = np.array([i.orientation for i in instances], dtype=np.float64)
     if orientations.shape[1] != 6 or np.abs(orientations - orientations[0]).max() > _ORIENTATION_TOLERANCE:
         raise ValueError("series mixes image orientations")

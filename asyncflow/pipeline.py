@@ -134,7 +134,7 @@ class _Request:
         self.nifti: dict[str, bytes] = {}
         self.total: int | None = None
         info = backend.info
-        self.algorithm = Algorithm(name=f"nnU-Net {info.name}"[:64], version=info.description[:64])
+        self.algorithm = Algorithm(f"nnU-Net {info.name}", info.framework, info.parameters)
 
     # -- orchestration -----------------------------------------------------------
 

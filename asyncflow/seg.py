@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import highdicom as hd
@@ -34,7 +34,8 @@ class Algorithm:
     """AlgorithmIdentification of the segments: what produced them."""
 
     name: str  # e.g. "nnU-Net Dataset029_LiTS"
-    version: str  # framework, model, trainer/plans/configuration, folds
+    version: str  # e.g. "nnunetv2 2.8.1"
+    parameters: Mapping[str, str] = field(default_factory=dict)  # trainer, plans, folds...
 
 
 def _coded(code: Code) -> hd.sr.CodedConcept:
@@ -68,6 +69,7 @@ def dicom_seg_bytes(
         raise ValueError(
             f"prediction shape {labels.shape} does not match the source grid {(len(sources), rows, columns)}"
         )
+    _fill_slice_thickness(sources)
     values = segment_values(labels, declared)
     if not values:
         raise ValueError("the model declares no foreground label and none was predicted")
@@ -77,7 +79,10 @@ def dicom_seg_bytes(
     pixel_array = lookup[labels]
     pixel_array = pixel_array.astype(np.uint8 if len(values) < 256 else np.uint16)
     identification = hd.AlgorithmIdentificationSequence(
-        name=algorithm.name, family=_AI_FAMILY, version=algorithm.version
+        name=algorithm.name[:64],
+        family=_AI_FAMILY,
+        version=algorithm.version[:64],
+        parameters=dict(algorithm.parameters) or None,
     )
     descriptions = []
     for number, value in enumerate(values, start=1):
@@ -111,6 +116,21 @@ def dicom_seg_bytes(
     buffer = io.BytesIO()
     seg.save_as(buffer)
     return buffer.getvalue()
+
+
+def _fill_slice_thickness(sources: Sequence[pydicom.Dataset]) -> None:
+    """Give in-memory sources without SliceThickness (Type 2, often empty) the slice gap.
+
+    highdicom copies the pixel measures of the first source; the files are untouched.
+    """
+    if sources[0].get("SliceThickness") or len(sources) < 2:
+        return
+    orientation = np.asarray(sources[0].ImageOrientationPatient, dtype=float)
+    normal = np.cross(orientation[:3], orientation[3:])
+    first, second = (np.asarray(ds.ImagePositionPatient, dtype=float) for ds in sources[:2])
+    gap = round(abs(float(np.dot(normal, second - first))), 6)
+    for ds in sources:
+        ds.SliceThickness = gap
 
 
 def nifti_seg_bytes(labels: np.ndarray, reference: Path, scratch: Path) -> bytes:

@@ -23,3 +23,42 @@ def dicom_bytes(ds: FileDataset) -> bytes:
     buffer = io.BytesIO()
     pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def write_series_with_simpleitk(image, folder, *, study_uid: str, series_uid: str) -> list:
+    """A CT series written by SimpleITK/GDCM, as in SimpleITK's 'DICOM series from array' example.
+
+    Another generator than asyncflow.synthetic: GDCM picks its own attributes
+    (signed pixels, no rescale, no SliceThickness, no SeriesNumber).
+    """
+    import SimpleITK as sitk
+
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    d = image.GetDirection()
+    tags = [
+        ("0008|0008", "DERIVED\\SECONDARY"),
+        ("0008|0060", "CT"),
+        ("0008|103e", "Created-SimpleITK"),
+        ("0010|0010", "Other^Generator"),
+        ("0010|0020", "GDCM-42"),
+        ("0020|000d", study_uid),
+        ("0020|000e", series_uid),
+        ("0020|0052", study_uid + ".1"),
+        ("0020|0037", "\\".join(str(v) for v in (d[0], d[3], d[6], d[1], d[4], d[7]))),
+    ]
+    paths = []
+    for i in range(image.GetDepth()):
+        image_slice = image[:, :, i]
+        for tag, value in tags:
+            image_slice.SetMetaData(tag, value)
+        image_slice.SetMetaData(
+            "0020|0032", "\\".join(str(v) for v in image.TransformIndexToPhysicalPoint((0, 0, i)))
+        )
+        image_slice.SetMetaData("0020|0013", str(i + 1))
+        path = folder / f"{i}.dcm"
+        writer.SetFileName(str(path))
+        writer.Execute(image_slice)
+        paths.append(path)
+    return paths

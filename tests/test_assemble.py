@@ -154,3 +154,10 @@ def test_order_series_rejects_irregular_series(tmp_path: Path, rng: np.random.Ge
     datasets[2].ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
     with pytest.raises(ValueError, match="orientations"):
         order_series(_instances(tmp_path, datasets))
+
+
+def test_order_series_rejects_slices_of_different_studies(tmp_path: Path, rng: np.random.Generator) -> None:
+    datasets = _series(rng, slices=4)
+    datasets[2].StudyInstanceUID = "1.2.3.4"
+    with pytest.raises(ValueError, match="mixes StudyInstanceUIDs"):
+        order_series(_instances(tmp_path, datasets))

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import tarfile
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 import SimpleITK as sitk
+from helpers import write_series_with_simpleitk
 
 from asyncflow.cli import main
+from asyncflow.seg import read_dicom_seg
 from asyncflow.synthetic import make_phantom, nifti_bytes
 
 FAST = ["--no-mirroring", "--threads", "1", "--device", "cpu"]
@@ -64,3 +70,39 @@ def test_run_exits_1_when_some_cases_fail(tmp_path: Path, model_dir: Path, rng: 
     report = json.loads((out / "report.json").read_text())
     assert sorted(c["status"] for c in report["cases"]) == ["done", "failed"]
     assert (out / "nifti_seg" / "good.nii.gz").is_file()
+
+
+def test_run_on_series_written_by_another_generator(
+    tmp_path: Path, model_dir: Path, rng: np.random.Generator
+) -> None:
+    inputs = tmp_path / "tars"
+    inputs.mkdir()
+    truth = {}
+    for n in range(2):
+        phantom = make_phantom(rng, (48, 64, 64))
+        image = sitk.GetImageFromArray(phantom.image)
+        image.SetOrigin((10.0, -20.0, 30.0 * n))
+        paths = write_series_with_simpleitk(
+            image,
+            tmp_path / f"series{n}",
+            study_uid=f"1.2.826.0.1.3680043.2.1125.7.{n}",
+            series_uid=f"1.2.826.0.1.3680043.2.1125.8.{n}",
+        )
+        with tarfile.open(inputs / f"export{n}.tgz", "w:gz") as tar:
+            for path in paths:
+                tar.add(path, arcname=f"export/{path.name}")
+        truth[f"export{n}.dcm"] = (phantom.labels, [str(pydicom.dcmread(p).SOPInstanceUID) for p in paths])
+    out = tmp_path / "out"
+    assert main(["run", str(inputs), "-o", str(out), "--model", str(model_dir), *FAST]) == 0
+    assert sorted(p.name for p in (out / "dicom_seg").iterdir()) == sorted(truth)
+    for name, (labels, uids) in truth.items():
+        data = (out / "dicom_seg" / name).read_bytes()
+        numbers, names = read_dicom_seg(data, uids)  # slices written in z order
+        liver = numbers == next(k for k, v in names.items() if v == "liver")
+        overlap = 2 * (liver & (labels == 1)).sum() / (liver.sum() + (labels == 1).sum())
+        assert overlap >= 0.9, name
+        if shutil.which("dciodvfy"):
+            checked = subprocess.run(
+                ["dciodvfy", str(out / "dicom_seg" / name)], capture_output=True, text=True
+            )
+            assert not [line for line in checked.stderr.splitlines() if line.startswith("Error")]

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import io
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 import SimpleITK as sitk
 from helpers import dicom_bytes
@@ -17,7 +22,9 @@ from asyncflow.seg import Algorithm, dicom_seg_bytes, nifti_seg_bytes, read_dico
 from asyncflow.synthetic import dicom_series_datasets, make_phantom, nifti_bytes
 
 LABELS = labels_from_dataset_json({"labels": {"background": 0, "liver": 1, "tumor": 2, "vessel": 3}})
-ALGORITHM = Algorithm(name="nnU-Net test", version="test 1")
+ALGORITHM = Algorithm(
+    "nnU-Net Dataset999_Test", "nnunetv2 2.8.1", {"trainer": "nnUNetTrainer", "folds": "0,1"}
+)
 
 
 def _dicom_case(tmp_path: Path, rng: np.random.Generator, orientation=(1, 0, 0, 0, 1, 0)):
@@ -107,3 +114,53 @@ def test_nifti_that_is_not_a_3d_volume_fails_clearly(tmp_path: Path, shape: tupl
     case = Case("case-0003", SourceKind.NIFTI, "odd", "origin", [source])
     with pytest.raises(ValueError, match=rf"{len(shape)}D; a 3D volume is needed"):
         prepare_case(case, tmp_path / "work")
+
+
+def test_dicom_seg_describes_its_segments_and_algorithm(tmp_path: Path, rng: np.random.Generator) -> None:
+    phantom, datasets, case = _dicom_case(tmp_path, rng)
+    prepared = prepare_case(case, tmp_path / "work")
+    seg = pydicom.dcmread(
+        io.BytesIO(dicom_seg_bytes(prepared.source_files, phantom.labels, LABELS, ALGORITHM))
+    )
+    assert seg.SegmentationType == "BINARY"
+    assert seg.StudyInstanceUID == datasets[0].StudyInstanceUID
+    assert seg.FrameOfReferenceUID == datasets[0].FrameOfReferenceUID
+    assert seg.PatientID == datasets[0].PatientID
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == datasets[0].SeriesInstanceUID
+    liver, tumor = seg.SegmentSequence
+    assert (liver.SegmentLabel, liver.SegmentedPropertyTypeCodeSequence[0].CodeValue) == ("liver", "10200004")
+    assert liver.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "91723000"
+    assert (tumor.SegmentLabel, tumor.SegmentedPropertyTypeCodeSequence[0].CodeValue) == (
+        "tumor",
+        "108369006",
+    )
+    assert tumor.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "49755003"
+    algorithm = liver.SegmentationAlgorithmIdentificationSequence[0]
+    assert liver.SegmentAlgorithmType == "AUTOMATIC"
+    assert algorithm.AlgorithmFamilyCodeSequence[0].CodeValue == "123110"
+    assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == (
+        "nnU-Net Dataset999_Test",
+        "nnunetv2 2.8.1",
+    )
+    assert "trainer=nnUNetTrainer" in algorithm.AlgorithmParameters
+    # empty frames are omitted: fewer frames than slices x segments
+    assert int(seg.NumberOfFrames) < 2 * len(datasets)
+
+
+@pytest.mark.skipif(
+    shutil.which("dciodvfy") is None and not os.environ.get("CI"),
+    reason="dicom3tools' dciodvfy is not installed (CI installs it)",
+)
+def test_dicom_seg_passes_the_dicom3tools_validator(tmp_path: Path, rng: np.random.Generator) -> None:
+    phantom, _, case = _dicom_case(tmp_path, rng)
+    prepared = prepare_case(case, tmp_path / "work")
+    path = tmp_path / "seg.dcm"
+    path.write_bytes(dicom_seg_bytes(prepared.source_files, phantom.labels, LABELS, ALGORITHM))
+    checked = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
+    findings = [
+        line
+        for line in (checked.stdout + checked.stderr).splitlines()
+        if line.startswith(("Error", "Warning"))
+    ]
+    assert findings == []
+    assert "Segmentation" in checked.stdout + checked.stderr

@@ -84,10 +84,15 @@ class ModelInfo:
         )
 
     @property
-    def description(self) -> str:
-        """Model identity for provenance (SEG AlgorithmVersion)."""
-        folds = ",".join(str(f) for f in self.folds)
-        return f"{self.framework}; {self.name}; {self.trainer}__{self.plans}__{self.configuration}; folds {folds}"
+    def parameters(self) -> dict[str, str]:
+        """How the model was trained and is run, for provenance (SEG AlgorithmParameters)."""
+        return {
+            "trainer": self.trainer,
+            "plans": self.plans,
+            "configuration": self.configuration,
+            "folds": ",".join(str(f) for f in self.folds),
+            "checkpoint": self.checkpoint,
+        }
 
 
 @runtime_checkable
