@@ -74,6 +74,9 @@ def scan(unpacked: UnpackedInput) -> Scan:
                 result.dicom.append(read_instance(path))
             except NotAnImage as exc:
                 result.skipped.append(SkippedFile(origin, unpacked.relative(path), str(exc)))
+            except Exception as exc:  # noqa: BLE001 - a malformed header skips its file, not the request
+                reason = f"malformed DICOM header ({type(exc).__name__})"
+                result.skipped.append(SkippedFile(origin, unpacked.relative(path), reason))
         elif is_nifti_header(head):
             result.nifti.append(path)
         else:

@@ -43,7 +43,8 @@ class _ProgressBar:
 
         class _AboveBar:
             def write(self, text: str) -> int:
-                bar.write(text.rstrip("\n"), file=sys.stderr)
+                if text.strip():  # print() sends the newline as a write of its own
+                    bar.write(text.rstrip("\n"), file=sys.stderr)
                 return len(text)
 
             def flush(self) -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
+import numpy as np
 import structlog
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -324,11 +325,11 @@ class _Request:
                     output = await self._step(case, "export", self._export, predicted)
                     if output is None:
                         continue
-                    name, data = output
+                    name, data, labels_present = output
                     (self.dicom if case.kind is SourceKind.DICOM else self.nifti)[name] = data
                     report = self.reports[case.case_id]
                     report.output = name
-                    report.labels_present = sorted(int(v) for v in set(predicted.labels.flat) if v)
+                    report.labels_present = labels_present
                     log.info(
                         "case.exported",
                         format="dicom_seg" if case.kind is SourceKind.DICOM else "nifti",
@@ -337,7 +338,12 @@ class _Request:
                     )
                     self._end_case(case)
 
-    def _export(self, predicted: PredictedCase) -> tuple[str, bytes]:
+    def _export(self, predicted: PredictedCase) -> tuple[str, bytes, list[int]]:
+        """Output name, bytes and the label values present (runs in a worker thread)."""
+        name, data = self._encode(predicted)
+        return name, data, [int(v) for v in np.unique(predicted.labels) if v]
+
+    def _encode(self, predicted: PredictedCase) -> tuple[str, bytes]:
         prepared = predicted.prepared
         case = prepared.case
         if case.kind is SourceKind.DICOM:

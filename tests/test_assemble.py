@@ -36,6 +36,7 @@ def test_files_are_classified_by_content(tmp_path: Path, rng: np.random.Generato
         "volume.nii.gz": nifti_bytes(phantom.image, phantom.spacing, phantom.origin),
         "looks_like.nii.gz": b"\x1f\x8b garbage",
         "notes.txt": b"hello",
+        "truncated": dicom_bytes(series[0])[:200],
     }
     result = _scan(tmp_path, 0, "mixed.tar", make_tar(members))
     assert len(result.dicom) == len(series)
@@ -44,6 +45,7 @@ def test_files_are_classified_by_content(tmp_path: Path, rng: np.random.Generato
     assert "Basic Text SR Storage" in reasons["report.dcm"]
     assert "Segmentation Storage" in reasons["seg"]
     assert reasons["notes.txt"] == reasons["looks_like.nii.gz"] == "neither DICOM nor NIfTI"
+    assert reasons["truncated"] == "not an image storage class (no SOPClassUID)"
 
 
 def test_series_group_by_uid_across_inputs_and_duplicates_collapse(

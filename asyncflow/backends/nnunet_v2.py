@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,9 +12,12 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from ..log import get_logger
 from .base import ModelError, ModelInfo
 
 __all__ = ["NnUNetV2Backend"]
+
+log = get_logger("asyncflow.backends.nnunet_v2")
 
 
 class NnUNetV2Backend:
@@ -53,8 +56,11 @@ class NnUNetV2Backend:
             torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
         device = torch.device(name)
         # nnU-Net prints notices to stdout, which belongs to the caller (the CLI's summary).
-        with contextlib.redirect_stdout(sys.stderr):
+        notices = io.StringIO()
+        with contextlib.redirect_stdout(notices):
             predictor = self._initialise(nnUNetPredictor, device)
+        for line in filter(None, (line.strip() for line in notices.getvalue().splitlines())):
+            log.debug("model.notice", text=line[:300])
         self._predictor = predictor
         self.device = name
 
@@ -86,12 +92,12 @@ class NnUNetV2Backend:
             raise ValueError(
                 f"case has {len(channel_files)} channel(s), the model expects {self.info.num_channels}"
             )
-        io = self._predictor.plans_manager.image_reader_writer_class()
-        data, properties = io.read_images([str(f) for f in channel_files])
+        reader = self._predictor.plans_manager.image_reader_writer_class()
+        data, properties = reader.read_images([str(f) for f in channel_files])
         labels = self._predictor.predict_single_npy_array(data, properties, None, None, False)
-        if isinstance(io, SimpleITKIO):
+        if isinstance(reader, SimpleITKIO):
             return np.asarray(labels)
         # Another reader has its own axis order: let it write the map, read it back as SimpleITK does.
         written = Path(channel_files[0]).parent / "prediction.nii.gz"
-        io.write_seg(labels, str(written), properties)
+        reader.write_seg(labels, str(written), properties)
         return sitk.GetArrayFromImage(sitk.ReadImage(str(written)))
