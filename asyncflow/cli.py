@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import __version__
-from .backends import ModelError
+from .backends import ModelError, ModelInfo
 from .inputs import RequestError
 from .log import configure_logging
 from .pipeline import Progress, Result, run_request_sync
@@ -96,9 +96,15 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="segment files, folders and archives")
-    run.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="files, folders or TAR archives")
     run.add_argument(
-        "-o", "--output", type=Path, required=True, help="folder for SEG/NIfTI outputs and report"
+        "inputs",
+        nargs="*",
+        type=Path,
+        metavar="INPUT",
+        help="files, folders or TAR archives (default: $nnUNet_input)",
+    )
+    run.add_argument(
+        "-o", "--output", type=Path, help="folder for SEG/NIfTI outputs and report (default: $nnUNet_output)"
     )
     run.add_argument(
         "--model",
@@ -180,15 +186,18 @@ def _execute(args: argparse.Namespace) -> int:
         else:
             settings = _settings(args, model_dir=args.model, multi_modal=args.multi_modal)
             settings.resolve_model_dir()  # fail before any work when no model is named
-            entries = args.inputs
+            entries = args.inputs or ([settings.input_dir] if settings.input_dir else [])
+            args.output = args.output or settings.output_dir
+            if not entries or args.output is None:
+                raise SettingsError("name INPUT... and --output DIR (or set nnUNet_input and nnUNet_output)")
         result = run_request_sync(entries, settings, on_progress=bar)
     finally:
         bar.close()
     write_outputs(result, args.output)
     scores = None
     if args.command == "demo":
-        labels = json.loads((packaged_demo_model() / "dataset.json").read_text())["labels"]
-        scores = score(result, demo_inputs, {k: int(v) for k, v in labels.items() if int(v)})
+        labels = ModelInfo.from_folder(packaged_demo_model()).labels
+        scores = score(result, demo_inputs, {label.name: value for value, label in labels.items()})
     print(_summary(result, args.output, scores))
     return EXIT_DONE if result.status == "done" else EXIT_SOME_FAILED
 

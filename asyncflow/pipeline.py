@@ -53,7 +53,6 @@ from .settings import Settings
 __all__ = ["Progress", "RequestError", "Result", "build_backend", "run_request", "run_request_sync"]
 
 log = get_logger("asyncflow.pipeline")
-T = TypeVar("T")
 R = TypeVar("R")
 
 

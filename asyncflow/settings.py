@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -95,9 +95,6 @@ class Settings:
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
-
-    def with_model(self, model_dir: Path) -> Settings:
-        return replace(self, model_dir=model_dir)
 
     def resolve_model_dir(self) -> Path:
         """The trained model folder, or a clear error saying how to name one."""

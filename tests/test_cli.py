@@ -106,3 +106,27 @@ def test_run_on_series_written_by_another_generator(
                 ["dciodvfy", str(out / "dicom_seg" / name)], capture_output=True, text=True
             )
             assert not [line for line in checked.stderr.splitlines() if line.startswith("Error")]
+
+
+def test_run_takes_everything_from_the_reference_environment(
+    tmp_path: Path, model_dir: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    results = tmp_path / "results"
+    shutil.copytree(model_dir, results / "Dataset999_Tiny" / "nnUNetTrainer__nnUNetPlans__3d_fullres")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    phantom = make_phantom(rng, (32, 32, 32))
+    (inputs / "case7_0000.nii.gz").write_bytes(nifti_bytes(phantom.image, phantom.spacing, phantom.origin))
+    monkeypatch.setenv("nnUNet_results", str(results))
+    monkeypatch.setenv("TASK_NAME", "Dataset999_Tiny")
+    monkeypatch.setenv("nnUNet_input", str(inputs))
+    monkeypatch.setenv("nnUNet_output", str(tmp_path / "out"))
+    assert main(["run", *FAST]) == 0
+    assert (tmp_path / "out" / "nifti_seg" / "case7.nii.gz").is_file()
+
+
+def test_run_without_inputs_or_output_is_a_usage_error(
+    tmp_path: Path, model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["run", "--model", str(model_dir), "--output", str(tmp_path)]) == 2
+    assert "name INPUT... and --output DIR" in capsys.readouterr().err
