@@ -417,6 +417,9 @@ async def run_request(
             result = request.result(request_id, time.perf_counter() - started)
             status = result.status
             return result
+        except (anyio.get_cancelled_exc_class(), KeyboardInterrupt):
+            status = "cancelled"
+            raise
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
             statuses = [r.status for r in request.reports.values()]

@@ -25,6 +25,21 @@ def _check_volume(image: sitk.Image, what: str) -> None:
         raise ValueError(f"{what} is {image.GetDimension()}D; a 3D volume is needed")
 
 
+def _with_nifti_suffix(source: Path, workdir: Path, number: int) -> Path:
+    """The source under a name SimpleITK reads as NIfTI (it picks readers by suffix).
+
+    Inputs are recognised by content, so a NIfTI may arrive as ``input-3`` or an
+    S3 key without suffix: it is then linked into the case folder as ``.nii(.gz)``.
+    """
+    if source.name.lower().endswith((".nii", ".nii.gz")):
+        return source
+    with source.open("rb") as f:
+        suffix = ".nii.gz" if f.read(2) == b"\x1f\x8b" else ".nii"
+    link = workdir / f"source_{number:04d}{suffix}"
+    link.symlink_to(source.resolve())
+    return link
+
+
 def prepare_case(case: Case, workdir: Path) -> PreparedCase:
     """Read the case's source into nnU-Net's input naming inside ``workdir``."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -40,7 +55,8 @@ def prepare_case(case: Case, workdir: Path) -> PreparedCase:
         return PreparedCase(case, workdir, [channel], [i.path for i in ordered])
 
     images = []
-    for number, source in enumerate(case.files):
+    sources = [_with_nifti_suffix(source, workdir, number) for number, source in enumerate(case.files)]
+    for number, source in enumerate(sources):
         try:
             image = sitk.ReadImage(str(source))
         except RuntimeError as exc:
@@ -56,4 +72,4 @@ def prepare_case(case: Case, workdir: Path) -> PreparedCase:
     channels = [
         _write(image, workdir / f"{case.case_id}_{number:04d}.nii.gz") for number, image in enumerate(images)
     ]
-    return PreparedCase(case, workdir, channels, list(case.files))
+    return PreparedCase(case, workdir, channels, sources)

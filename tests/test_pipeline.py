@@ -182,12 +182,20 @@ async def test_cancellation_removes_every_temporary_file(
         phantom = make_phantom(rng, (32, 32, 32))
         entries.append(nifti_bytes(phantom.image, phantom.spacing, phantom.origin))
     work = tmp_path / "work"
+    logs = io.StringIO()
+    configure_logging(json=True, stream=logs)
     with anyio.CancelScope() as scope:
         await run_request(
             entries, settings_factory(work), backend=loaded_backend, on_progress=lambda _: scope.cancel()
         )
     assert scope.cancelled_caught
     assert _workdir_is_empty(work)
+    finished = json.loads(logs.getvalue().splitlines()[-1])
+    assert (finished["event"], finished["status"], finished["cases_done"]) == (
+        "request.finished",
+        "cancelled",
+        1,
+    )
 
 
 async def test_a_model_that_cannot_load_fails_the_request_cleanly(

@@ -164,3 +164,23 @@ def test_dicom_seg_passes_the_dicom3tools_validator(tmp_path: Path, rng: np.rand
     ]
     assert findings == []
     assert "Segmentation" in checked.stdout + checked.stderr
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_nifti_recognised_by_content_needs_no_suffix(
+    tmp_path: Path, rng: np.random.Generator, suffix: str
+) -> None:
+    phantom = make_phantom(rng, (6, 7, 8), origin=(1.0, 2.0, 3.0))
+    named = tmp_path / f"named{suffix}"
+    image = sitk.GetImageFromArray(phantom.image)
+    image.SetOrigin(phantom.origin)
+    sitk.WriteImage(image, str(named))
+    bare = tmp_path / "input-3"  # a raw-bytes entry or an S3 key without suffix
+    bare.write_bytes(named.read_bytes())
+    case = Case("case-0004", SourceKind.NIFTI, "input-3", "origin", [bare])
+    prepared = prepare_case(case, tmp_path / "work")
+    np.testing.assert_array_equal(
+        sitk.GetArrayFromImage(sitk.ReadImage(str(prepared.channel_files[0]))), phantom.image
+    )
+    out = read_nifti_seg(nifti_seg_bytes(phantom.labels, prepared.source_files[0], tmp_path / "seg.nii.gz"))
+    assert out.GetOrigin() == pytest.approx(phantom.origin)
