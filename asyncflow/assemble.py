@@ -14,7 +14,7 @@ import re
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from .case import Case, DicomInstance, SkippedFile, SourceKind
 from .dicom import NotAnImage, has_dicom_preamble, read_instance
@@ -84,6 +84,13 @@ def scan(unpacked: UnpackedInput) -> Scan:
     return result
 
 
+def _series_label(unpacked: UnpackedInput) -> str:
+    """A series is named after its archive, or after the folder of a loose file."""
+    if unpacked.kind == "archive":
+        return unpacked.item.name
+    return PurePosixPath(unpacked.item.name.replace("\\", "/")).parent.name or unpacked.item.name
+
+
 def _stem(name: str) -> str:
     base = name.replace("\\", "/").rsplit("/", 1)[-1]
     for suffix in _STEM_SUFFIXES:
@@ -95,7 +102,8 @@ def _stem(name: str) -> str:
 
 @dataclass
 class _Series:
-    origin: str
+    origin: str  # the input the first instance came from (report)
+    label: str  # what the series is named after
     instances: dict[str, DicomInstance] = field(default_factory=dict)  # by SOPInstanceUID
 
 
@@ -124,8 +132,9 @@ class CaseBuilder:
         """NIfTI cases of this scan; its DICOM instances wait for :meth:`finish`."""
         origin = result.unpacked.item.name
         self.skipped.extend(result.skipped)
+        label = _series_label(result.unpacked)
         for instance in result.dicom:
-            series = self._series.setdefault(instance.series_instance_uid, _Series(origin))
+            series = self._series.setdefault(instance.series_instance_uid, _Series(origin, label))
             # The same instance twice (two exports of one study) is one slice.
             series.instances.setdefault(instance.sop_instance_uid, instance)
         return [
@@ -160,16 +169,15 @@ class CaseBuilder:
         return singles
 
     def finish(self) -> list[Case]:
-        """One case per DICOM series, named after the input it came from."""
-        per_origin: dict[str, int] = defaultdict(int)
-        for series in self._series.values():
-            per_origin[series.origin] += 1
+        """One case per DICOM series, named after its archive or folder."""
+        per_label: dict[str, int] = defaultdict(int)
         cases = []
         ordered = sorted(
             self._series.values(),
-            key=lambda s: (s.origin, next(iter(s.instances.values())).series_number or 0),
+            key=lambda s: (s.label, next(iter(s.instances.values())).series_number or 0),
         )
-        for index, series in enumerate(ordered):
+        several = {s.label for s in ordered if sum(o.label == s.label for o in ordered) > 1}
+        for series in ordered:
             instances = list(series.instances.values())
             if len(instances) < 2:
                 self.skipped.append(
@@ -180,10 +188,11 @@ class CaseBuilder:
                     )
                 )
                 continue
-            stem = _stem(series.origin)
-            if per_origin[series.origin] > 1:
+            stem = _stem(series.label)
+            per_label[series.label] += 1
+            if series.label in several:
                 number = instances[0].series_number
-                stem = f"{stem}_S{number if number is not None else index + 1}"
+                stem = f"{stem}_S{number if number is not None else per_label[series.label]}"
             case = self._new_case(SourceKind.DICOM, stem, series.origin, [i.path for i in instances])
             case.instances = instances
             cases.append(case)

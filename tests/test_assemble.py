@@ -163,3 +163,16 @@ def test_order_series_rejects_slices_of_different_studies(tmp_path: Path, rng: n
     datasets[2].StudyInstanceUID = "1.2.3.4"
     with pytest.raises(ValueError, match="mixes StudyInstanceUIDs"):
         order_series(_instances(tmp_path, datasets))
+
+
+def test_loose_dicom_files_name_their_series_after_the_folder(
+    tmp_path: Path, rng: np.random.Generator
+) -> None:
+    builder = CaseBuilder()
+    for index, ds in enumerate(_series(rng)):
+        # one input per file, as from a folder on the command line or per-object S3 keys
+        builder.add(_scan(tmp_path, index, f"export/ct_abdomen/IM{index:04d}", dicom_bytes(ds)))
+    loose = _series(rng, slices=3)
+    builder.add(_scan(tmp_path, 99, "input-99", dicom_bytes(loose[0])))
+    builder.add(_scan(tmp_path, 100, "input-100", dicom_bytes(loose[1])))
+    assert sorted(c.output_name for c in builder.finish()) == ["ct_abdomen", "input-99"]
