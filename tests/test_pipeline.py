@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import anyio
@@ -16,7 +17,7 @@ from helpers import dicom_bytes, make_tar
 from asyncflow.backends import Backend, ModelError
 from asyncflow.inputs import RequestError
 from asyncflow.log import configure_logging
-from asyncflow.pipeline import Progress, run_request
+from asyncflow.pipeline import Progress, build_backend, run_request
 from asyncflow.seg import read_dicom_seg, read_nifti_seg
 from asyncflow.synthetic import Phantom, dicom_series_datasets, dicom_series_tar, make_phantom, nifti_bytes
 
@@ -212,3 +213,53 @@ async def test_a_model_that_cannot_load_fails_the_request_cleanly(
             settings_factory(work, model_dir=broken),
         )
     assert _workdir_is_empty(work)
+
+
+class _CountingBackend:
+    """The real backend, watched: how many predictions run at once, and in what order."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.info = inner.info
+        self._inner = inner
+        self._lock = threading.Lock()
+        self.running = 0
+        self.most_at_once = 0
+        self.calls = 0
+
+    def load(self) -> None:
+        self._inner.load()
+
+    def predict(self, channel_files):
+        with self._lock:
+            self.running += 1
+            self.calls += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            return self._inner.predict(channel_files)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+async def test_exactly_one_prediction_runs_at_a_time(
+    tmp_path: Path, settings_factory, loaded_backend: Backend, rng: np.random.Generator
+) -> None:
+    entries = []
+    for _ in range(6):
+        phantom = make_phantom(rng, (32, 32, 32))
+        entries.append(nifti_bytes(phantom.image, phantom.spacing, phantom.origin))
+    counting = _CountingBackend(loaded_backend)
+    settings = settings_factory(tmp_path / "work", prepare_workers=4, export_workers=4, queue_size=4)
+    result = await run_request(entries, settings, backend=counting)
+    assert result.status == "done"
+    assert (counting.calls, counting.most_at_once) == (6, 1)
+
+
+async def test_cuda_without_a_gpu_is_a_model_error(tmp_path: Path, settings_factory) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    backend = build_backend(settings_factory(tmp_path, device="cuda"))
+    with pytest.raises(ModelError, match="torch sees no CUDA device"):
+        backend.load()
