@@ -41,6 +41,12 @@ def _expected_prediction(backend: Backend, phantom: Phantom, folder: Path) -> np
     return backend.predict([path])
 
 
+def _small_volumes(rng: np.random.Generator, count: int) -> list[bytes]:
+    """``count`` 32^3 phantoms as raw .nii.gz bytes entries."""
+    phantoms = [make_phantom(rng, (32, 32, 32)) for _ in range(count)]
+    return [nifti_bytes(p.image, p.spacing, p.origin) for p in phantoms]
+
+
 def _workdir_is_empty(work: Path) -> bool:
     return not any(work.iterdir())
 
@@ -178,10 +184,7 @@ async def test_a_request_without_any_usable_case_raises(
 async def test_cancellation_removes_every_temporary_file(
     tmp_path: Path, settings_factory, loaded_backend: Backend, rng: np.random.Generator
 ) -> None:
-    entries = []
-    for _ in range(4):
-        phantom = make_phantom(rng, (32, 32, 32))
-        entries.append(nifti_bytes(phantom.image, phantom.spacing, phantom.origin))
+    entries = _small_volumes(rng, 4)
     work = tmp_path / "work"
     logs = io.StringIO()
     configure_logging(json=True, stream=logs)
@@ -244,10 +247,7 @@ class _CountingBackend:
 async def test_exactly_one_prediction_runs_at_a_time(
     tmp_path: Path, settings_factory, loaded_backend: Backend, rng: np.random.Generator
 ) -> None:
-    entries = []
-    for _ in range(6):
-        phantom = make_phantom(rng, (32, 32, 32))
-        entries.append(nifti_bytes(phantom.image, phantom.spacing, phantom.origin))
+    entries = _small_volumes(rng, 6)
     counting = _CountingBackend(loaded_backend)
     settings = settings_factory(tmp_path / "work", prepare_workers=4, export_workers=4, queue_size=4)
     result = await run_request(entries, settings, backend=counting)
