@@ -12,7 +12,7 @@ from __future__ import annotations
 import gzip
 import re
 import zlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -176,7 +176,7 @@ class CaseBuilder:
             self._series.values(),
             key=lambda s: (s.label, next(iter(s.instances.values())).series_number or 0),
         )
-        several = {s.label for s in ordered if sum(o.label == s.label for o in ordered) > 1}
+        several = {label for label, count in Counter(s.label for s in ordered).items() if count > 1}
         for series in ordered:
             instances = list(series.instances.values())
             if len(instances) < 2:

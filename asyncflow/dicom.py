@@ -12,7 +12,7 @@ from pydicom.uid import UID
 
 from .case import DicomInstance
 
-__all__ = ["NotAnImage", "has_dicom_preamble", "order_series", "read_instance"]
+__all__ = ["NotAnImage", "has_dicom_preamble", "order_series", "read_instance", "slice_normal"]
 
 # Headers a spatially ordered single-frame image series cannot do without.
 _REQUIRED = ("SOPInstanceUID", "SeriesInstanceUID", "Rows", "Columns")
@@ -65,6 +65,12 @@ def _optional(ds: pydicom.Dataset, keyword: str) -> str | None:
     return str(value) if value else None
 
 
+def slice_normal(orientation: Sequence[float] | np.ndarray) -> np.ndarray:
+    """The slice normal of an ImageOrientationPatient (row cosines x column cosines)."""
+    values = np.asarray(orientation, dtype=np.float64)
+    return np.cross(values[:3], values[3:6])
+
+
 def order_series(instances: Sequence[DicomInstance]) -> list[DicomInstance]:
     """Instances of one series sorted by position along the slice normal.
 
@@ -85,8 +91,7 @@ def order_series(instances: Sequence[DicomInstance]) -> list[DicomInstance]:
     orientations = np.array([i.orientation for i in instances], dtype=np.float64)
     if orientations.shape[1] != 6 or np.abs(orientations - orientations[0]).max() > _ORIENTATION_TOLERANCE:
         raise ValueError("series mixes image orientations")
-    row, column = orientations[0, :3], orientations[0, 3:]
-    normal = np.cross(row, column)
+    normal = slice_normal(orientations[0])
     if np.linalg.norm(normal) < 0.5:
         raise ValueError("invalid ImageOrientationPatient")
     distances = np.array([np.dot(normal, i.position) for i in instances])  # type: ignore[arg-type]

@@ -15,6 +15,7 @@ import SimpleITK as sitk
 from pydicom.sr.coding import Code as PydicomCode
 
 from . import __version__
+from .dicom import slice_normal
 from .labels import Code, SegmentLabel, label_for
 
 __all__ = [
@@ -125,8 +126,7 @@ def _fill_slice_thickness(sources: Sequence[pydicom.Dataset]) -> None:
     """
     if sources[0].get("SliceThickness") or len(sources) < 2:
         return
-    orientation = np.asarray(sources[0].ImageOrientationPatient, dtype=float)
-    normal = np.cross(orientation[:3], orientation[3:])
+    normal = slice_normal(sources[0].ImageOrientationPatient)
     first, second = (np.asarray(ds.ImagePositionPatient, dtype=float) for ds in sources[:2])
     gap = round(abs(float(np.dot(normal, second - first))), 6)
     for ds in sources:
