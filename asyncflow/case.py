@@ -81,7 +81,9 @@ class CaseReport:
     origin: str
     output: str | None = None
     status: CaseStatus = CaseStatus.PENDING
-    error: str | None = None
+    error: str | None = None  # "<stage>: <ErrorType>: <message>"
+    error_stage: str | None = None
+    error_type: str | None = None
     stage_s: dict[str, float] = field(default_factory=dict)
     labels_present: list[int] = field(default_factory=list)
 
@@ -93,6 +95,8 @@ class CaseReport:
             "output": self.output,
             "status": str(self.status),
             "error": self.error,
+            "error_stage": self.error_stage,
+            "error_type": self.error_type,
             "stage_s": {k: round(v, 4) for k, v in self.stage_s.items()},
             "labels_present": self.labels_present,
         }

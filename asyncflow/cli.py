@@ -69,6 +69,18 @@ class _ProgressBar:
             self._bar.close()
 
 
+def _add_model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        type=Path,
+        help="trained nnU-Net v2 model folder (dataset.json, plans.json, fold_N/); "
+        "default: $nnUNet_results/$TASK_NAME/nnUNetTrainer__nnUNetPlans__3d_fullres",
+    )
+    parser.add_argument(
+        "--multi-modal", action="store_true", default=None, help="<id>_0000, _0001... form one case"
+    )
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--folds", nargs="+", help="folds to ensemble (default: every fold_N found)")
@@ -106,16 +118,25 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "-o", "--output", type=Path, help="folder for SEG/NIfTI outputs and report (default: $nnUNet_output)"
     )
-    run.add_argument(
-        "--model",
-        type=Path,
-        help="trained nnU-Net v2 model folder (dataset.json, plans.json, fold_N/); "
-        "default: $nnUNet_results/$TASK_NAME/nnUNetTrainer__nnUNetPlans__3d_fullres",
-    )
-    run.add_argument(
-        "--multi-modal", action="store_true", default=None, help="<id>_0000, _0001... form one case"
-    )
+    _add_model_argument(run)
     _add_model_options(run)
+
+    flame = commands.add_parser("flame", help="run as a FLAME analysis node (StarModel; needs the FLAME SDK)")
+    flame.add_argument(
+        "--query",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="S3 object key to fetch, repeatable (default: every object of the node)",
+    )
+    flame.add_argument(
+        "--aggregator",
+        choices=["zip", "passthrough"],
+        default="zip",
+        help="zip: one ZIP with a manifest (default); passthrough: the node results as a pickled list",
+    )
+    _add_model_argument(flame)
+    _add_model_options(flame)
 
     demo = commands.add_parser("demo", help="segment synthetic CT archives with the built-in tiny model")
     demo.add_argument(
@@ -125,18 +146,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Settings given on the command line (None: not given, the environment decides)."""
+    return {
+        "folds": args.folds,
+        "checkpoint": args.checkpoint,
+        "device": args.device,
+        "tile_step_size": args.tile_step_size,
+        "use_mirroring": args.use_mirroring,
+        "torch_threads": args.torch_threads,
+        "work_dir": args.work_dir,
+    }
+
+
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
-    folds = tuple(int(f) if f.isdigit() else f for f in args.folds) if args.folds else None
-    return Settings.from_env(
-        folds=folds,
-        checkpoint=args.checkpoint,
-        device=args.device,
-        tile_step_size=args.tile_step_size,
-        use_mirroring=args.use_mirroring,
-        torch_threads=args.torch_threads,
-        work_dir=args.work_dir,
-        **extra,
-    )
+    return Settings.from_env(**_overrides(args), **extra)
 
 
 def write_outputs(result: Result, output: Path) -> Path:
@@ -169,7 +193,23 @@ def _summary(result: Result, output: Path, scores: dict[str, dict[str, float]] |
     return "\n".join(lines)
 
 
+def _flame(args: argparse.Namespace) -> int:
+    """``asyncflow flame``: this process is one node of a FLAME analysis."""
+    from .flame import run_star_model
+
+    configure_logging(json=True, level=logging.WARNING if args.quiet else logging.INFO)
+    overrides = {**_overrides(args), "model_dir": args.model, "multi_modal": args.multi_modal}
+    run_star_model(
+        query=args.query,
+        aggregator=args.aggregator,
+        analyzer_kwargs={k: v for k, v in overrides.items() if v is not None},
+    )
+    return EXIT_DONE
+
+
 def _execute(args: argparse.Namespace) -> int:
+    if args.command == "flame":
+        return _flame(args)
     bar = _ProgressBar(enabled=sys.stderr.isatty() and not args.json_logs and not args.quiet)
     configure_logging(
         json=True if args.json_logs else None,

@@ -190,6 +190,7 @@ class _Request:
         if error is not None:
             report.status = CaseStatus.FAILED
             report.error = f"{stage}: {type(error).__name__}: {error}"
+            report.error_stage, report.error_type = stage, type(error).__name__
             log.warning(
                 "case.failed",
                 stage=stage,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -38,6 +38,21 @@ def _flag(value: str | None) -> bool:
 
 def _path(value: str | None) -> Path | None:
     return Path(value) if value else None
+
+
+_PATH_FIELDS = frozenset({"model_dir", "results_folder", "work_dir", "input_dir", "output_dir"})
+
+
+def _coerce(name: str, value: object) -> object:
+    """Plain values (as FLAME's analyzer kwargs or JSON carry them) to the field's type."""
+    if name in _PATH_FIELDS and isinstance(value, str | os.PathLike):
+        return Path(value)
+    if name == "folds" and not isinstance(value, tuple):
+        folds = value if isinstance(value, list) else str(value).replace(",", " ").split()
+        return tuple(int(f) if str(f).isdigit() else f for f in folds)
+    if name == "multi_modal" and isinstance(value, str):
+        return _flag(value)
+    return value
 
 
 @dataclass(frozen=True)
@@ -93,7 +108,11 @@ class Settings:
             "input_dir": _path(env.get("nnUNet_input")),
             "output_dir": _path(env.get("nnUNet_output")),
         }
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise SettingsError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        values.update({k: _coerce(k, v) for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
 
     def resolve_model_dir(self) -> Path:

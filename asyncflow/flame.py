@@ -1,0 +1,174 @@
+"""Run as a FLAME analysis: the analyzer, two aggregators and the StarModel entry point.
+
+A thin shell over :func:`asyncflow.pipeline.run_request`, the code path the CLI
+uses. Facts about the SDK (PrivateAIM/python-sdk-patterns, ``flame.star``) that
+shape it:
+
+- ``StarModel`` checks ``issubclass`` against ``flame.star.StarAnalyzer`` and
+  ``StarAggregator``, so the classes below subclass the real ones when the SDK
+  is installed and :mod:`asyncflow.star_standin` otherwise.
+- With ``data_type="s3"`` the analyzer's ``data`` is a list with one
+  ``{object_key: bytes}`` dict per data source; ``query=[]`` fetches every
+  object, ``query=None`` none.
+- The analyzer's result travels to the aggregator pickled; the aggregator's
+  result goes through ``bytes(result)`` with ``output_type="bytes"`` (the SDK
+  falls back to pickle when that fails).
+- In FLAME's local test mode each node is a thread of one process:
+  ``analysis_method`` installs no signal handler and runs the pipeline with
+  :func:`anyio.run` in the calling thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import structlog
+
+from .backends import Backend, ModelError
+from .bundle import pack_node_results
+from .hub import HubReporter
+from .inputs import RequestError
+from .log import configure_logging
+from .pipeline import build_backend, run_request_sync
+from .settings import Settings, SettingsError
+
+try:
+    from flame.star import StarAggregator, StarAnalyzer
+
+    FLAME_SDK = True
+except ImportError:  # tests, local CLI: the SDK is not on PyPI
+    from .star_standin import StarAggregator, StarAnalyzer
+
+    FLAME_SDK = False
+
+__all__ = [
+    "FLAME_SDK",
+    "PassThroughAggregator",
+    "ZipAggregator",
+    "nnUNetAnalyzer",
+    "run_star_model",
+]
+
+AggregatorKind = Literal["zip", "passthrough"]
+
+
+class nnUNetAnalyzer(StarAnalyzer):  # the reference's name, which users know
+    """Segments the node's S3 objects (TARs of DICOM/NIfTI, single files).
+
+    ``kwargs`` are :class:`~asyncflow.settings.Settings` fields (``model_dir``,
+    ``task_name``, ``multi_modal``, ``folds``, ``device`` ...); unset fields
+    come from the reference image's environment variables (``RESULTS_FOLDER``
+    or ``nnUNet_results``, ``TASK_NAME``, ``MULTI_MODAL``). The model is loaded
+    on the first call and kept for later iterations.
+    """
+
+    def __init__(self, flame: Any, **kwargs: Any) -> None:
+        super().__init__(flame)
+        self.hub = HubReporter(flame)
+        if not structlog.is_configured():
+            configure_logging(json=True)  # a pod's stdout is read by machines
+        try:
+            self.settings = Settings.from_env(**kwargs)
+            self.settings.resolve_model_dir()
+        except SettingsError as exc:
+            self.hub.failed(exc)
+            raise
+        self._backend: Backend | None = None
+
+    def analysis_method(self, data: list[Any] | None, aggregator_results: Any) -> dict[str, Any]:
+        """The result contract (``status``, ``dicom_seg_bytes``, ``nifti_seg_bytes``) plus
+        ``report`` and ``node``. A node whose data holds no usable case returns status
+        ``failed`` with ``error`` so the other nodes' results still reach the analyst;
+        a model or settings error fails the analysis."""
+        if data is None:
+            error = RequestError("no data: StarModel was started with query=None, which fetches nothing")
+            return self._no_usable_case(error)
+        self.hub.started(sum(len(d) if isinstance(d, dict) else 1 for d in data))
+        try:
+            self._backend = self._backend or build_backend(self.settings)
+            result = run_request_sync(data, self.settings, backend=self._backend, on_progress=self.hub)
+        except RequestError as exc:
+            return self._no_usable_case(exc)
+        except Exception as exc:
+            # Our own errors say what to fix; anything else may quote data, so only its type goes out.
+            self.hub.failed(exc, detail=isinstance(exc, ModelError | SettingsError))
+            raise
+        self.hub.finished(result)
+        return {**result.as_dict(), "node": self.id}
+
+    def _no_usable_case(self, error: RequestError) -> dict[str, Any]:
+        self.hub.no_usable_case(error)
+        return {
+            "status": "failed",
+            "error": str(error),
+            "dicom_seg_bytes": {},
+            "nifti_seg_bytes": {},
+            "report": None,
+            "node": self.id,
+        }
+
+
+class ZipAggregator(StarAggregator):
+    """Packs every node's result into one ZIP (bytes) with a manifest: see :mod:`asyncflow.bundle`."""
+
+    def __init__(self, flame: Any, **kwargs: Any) -> None:
+        super().__init__(flame)
+        self.hub = HubReporter(flame)
+
+    def aggregation_method(self, analysis_results: list[Any]) -> bytes:
+        bundle = pack_node_results(analysis_results)
+        self.hub.log(f"bundled the results of {len(analysis_results)} node(s): {len(bundle)} bytes")
+        return bundle
+
+    def has_converged(self, result: Any, last_result: Any, num_iterations: int = 0) -> bool:
+        return True  # one round: segmentation needs no iterations
+
+
+class PassThroughAggregator(StarAggregator):
+    """The reference's aggregator: the list of node results, unchanged (the analyst gets a pickle)."""
+
+    def __init__(self, flame: Any, **kwargs: Any) -> None:
+        super().__init__(flame)
+
+    def aggregation_method(self, analysis_results: list[Any]) -> list[Any]:
+        return analysis_results
+
+    def has_converged(self, result: Any, last_result: Any, num_iterations: int = 0) -> bool:
+        return True
+
+
+AGGREGATORS: dict[str, tuple[type[StarAggregator], str]] = {
+    "zip": (ZipAggregator, "bytes"),
+    "passthrough": (PassThroughAggregator, "pickle"),
+}
+
+
+def run_star_model(
+    *,
+    query: Sequence[str] | None = (),
+    aggregator: AggregatorKind = "zip",
+    analyzer_kwargs: dict[str, Any] | None = None,
+) -> Any:
+    """Start the analysis on this node, as the reference's ``start_nnunet.py`` did.
+
+    ``query`` lists S3 object keys to fetch; empty (the default) fetches every
+    object, ``None`` none. Needs the FLAME SDK.
+    """
+    if not FLAME_SDK:
+        raise SettingsError(
+            "the FLAME SDK is not installed: pip install "
+            "'git+https://github.com/PrivateAIM/python-sdk-patterns.git@1.0.0'"
+        )
+    from flame.star import StarModel
+
+    aggregator_class, output_type = AGGREGATORS[aggregator]
+    return StarModel(
+        analyzer=nnUNetAnalyzer,
+        aggregator=aggregator_class,
+        data_type="s3",
+        query=None if query is None else list(query),
+        simple_analysis=True,
+        output_type=output_type,
+        analyzer_kwargs=analyzer_kwargs or None,
+    )

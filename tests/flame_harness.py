@@ -1,0 +1,200 @@
+"""FLAME's local test mode, without the SDK.
+
+Mirrors python-sdk-patterns (``flame/star/star_model.py``, ``star_model_tester.py``,
+``flame/utils/mock_flame_core.py``) and flamesdk's result upload
+(``storage_client.push_result``), in the parts asyncflow's FLAME classes meet:
+
+- every node (analyzers and the aggregator) runs in its own thread of one process;
+- a node is built as ``cls(flame=core, **kwargs)`` after StarModel's ``issubclass``
+  check against the star base classes;
+- ``get_s3_data(query)``: ``[]`` returns every object, ``None`` returns None;
+- the analyzer's result crosses to the aggregator pickled (the message broker);
+- the aggregator result is uploaded as ``bytes(result)`` for ``output_type="bytes"``,
+  falling back to pickle with a warning, as ``push_result`` does;
+- ``flame_log`` accepts only FLAME's log types; ``set_progress`` warns on values
+  outside 0..100 or not above the current one, as the mock does. The harness
+  records every call so tests can check what would reach the Hub.
+"""
+
+from __future__ import annotations
+
+import pickle
+import queue
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from asyncflow.flame import StarAggregator, StarAnalyzer
+from asyncflow.hub import FLAME_LOG_TYPES
+
+TIMEOUT_S = 600
+
+
+@dataclass
+class HubRecord:
+    """What one node sent towards the Hub."""
+
+    logs: list[tuple[str, str]] = field(default_factory=list)  # (log_type, message)
+    progress: list[int] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # the SDK's complaints about our calls
+
+
+class MockFlameCore:
+    """The subset of ``FlameCoreSDK`` / ``MockFlameCoreSDK`` used by StarModel and asyncflow."""
+
+    def __init__(
+        self,
+        node_id: str,
+        role: str,
+        participants: list[str],
+        aggregator_id: str,
+        inboxes: dict[str, queue.Queue[tuple[str, bytes]]],
+        s3_data: list[dict[str, bytes]] | None = None,
+    ) -> None:
+        self.node_id, self.role, self.aggregator_id = node_id, role, aggregator_id
+        self.participants = [p for p in participants if p != node_id]
+        self.inboxes = inboxes
+        self.s3_data = s3_data
+        self.hub = HubRecord()
+        self.final_result: bytes | None = None
+        self._progress = 0
+
+    def get_id(self) -> str:
+        return self.node_id
+
+    def get_role(self) -> str:
+        return self.role
+
+    def get_participant_ids(self) -> list[str]:
+        return list(self.participants)
+
+    def get_aggregator_id(self) -> str:
+        return self.aggregator_id
+
+    def flame_log(self, msg: str, sep: str = " ", end: str = "\n", log_type: str = "info", **_: Any) -> None:
+        if log_type not in FLAME_LOG_TYPES:
+            raise ValueError(f"unknown FLAME log type {log_type!r}")
+        self.hub.logs.append((log_type, str(msg)))
+
+    def set_progress(self, progress: int | float) -> None:
+        progress = int(progress)
+        if not 0 <= progress <= 100:
+            self.hub.warnings.append(f"invalid progress {progress}")
+        elif progress <= self._progress:
+            self.hub.warnings.append(f"progress {progress} not above {self._progress}")
+        else:
+            self._progress = progress
+            self.hub.progress.append(progress)
+
+    def get_s3_data(self, s3_keys: list[str] | None = None) -> list[dict[str, bytes]] | None:
+        if s3_keys is None or self.s3_data is None:
+            return None
+        if not s3_keys:
+            return self.s3_data
+        return [{k: v for k, v in d.items() if k in s3_keys} for d in self.s3_data if set(d) & set(s3_keys)]
+
+    def send_intermediate_data(self, receivers: list[str], data: Any) -> None:
+        payload = pickle.dumps(data)  # results cross nodes pickled
+        for receiver in receivers:
+            self.inboxes[receiver].put((self.node_id, payload))
+
+    def await_intermediate_data(self, senders: list[str]) -> dict[str, Any]:
+        received: dict[str, Any] = {}
+        while len(received) < len(senders):
+            sender, payload = self.inboxes[self.node_id].get(timeout=TIMEOUT_S)
+            received[sender] = pickle.loads(payload)
+        return received
+
+    def submit_final_result(self, result: Any, output_type: str = "str") -> dict[str, str]:
+        try:
+            if output_type == "str":
+                body = str(result).encode()
+            elif output_type == "bytes":
+                body = bytes(result)
+            else:
+                body = pickle.dumps(result)
+        except (TypeError, ValueError):
+            self.hub.warnings.append(f"failed to translate result to type={output_type}; pickled instead")
+            body = pickle.dumps(result)
+        self.final_result = body
+        self.set_progress(100)
+        return {"status": "success"}
+
+
+@dataclass
+class StarRun:
+    final_result: bytes
+    hubs: dict[str, HubRecord]  # node id -> what it sent towards the Hub
+    analyzers: dict[str, Any]  # node id -> the analyzer object
+
+
+def run_star(
+    analyzer: type,
+    aggregator: type,
+    data_splits: Sequence[list[dict[str, bytes]]],
+    *,
+    query: list[str] | None = None,
+    output_type: str = "str",
+    analyzer_kwargs: dict[str, Any] | None = None,
+    aggregator_kwargs: dict[str, Any] | None = None,
+) -> StarRun:
+    """One simple (single-round) StarModel analysis over ``len(data_splits)`` analyzer nodes."""
+    if not issubclass(analyzer, StarAnalyzer) or not issubclass(aggregator, StarAggregator):
+        raise TypeError("the analyzer and aggregator must subclass the star base classes")
+    query = [] if query is None else query
+    analyzer_ids = [f"node_{i}" for i in range(len(data_splits))]
+    aggregator_id = f"node_{len(data_splits)}"
+    everyone = [*analyzer_ids, aggregator_id]
+    inboxes: dict[str, queue.Queue[tuple[str, bytes]]] = {n: queue.Queue() for n in everyone}
+    cores = {
+        n: MockFlameCore(
+            n,
+            "aggregator" if n == aggregator_id else "default",
+            everyone,
+            aggregator_id,
+            inboxes,
+            s3_data=data_splits[i] if n != aggregator_id else None,
+        )
+        for i, n in enumerate(everyone)
+    }
+    analyzers: dict[str, Any] = {}
+    errors: list[BaseException] = []
+
+    def analyzer_node(node_id: str) -> None:
+        core = cores[node_id]
+        node = analyzer(flame=core, **(analyzer_kwargs or {}))
+        analyzers[node_id] = node
+        data = core.get_s3_data(query)
+        result = node.analyze(data=data)
+        core.send_intermediate_data([aggregator_id], result)
+        node.node_finished()
+
+    def aggregator_node() -> None:
+        core = cores[aggregator_id]
+        node = aggregator(flame=core, **(aggregator_kwargs or {}))
+        results = core.await_intermediate_data(analyzer_ids)
+        aggregated, converged = node.aggregate(list(results.values()), True)
+        assert converged
+        core.submit_final_result(aggregated, output_type)
+        node.node_finished()
+
+    def guarded(target: Any, *args: Any) -> None:
+        try:
+            target(*args)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+            errors.append(exc)
+            # Unblock the aggregator: a failed analyzer sends nothing.
+            inboxes[aggregator_id].put(("failed", pickle.dumps(None)))
+
+    threads = [threading.Thread(target=guarded, args=(analyzer_node, n), name=n) for n in analyzer_ids]
+    threads.append(threading.Thread(target=guarded, args=(aggregator_node,), name=aggregator_id))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT_S)
+    if errors:
+        raise errors[0]
+    final = cores[aggregator_id].final_result
+    assert final is not None, "the aggregator submitted no result"
+    return StarRun(final, {n: c.hub for n, c in cores.items()}, analyzers)

@@ -1,0 +1,234 @@
+"""The FLAME adapter, driven through a stand-in of FLAME's local test mode (tests/flame_harness.py)."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from flame_harness import MockFlameCore, run_star
+from helpers import make_tar
+
+from asyncflow.bundle import BUNDLE_FORMAT, MANIFEST, pack_node_results
+from asyncflow.cli import main
+from asyncflow.flame import PassThroughAggregator, ZipAggregator, nnUNetAnalyzer
+from asyncflow.hub import HubReporter, hub_text
+from asyncflow.log import configure_logging
+from asyncflow.pipeline import Progress
+from asyncflow.settings import SettingsError
+from asyncflow.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom, nifti_bytes
+
+# Planted in node data: none of it may reach the Hub or the logs.
+PATIENT_NAME, PATIENT_ID = "Mustermann^Erika", "PID-998877"
+PHI_KEY = "site-x/Mustermann_Erika_CT.tar.gz"
+SECRETS = ("Mustermann", "Erika", PATIENT_ID, "19700101", "site-x")
+
+
+def _analyzer_kwargs(model_dir: Path, work: Path) -> dict[str, Any]:
+    # Plain values, as StarModel's analyzer_kwargs carry them.
+    return {
+        "model_dir": str(model_dir),
+        "work_dir": str(work),
+        "device": "cpu",
+        "use_mirroring": False,
+        "torch_threads": 1,
+        "unpack_workers": 1,
+        "prepare_workers": 1,
+        "export_workers": 1,
+    }
+
+
+def _series(rng: np.random.Generator, **kwargs: Any) -> list[pydicom.Dataset]:
+    return dicom_series_datasets(make_phantom(rng, (32, 48, 48)), patient_name=PATIENT_NAME, patient_id=PATIENT_ID, **kwargs)  # fmt: skip
+
+
+def _nifti(rng: np.random.Generator) -> bytes:
+    phantom = make_phantom(rng, (32, 40, 40))
+    return nifti_bytes(phantom.image, phantom.spacing, phantom.origin)
+
+
+def test_module_imports_and_subclasses_the_stand_ins_without_the_sdk() -> None:
+    code = (
+        "import importlib.util, asyncflow.flame as f, asyncflow.star_standin as s;"
+        "assert importlib.util.find_spec('flame') is None;"
+        "assert not f.FLAME_SDK and issubclass(f.nnUNetAnalyzer, s.StarAnalyzer);"
+        "assert issubclass(f.ZipAggregator, s.StarAggregator)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.slow
+def test_three_nodes_with_several_archives_each_end_to_end(
+    tmp_path: Path, model_dir: Path, rng: np.random.Generator
+) -> None:
+    series = {name: _series(rng, series_number=n) for n, name in enumerate("abcdef", start=1)}
+    gappy = _series(rng, series_number=9)
+    del gappy[10]  # a missing slice: the case fails in prepare, the others go on
+    nodes = [
+        [{PHI_KEY: dicom_series_tar([series["a"]]), "site-x/second.tar": dicom_series_tar([series["b"]], compression="")}],
+        [
+            {"ct/both.tar.gz": dicom_series_tar([series["c"], series["d"]]), "ct/gappy.tar.gz": dicom_series_tar([gappy])},
+            {"ct/broken.tar.gz": make_tar({"x": rng.bytes(40_000)})[:9_000], "vol/scan.nii.gz": _nifti(rng)},
+        ],
+        [{"e.tar.gz": dicom_series_tar([series["e"]]), "f.tar.gz": dicom_series_tar([series["f"]])}],
+    ]  # fmt: skip
+    logs = io.StringIO()
+    configure_logging(json=True, stream=logs)
+    run = run_star(
+        nnUNetAnalyzer,
+        ZipAggregator,
+        nodes,
+        output_type="bytes",
+        analyzer_kwargs=_analyzer_kwargs(model_dir, tmp_path / "work"),
+    )
+
+    # The aggregated bytes are a ZIP: one SEG per good DICOM series, one NIfTI, a manifest.
+    archive = zipfile.ZipFile(io.BytesIO(run.final_result))
+    manifest = json.loads(archive.read(MANIFEST))
+    assert manifest["format"] == BUNDLE_FORMAT
+    segs = sorted(n for n in archive.namelist() if "/dicom_seg/" in n)
+    niftis = [n for n in archive.namelist() if "/nifti_seg/" in n]
+    assert niftis == ["node_1/nifti_seg/scan.nii.gz"]
+    referenced = []
+    for name in segs:
+        seg = pydicom.dcmread(io.BytesIO(archive.read(name)))
+        assert seg.Modality == "SEG" and seg.PatientID == PATIENT_ID
+        referenced.append(seg.ReferencedSeriesSequence[0].SeriesInstanceUID)
+    assert sorted(referenced) == sorted(s[0].SeriesInstanceUID for s in series.values())
+    assert [n.split("/")[0] for n in segs] == ["node_0"] * 2 + ["node_1"] * 2 + ["node_2"] * 2
+
+    # The manifest accounts for every case and input, with reasons.
+    assert manifest["totals"] == {
+        "nodes": 3, "cases": 8, "cases_done": 7, "cases_failed": 1, "files": 7
+    }  # fmt: skip
+    # Nodes are listed in arrival order, which the threads decide.
+    by_node = {n["node"]: n for n in manifest["nodes"]}
+    assert {n: entry["status"] for n, entry in by_node.items()} == {
+        "node_0": "done", "node_1": "partial", "node_2": "done"
+    }  # fmt: skip
+    for case in manifest["cases"]:
+        if case["status"] == "done":
+            assert case["file"] in archive.namelist()
+        else:
+            assert case["file"] is None and case["error_stage"] == "prepare" and case["error"]
+    broken = next(i for i in by_node["node_1"]["report"]["inputs"] if i["name"] == "ct/broken.tar.gz")
+    assert broken["error"]
+
+    # What reached the Hub: valid log types, progress strictly rising to 100, no patient data.
+    for node in ("node_0", "node_1", "node_2"):
+        hub = run.hubs[node]
+        assert hub.warnings == []
+        assert hub.progress == sorted(set(hub.progress)) and hub.progress[-1] == 100
+        assert all(t != "error" for t, _ in hub.logs)
+    assert any("failed: prepare ValueError x1" in m for _, m in run.hubs["node_1"].logs)
+    hub_text_sent = "\n".join(m for h in run.hubs.values() for _, m in h.logs)
+    for secret in (*SECRETS, "broken", "gappy", "scan.nii"):
+        assert secret not in hub_text_sent
+        assert secret not in logs.getvalue()
+
+
+@pytest.mark.slow
+def test_pass_through_keeps_every_node_result_and_an_empty_node_does_not_sink_the_others(
+    tmp_path: Path, model_dir: Path, rng: np.random.Generator
+) -> None:
+    nodes = [[{"a.nii.gz": _nifti(rng)}], [{"notes.txt": b"not an image"}]]
+    run = run_star(
+        nnUNetAnalyzer,
+        PassThroughAggregator,
+        nodes,
+        output_type="pickle",
+        analyzer_kwargs=_analyzer_kwargs(model_dir, tmp_path / "work"),
+    )
+    results = sorted(pickle.loads(run.final_result), key=lambda r: r["node"])  # arrival order
+    assert results == [run.analyzers["node_0"].latest_result, run.analyzers["node_1"].latest_result]
+    assert [r["status"] for r in results] == ["done", "failed"]
+    assert list(results[0]["nifti_seg_bytes"]) == ["a.nii.gz"]
+    assert "no usable case" in results[1]["error"]
+    assert ("warn", "no case segmented: no usable case in the request: 1 input(s), 0 unreadable, "
+            "1 file(s) skipped as not DICOM images or NIfTI volumes") in run.hubs["node_1"].logs  # fmt: skip
+    assert run.hubs["node_1"].progress == [100]
+    assert not any(t == "error" for h in run.hubs.values() for t, _ in h.logs)
+
+
+def test_a_bad_setting_fails_the_node_with_one_error_line(tmp_path: Path) -> None:
+    core = MockFlameCore("node_0", "default", ["node_0", "node_1"], "node_1", {}, s3_data=[])
+    with pytest.raises(SettingsError, match="not a trained nnU-Net v2 model folder"):
+        nnUNetAnalyzer(flame=core, model_dir=str(tmp_path))
+    with pytest.raises(SettingsError, match="unknown setting"):
+        nnUNetAnalyzer(flame=core, modeldir=str(tmp_path))
+    assert [t for t, _ in core.hub.logs] == ["error", "error"]
+    assert str(tmp_path) not in core.hub.logs[0][1]
+
+
+def test_bundle_keeps_every_file_and_accounts_for_odd_node_results() -> None:
+    good = {
+        "status": "partial",
+        "node": "../evil/node",
+        "dicom_seg_bytes": {"s1.dcm": b"SEG-1", "../../etc/passwd": b"SEG-2"},
+        "nifti_seg_bytes": {"v.nii.gz": b"NII"},
+        "report": {
+            "request_id": "r1",
+            "cases": [
+                {"case_id": "case-0001", "status": "done", "output": "s1.dcm"},
+                {"case_id": "case-0002", "status": "failed", "output": None, "error": "prepare: X: y"},
+            ],
+        },
+    }
+    failed = {"status": "failed", "error": "no usable case", "dicom_seg_bytes": {}, "nifti_seg_bytes": {}}
+    archive = zipfile.ZipFile(io.BytesIO(pack_node_results([good, None, failed, good])))
+    assert archive.testzip() is None
+    manifest = json.loads(archive.read(MANIFEST))
+    nodes = manifest["nodes"]
+    assert [n["node"] for n in nodes] == ["evil_node", "node-2", "node-3", "evil_node-2"]
+    assert [n["status"] for n in nodes] == ["partial", "invalid", "failed", "partial"]
+    assert nodes[1]["error"] == "not an asyncflow result: NoneType"
+    assert nodes[2]["error"] == "no usable case"
+    assert nodes[0]["renamed"] == {"evil_node/dicom_seg/etc_passwd": "../../etc/passwd"}
+    # Byte for byte, nothing outside the node folders but the manifest.
+    assert archive.read("evil_node/dicom_seg/etc_passwd") == b"SEG-2"
+    assert archive.read("evil_node-2/nifti_seg/v.nii.gz") == b"NII"
+    assert all(n == MANIFEST or n.split("/")[0] in {"evil_node", "evil_node-2"} for n in archive.namelist())
+    assert [(c["node"], c["case_id"], c["file"]) for c in manifest["cases"]] == [
+        ("evil_node", "case-0001", "evil_node/dicom_seg/s1.dcm"),
+        ("evil_node", "case-0002", None),
+        ("evil_node-2", "case-0001", "evil_node-2/dicom_seg/s1.dcm"),
+        ("evil_node-2", "case-0002", None),
+    ]
+    assert manifest["totals"]["files"] == 6
+
+
+def test_hub_progress_only_moves_forward_and_reports_quarters() -> None:
+    core = MockFlameCore("node_0", "default", ["node_0", "node_1"], "node_1", {})
+    hub = HubReporter(core)
+    hub(Progress(done=1, failed=0, total=None))  # total unknown yet: nothing to say
+    for ended in range(1, 9):
+        failed = 1 if ended >= 2 else 0
+        hub(Progress(done=ended - failed, failed=failed, total=8))
+    hub.progress(50)  # a step back is never sent
+    assert core.hub.warnings == []
+    assert core.hub.progress == [12, 25, 37, 50, 62, 75, 87, 99]
+    messages = [m for _, m in core.hub.logs]
+    assert messages == [
+        "8 case(s) found",
+        "2/8 cases finished, 1 failed",
+        "4/8 cases finished, 1 failed",
+        "6/8 cases finished, 1 failed",
+    ]
+
+
+def test_hub_text_drops_names_and_paths() -> None:
+    message = "entry 0: value of 'site-x/Mustermann_Erika.tar' is str; see /tmp/asyncflow-1/inputs/0001/x"
+    assert hub_text(message) == "entry 0: value of <name> is str; see <path>"
+
+
+def test_flame_command_without_the_sdk_says_how_to_install_it(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["flame"]) == 2
+    assert "FLAME SDK is not installed" in capsys.readouterr().err
