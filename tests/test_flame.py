@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -232,3 +233,45 @@ def test_hub_text_drops_names_and_paths() -> None:
 def test_flame_command_without_the_sdk_says_how_to_install_it(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["flame"]) == 2
     assert "FLAME SDK is not installed" in capsys.readouterr().err
+
+
+def test_with_the_sdk_installed_the_classes_subclass_it_and_the_command_starts_a_star_model(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    # A stand-in SDK package on the path: its StarModel records how it was started.
+    sdk = tmp_path / "sdk" / "flame"
+    sdk.mkdir(parents=True)
+    (sdk / "__init__.py").write_text("")
+    (sdk / "star.py").write_text(
+        "import json, os\n"
+        "class StarAnalyzer:\n    pass\n"
+        "class StarAggregator:\n    pass\n"
+        "class StarModel:\n"
+        "    def __init__(self, analyzer, aggregator, data_type, query=None, simple_analysis=True,\n"
+        "                 output_type='str', analyzer_kwargs=None, aggregator_kwargs=None):\n"
+        "        assert issubclass(analyzer, StarAnalyzer) and issubclass(aggregator, StarAggregator)\n"
+        "        with open(os.environ['STAR_RECORD'], 'w') as f:\n"
+        "            json.dump(dict(analyzer=analyzer.__name__, aggregator=aggregator.__name__,\n"
+        "                           data_type=data_type, query=query, simple_analysis=simple_analysis,\n"
+        "                           output_type=output_type, analyzer_kwargs=analyzer_kwargs), f, default=str)\n"
+    )
+    record = tmp_path / "record.json"
+    env = {**os.environ, "PYTHONPATH": str(sdk.parent), "STAR_RECORD": str(record)}
+
+    def start(*args: str) -> dict[str, Any]:
+        command = [sys.executable, "-m", "asyncflow", "flame", *args]
+        subprocess.run(command, env=env, check=True, capture_output=True)
+        return json.loads(record.read_text())
+
+    assert start("--model", str(model_dir), "--device", "cpu") == {
+        "analyzer": "nnUNetAnalyzer",
+        "aggregator": "ZipAggregator",
+        "data_type": "s3",
+        "query": [],  # every object; None would fetch nothing
+        "simple_analysis": True,
+        "output_type": "bytes",
+        "analyzer_kwargs": {"model_dir": str(model_dir), "device": "cpu"},
+    }
+    passthrough = start("--aggregator", "passthrough", "--query", "a.tar", "--query", "b.tar")
+    assert passthrough["aggregator"] == "PassThroughAggregator" and passthrough["output_type"] == "pickle"
+    assert passthrough["query"] == ["a.tar", "b.tar"] and passthrough["analyzer_kwargs"] is None

@@ -60,3 +60,19 @@ def test_settings_refuse_impossible_values_and_missing_models(tmp_path: Path) ->
         Settings(queue_size=0)
     with pytest.raises(SettingsError, match="tile_step_size"):
         Settings(tile_step_size=1.5)
+
+
+def test_plain_values_from_flame_kwargs_become_typed_settings(tmp_path: Path) -> None:
+    settings = Settings.from_env(
+        {"MULTI_MODAL": "False"},
+        model_dir=str(tmp_path),
+        folds="0, 1,all",
+        multi_modal="true",
+        work_dir=tmp_path / "w",
+    )
+    assert settings.model_dir == tmp_path and settings.work_dir == tmp_path / "w"
+    assert settings.folds == (0, 1, "all")
+    assert settings.multi_modal is True
+    assert Settings.from_env({}, folds=["2", 3]).folds == (2, 3)
+    with pytest.raises(SettingsError, match=r"unknown setting\(s\) modeldir; known: .*model_dir"):
+        Settings.from_env({}, modeldir=str(tmp_path))
