@@ -112,7 +112,7 @@ class nnUNetAnalyzer(StarAnalyzer):  # the reference's name, which users know
 class ZipAggregator(StarAggregator):
     """Packs every node's result into one ZIP (bytes) with a manifest: see :mod:`asyncflow.bundle`."""
 
-    def __init__(self, flame: Any, **kwargs: Any) -> None:
+    def __init__(self, flame: Any) -> None:
         super().__init__(flame)
         self.hub = HubReporter(flame)
 
@@ -127,9 +127,6 @@ class ZipAggregator(StarAggregator):
 
 class PassThroughAggregator(StarAggregator):
     """The reference's aggregator: the list of node results, unchanged (the analyst gets a pickle)."""
-
-    def __init__(self, flame: Any, **kwargs: Any) -> None:
-        super().__init__(flame)
 
     def aggregation_method(self, analysis_results: list[Any]) -> list[Any]:
         return analysis_results
