@@ -138,6 +138,23 @@ def _parser() -> argparse.ArgumentParser:
     _add_model_argument(flame)
     _add_model_options(flame)
 
+    monitor = commands.add_parser(
+        "monitor", help="follow JSON logs: live progress, then stage percentiles and failures"
+    )
+    monitor.add_argument(
+        "log",
+        nargs="?",
+        default="-",
+        type=argparse.FileType("r", encoding="utf-8", errors="replace"),
+        metavar="LOGFILE",
+        help="a JSON log file, or - for stdin (default)",
+    )
+    monitor.add_argument("--summary", action="store_true", help="no live line: only the summary at the end")
+    monitor.add_argument("--json", action="store_true", help="print the summary as JSON")
+    monitor.add_argument(
+        "--interval", type=float, default=1.0, help="seconds between live updates (default 1)"
+    )
+
     demo = commands.add_parser("demo", help="segment synthetic CT archives with the built-in tiny model")
     demo.add_argument(
         "-o", "--output", type=Path, default=Path("asyncflow-demo"), help="default: ./asyncflow-demo"
@@ -207,9 +224,34 @@ def _flame(args: argparse.Namespace) -> int:
     return EXIT_DONE
 
 
+def _monitor(args: argparse.Namespace) -> int:
+    """``asyncflow monitor``: read JSON log lines until the end, showing progress on a terminal."""
+    from .monitor import Monitor, render_live, render_summary
+
+    monitor = Monitor()
+    live = not args.summary and sys.stderr.isatty()
+    shown = 0.0
+    with args.log as stream:
+        try:
+            for line in stream:
+                monitor.feed(line)
+                if live and time.monotonic() - shown >= args.interval:
+                    print("\r\033[K" + render_live(monitor.snapshot()), end="", file=sys.stderr, flush=True)
+                    shown = time.monotonic()
+        except KeyboardInterrupt:
+            pass  # the summary of what was read so far
+    if live:
+        print(file=sys.stderr)
+    summary = monitor.summary()
+    print(json.dumps(summary, indent=2) if args.json else render_summary(summary))
+    return EXIT_DONE
+
+
 def _execute(args: argparse.Namespace) -> int:
     if args.command == "flame":
         return _flame(args)
+    if args.command == "monitor":
+        return _monitor(args)
     bar = _ProgressBar(enabled=sys.stderr.isatty() and not args.json_logs and not args.quiet)
     configure_logging(
         json=True if args.json_logs else None,

@@ -289,6 +289,7 @@ class _Request:
                         "case.prepared",
                         channels=len(prepared.channel_files),
                         duration_s=round(self.reports[case.case_id].stage_s["prepare"], 4),
+                        predict_queue=send.statistics().current_buffer_used,
                     )
                     await send.send(prepared)
 
@@ -314,6 +315,7 @@ class _Request:
                         "case.predicted",
                         voxels=int(labels.size),
                         duration_s=round(self.reports[case.case_id].stage_s["predict"], 4),
+                        predict_queue=receive.statistics().current_buffer_used,
                     )
                     await send.send(PredictedCase(prepared, labels))
 
