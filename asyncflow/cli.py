@@ -240,8 +240,8 @@ def _monitor(args: argparse.Namespace) -> int:
                     shown = time.monotonic()
         except KeyboardInterrupt:
             pass  # the summary of what was read so far
-    if live:
-        print(file=sys.stderr)
+    if live:  # the final state stays on screen above the summary
+        print("\r\033[K" + render_live(monitor.snapshot()), file=sys.stderr)
     summary = monitor.summary()
     print(json.dumps(summary, indent=2) if args.json else render_summary(summary))
     return EXIT_DONE

@@ -53,7 +53,11 @@ def two_interleaved_runs(
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((8, 8), np.int16)), str(flat))
     series = [dicom_series_datasets(make_phantom(rng, (32, 48, 48)), series_number=n) for n in (1, 2)]
     requests = [
-        [dicom_series_tar(series), {"flat.nii.gz": flat.read_bytes()}, {"v1.nii.gz": _nifti(rng)}],
+        [
+            *(dicom_series_tar([s]) for s in series),
+            {"flat.nii.gz": flat.read_bytes()},
+            {"v1.nii.gz": _nifti(rng)},
+        ],
         [{"v2.nii.gz": _nifti(rng)}, {"v3.nii.gz": _nifti(rng)}],
     ]
     logs = io.StringIO()
@@ -135,7 +139,7 @@ def test_monitor_summary_matches_the_reports(two_interleaved_runs, tmp_path: Pat
         assert row["n"] == len(seconds)
         assert row["p50_s"] == pytest.approx(np.percentile(seconds, 50), abs=1e-4)
         assert row["p95_s"] == pytest.approx(np.percentile(seconds, 95), abs=1e-4)
-    assert summary["stages"]["unpack"]["n"] == 5  # one per input
+    assert summary["stages"]["unpack"]["n"] == 6  # one per input
     reasons = [f"{f['stage']}: {f['error_type']}: {f['reason']}" for f in summary["failures"]]
     assert reasons == [c.error for c in cases if c.error]
     assert 0 < summary["gpu_busy_share"] <= 1
