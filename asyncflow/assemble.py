@@ -19,6 +19,7 @@ from pathlib import Path, PurePosixPath
 from .case import Case, DicomInstance, SkippedFile, SourceKind
 from .dicom import NotAnImage, has_dicom_preamble, read_instance
 from .inputs import UnpackedInput
+from .mitk import MITK_SUFFIX, is_mitk_label_json
 
 __all__ = ["CaseBuilder", "Scan", "is_nifti_header", "scan"]
 
@@ -56,11 +57,16 @@ class Scan:
     unpacked: UnpackedInput
     nifti: list[Path] = field(default_factory=list)
     dicom: list[DicomInstance] = field(default_factory=list)
+    label_files: list[Path] = field(default_factory=list)  # *.mitklabel.json
     skipped: list[SkippedFile] = field(default_factory=list)
 
 
 def scan(unpacked: UnpackedInput) -> Scan:
-    """Classify every file of an input by content, never by name."""
+    """Classify every file of an input by content, never by name.
+
+    The one exception: MITK label JSON is known by its ``.mitklabel.json`` suffix
+    (and a JSON start), as MITK itself knows it.
+    """
     result = Scan(unpacked, skipped=list(unpacked.skipped))
     origin = unpacked.item.name
     for path in unpacked.files:
@@ -69,7 +75,9 @@ def scan(unpacked: UnpackedInput) -> Scan:
         except OSError as exc:
             result.skipped.append(SkippedFile(origin, unpacked.relative(path), f"unreadable: {exc.strerror}"))
             continue
-        if has_dicom_preamble(head):
+        if is_mitk_label_json(path.name, head):
+            result.label_files.append(path)
+        elif has_dicom_preamble(head):
             try:
                 result.dicom.append(read_instance(path))
             except NotAnImage as exc:
@@ -100,6 +108,38 @@ def _stem(name: str) -> str:
     return _UNSAFE.sub("_", base).strip("._") or "case"
 
 
+def _label_file_for(stem: str, label_files: list[Path]) -> Path | None:
+    """The input's label JSON named after the case, else its only one."""
+    for path in label_files:
+        if path.name[: -len(MITK_SUFFIX)].lower() == stem.lower():
+            return path
+    return label_files[0] if len(label_files) == 1 else None
+
+
+_LOCALIZER_MAX = 3  # images of another geometry dropped from a series as localizers, at most
+
+
+def _drop_localizers(instances: list[DicomInstance]) -> tuple[list[DicomInstance], list[DicomInstance]]:
+    """(the series' volume, the localizers mixed into it).
+
+    Localizers: ImageType LOCALIZER, or a few images whose size or orientation
+    differs from a clear majority of the series.
+    """
+    kept = [i for i in instances if "LOCALIZER" not in i.image_type]
+    dropped = [i for i in instances if "LOCALIZER" in i.image_type]
+
+    def geometry(i: DicomInstance) -> tuple[object, ...]:
+        return (i.rows, i.columns, tuple(round(v, 3) for v in i.orientation or ()))
+
+    counts = Counter(geometry(i) for i in kept)
+    if len(counts) > 1:
+        (main, main_count), *others = counts.most_common()
+        if all(n <= _LOCALIZER_MAX and 2 * n <= main_count for _, n in others):
+            dropped += [i for i in kept if geometry(i) != main]
+            kept = [i for i in kept if geometry(i) == main]
+    return kept, dropped
+
+
 @dataclass
 class _Series:
     origin: str  # the input the first instance came from (report)
@@ -115,6 +155,7 @@ class CaseBuilder:
         self._count = 0
         self._names: set[str] = set()
         self._series: dict[str, _Series] = {}
+        self._label_files: dict[str, list[Path]] = {}  # input name -> its *.mitklabel.json
         self.skipped: list[SkippedFile] = []
 
     def _new_case(self, kind: SourceKind, stem: str, origin: str, files: list[Path]) -> Case:
@@ -137,10 +178,13 @@ class CaseBuilder:
             series = self._series.setdefault(instance.series_instance_uid, _Series(origin, label))
             # The same instance twice (two exports of one study) is one slice.
             series.instances.setdefault(instance.sop_instance_uid, instance)
-        return [
-            self._new_case(SourceKind.NIFTI, stem, origin, files)
-            for stem, files in self._nifti_groups(result)
-        ]
+        self._label_files[origin] = result.label_files
+        cases = []
+        for stem, files in self._nifti_groups(result):
+            case = self._new_case(SourceKind.NIFTI, stem, origin, files)
+            case.label_file = _label_file_for(stem, result.label_files)
+            cases.append(case)
+        return cases
 
     def _nifti_groups(self, result: Scan) -> list[tuple[str, list[Path]]]:
         unpacked = result.unpacked
@@ -178,7 +222,10 @@ class CaseBuilder:
         )
         several = {label for label, count in Counter(s.label for s in ordered).items() if count > 1}
         for series in ordered:
-            instances = list(series.instances.values())
+            instances, localizers = _drop_localizers(list(series.instances.values()))
+            for localizer in localizers:
+                reason = "localizer (another size or orientation) dropped from its series"
+                self.skipped.append(SkippedFile(series.origin, localizer.path.name, reason))
             if len(instances) < 2:
                 self.skipped.append(
                     SkippedFile(
@@ -195,6 +242,7 @@ class CaseBuilder:
                 stem = f"{stem}_S{number if number is not None else per_label[series.label]}"
             case = self._new_case(SourceKind.DICOM, stem, series.origin, [i.path for i in instances])
             case.instances = instances
+            case.label_file = _label_file_for(case.output_name, self._label_files.get(series.origin, []))
             cases.append(case)
         self._series.clear()
         return cases

@@ -4,6 +4,7 @@
 
     manifest.json
     <node>/dicom_seg/<case>.dcm
+    <node>/dicom_seg/<case>.mitklabel.json
     <node>/nifti_seg/<case>.nii.gz
 
 ``manifest.json`` lists every node (its status, request-level error and report)
@@ -30,7 +31,13 @@ __all__ = ["BUNDLE_FORMAT", "MANIFEST", "pack_node_results"]
 
 BUNDLE_FORMAT = "asyncflow.flame-bundle/1"
 MANIFEST = "manifest.json"
-_FOLDERS = (("dicom_seg", "dicom_seg_bytes"), ("nifti_seg", "nifti_seg_bytes"))
+_CONTRACT = ("dicom_seg_bytes", "nifti_seg_bytes")
+# result key -> folder in the ZIP; label_json_bytes (MITK label JSON beside each SEG) is optional
+_FOLDERS = (
+    ("dicom_seg", "dicom_seg_bytes"),
+    ("dicom_seg", "label_json_bytes"),
+    ("nifti_seg", "nifti_seg_bytes"),
+)
 
 
 def _component(name: str, fallback: str) -> str:
@@ -41,7 +48,7 @@ def _component(name: str, fallback: str) -> str:
 def _is_result(result: object) -> bool:
     return (
         isinstance(result, Mapping)
-        and all(isinstance(result.get(key), Mapping) for _, key in _FOLDERS)
+        and all(isinstance(result.get(key), Mapping) for key in _CONTRACT)
         and "status" in result
     )
 
@@ -84,10 +91,10 @@ class _Bundle:
         files: list[str] = []
         renamed: dict[str, str] = {}
         where: dict[str, str] = {}  # output name -> path in the ZIP
+        taken: dict[str, set[str]] = {folder: set() for folder, _ in _FOLDERS}
         for folder, key in _FOLDERS:
-            taken: set[str] = set()
-            for name, data in result[key].items():
-                safe = _unique(_component(str(name), "output"), taken)
+            for name, data in (result.get(key) or {}).items():
+                safe = _unique(_component(str(name), "output"), taken[folder])
                 arcname = f"{node}/{folder}/{safe}"
                 if safe != name:
                     renamed[arcname] = str(name)

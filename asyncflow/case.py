@@ -46,6 +46,7 @@ class DicomInstance:
     orientation: tuple[float, ...] | None  # ImageOrientationPatient (6 values)
     rows: int
     columns: int
+    image_type: tuple[str, ...] = ()  # ImageType values, upper case
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Case:
     origin: str  # the request input it came from (report only, never logged)
     files: list[Path]  # NIfTI: one per channel, in channel order; DICOM: unordered
     instances: list[DicomInstance] = field(default_factory=list)
+    label_file: Path | None = None  # a *.mitklabel.json supplied with the case's input
 
 
 @dataclass
@@ -86,6 +88,7 @@ class CaseReport:
     error_type: str | None = None
     stage_s: dict[str, float] = field(default_factory=dict)
     labels_present: list[int] = field(default_factory=list)
+    labels_absent: list[int] = field(default_factory=list)  # declared by the model, not found
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -99,6 +102,7 @@ class CaseReport:
             "error_type": self.error_type,
             "stage_s": {k: round(v, 4) for k, v in self.stage_s.items()},
             "labels_present": self.labels_present,
+            "labels_absent": self.labels_absent,
         }
 
 

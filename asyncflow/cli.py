@@ -17,6 +17,7 @@ from typing import Any, TextIO
 from . import __version__
 from .backends import ModelError, ModelInfo
 from .inputs import RequestError
+from .labels import LabelError
 from .log import configure_logging
 from .pipeline import Progress, Result, run_request_sync
 from .settings import Settings, SettingsError, packaged_demo_model
@@ -81,6 +82,35 @@ def _add_model_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_seg_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("DICOM SEG")
+    group.add_argument(
+        "--labels",
+        type=Path,
+        dest="label_config",
+        metavar="FILE",
+        help="JSON/YAML label names, codes, colours per label value (see README)",
+    )
+    group.add_argument(
+        "--seg-type",
+        choices=["BINARY", "FRACTIONAL", "LABELMAP"],
+        type=str.upper,
+        help="segmentation type (default BINARY; LABELMAP is new and not every reader knows it)",
+    )
+    group.add_argument(
+        "--keep-empty-frames",
+        action="store_true",
+        default=None,
+        dest="seg_keep_empty_frames",
+        help="a frame for every slice and segment, for viewers that need them",
+    )
+    group.add_argument(
+        "--seg-compression",
+        choices=["none", "rle", "jpeg2000", "jpegls"],
+        help="lossless frame compression, FRACTIONAL/LABELMAP only (default none: every reader opens it)",
+    )
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--folds", nargs="+", help="folds to ensemble (default: every fold_N found)")
@@ -120,6 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_model_argument(run)
     _add_model_options(run)
+    _add_seg_options(run)
 
     flame = commands.add_parser("flame", help="run as a FLAME analysis node (StarModel; needs the FLAME SDK)")
     flame.add_argument(
@@ -137,6 +168,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_model_argument(flame)
     _add_model_options(flame)
+    _add_seg_options(flame)
 
     monitor = commands.add_parser(
         "monitor", help="follow JSON logs: live progress, then stage percentiles and failures"
@@ -160,6 +192,7 @@ def _parser() -> argparse.ArgumentParser:
         "-o", "--output", type=Path, default=Path("asyncflow-demo"), help="default: ./asyncflow-demo"
     )
     _add_model_options(demo)
+    _add_seg_options(demo)
     return parser
 
 
@@ -173,6 +206,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "use_mirroring": args.use_mirroring,
         "torch_threads": args.torch_threads,
         "work_dir": args.work_dir,
+        "label_config": args.label_config,
+        "seg_type": args.seg_type,
+        "seg_keep_empty_frames": args.seg_keep_empty_frames,
+        "seg_compression": args.seg_compression,
     }
 
 
@@ -181,9 +218,14 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
 
 
 def write_outputs(result: Result, output: Path) -> Path:
-    """``output/dicom_seg/*.dcm``, ``output/nifti_seg/*.nii.gz`` and ``output/report.json``."""
+    """``output/dicom_seg/*.dcm`` (+ ``*.mitklabel.json``), ``output/nifti_seg/*.nii.gz``, ``output/report.json``."""
     output.mkdir(parents=True, exist_ok=True)
-    for folder, files in (("dicom_seg", result.dicom_seg_bytes), ("nifti_seg", result.nifti_seg_bytes)):
+    outputs = (
+        ("dicom_seg", result.dicom_seg_bytes),
+        ("dicom_seg", result.label_json_bytes),
+        ("nifti_seg", result.nifti_seg_bytes),
+    )
+    for folder, files in outputs:
         if files:
             (output / folder).mkdir(parents=True, exist_ok=True)
         for name, data in files.items():
@@ -289,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         return _execute(args)
-    except (SettingsError, ModelError, RequestError) as exc:
+    except (SettingsError, ModelError, RequestError, LabelError) as exc:
         print(f"asyncflow: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

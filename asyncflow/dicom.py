@@ -18,6 +18,7 @@ __all__ = ["NotAnImage", "has_dicom_preamble", "order_series", "read_instance", 
 _REQUIRED = ("SOPInstanceUID", "SeriesInstanceUID", "Rows", "Columns")
 _ORIENTATION_TOLERANCE = 1e-4
 _SPACING_TOLERANCE = 0.01  # relative deviation of slice gaps accepted as uniform
+_TILT_TOLERANCE = 0.01  # sideways shift between slices, relative to the gap, accepted as untilted
 
 
 class NotAnImage(Exception):
@@ -57,7 +58,14 @@ def read_instance(path: Path) -> DicomInstance:
         orientation=tuple(float(v) for v in orientation) if orientation else None,
         rows=int(ds.Rows),
         columns=int(ds.Columns),
+        image_type=tuple(str(v).upper() for v in _values(ds.get("ImageType"))),
     )
+
+
+def _values(value: object) -> list[object]:
+    if value is None or value == "":
+        return []
+    return list(value) if isinstance(value, list | tuple | pydicom.multival.MultiValue) else [value]
 
 
 def _optional(ds: pydicom.Dataset, keyword: str) -> str | None:
@@ -103,4 +111,12 @@ def order_series(instances: Sequence[DicomInstance]) -> list[DicomInstance]:
             raise ValueError("series has two or more slices at the same position")
         if (gaps.max() - gaps.min()) > _SPACING_TOLERANCE * gaps.mean():
             raise ValueError("series has non-uniform slice spacing (missing slices?)")
+        steps = np.diff(np.array([i.position for i in ordered], dtype=np.float64), axis=0)
+        sideways = np.linalg.norm(steps - np.outer(steps @ normal, normal), axis=1)
+        if sideways.max() > _TILT_TOLERANCE * gaps.mean():
+            degrees = float(np.degrees(np.arctan(sideways.max() / gaps.mean())))
+            raise ValueError(
+                f"slices are not stacked along their normal (gantry tilt of about {degrees:.1f} degrees); "
+                "resample the series to an untilted grid before segmenting it"
+            )
     return ordered

@@ -29,6 +29,7 @@ from .backends import Backend, ModelError
 from .bundle import pack_node_results
 from .hub import HubReporter
 from .inputs import RequestError
+from .labels import LabelError
 from .log import configure_logging
 from .pipeline import build_backend, run_request_sync
 from .settings import Settings, SettingsError
@@ -92,7 +93,7 @@ class nnUNetAnalyzer(StarAnalyzer):  # the reference's name, which users know
             return self._no_usable_case(exc)
         except Exception as exc:
             # Our own errors say what to fix; anything else may quote data, so only its type goes out.
-            self.hub.failed(exc, detail=isinstance(exc, ModelError | SettingsError))
+            self.hub.failed(exc, detail=isinstance(exc, ModelError | SettingsError | LabelError))
             raise
         self.hub.finished(result)
         return {**result.as_dict(), "node": self.id}

@@ -22,13 +22,12 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
-import numpy as np
 import structlog
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -44,10 +43,12 @@ from .case import (
     SkippedFile,
     SourceKind,
 )
+from .export import export_case
 from .inputs import Entry, InputItem, RequestError, UnpackedInput, request_items, unpack
+from .labels import load_label_config
 from .log import get_logger, scrub
 from .prepare import prepare_case
-from .seg import Algorithm, dicom_seg_bytes, nifti_seg_bytes
+from .seg import Algorithm, SegOptions
 from .settings import Settings
 
 __all__ = ["Progress", "RequestError", "Result", "build_backend", "run_request", "run_request_sync"]
@@ -71,6 +72,7 @@ class Result:
     status: str  # done | partial | failed
     dicom_seg_bytes: dict[str, bytes]
     nifti_seg_bytes: dict[str, bytes]
+    label_json_bytes: dict[str, bytes]  # <case>.mitklabel.json beside each DICOM SEG
     cases: list[CaseReport]
     inputs: list[dict[str, Any]]
     skipped: list[SkippedFile]
@@ -93,6 +95,7 @@ class Result:
             "status": self.status,
             "dicom_seg_bytes": self.dicom_seg_bytes,
             "nifti_seg_bytes": self.nifti_seg_bytes,
+            "label_json_bytes": self.label_json_bytes,
             "report": self.report(),
         }
 
@@ -122,6 +125,7 @@ class _Request:
         backend: Backend,
         workdir: Path,
         on_progress: Callable[[Progress], None] | None,
+        label_config: Mapping[int, Mapping[str, Any]],
     ) -> None:
         self.settings = settings
         self.backend = backend
@@ -132,6 +136,11 @@ class _Request:
         self.inputs: list[dict[str, Any]] = []
         self.dicom: dict[str, bytes] = {}
         self.nifti: dict[str, bytes] = {}
+        self.label_json: dict[str, bytes] = {}
+        self.label_config = label_config
+        self.seg_options = SegOptions(
+            settings.seg_type, settings.seg_keep_empty_frames, settings.seg_compression
+        )
         self.total: int | None = None
         info = backend.info
         self.algorithm = Algorithm(f"nnU-Net {info.name}", info.framework, info.parameters)
@@ -324,37 +333,34 @@ class _Request:
             async for predicted in receive:
                 case = predicted.prepared.case
                 with structlog.contextvars.bound_contextvars(case_id=case.case_id):
-                    output = await self._step(case, "export", self._export, predicted)
-                    if output is None:
+                    exported = await self._step(
+                        case,
+                        "export",
+                        export_case,
+                        predicted,
+                        self.backend.info.labels,
+                        self.label_config,
+                        self.algorithm,
+                        self.seg_options,
+                    )
+                    if exported is None:
                         continue
-                    name, data, labels_present = output
-                    (self.dicom if case.kind is SourceKind.DICOM else self.nifti)[name] = data
+                    (self.dicom if case.kind is SourceKind.DICOM else self.nifti)[exported.name] = (
+                        exported.data
+                    )
+                    if exported.label_json is not None:
+                        self.label_json[exported.label_json[0]] = exported.label_json[1]
                     report = self.reports[case.case_id]
-                    report.output = name
-                    report.labels_present = labels_present
+                    report.output = exported.name
+                    report.labels_present = exported.labels_present
+                    report.labels_absent = exported.labels_absent
                     log.info(
                         "case.exported",
                         format="dicom_seg" if case.kind is SourceKind.DICOM else "nifti",
-                        bytes=len(data),
+                        bytes=len(exported.data),
                         duration_s=round(report.stage_s["export"], 4),
                     )
                     self._end_case(case)
-
-    def _export(self, predicted: PredictedCase) -> tuple[str, bytes, list[int]]:
-        """Output name, bytes and the label values present (runs in a worker thread)."""
-        name, data = self._encode(predicted)
-        return name, data, [int(v) for v in np.unique(predicted.labels) if v]
-
-    def _encode(self, predicted: PredictedCase) -> tuple[str, bytes]:
-        prepared = predicted.prepared
-        case = prepared.case
-        if case.kind is SourceKind.DICOM:
-            data = dicom_seg_bytes(
-                prepared.source_files, predicted.labels, self.backend.info.labels, self.algorithm
-            )
-            return f"{case.output_name}.dcm", data
-        data = nifti_seg_bytes(predicted.labels, prepared.source_files[0], prepared.workdir / "seg.nii.gz")
-        return f"{case.output_name}.nii.gz", data
 
     # -- result --------------------------------------------------------------------
 
@@ -367,6 +373,7 @@ class _Request:
             status=status,
             dicom_seg_bytes=self.dicom,
             nifti_seg_bytes=self.nifti,
+            label_json_bytes=self.label_json,
             cases=reports,
             inputs=sorted(self.inputs, key=lambda i: i["index"]),
             skipped=self.builder.skipped,
@@ -392,6 +399,7 @@ async def run_request(
     items = request_items(entries)
     if not items:
         raise RequestError("the request has no inputs")
+    label_config = load_label_config(settings.label_config) if settings.label_config else {}
     backend = backend or build_backend(settings)
     request_id = uuid.uuid4().hex[:12]
     started = time.perf_counter()
@@ -400,7 +408,7 @@ async def run_request(
     workdir = Path(tempfile.mkdtemp(prefix=f"asyncflow-{request_id}-", dir=settings.work_dir))
     with structlog.contextvars.bound_contextvars(request_id=request_id):
         log.info("request.started", inputs=len(items), bytes=sum(i.size for i in items))
-        request = _Request(settings, backend, workdir, on_progress)
+        request = _Request(settings, backend, workdir, on_progress, label_config)
         status = "error"
         try:
             try:

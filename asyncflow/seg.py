@@ -13,6 +13,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 from pydicom.sr.coding import Code as PydicomCode
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 from . import __version__
 from .dicom import slice_normal
@@ -20,6 +21,9 @@ from .labels import Code, SegmentLabel, label_for
 
 __all__ = [
     "Algorithm",
+    "SegCheckError",
+    "SegOptions",
+    "check_dicom_seg",
     "dicom_seg_bytes",
     "nifti_seg_bytes",
     "read_dicom_seg",
@@ -49,21 +53,47 @@ def segment_values(labels: np.ndarray, declared: Mapping[int, SegmentLabel]) -> 
     return present or sorted(declared)
 
 
+@dataclass(frozen=True)
+class SegOptions:
+    """How a DICOM SEG is encoded (see :class:`asyncflow.settings.Settings`)."""
+
+    segmentation_type: str = "BINARY"
+    keep_empty_frames: bool = False
+    compression: str = "none"
+
+
+_TRANSFER_SYNTAXES = {
+    "none": ExplicitVRLittleEndian,
+    "rle": RLELossless,
+    "jpeg2000": JPEG2000Lossless,
+    "jpegls": JPEGLSLossless,
+}
+# Clinical Trial Subject and Study modules (and patient de-identification), copied from the
+# source; the Clinical Trial Series attributes (0012,0060/0071/0072) describe the source series.
+_SERIES_LEVEL_TRIAL_TAGS = {0x00120060, 0x00120071, 0x00120072}
+
+
+class SegCheckError(ValueError):
+    """A written SEG does not decode to the prediction on its sources."""
+
+
 def dicom_seg_bytes(
     source_files: Sequence[Path],
     labels: np.ndarray,
     declared: Mapping[int, SegmentLabel],
     algorithm: Algorithm,
-    *,
-    series_number: int = 4242,
+    options: SegOptions | None = None,
 ) -> bytes:
-    """A BINARY DICOM SEG whose frame k lies on source instance k.
+    """A DICOM SEG whose frames lie on the source instances, read back and checked.
 
     ``labels`` is (z, y, x) with z in the order of ``source_files`` (sorted along
     the slice normal), y along rows and x along columns: exactly the source pixel
-    grid, so the SEG decoded on its sources equals the prediction voxel for voxel.
-    Segment numbers are 1..n over the label values in ascending order.
+    grid, so the SEG decoded on its sources equals the prediction voxel for voxel
+    (checked before the bytes are returned, :class:`SegCheckError` otherwise).
+    Segment numbers are 1..n over the label values present, in ascending order;
+    when none is present, one empty segment per declared label says so.
     """
+    options = options or SegOptions()
     sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in source_files]
     rows, columns = int(sources[0].Rows), int(sources[0].Columns)
     if labels.shape != (len(sources), rows, columns):
@@ -77,34 +107,30 @@ def dicom_seg_bytes(
     lookup = np.zeros(max(int(labels.max()), max(values)) + 1, dtype=np.uint16)
     for number, value in enumerate(values, start=1):
         lookup[value] = number
-    pixel_array = lookup[labels]
-    pixel_array = pixel_array.astype(np.uint8 if len(values) < 256 else np.uint16)
+    numbers = lookup[labels].astype(np.uint8 if len(values) < 256 else np.uint16)
+    kind = hd.seg.SegmentationTypeValues(options.segmentation_type)
+    pixel_array: np.ndarray = numbers
+    if kind is hd.seg.SegmentationTypeValues.FRACTIONAL:
+        # One probability plane per segment: 1.0 inside, 0.0 outside.
+        pixel_array = (numbers[..., None] == np.arange(1, len(values) + 1)).astype(np.float32)
     identification = hd.AlgorithmIdentificationSequence(
         name=algorithm.name[:64],
         family=_AI_FAMILY,
         version=algorithm.version[:64],
         parameters=dict(algorithm.parameters) or None,
     )
-    descriptions = []
-    for number, value in enumerate(values, start=1):
-        label = label_for(declared, value)
-        descriptions.append(
-            hd.seg.SegmentDescription(
-                segment_number=number,
-                segment_label=label.name[:64],
-                segmented_property_category=_coded(label.category),
-                segmented_property_type=_coded(label.type),
-                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-                algorithm_identification=identification,
-            )
-        )
+    descriptions = [
+        _description(number, label_for(declared, value), identification)
+        for number, value in enumerate(values, start=1)
+    ]
+    source_series = sources[0].get("SeriesNumber")
     seg = hd.seg.Segmentation(
         source_images=sources,
         pixel_array=pixel_array,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segmentation_type=kind,
         segment_descriptions=descriptions,
         series_instance_uid=hd.UID(),
-        series_number=series_number,
+        series_number=int(source_series) + 1000 if source_series not in (None, "") else 1000,
         sop_instance_uid=hd.UID(),
         instance_number=1,
         manufacturer="asyncflow",
@@ -112,11 +138,93 @@ def dicom_seg_bytes(
         software_versions=f"asyncflow {__version__}",
         device_serial_number="0",
         series_description=f"{algorithm.name} segmentation"[:64],
-        omit_empty_frames=True,
+        content_label="NNUNET",
+        content_description=f"{algorithm.name} automatic segmentation"[:64],
+        content_creator_name="asyncflow^",  # software, not a person: one component
+        transfer_syntax_uid=_TRANSFER_SYNTAXES[options.compression],
+        omit_empty_frames=not options.keep_empty_frames,
     )
+    for element in sources[0]:
+        if element.tag.group == 0x0012 and int(element.tag) not in _SERIES_LEVEL_TRIAL_TAGS:
+            seg[element.tag] = element
     buffer = io.BytesIO()
     seg.save_as(buffer)
-    return buffer.getvalue()
+    data = buffer.getvalue()
+    check_dicom_seg(data, [str(ds.SOPInstanceUID) for ds in sources], numbers, options)
+    return data
+
+
+def _description(
+    number: int, label: SegmentLabel, identification: hd.AlgorithmIdentificationSequence
+) -> hd.seg.SegmentDescription:
+    tracking_id = label.tracking_id or (label.name[:64] if label.tracking_uid else None)
+    return hd.seg.SegmentDescription(
+        segment_number=number,
+        segment_label=label.name[:64],
+        segmented_property_category=_coded(label.category),
+        segmented_property_type=_coded(label.type),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=identification,
+        # TrackingID and TrackingUID come together: a given id gets a fresh UID.
+        tracking_id=tracking_id,
+        tracking_uid=label.tracking_uid or (hd.UID() if tracking_id else None),
+        anatomic_regions=[_coded(label.anatomic_region)] if label.anatomic_region else None,
+        display_color=hd.color.CIELabColor.from_rgb(*(round(255 * c) for c in label.rgb)),
+    )
+
+
+def _expected_frames(numbers: np.ndarray, segments: int, options: SegOptions) -> int:
+    """Frames highdicom writes: one per slice (LABELMAP) or per slice and segment, empty ones
+    omitted unless asked for, or unless everything is empty (a SEG needs a frame)."""
+    per_slice = 1 if options.segmentation_type == "LABELMAP" else segments
+    if options.keep_empty_frames or not numbers.any():
+        return numbers.shape[0] * per_slice
+    if options.segmentation_type == "LABELMAP":
+        return int(numbers.any(axis=(1, 2)).sum())
+    return sum(int((numbers == n).any(axis=(1, 2)).sum()) for n in range(1, segments + 1))
+
+
+def check_dicom_seg(
+    data: bytes, source_sop_instance_uids: Sequence[str], numbers: np.ndarray, options: SegOptions
+) -> None:
+    """Read a SEG back: its sources, frame count and voxels must be what was meant."""
+    seg = hd.seg.segread(io.BytesIO(data))
+    referenced = {
+        str(instance.ReferencedSOPInstanceUID)
+        for series in seg.ReferencedSeriesSequence
+        for instance in series.ReferencedInstanceSequence
+    }
+    if referenced != set(source_sop_instance_uids):
+        raise SegCheckError(
+            f"SEG references {len(referenced)} instances, the source series has {len(source_sop_instance_uids)}"
+        )
+    frames = int(seg.NumberOfFrames)
+    expected = _expected_frames(numbers, len(seg.SegmentSequence), options)
+    if frames != expected:
+        raise SegCheckError(f"SEG has {frames} frames, {expected} expected")
+    decoded, _ = _decode(seg, source_sop_instance_uids)
+    if not np.array_equal(decoded, numbers):
+        raise SegCheckError(
+            f"SEG decodes to other voxels than the prediction ({int((decoded != numbers).sum())} differ)"
+        )
+
+
+def _decode(
+    seg: hd.seg.Segmentation, source_sop_instance_uids: Sequence[str]
+) -> tuple[np.ndarray, dict[int, str]]:
+    """Segment numbers (z, y, x) on the given source instances, and each segment's label."""
+    fractional = seg.segmentation_type is hd.seg.SegmentationTypeValues.FRACTIONAL
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=list(source_sop_instance_uids),
+        combine_segments=not fractional,
+        assert_missing_frames_are_empty=True,  # empty frames may be omitted
+    )
+    pixels = np.asarray(pixels)
+    if fractional:  # (z, y, x, segment) probabilities: the segment that holds the voxel
+        numbers = np.where(pixels.max(axis=-1) > 0.5, pixels.argmax(axis=-1) + 1, 0)
+        pixels = numbers.astype(np.uint16)
+    names = {int(d.SegmentNumber): str(d.SegmentLabel) for d in seg.SegmentSequence}
+    return pixels, names
 
 
 def _fill_slice_thickness(sources: Sequence[pydicom.Dataset]) -> None:
@@ -154,14 +262,7 @@ def read_dicom_seg(data: bytes, source_sop_instance_uids: Sequence[str]) -> tupl
     Returns a (z, y, x) array of segment numbers (0 where no segment) and each
     segment number's label.
     """
-    seg = hd.seg.segread(io.BytesIO(data))
-    pixels = seg.get_pixels_by_source_instance(
-        source_sop_instance_uids=list(source_sop_instance_uids),
-        combine_segments=True,
-        assert_missing_frames_are_empty=True,  # empty frames are omitted on write
-    )
-    names = {int(d.SegmentNumber): str(d.SegmentLabel) for d in seg.SegmentSequence}
-    return np.asarray(pixels), names
+    return _decode(hd.seg.segread(io.BytesIO(data)), source_sop_instance_uids)
 
 
 def read_nifti_seg(data: bytes) -> sitk.Image:

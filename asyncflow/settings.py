@@ -16,6 +16,8 @@ from typing import Literal
 __all__ = ["Settings", "SettingsError", "default_workers", "packaged_demo_model"]
 
 Device = Literal["auto", "cpu", "cuda"]
+SEG_TYPES = ("BINARY", "FRACTIONAL", "LABELMAP")
+SEG_COMPRESSIONS = ("none", "rle", "jpeg2000", "jpegls")
 
 
 class SettingsError(ValueError):
@@ -40,7 +42,9 @@ def _path(value: str | None) -> Path | None:
     return Path(value) if value else None
 
 
-_PATH_FIELDS = frozenset({"model_dir", "results_folder", "work_dir", "input_dir", "output_dir"})
+_PATH_FIELDS = frozenset(
+    {"model_dir", "results_folder", "work_dir", "input_dir", "output_dir", "label_config"}
+)
 
 
 def _coerce(name: str, value: object) -> object:
@@ -50,8 +54,10 @@ def _coerce(name: str, value: object) -> object:
     if name == "folds" and not isinstance(value, tuple):
         folds = value if isinstance(value, list) else str(value).replace(",", " ").split()
         return tuple(int(f) if str(f).isdigit() else f for f in folds)
-    if name == "multi_modal" and isinstance(value, str):
+    if name in ("multi_modal", "seg_keep_empty_frames", "use_mirroring") and isinstance(value, str):
         return _flag(value)
+    if name == "seg_type" and isinstance(value, str):
+        return value.upper()
     return value
 
 
@@ -77,6 +83,12 @@ class Settings:
     # Inputs
     multi_modal: bool = False  # <id>_0000, <id>_0001 ... form one case
 
+    # Outputs: DICOM SEG
+    label_config: Path | None = None  # JSON/YAML label names, codes, colours (asyncflow.labels)
+    seg_type: str = "BINARY"  # BINARY, FRACTIONAL or LABELMAP (readers may not know LABELMAP yet)
+    seg_keep_empty_frames: bool = False  # a frame for every slice and segment, even empty ones
+    seg_compression: str = "none"  # none, rle, jpeg2000, jpegls (FRACTIONAL and LABELMAP only)
+
     # Pipeline
     work_dir: Path | None = None  # parent of the request's temp dir (default: system temp)
     unpack_workers: int = field(default_factory=default_workers)
@@ -96,6 +108,17 @@ class Settings:
             raise SettingsError(f"tile_step_size must be in (0, 1], got {self.tile_step_size}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise SettingsError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.seg_type not in SEG_TYPES:
+            raise SettingsError(f"seg_type must be one of {', '.join(SEG_TYPES)}, got {self.seg_type!r}")
+        if self.seg_compression not in SEG_COMPRESSIONS:
+            raise SettingsError(
+                f"seg_compression must be one of {', '.join(SEG_COMPRESSIONS)}, got {self.seg_compression!r}"
+            )
+        if self.seg_compression != "none" and self.seg_type == "BINARY":
+            raise SettingsError(
+                "BINARY SEG is written uncompressed (highdicom encodes compressed frames for "
+                "FRACTIONAL and LABELMAP only): choose another seg_type or seg_compression none"
+            )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:

@@ -40,10 +40,13 @@ def test_demo_then_run_on_its_inputs(
     report = json.loads((demo / "report.json").read_text())
     assert [c["status"] for c in report["cases"]] == ["done"] * 4
     demo_outputs = sorted(p.relative_to(demo).as_posix() for p in demo.glob("*_seg/*"))
-    assert demo_outputs == [
+    assert demo_outputs == [  # each SEG with its MITK label JSON
         "dicom_seg/ct_study_a.dcm",
+        "dicom_seg/ct_study_a.mitklabel.json",
         "dicom_seg/ct_study_b_S1.dcm",
+        "dicom_seg/ct_study_b_S1.mitklabel.json",
         "dicom_seg/ct_study_b_S2.dcm",
+        "dicom_seg/ct_study_b_S2.mitklabel.json",
         "nifti_seg/phantom_nifti.nii.gz",
     ]
 
@@ -94,7 +97,7 @@ def test_run_on_series_written_by_another_generator(
         truth[f"export{n}.dcm"] = (phantom.labels, [str(pydicom.dcmread(p).SOPInstanceUID) for p in paths])
     out = tmp_path / "out"
     assert main(["run", str(inputs), "-o", str(out), "--model", str(model_dir), *FAST]) == 0
-    assert sorted(p.name for p in (out / "dicom_seg").iterdir()) == sorted(truth)
+    assert sorted(p.name for p in (out / "dicom_seg").glob("*.dcm")) == sorted(truth)
     for name, (labels, uids) in truth.items():
         data = (out / "dicom_seg" / name).read_bytes()
         numbers, names = read_dicom_seg(data, uids)  # slices written in z order

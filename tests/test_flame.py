@@ -95,7 +95,9 @@ def test_three_nodes_with_several_archives_each_end_to_end(
     archive = zipfile.ZipFile(io.BytesIO(run.final_result))
     manifest = json.loads(archive.read(MANIFEST))
     assert manifest["format"] == BUNDLE_FORMAT
-    segs = sorted(n for n in archive.namelist() if "/dicom_seg/" in n)
+    segs = sorted(n for n in archive.namelist() if "/dicom_seg/" in n and n.endswith(".dcm"))
+    label_files = [n for n in archive.namelist() if n.endswith(".mitklabel.json")]
+    assert sorted(n.removesuffix(".mitklabel.json") for n in label_files) == [s[:-4] for s in segs]
     niftis = [n for n in archive.namelist() if "/nifti_seg/" in n]
     assert niftis == ["node_1/nifti_seg/scan.nii.gz"]
     referenced = []
@@ -108,7 +110,7 @@ def test_three_nodes_with_several_archives_each_end_to_end(
 
     # The manifest accounts for every case and input, with reasons.
     assert manifest["totals"] == {
-        "nodes": 3, "cases": 8, "cases_done": 7, "cases_failed": 1, "files": 7
+        "nodes": 3, "cases": 8, "cases_done": 7, "cases_failed": 1, "files": 13
     }  # fmt: skip
     # Nodes are listed in arrival order, which the threads decide.
     by_node = {n["node"]: n for n in manifest["nodes"]}

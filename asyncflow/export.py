@@ -1,0 +1,60 @@
+"""One predicted case to its outputs: DICOM SEG (+ MITK label JSON) or NIfTI.
+
+A plain synchronous function the pipeline runs in a worker thread. Label
+metadata is merged here, per case: the model's labels, the user's label
+configuration, then a ``*.mitklabel.json`` supplied with the case's input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .case import PredictedCase, SourceKind
+from .labels import SegmentLabel, label_for, merge_labels
+from .mitk import MITK_SUFFIX, mitk_label_json, read_mitk_labels
+from .seg import Algorithm, SegOptions, dicom_seg_bytes, nifti_seg_bytes, segment_values
+
+__all__ = ["Exported", "export_case"]
+
+
+@dataclass(frozen=True)
+class Exported:
+    name: str  # <case>.dcm or <case>.nii.gz
+    data: bytes
+    labels_present: list[int]
+    labels_absent: list[int]  # declared by the model, not found in the prediction
+    label_json: tuple[str, bytes] | None = None  # <case>.mitklabel.json beside a SEG
+
+
+def export_case(
+    predicted: PredictedCase,
+    model_labels: Mapping[int, SegmentLabel],
+    label_config: Mapping[int, Mapping[str, Any]],
+    algorithm: Algorithm,
+    options: SegOptions,
+) -> Exported:
+    prepared = predicted.prepared
+    case = prepared.case
+    present = [int(v) for v in np.unique(predicted.labels) if v]
+    absent = sorted(set(model_labels) - set(present))
+    if case.kind is not SourceKind.DICOM:
+        data = nifti_seg_bytes(predicted.labels, prepared.source_files[0], prepared.workdir / "seg.nii.gz")
+        return Exported(f"{case.output_name}.nii.gz", data, present, absent)
+    sources: list[Mapping[int, Mapping[str, Any]]] = [label_config]
+    if case.label_file is not None:
+        sources.append(read_mitk_labels(case.label_file.read_bytes(), case.label_file.name))
+    labels = merge_labels(model_labels, *sources)
+    data = dicom_seg_bytes(prepared.source_files, predicted.labels, labels, algorithm, options)
+    described = [label_for(labels, v) for v in segment_values(predicted.labels, labels)]
+    label_json = mitk_label_json(
+        described,
+        [path.name for path in prepared.source_files],
+        series_description=f"{algorithm.name} segmentation"[:64],
+    )
+    return Exported(
+        f"{case.output_name}.dcm", data, present, absent, (f"{case.output_name}{MITK_SUFFIX}", label_json)
+    )
