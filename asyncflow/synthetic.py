@@ -104,6 +104,7 @@ def dicom_series_datasets(
     series_number: int = 1,
     study_uid: str | None = None,
     orientation: Sequence[float] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+    slice_shift: Sequence[float] = (0.0, 0.0, 0.0),
 ) -> list[FileDataset]:
     """One CT Image Storage instance per slice, in slice order (along the slice normal).
 
@@ -111,7 +112,9 @@ def dicom_series_datasets(
     slice k lies at ``origin + k * spacing_z * normal``.
 
     InstanceNumber counts *down* along z, as on many head-first scanners, so code
-    that sorts by InstanceNumber stacks the volume upside down.
+    that sorts by InstanceNumber stacks the volume upside down. ``slice_shift``
+    (mm per slice, patient coordinates) moves each slice sideways as a gantry
+    tilt does.
     """
     study_uid = study_uid or generate_uid()
     series_uid = generate_uid()
@@ -152,7 +155,7 @@ def dicom_series_datasets(
         ds.BodyPartExamined = "ABDOMEN"
         ds.KVP = "120"
         ds.PatientPosition = "HFS"
-        position = np.array([ox, oy, oz]) + k * sz * normal
+        position = np.array([ox, oy, oz]) + k * (sz * normal + np.asarray(slice_shift, dtype=float))
         ds.ImageOrientationPatient = [round(float(v), 6) for v in orientation]
         ds.ImagePositionPatient = [round(float(v), 4) for v in position]
         ds.SliceLocation = round(float(np.dot(position, normal)), 4)

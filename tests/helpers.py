@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import io
+import os
+import shutil
+import subprocess
 import tarfile
+from pathlib import Path
 
 import pydicom
 from pydicom.dataset import FileDataset
@@ -62,3 +66,16 @@ def write_series_with_simpleitk(image, folder, *, study_uid: str, series_uid: st
         writer.Execute(image_slice)
         paths.append(path)
     return paths
+
+
+DCIODVFY_MISSING = shutil.which("dciodvfy") is None and not os.environ.get("CI")
+
+
+def dciodvfy_findings(data: bytes, folder: Path) -> list[str]:
+    """Errors and warnings of dicom3tools' validator on one DICOM object (CI installs it)."""
+    path = folder / "checked.dcm"
+    path.write_bytes(data)
+    checked = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
+    output = checked.stdout + checked.stderr
+    assert "Segmentation" in output, output
+    return [line for line in output.splitlines() if line.startswith(("Error", "Warning"))]
