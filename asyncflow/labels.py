@@ -27,6 +27,7 @@ __all__ = [
     "Code",
     "LabelError",
     "SegmentLabel",
+    "color_for",
     "label_for",
     "labels_from_dataset_json",
     "load_label_config",

@@ -7,6 +7,7 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("nnUNet_def_n_proc", "1")
 
+import io
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,8 +15,17 @@ import numpy as np
 import pytest
 
 from asyncflow.backends import Backend
+from asyncflow.log import configure_logging
 from asyncflow.pipeline import build_backend
 from asyncflow.settings import Settings, packaged_demo_model
+
+
+@pytest.fixture(autouse=True)
+def _quiet_logs() -> None:
+    """Each test starts with logs into a buffer of its own: a stream that an earlier test
+    configured (capsys's, a closed file) is never written to. Tests that read logs
+    configure their own stream."""
+    configure_logging(json=True, stream=io.StringIO())
 
 
 @pytest.fixture

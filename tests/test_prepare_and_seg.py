@@ -10,12 +10,22 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 from helpers import DCIODVFY_MISSING, dciodvfy_findings, dicom_bytes
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 from asyncflow.case import Case, SourceKind
 from asyncflow.dicom import read_instance
 from asyncflow.labels import labels_from_dataset_json
 from asyncflow.prepare import prepare_case
-from asyncflow.seg import Algorithm, dicom_seg_bytes, nifti_seg_bytes, read_dicom_seg, read_nifti_seg
+from asyncflow.seg import (
+    Algorithm,
+    SegCheckError,
+    SegOptions,
+    check_dicom_seg,
+    dicom_seg_bytes,
+    nifti_seg_bytes,
+    read_dicom_seg,
+    read_nifti_seg,
+)
 from asyncflow.synthetic import dicom_series_datasets, make_phantom, nifti_bytes
 
 LABELS = labels_from_dataset_json({"labels": {"background": 0, "liver": 1, "tumor": 2, "vessel": 3}})
@@ -170,3 +180,55 @@ def test_nifti_recognised_by_content_needs_no_suffix(
     )
     out = read_nifti_seg(nifti_seg_bytes(phantom.labels, prepared.source_files[0], tmp_path / "seg.nii.gz"))
     assert out.GetOrigin() == pytest.approx(phantom.origin)
+
+
+OPTION_SETS = [
+    SegOptions("BINARY", keep_empty_frames=True),
+    *(
+        SegOptions(kind, compression=c)
+        for kind in ("FRACTIONAL", "LABELMAP")
+        for c in ("none", "rle", "jpegls", "jpeg2000")
+    ),
+    SegOptions("LABELMAP", keep_empty_frames=True),
+]
+
+
+@pytest.mark.parametrize(
+    "options", OPTION_SETS, ids=lambda o: f"{o.segmentation_type}-{o.compression}-{o.keep_empty_frames}"
+)
+def test_every_seg_option_decodes_to_the_label_map(
+    tmp_path: Path, rng: np.random.Generator, options: SegOptions
+) -> None:
+    phantom = make_phantom(rng, (10, 40, 40), spacing=(0.8, 0.8, 2.0))  # JPEG 2000 needs 32 pixels or more
+    datasets = dicom_series_datasets(phantom)
+    paths = []
+    for k, ds in enumerate(datasets):
+        paths.append(tmp_path / f"f{k}")
+        paths[-1].write_bytes(dicom_bytes(ds))
+    labels = phantom.labels.copy()
+    labels[:2] = 0  # empty frames: omitted unless kept
+    data = dicom_seg_bytes(paths, labels, LABELS, ALGORITHM, options)  # checks itself on the way out
+    seg = pydicom.dcmread(io.BytesIO(data))
+    assert (seg.SegmentationType, seg.file_meta.TransferSyntaxUID) == (
+        options.segmentation_type,
+        {"none": ExplicitVRLittleEndian, "rle": RLELossless, "jpegls": JPEGLSLossless, "jpeg2000": JPEG2000Lossless}[options.compression],
+    )  # fmt: skip
+    numbers, _ = read_dicom_seg(data, [str(ds.SOPInstanceUID) for ds in datasets])
+    np.testing.assert_array_equal(numbers, labels)
+    # dicom3tools does not know LABELMAP (new in 2024) yet.
+    if not DCIODVFY_MISSING and options.segmentation_type != "LABELMAP":
+        assert dciodvfy_findings(data, tmp_path) == []
+
+
+def test_a_seg_that_does_not_decode_to_the_prediction_is_refused(
+    tmp_path: Path, rng: np.random.Generator
+) -> None:
+    phantom, datasets, case = _dicom_case(tmp_path, rng)
+    prepared = prepare_case(case, tmp_path / "work")
+    data = dicom_seg_bytes(prepared.source_files, phantom.labels, LABELS, ALGORITHM)
+    uids = [str(ds.SOPInstanceUID) for ds in datasets]
+    shifted = np.roll(phantom.labels, 1, axis=0)
+    with pytest.raises(SegCheckError, match="decodes to other voxels"):
+        check_dicom_seg(data, uids, shifted, SegOptions())
+    with pytest.raises(SegCheckError, match="references 12 instances, the source series has 11"):
+        check_dicom_seg(data, uids[:-1], phantom.labels[:-1], SegOptions())
