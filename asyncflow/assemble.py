@@ -170,16 +170,23 @@ class CaseBuilder:
         )
 
     def add(self, result: Scan) -> list[Case]:
-        """NIfTI cases of this scan; its DICOM instances wait for :meth:`finish`."""
+        """NIfTI and multi-frame DICOM cases of this scan; series of single frames wait for
+        :meth:`finish`, since a series may span inputs."""
         origin = result.unpacked.item.name
         self.skipped.extend(result.skipped)
         label = _series_label(result.unpacked)
+        cases = []
         for instance in result.dicom:
+            if instance.frames > 1:  # an enhanced multi-frame image is a volume of its own
+                case = self._new_case(SourceKind.DICOM, _stem(label), origin, [instance.path])
+                case.instances = [instance]
+                case.label_file = _label_file_for(case.output_name, result.label_files)
+                cases.append(case)
+                continue
             series = self._series.setdefault(instance.series_instance_uid, _Series(origin, label))
             # The same instance twice (two exports of one study) is one slice.
             series.instances.setdefault(instance.sop_instance_uid, instance)
         self._label_files[origin] = result.label_files
-        cases = []
         for stem, files in self._nifti_groups(result):
             case = self._new_case(SourceKind.NIFTI, stem, origin, files)
             case.label_file = _label_file_for(stem, result.label_files)

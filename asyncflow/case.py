@@ -47,6 +47,9 @@ class DicomInstance:
     rows: int
     columns: int
     image_type: tuple[str, ...] = ()  # ImageType values, upper case
+    frames: int = 1
+    # Multi-frame (enhanced) images: ImagePositionPatient of each frame, in frame order.
+    frame_positions: tuple[tuple[float, float, float], ...] = ()
 
 
 @dataclass
@@ -68,6 +71,8 @@ class PreparedCase:
     workdir: Path
     channel_files: list[Path]  # <case_id>_0000.nii.gz, _0001 ...
     source_files: list[Path]  # DICOM: instances in slice order (index = z); NIfTI: as input
+    # A multi-frame DICOM source: its frame index (0-based) of each slice, in slice order.
+    frame_order: list[int] | None = None
 
 
 @dataclass

@@ -12,7 +12,16 @@ from pydicom.uid import UID
 
 from .case import DicomInstance
 
-__all__ = ["NotAnImage", "has_dicom_preamble", "order_series", "read_instance", "slice_normal"]
+__all__ = [
+    "NotAnImage",
+    "frame_pixel_spacing",
+    "frame_rescale",
+    "has_dicom_preamble",
+    "order_positions",
+    "order_series",
+    "read_instance",
+    "slice_normal",
+]
 
 # Headers a spatially ordered single-frame image series cannot do without.
 _REQUIRED = ("SOPInstanceUID", "SeriesInstanceUID", "Rows", "Columns")
@@ -42,10 +51,13 @@ def read_instance(path: Path) -> DicomInstance:
     missing = [k for k in _REQUIRED if k not in ds]
     if missing:
         raise NotAnImage(f"image without {', '.join(missing)}")
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        raise NotAnImage("multi-frame images are not supported yet")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frame_positions: tuple[tuple[float, float, float], ...] = ()
     position = ds.get("ImagePositionPatient")
     orientation = ds.get("ImageOrientationPatient")
+    if frames > 1:
+        orientation, frame_positions = _frame_geometry(ds, frames)
+        position = frame_positions[0]
     series_number = ds.get("SeriesNumber")
     return DicomInstance(
         path=path,
@@ -59,7 +71,47 @@ def read_instance(path: Path) -> DicomInstance:
         rows=int(ds.Rows),
         columns=int(ds.Columns),
         image_type=tuple(str(v).upper() for v in _values(ds.get("ImageType"))),
+        frames=frames,
+        frame_positions=frame_positions,
     )
+
+
+def _functional(ds: pydicom.Dataset, frame: int, sequence: str) -> pydicom.Dataset | None:
+    """A functional group item for one frame: per-frame first, then shared."""
+    for groups, index in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        items = ds.get(groups)
+        if items and len(items) > index and sequence in items[index] and items[index][sequence]:
+            return items[index][sequence][0]
+    return None
+
+
+def _frame_geometry(
+    ds: pydicom.Dataset, frames: int
+) -> tuple[tuple[float, ...], tuple[tuple[float, float, float], ...]]:
+    """Orientation and per-frame positions of an enhanced multi-frame image."""
+    orientation = _functional(ds, 0, "PlaneOrientationSequence")
+    positions = [_functional(ds, k, "PlanePositionSequence") for k in range(frames)]
+    if orientation is None or any(p is None for p in positions):
+        raise NotAnImage("multi-frame image without plane orientation and positions per frame")
+    return (
+        tuple(float(v) for v in orientation.ImageOrientationPatient),
+        tuple(tuple(float(v) for v in p.ImagePositionPatient) for p in positions),  # type: ignore[union-attr,misc]
+    )
+
+
+def frame_pixel_spacing(ds: pydicom.Dataset) -> tuple[float, float]:
+    """(row spacing, column spacing) of an enhanced multi-frame image (its first frame)."""
+    item = _functional(ds, 0, "PixelMeasuresSequence")
+    if item is None or "PixelSpacing" not in item:
+        raise ValueError("multi-frame image without PixelSpacing in its functional groups")
+    return float(item.PixelSpacing[0]), float(item.PixelSpacing[1])
+
+
+def frame_rescale(ds: pydicom.Dataset, frame: int) -> tuple[float, float]:
+    """(slope, intercept) of one frame: functional groups, else the top level, else identity."""
+    item = _functional(ds, frame, "PixelValueTransformationSequence")
+    source = item if item is not None and "RescaleSlope" in item else ds
+    return float(source.get("RescaleSlope", 1) or 1), float(source.get("RescaleIntercept", 0) or 0)
 
 
 def _values(value: object) -> list[object]:
@@ -77,6 +129,36 @@ def slice_normal(orientation: Sequence[float] | np.ndarray) -> np.ndarray:
     """The slice normal of an ImageOrientationPatient (row cosines x column cosines)."""
     values = np.asarray(orientation, dtype=np.float64)
     return np.cross(values[:3], values[3:6])
+
+
+def order_positions(positions: Sequence[Sequence[float]], orientation: Sequence[float]) -> list[int]:
+    """Indices of slices (or frames) sorted along the slice normal of ``orientation``.
+
+    Raises ValueError with a reason when they do not form one regular volume:
+    two at one place, uneven gaps (missing slices), or a sideways shift from slice
+    to slice (gantry tilt).
+    """
+    normal = slice_normal(orientation)
+    if np.linalg.norm(normal) < 0.5:
+        raise ValueError("invalid ImageOrientationPatient")
+    points = np.asarray(positions, dtype=np.float64)
+    distances = points @ normal
+    order = np.argsort(distances, kind="stable")
+    if len(order) > 1:
+        gaps = np.diff(distances[order])
+        if gaps.min() <= 1e-3:
+            raise ValueError("series has two or more slices at the same position")
+        if (gaps.max() - gaps.min()) > _SPACING_TOLERANCE * gaps.mean():
+            raise ValueError("series has non-uniform slice spacing (missing slices?)")
+        steps = np.diff(points[order], axis=0)
+        sideways = np.linalg.norm(steps - np.outer(steps @ normal, normal), axis=1)
+        if sideways.max() > _TILT_TOLERANCE * gaps.mean():
+            degrees = float(np.degrees(np.arctan(sideways.max() / gaps.mean())))
+            raise ValueError(
+                f"slices are not stacked along their normal (gantry tilt of about {degrees:.1f} degrees); "
+                "resample the series to an untilted grid before segmenting it"
+            )
+    return [int(k) for k in order]
 
 
 def order_series(instances: Sequence[DicomInstance]) -> list[DicomInstance]:
@@ -99,24 +181,5 @@ def order_series(instances: Sequence[DicomInstance]) -> list[DicomInstance]:
     orientations = np.array([i.orientation for i in instances], dtype=np.float64)
     if orientations.shape[1] != 6 or np.abs(orientations - orientations[0]).max() > _ORIENTATION_TOLERANCE:
         raise ValueError("series mixes image orientations")
-    normal = slice_normal(orientations[0])
-    if np.linalg.norm(normal) < 0.5:
-        raise ValueError("invalid ImageOrientationPatient")
-    distances = np.array([np.dot(normal, i.position) for i in instances])  # type: ignore[arg-type]
-    order = np.argsort(distances, kind="stable")
-    ordered = [instances[k] for k in order]
-    if len(ordered) > 1:
-        gaps = np.diff(distances[order])
-        if gaps.min() <= 1e-3:
-            raise ValueError("series has two or more slices at the same position")
-        if (gaps.max() - gaps.min()) > _SPACING_TOLERANCE * gaps.mean():
-            raise ValueError("series has non-uniform slice spacing (missing slices?)")
-        steps = np.diff(np.array([i.position for i in ordered], dtype=np.float64), axis=0)
-        sideways = np.linalg.norm(steps - np.outer(steps @ normal, normal), axis=1)
-        if sideways.max() > _TILT_TOLERANCE * gaps.mean():
-            degrees = float(np.degrees(np.arctan(sideways.max() / gaps.mean())))
-            raise ValueError(
-                f"slices are not stacked along their normal (gantry tilt of about {degrees:.1f} degrees); "
-                "resample the series to an untilted grid before segmenting it"
-            )
-    return ordered
+    positions = [i.position for i in instances]
+    return [instances[k] for k in order_positions(positions, orientations[0])]  # type: ignore[arg-type]

@@ -48,7 +48,11 @@ def export_case(
     if case.label_file is not None:
         sources.append(read_mitk_labels(case.label_file.read_bytes(), case.label_file.name))
     labels = merge_labels(model_labels, *sources)
-    data = dicom_seg_bytes(prepared.source_files, predicted.labels, labels, algorithm, options)
+    in_source_order = predicted.labels
+    if prepared.frame_order is not None:  # a multi-frame source: its frames in their own order
+        in_source_order = np.empty_like(predicted.labels)
+        in_source_order[prepared.frame_order] = predicted.labels
+    data = dicom_seg_bytes(prepared.source_files, in_source_order, labels, algorithm, options)
     described = [label_for(labels, v) for v in segment_values(predicted.labels, labels)]
     label_json = mitk_label_json(
         described,

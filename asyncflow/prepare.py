@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import pydicom
 import SimpleITK as sitk
 
-from .case import Case, PreparedCase, SourceKind
-from .dicom import order_series
+from .case import Case, DicomInstance, PreparedCase, SourceKind
+from .dicom import frame_pixel_spacing, frame_rescale, order_positions, order_series, slice_normal
 
 __all__ = ["prepare_case"]
 
@@ -40,9 +42,35 @@ def _with_nifti_suffix(source: Path, workdir: Path, number: int) -> Path:
     return link
 
 
+def _multiframe_volume(instance: DicomInstance) -> tuple[sitk.Image, list[int]]:
+    """An enhanced multi-frame image as a volume in slice order, and the frame of each slice."""
+    assert instance.orientation is not None
+    order = order_positions(instance.frame_positions, instance.orientation)
+    ds = pydicom.dcmread(instance.path)
+    stored = ds.pixel_array.reshape(instance.frames, instance.rows, instance.columns)
+    rescale = [frame_rescale(ds, k) for k in order]
+    integral = all(float(s).is_integer() and float(i).is_integer() for s, i in rescale)
+    volume = np.stack(
+        [stored[k] * slope + intercept for k, (slope, intercept) in zip(order, rescale, strict=True)]
+    )
+    image = sitk.GetImageFromArray(volume.astype(np.int16 if integral else np.float32))
+    row_spacing, column_spacing = frame_pixel_spacing(ds)
+    normal = slice_normal(instance.orientation)
+    first, second = (np.asarray(instance.frame_positions[k], dtype=float) for k in order[:2])
+    image.SetSpacing((column_spacing, row_spacing, float(np.dot(second - first, normal))))
+    image.SetOrigin(instance.frame_positions[order[0]])
+    row, column = np.asarray(instance.orientation[:3]), np.asarray(instance.orientation[3:6])
+    image.SetDirection(tuple(np.column_stack([row, column, normal]).ravel()))
+    return image, order
+
+
 def prepare_case(case: Case, workdir: Path) -> PreparedCase:
     """Read the case's source into nnU-Net's input naming inside ``workdir``."""
     workdir.mkdir(parents=True, exist_ok=True)
+    if case.kind is SourceKind.DICOM and case.instances[0].frames > 1:
+        image, frame_order = _multiframe_volume(case.instances[0])
+        channel = _write(image, workdir / f"{case.case_id}_0000.nii.gz")
+        return PreparedCase(case, workdir, [channel], [case.instances[0].path], frame_order)
     if case.kind is SourceKind.DICOM:
         ordered = order_series(case.instances)
         reader = sitk.ImageSeriesReader()

@@ -87,8 +87,8 @@ def dicom_seg_bytes(
     """A DICOM SEG whose frames lie on the source instances, read back and checked.
 
     ``labels`` is (z, y, x) with z in the order of ``source_files`` (sorted along
-    the slice normal), y along rows and x along columns: exactly the source pixel
-    grid, so the SEG decoded on its sources equals the prediction voxel for voxel
+    the slice normal), or of the frames of one multi-frame source, y along rows and
+    x along columns: exactly the source pixel grid, so the SEG decoded on its sources equals the prediction voxel for voxel
     (checked before the bytes are returned, :class:`SegCheckError` otherwise).
     Segment numbers are 1..n over the label values present, in ascending order;
     when none is present, one empty segment per declared label says so.
@@ -96,11 +96,14 @@ def dicom_seg_bytes(
     options = options or SegOptions()
     sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in source_files]
     rows, columns = int(sources[0].Rows), int(sources[0].Columns)
-    if labels.shape != (len(sources), rows, columns):
+    frames = int(sources[0].get("NumberOfFrames", 1) or 1)
+    slices = frames if len(sources) == 1 and frames > 1 else len(sources)
+    if labels.shape != (slices, rows, columns):
         raise ValueError(
-            f"prediction shape {labels.shape} does not match the source grid {(len(sources), rows, columns)}"
+            f"prediction shape {labels.shape} does not match the source grid {(slices, rows, columns)}"
         )
-    _fill_slice_thickness(sources)
+    if frames == 1:
+        _fill_slice_thickness(sources)
     values = segment_values(labels, declared)
     if not values:
         raise ValueError("the model declares no foreground label and none was predicted")
@@ -202,7 +205,7 @@ def check_dicom_seg(
     expected = _expected_frames(numbers, len(seg.SegmentSequence), options)
     if frames != expected:
         raise SegCheckError(f"SEG has {frames} frames, {expected} expected")
-    decoded, _ = _decode(seg, source_sop_instance_uids)
+    decoded, _ = _decode(seg, source_sop_instance_uids, numbers.shape[0])
     if not np.array_equal(decoded, numbers):
         raise SegCheckError(
             f"SEG decodes to other voxels than the prediction ({int((decoded != numbers).sum())} differ)"
@@ -210,15 +213,24 @@ def check_dicom_seg(
 
 
 def _decode(
-    seg: hd.seg.Segmentation, source_sop_instance_uids: Sequence[str]
+    seg: hd.seg.Segmentation, source_sop_instance_uids: Sequence[str], slices: int
 ) -> tuple[np.ndarray, dict[int, str]]:
-    """Segment numbers (z, y, x) on the given source instances, and each segment's label."""
+    """Segment numbers (z, y, x) on the given source instances (or on the ``slices`` frames of
+    one multi-frame source), and each segment's label."""
     fractional = seg.segmentation_type is hd.seg.SegmentationTypeValues.FRACTIONAL
-    pixels = seg.get_pixels_by_source_instance(
-        source_sop_instance_uids=list(source_sop_instance_uids),
-        combine_segments=not fractional,
-        assert_missing_frames_are_empty=True,  # empty frames may be omitted
-    )
+    if len(source_sop_instance_uids) == 1 and slices > 1:
+        pixels = seg.get_pixels_by_source_frame(
+            source_sop_instance_uid=source_sop_instance_uids[0],
+            source_frame_numbers=list(range(1, slices + 1)),
+            combine_segments=not fractional,
+            assert_missing_frames_are_empty=True,  # empty frames may be omitted
+        )
+    else:
+        pixels = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=list(source_sop_instance_uids),
+            combine_segments=not fractional,
+            assert_missing_frames_are_empty=True,
+        )
     pixels = np.asarray(pixels)
     if fractional:  # (z, y, x, segment) probabilities: the segment that holds the voxel
         numbers = np.where(pixels.max(axis=-1) > 0.5, pixels.argmax(axis=-1) + 1, 0)
@@ -256,13 +268,16 @@ def nifti_seg_bytes(labels: np.ndarray, reference: Path, scratch: Path) -> bytes
     return scratch.read_bytes()
 
 
-def read_dicom_seg(data: bytes, source_sop_instance_uids: Sequence[str]) -> tuple[np.ndarray, dict[int, str]]:
-    """Decode a SEG onto its source instances, in the order given.
+def read_dicom_seg(
+    data: bytes, source_sop_instance_uids: Sequence[str], source_frames: int = 1
+) -> tuple[np.ndarray, dict[int, str]]:
+    """Decode a SEG onto its source instances, in the order given, or onto the frames
+    1..``source_frames`` of its one multi-frame source.
 
     Returns a (z, y, x) array of segment numbers (0 where no segment) and each
     segment number's label.
     """
-    return _decode(hd.seg.segread(io.BytesIO(data)), source_sop_instance_uids)
+    return _decode(hd.seg.segread(io.BytesIO(data)), source_sop_instance_uids, source_frames)
 
 
 def read_nifti_seg(data: bytes) -> sitk.Image:

@@ -12,6 +12,7 @@ import copy
 from collections.abc import Callable
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -20,10 +21,12 @@ from pydicom.dataset import FileDataset
 from pydicom.uid import generate_uid
 
 from asyncflow.assemble import CaseBuilder, scan
+from asyncflow.case import PredictedCase
+from asyncflow.export import export_case
 from asyncflow.inputs import request_items, unpack
 from asyncflow.labels import labels_from_dataset_json
 from asyncflow.prepare import prepare_case
-from asyncflow.seg import Algorithm, dicom_seg_bytes, read_dicom_seg
+from asyncflow.seg import Algorithm, SegOptions, dicom_seg_bytes, read_dicom_seg
 from asyncflow.synthetic import Phantom, dicom_series_datasets, make_phantom
 
 LABELS = labels_from_dataset_json({"labels": {"background": 0, "liver": 1, "tumor": 2}})
@@ -110,3 +113,42 @@ def test_geometry_edge_case(tmp_path: Path, rng: np.random.Generator, name: str)
     assert not np.array_equal(phantom.labels[::-1], phantom.labels)  # a flip would be caught
     if not DCIODVFY_MISSING:
         assert dciodvfy_findings(data, tmp_path) == []
+
+
+def test_multi_frame_enhanced_ct(tmp_path: Path, rng: np.random.Generator) -> None:
+    phantom = make_phantom(rng, (14, 20, 24), spacing=(0.7, 0.9, 2.0))
+    datasets = dicom_series_datasets(phantom)
+    shuffled = [datasets[k] for k in rng.permutation(len(datasets))]
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
+        shuffled, series_instance_uid=hd.UID(), series_number=3, sop_instance_uid=hd.UID(), instance_number=1
+    )
+    (tmp_path / "in").mkdir()
+    enhanced.save_as(tmp_path / "in" / "enhanced")  # one file, no extension
+    builder = CaseBuilder()
+    for item in request_items([tmp_path / "in"]):
+        cases = builder.add(scan(unpack(item, tmp_path / "unpacked")))
+    assert builder.finish() == [] and builder.skipped == []
+    (case,) = cases
+    assert case.instances[0].frames == 14
+
+    prepared = prepare_case(case, tmp_path / "work")
+    image = sitk.ReadImage(str(prepared.channel_files[0]))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), phantom.image)
+    np.testing.assert_allclose(image.GetSpacing(), phantom.spacing, atol=1e-4)
+    np.testing.assert_allclose(image.GetOrigin(), datasets[0].ImagePositionPatient, atol=1e-3)
+
+    # The SEG's frames follow the source's frames, whatever their order.
+    exported = export_case(PredictedCase(prepared, phantom.labels), LABELS, {}, ALGORITHM, SegOptions())
+    numbers, names = read_dicom_seg(exported.data, [str(enhanced.SOPInstanceUID)], source_frames=14)
+    slice_of_frame = [
+        round(
+            (float(f.PlanePositionSequence[0].ImagePositionPatient[2]) - phantom.origin[2])
+            / phantom.spacing[2]
+        )
+        for f in enhanced.PerFrameFunctionalGroupsSequence
+    ]
+    assert slice_of_frame != sorted(slice_of_frame)  # the frames are not in slice order
+    np.testing.assert_array_equal(numbers, phantom.labels[slice_of_frame])
+    assert names == {1: "liver", 2: "tumor"}
+    if not DCIODVFY_MISSING:
+        assert dciodvfy_findings(exported.data, tmp_path) == []
