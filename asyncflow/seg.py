@@ -142,7 +142,11 @@ def dicom_seg_bytes(
         device_serial_number="0",
         series_description=f"{algorithm.name} segmentation"[:64],
         content_label="NNUNET",
-        content_description=f"{algorithm.name} automatic segmentation"[:64],
+        content_description=(
+            f"{algorithm.name} automatic segmentation"
+            if labels.any()
+            else f"{algorithm.name}: no segment found"
+        )[:64],
         content_creator_name="asyncflow^",  # software, not a person: one component
         transfer_syntax_uid=_TRANSFER_SYNTAXES[options.compression],
         omit_empty_frames=not options.keep_empty_frames,

@@ -232,3 +232,36 @@ def test_a_seg_that_does_not_decode_to_the_prediction_is_refused(
         check_dicom_seg(data, uids, shifted, SegOptions())
     with pytest.raises(SegCheckError, match="references 12 instances, the source series has 11"):
         check_dicom_seg(data, uids[:-1], phantom.labels[:-1], SegOptions())
+
+
+def test_seg_header_names_its_producer_and_keeps_clinical_trial_attributes(
+    tmp_path: Path, rng: np.random.Generator
+) -> None:
+    phantom = make_phantom(rng, (6, 16, 16))
+    paths = []
+    for k, ds in enumerate(dicom_series_datasets(phantom, series_number=7)):
+        ds.ClinicalTrialSponsorName = "Sponsor"
+        ds.ClinicalTrialProtocolID = "PROTO-1"
+        ds.ClinicalTrialSubjectID = "SUBJ-9"
+        ds.ClinicalTrialSeriesID = "source-series"  # describes the source series: not copied
+        ds.PatientIdentityRemoved = "YES"
+        paths.append(tmp_path / f"f{k}")
+        paths[-1].write_bytes(dicom_bytes(ds))
+    seg = pydicom.dcmread(io.BytesIO(dicom_seg_bytes(paths, phantom.labels, LABELS, ALGORITHM)))
+    assert (seg.ClinicalTrialSponsorName, seg.ClinicalTrialProtocolID, seg.ClinicalTrialSubjectID) == (
+        "Sponsor", "PROTO-1", "SUBJ-9"
+    )  # fmt: skip
+    assert "ClinicalTrialSeriesID" not in seg and seg.PatientIdentityRemoved == "YES"
+    assert (seg.SeriesNumber, seg.InstanceNumber, seg.ContentLabel, seg.Manufacturer) == (
+        1007,
+        1,
+        "NNUNET",
+        "asyncflow",
+    )
+    assert seg.SeriesDescription == "nnU-Net Dataset999_Test segmentation"
+    assert seg.ContentDescription == "nnU-Net Dataset999_Test automatic segmentation"
+    assert seg.SoftwareVersions == "asyncflow 0.1.0" and str(seg.ContentCreatorName) == "asyncflow^"
+    empty = pydicom.dcmread(
+        io.BytesIO(dicom_seg_bytes(paths, np.zeros_like(phantom.labels), LABELS, ALGORITHM))
+    )
+    assert empty.ContentDescription == "nnU-Net Dataset999_Test: no segment found"

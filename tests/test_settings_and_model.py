@@ -76,3 +76,11 @@ def test_plain_values_from_flame_kwargs_become_typed_settings(tmp_path: Path) ->
     assert Settings.from_env({}, folds=["2", 3]).folds == (2, 3)
     with pytest.raises(SettingsError, match=r"unknown setting\(s\) modeldir; known: .*model_dir"):
         Settings.from_env({}, modeldir=str(tmp_path))
+
+
+def test_seg_options_are_checked_when_set() -> None:
+    assert Settings.from_env({}, seg_type="labelmap", seg_compression="rle").seg_type == "LABELMAP"
+    with pytest.raises(SettingsError, match="BINARY SEG is written uncompressed"):
+        Settings(seg_compression="jpeg2000")
+    with pytest.raises(SettingsError, match="seg_type must be one of BINARY, FRACTIONAL, LABELMAP"):
+        Settings(seg_type="BITMAP")
