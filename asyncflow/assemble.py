@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import gzip
 import re
+import struct
 import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+
+import numpy as np
 
 from .case import Case, DicomInstance, SkippedFile, SourceKind
 from .dicom import NotAnImage, has_dicom_preamble, read_instance
@@ -61,7 +64,21 @@ class Scan:
     skipped: list[SkippedFile] = field(default_factory=list)
 
 
-def scan(unpacked: UnpackedInput) -> Scan:
+def nifti_declared_bytes(head: bytes) -> int:
+    """Bytes of voxel data a NIfTI-1/2 header declares (to refuse a decompression bomb unread)."""
+    little = int.from_bytes(head[:4], "little") in (348, 540)
+    order = "<" if little else ">"
+    if head[344:348] == b"n+1\0":
+        dims = struct.unpack(f"{order}8h", head[40:56])
+        bitpix = struct.unpack(f"{order}h", head[72:74])[0]
+    else:
+        bitpix = struct.unpack(f"{order}h", head[14:16])[0]
+        dims = struct.unpack(f"{order}8q", head[16:80])
+    count = max(1, min(int(dims[0]), 7))
+    return int(np.prod([max(1, int(d)) for d in dims[1 : count + 1]], dtype=np.float64) * max(bitpix, 1) // 8)
+
+
+def scan(unpacked: UnpackedInput, max_file_bytes: int = 16 << 30) -> Scan:
     """Classify every file of an input by content, never by name.
 
     The one exception: MITK label JSON is known by its ``.mitklabel.json`` suffix
@@ -86,7 +103,12 @@ def scan(unpacked: UnpackedInput) -> Scan:
                 reason = f"malformed DICOM header ({type(exc).__name__})"
                 result.skipped.append(SkippedFile(origin, unpacked.relative(path), reason))
         elif is_nifti_header(head):
-            result.nifti.append(path)
+            declared = nifti_declared_bytes(head)
+            if declared > max_file_bytes:
+                reason = f"NIfTI declares {declared / (1 << 30):.1f} GiB of voxels, over the {max_file_bytes / (1 << 30):.1f} GiB limit"
+                result.skipped.append(SkippedFile(origin, unpacked.relative(path), reason))
+            else:
+                result.nifti.append(path)
         else:
             result.skipped.append(SkippedFile(origin, unpacked.relative(path), "neither DICOM nor NIfTI"))
     return result

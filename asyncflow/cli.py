@@ -128,6 +128,14 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--work-dir", type=Path, help="parent folder of temporary files (default: system temp)"
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="settings",
+        metavar="NAME=VALUE",
+        help="any other setting, e.g. --set max_archive_bytes=2e11 (README lists them)",
+    )
     parser.add_argument("--json-logs", action="store_true", help="JSON lines (default when not on a TTY)")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
 
@@ -198,6 +206,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Settings given on the command line (None: not given, the environment decides)."""
+    pairs = [item.partition("=") for item in args.settings]
+    if any(not sep or not name for name, sep, _ in pairs):
+        raise SettingsError("--set takes NAME=VALUE, e.g. --set max_archive_depth=3")
     return {
         "folds": args.folds,
         "checkpoint": args.checkpoint,
@@ -210,6 +221,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "seg_type": args.seg_type,
         "seg_keep_empty_frames": args.seg_keep_empty_frames,
         "seg_compression": args.seg_compression,
+        **{name.strip(): value for name, _, value in pairs},
     }
 
 

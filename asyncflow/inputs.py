@@ -29,6 +29,7 @@ from typing import Any, BinaryIO
 from .case import SkippedFile
 
 __all__ = [
+    "ArchiveLimits",
     "Entry",
     "InputItem",
     "RequestError",
@@ -171,12 +172,106 @@ def _corrupt_compression(item: InputItem) -> str | None:
     return None
 
 
-def unpack(item: InputItem, dest: Path) -> UnpackedInput:
+@dataclass(frozen=True)
+class ArchiveLimits:
+    """What one input may expand to; an archive over any limit fails as a whole, with the reason.
+
+    ``max_ratio`` caps the extracted bytes at that multiple of the input's size,
+    but never below ``ratio_floor_bytes``, so small archives of well-compressible
+    files pass.
+    """
+
+    max_bytes: int = 100 << 30
+    max_members: int = 200_000
+    max_file_bytes: int = 16 << 30
+    max_ratio: float = 100.0
+    ratio_floor_bytes: int = 1 << 30
+    max_depth: int = 2  # an archive inside an archive is unpacked; one level deeper is not
+
+    def allowed_bytes(self, input_bytes: int) -> int:
+        return min(self.max_bytes, max(int(self.max_ratio * input_bytes), self.ratio_floor_bytes))
+
+
+class _LimitExceeded(Exception):
+    pass
+
+
+def _size(value: int) -> str:
+    return f"{value / (1 << 30):.1f} GiB" if value >= 1 << 30 else f"{value / (1 << 20):.1f} MiB"
+
+
+class _Extraction:
+    """One input's archive (and the archives inside it), member by member, within the limits."""
+
+    def __init__(self, item: InputItem, dest: Path, limits: ArchiveLimits) -> None:
+        self.item, self.dest, self.limits = item, dest, limits
+        self.allowed = limits.allowed_bytes(item.size)
+        self.result = UnpackedInput(item, "archive", dest)
+        self.members = 0
+
+    def skip(self, name: str, reason: str) -> None:
+        self.result.skipped.append(SkippedFile(self.item.name, name, reason))
+
+    def extract(self, tar: tarfile.TarFile, into: Path, prefix: str, depth: int) -> None:
+        for member in tar:
+            name = f"{prefix}{member.name}"
+            try:
+                safe = tarfile.data_filter(member, str(into))
+            except tarfile.FilterError as exc:
+                self.skip(name, f"refused by the tar data filter: {exc}")
+                continue
+            if safe.isdir():
+                continue
+            if not safe.isfile():
+                self.skip(name, "links and special files are not extracted")
+                continue
+            self.members += 1
+            if self.members > self.limits.max_members:
+                raise _LimitExceeded(f"more than {self.limits.max_members} members")
+            if safe.size > self.limits.max_file_bytes:
+                raise _LimitExceeded(
+                    f"member of {_size(safe.size)}, over {_size(self.limits.max_file_bytes)}"
+                )
+            if self.result.bytes_written + safe.size > self.allowed:
+                raise _LimitExceeded(
+                    f"expands to more than {_size(self.allowed)} "
+                    f"(from {_size(self.item.size)}: an archive bomb?)"
+                )
+            target = self._target(into, safe.name)
+            source = tar.extractfile(safe)
+            assert source is not None
+            with source, target.open("wb") as out:
+                shutil.copyfileobj(source, out, 1 << 20)
+            self.result.bytes_written += safe.size
+            self._unpack_nested(target, f"{name}/", depth)
+
+    def _target(self, into: Path, name: str) -> Path:
+        """A safe, short path for a member (names sanitised; a repeated name: the last one wins)."""
+        target = into / sanitise_relpath(name, "member")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target
+
+    def _unpack_nested(self, path: Path, prefix: str, depth: int) -> None:
+        try:
+            inner = tarfile.open(path, mode="r:*")  # noqa: SIM115 - closed by the with below
+        except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError):
+            self.result.files.append(path)
+            return
+        with inner:
+            if depth >= self.limits.max_depth:
+                self.skip(prefix.rstrip("/"), f"archive nested deeper than {self.limits.max_depth} levels")
+            else:
+                self.extract(inner, path.parent / f"{path.name}.d", prefix, depth + 1)
+        path.unlink()
+
+
+def unpack(item: InputItem, dest: Path, limits: ArchiveLimits | None = None) -> UnpackedInput:
     """Extract an archive into ``dest``, or place a single file there (bytes) or in place (path).
 
     A failure leaves no files of this input behind: a half-extracted archive could
     otherwise turn into a silently incomplete DICOM series.
     """
+    limits = limits or ArchiveLimits()
     if item.size == 0:
         return UnpackedInput(item, "file", dest, error="empty input (0 bytes)")
     tar = _open_tar(item)
@@ -192,33 +287,20 @@ def unpack(item: InputItem, dest: Path) -> UnpackedInput:
         target.write_bytes(item.data)
         return UnpackedInput(item, "file", dest, files=[target], bytes_written=len(item.data))
 
-    result = UnpackedInput(item, "archive", dest)
+    extraction = _Extraction(item, dest, limits)
     dest.mkdir(parents=True, exist_ok=True)
     try:
         with tar:
-            for member in tar:
-                try:
-                    safe = tarfile.data_filter(member, str(dest))
-                except tarfile.FilterError as exc:
-                    result.skipped.append(
-                        SkippedFile(item.name, member.name, f"refused by the tar data filter: {exc}")
-                    )
-                    continue
-                if safe.isdir():
-                    continue
-                if not safe.isfile():
-                    result.skipped.append(
-                        SkippedFile(item.name, member.name, "links and special files are not extracted")
-                    )
-                    continue
-                tar.extract(safe, dest, set_attrs=False, filter="data")
-                result.files.append(dest / safe.name)
-                result.bytes_written += safe.size
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+            extraction.extract(tar, dest, "", 1)
+    except _LimitExceeded as exc:
+        shutil.rmtree(dest, ignore_errors=True)
+        return UnpackedInput(item, "archive", dest, error=f"archive refused: {exc}")
+    except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error, lzma.LZMAError) as exc:
         shutil.rmtree(dest, ignore_errors=True)
         return UnpackedInput(
             item, "archive", dest, error=f"archive could not be read: {type(exc).__name__}: {exc}"
         )
+    result = extraction.result
     # Several members may share a name; the last one wins, as in any extraction.
     result.files = list(dict.fromkeys(result.files))
     return result

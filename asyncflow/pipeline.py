@@ -17,6 +17,7 @@ synchronous functions from the domain modules.
 
 from __future__ import annotations
 
+import errno
 import resource
 import shutil
 import tempfile
@@ -137,6 +138,7 @@ class _Request:
         self.dicom: dict[str, bytes] = {}
         self.nifti: dict[str, bytes] = {}
         self.label_json: dict[str, bytes] = {}
+        self.limits = settings.archive_limits()
         self.label_config = label_config
         self.seg_options = SegOptions(
             settings.seg_type, settings.seg_keep_empty_frames, settings.seg_compression
@@ -187,6 +189,8 @@ class _Request:
             result = await anyio.to_thread.run_sync(fn, *args)
         except Exception as exc:  # noqa: BLE001 - any error of one case fails that case alone
             stage_s[stage] = time.perf_counter() - started
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                exc = OSError(exc.errno, f"disk full while writing the case's files ({exc.strerror})")
             self._end_case(case, stage=stage, error=exc)
             return None
         stage_s[stage] = time.perf_counter() - started
@@ -236,7 +240,7 @@ class _Request:
             for item in items:  # shared iterator: each worker takes the next item
                 started = time.perf_counter()
                 dest = self.workdir / "inputs" / f"{item.index:04d}"
-                unpacked = await anyio.to_thread.run_sync(unpack, item, dest)
+                unpacked = await anyio.to_thread.run_sync(unpack, item, dest, self.limits)
                 duration = round(time.perf_counter() - started, 4)
                 if unpacked.error:
                     log.warning("input.failed", input_index=item.index, reason=scrub(unpacked.error))
@@ -270,7 +274,7 @@ class _Request:
                 )
                 if unpacked.error:
                     continue
-                scanned = await anyio.to_thread.run_sync(scan, unpacked)
+                scanned = await anyio.to_thread.run_sync(scan, unpacked, self.limits.max_file_bytes)
                 if scanned.skipped:
                     log.info("files.skipped", input_index=unpacked.item.index, files=len(scanned.skipped))
                 for case in self.builder.add(scanned):
@@ -400,6 +404,7 @@ async def run_request(
     if not items:
         raise RequestError("the request has no inputs")
     label_config = load_label_config(settings.label_config) if settings.label_config else {}
+    _check_free_space(settings, sum(i.size for i in items))
     backend = backend or build_backend(settings)
     request_id = uuid.uuid4().hex[:12]
     started = time.perf_counter()
@@ -444,6 +449,22 @@ async def run_request(
                 duration_s=round(time.perf_counter() - started, 4),
                 peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             )
+
+
+def _check_free_space(settings: Settings, input_bytes: int) -> None:
+    """Fail before any work when the work folder's disk cannot hold the unpacked request."""
+    if not settings.disk_headroom:
+        return
+    parent = settings.work_dir or Path(tempfile.gettempdir())
+    need = int(settings.disk_headroom * input_bytes)
+    existing = next(p for p in (parent, *parent.parents) if p.exists())  # work_dir may not exist yet
+    free = shutil.disk_usage(existing).free
+    if free < need:
+        raise RequestError(
+            f"not enough free disk space in {parent}: about {need / 1e9:.1f} GB needed "
+            f"({settings.disk_headroom:g} x the {input_bytes / 1e9:.1f} GB of input), {free / 1e9:.1f} GB free; "
+            "free some space, choose another --work-dir, or lower disk_headroom"
+        )
 
 
 def run_request_sync(entries: Iterable[Entry], settings: Settings | None = None, **kwargs: Any) -> Result:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+from .inputs import ArchiveLimits
 
 __all__ = ["Settings", "SettingsError", "default_workers", "packaged_demo_model"]
 
@@ -54,10 +56,16 @@ def _coerce(name: str, value: object) -> object:
     if name == "folds" and not isinstance(value, tuple):
         folds = value if isinstance(value, list) else str(value).replace(",", " ").split()
         return tuple(int(f) if str(f).isdigit() else f for f in folds)
-    if name in ("multi_modal", "seg_keep_empty_frames", "use_mirroring") and isinstance(value, str):
-        return _flag(value)
     if name == "seg_type" and isinstance(value, str):
         return value.upper()
+    default = _DEFAULTS.get(name)
+    if isinstance(value, str) and isinstance(default, bool):
+        return _flag(value)
+    if isinstance(value, str) and isinstance(default, int | float):
+        try:
+            return type(default)(float(value)) if isinstance(default, float) else int(float(value))
+        except ValueError:
+            raise SettingsError(f"{name} must be a number, got {value!r}") from None
     return value
 
 
@@ -96,12 +104,29 @@ class Settings:
     export_workers: int = field(default_factory=default_workers)
     queue_size: int = 2  # items waiting between two stages
 
+    # Limits on untrusted input (README "Security"): an input over one fails alone, with the reason.
+    max_archive_bytes: int = 100 << 30  # bytes one archive may expand to
+    max_archive_members: int = 200_000
+    max_file_bytes: int = 16 << 30  # one member, or the voxels a NIfTI header declares
+    max_compression_ratio: float = 100.0  # extracted / archive size, checked above 1 GiB
+    max_archive_depth: int = 2  # archives inside archives are unpacked down to this depth
+    disk_headroom: float = 2.0  # free space needed before work starts, x the input size (0: no check)
+
     # Reference-image paths, used by the FLAME entry point and as CLI defaults.
     input_dir: Path | None = None  # nnUNet_input
     output_dir: Path | None = None  # nnUNet_output
 
     def __post_init__(self) -> None:
-        for name in ("unpack_workers", "prepare_workers", "export_workers", "queue_size"):
+        for name in (
+            "unpack_workers",
+            "prepare_workers",
+            "export_workers",
+            "queue_size",
+            "max_archive_bytes",
+            "max_archive_members",
+            "max_file_bytes",
+            "max_archive_depth",
+        ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 < self.tile_step_size <= 1:
@@ -138,6 +163,15 @@ class Settings:
         values.update({k: _coerce(k, v) for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
 
+    def archive_limits(self) -> ArchiveLimits:
+        return ArchiveLimits(
+            max_bytes=self.max_archive_bytes,
+            max_members=self.max_archive_members,
+            max_file_bytes=self.max_file_bytes,
+            max_ratio=self.max_compression_ratio,
+            max_depth=self.max_archive_depth,
+        )
+
     def resolve_model_dir(self) -> Path:
         """The trained model folder, or a clear error saying how to name one."""
         if self.model_dir is not None:
@@ -164,3 +198,12 @@ def _find_case_insensitive(parent: Path, name: str) -> Path:
         return exact
     matches = [p for p in parent.iterdir() if p.name.lower() == name.lower()]
     return matches[0] if len(matches) == 1 else exact
+
+
+def _default(f: Any) -> object:
+    if f.default is not MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not MISSING else None
+
+
+_DEFAULTS = {f.name: _default(f) for f in fields(Settings)}
