@@ -64,18 +64,45 @@ class Scan:
     skipped: list[SkippedFile] = field(default_factory=list)
 
 
-def nifti_declared_bytes(head: bytes) -> int:
-    """Bytes of voxel data a NIfTI-1/2 header declares (to refuse a decompression bomb unread)."""
+def nifti_sizes(head: bytes) -> tuple[int, int]:
+    """(voxel data offset, voxel bytes) a NIfTI-1/2 header declares."""
     little = int.from_bytes(head[:4], "little") in (348, 540)
     order = "<" if little else ">"
     if head[344:348] == b"n+1\0":
         dims = struct.unpack(f"{order}8h", head[40:56])
         bitpix = struct.unpack(f"{order}h", head[72:74])[0]
+        offset = int(struct.unpack(f"{order}f", head[108:112])[0])
     else:
         bitpix = struct.unpack(f"{order}h", head[14:16])[0]
         dims = struct.unpack(f"{order}8q", head[16:80])
+        offset = struct.unpack(f"{order}q", head[168:176])[0]
     count = max(1, min(int(dims[0]), 7))
-    return int(np.prod([max(1, int(d)) for d in dims[1 : count + 1]], dtype=np.float64) * max(bitpix, 1) // 8)
+    voxels = np.prod([max(1, int(d)) for d in dims[1 : count + 1]], dtype=np.float64)
+    return offset, int(voxels * max(bitpix, 1) // 8)
+
+
+def _nifti_problem(path: Path, head: bytes, max_file_bytes: int) -> str | None:
+    """Why a NIfTI file must not be read: a decompression bomb, or fewer bytes than declared.
+
+    Checked from the header and the file's size (a .gz trailer holds the size of
+    the data mod 2**32), without decompressing: SimpleITK reads a truncated
+    volume without complaint.
+    """
+    offset, declared = nifti_sizes(head)
+    if declared > max_file_bytes:
+        return f"NIfTI declares {declared / (1 << 30):.1f} GiB of voxels, over the {max_file_bytes / (1 << 30):.1f} GiB limit"
+    needed = offset + declared
+    with path.open("rb") as f:
+        if f.read(2) == b"\x1f\x8b":
+            f.seek(-4, 2)
+            held = int.from_bytes(f.read(4), "little")
+            if needed >= 1 << 32:
+                return None
+        else:
+            held = path.stat().st_size
+    if held < needed:
+        return f"NIfTI is truncated: {held} bytes, its header declares {needed}"
+    return None
 
 
 def scan(unpacked: UnpackedInput, max_file_bytes: int = 16 << 30) -> Scan:
@@ -103,10 +130,9 @@ def scan(unpacked: UnpackedInput, max_file_bytes: int = 16 << 30) -> Scan:
                 reason = f"malformed DICOM header ({type(exc).__name__})"
                 result.skipped.append(SkippedFile(origin, unpacked.relative(path), reason))
         elif is_nifti_header(head):
-            declared = nifti_declared_bytes(head)
-            if declared > max_file_bytes:
-                reason = f"NIfTI declares {declared / (1 << 30):.1f} GiB of voxels, over the {max_file_bytes / (1 << 30):.1f} GiB limit"
-                result.skipped.append(SkippedFile(origin, unpacked.relative(path), reason))
+            problem = _nifti_problem(path, head, max_file_bytes)
+            if problem:
+                result.skipped.append(SkippedFile(origin, unpacked.relative(path), problem))
             else:
                 result.nifti.append(path)
         else:

@@ -94,6 +94,7 @@ class CaseReport:
     stage_s: dict[str, float] = field(default_factory=dict)
     labels_present: list[int] = field(default_factory=list)
     labels_absent: list[int] = field(default_factory=list)  # declared by the model, not found
+    fallback: str | None = None  # why a DICOM case was returned as NIfTI
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -108,6 +109,7 @@ class CaseReport:
             "stage_s": {k: round(v, 4) for k, v in self.stage_s.items()},
             "labels_present": self.labels_present,
             "labels_absent": self.labels_absent,
+            "fallback": self.fallback,
         }
 
 

@@ -326,7 +326,15 @@ def _execute(args: argparse.Namespace) -> int:
             args.output = args.output or settings.output_dir
             if not entries or args.output is None:
                 raise SettingsError("name INPUT... and --output DIR (or set nnUNet_input and nnUNet_output)")
-        result = run_request_sync(entries, settings, on_progress=bar)
+        ended: list[Result] = []
+        try:
+            result = run_request_sync(entries, settings, on_progress=bar, on_finish=ended.append)
+        except KeyboardInterrupt:
+            if ended:  # what was done before the interrupt, and what was not
+                bar.close()
+                report = write_outputs(ended[0], args.output)
+                print(f"asyncflow: partial report: {report}", file=sys.stderr)
+            raise
     finally:
         bar.close()
     write_outputs(result, args.output)

@@ -3,6 +3,8 @@
 A plain synchronous function the pipeline runs in a worker thread. Label
 metadata is merged here, per case: the model's labels, the user's label
 configuration, then a ``*.mitklabel.json`` supplied with the case's input.
+When the SEG of a DICOM case cannot be written (or fails its self-check), the
+prediction is still returned, as NIfTI in the series' geometry, with the reason.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ class Exported:
     labels_present: list[int]
     labels_absent: list[int]  # declared by the model, not found in the prediction
     label_json: tuple[str, bytes] | None = None  # <case>.mitklabel.json beside a SEG
+    fallback: str | None = None  # why a DICOM case came out as NIfTI
+
+    @property
+    def format(self) -> str:
+        return "dicom_seg" if self.name.endswith(".dcm") else "nifti"
 
 
 def export_case(
@@ -44,6 +51,26 @@ def export_case(
     if case.kind is not SourceKind.DICOM:
         data = nifti_seg_bytes(predicted.labels, prepared.source_files[0], prepared.workdir / "seg.nii.gz")
         return Exported(f"{case.output_name}.nii.gz", data, present, absent)
+    try:
+        return _dicom_outputs(predicted, model_labels, label_config, algorithm, options, present, absent)
+    except Exception as exc:  # noqa: BLE001 - the prediction is kept as NIfTI, with the reason
+        # The nnU-Net input has the series' geometry in slice order, as the prediction.
+        data = nifti_seg_bytes(predicted.labels, prepared.channel_files[0], prepared.workdir / "seg.nii.gz")
+        reason = f"DICOM SEG failed ({type(exc).__name__}: {exc}); written as NIfTI"
+        return Exported(f"{case.output_name}.nii.gz", data, present, absent, fallback=reason)
+
+
+def _dicom_outputs(
+    predicted: PredictedCase,
+    model_labels: Mapping[int, SegmentLabel],
+    label_config: Mapping[int, Mapping[str, Any]],
+    algorithm: Algorithm,
+    options: SegOptions,
+    present: list[int],
+    absent: list[int],
+) -> Exported:
+    prepared = predicted.prepared
+    case = prepared.case
     sources: list[Mapping[int, Mapping[str, Any]]] = [label_config]
     if case.label_file is not None:
         sources.append(read_mitk_labels(case.label_file.read_bytes(), case.label_file.name))

@@ -42,7 +42,6 @@ from .case import (
     PredictedCase,
     PreparedCase,
     SkippedFile,
-    SourceKind,
 )
 from .export import export_case
 from .inputs import Entry, InputItem, RequestError, UnpackedInput, request_items, unpack
@@ -349,29 +348,32 @@ class _Request:
                     )
                     if exported is None:
                         continue
-                    (self.dicom if case.kind is SourceKind.DICOM else self.nifti)[exported.name] = (
-                        exported.data
-                    )
+                    outputs = self.dicom if exported.format == "dicom_seg" else self.nifti
+                    outputs[exported.name] = exported.data
                     if exported.label_json is not None:
                         self.label_json[exported.label_json[0]] = exported.label_json[1]
                     report = self.reports[case.case_id]
                     report.output = exported.name
                     report.labels_present = exported.labels_present
                     report.labels_absent = exported.labels_absent
+                    report.fallback = exported.fallback
+                    fallback = {"fallback": scrub(exported.fallback)} if exported.fallback else {}
                     log.info(
                         "case.exported",
-                        format="dicom_seg" if case.kind is SourceKind.DICOM else "nifti",
+                        format=exported.format,
                         bytes=len(exported.data),
                         duration_s=round(report.stage_s["export"], 4),
+                        **fallback,
                     )
                     self._end_case(case)
 
     # -- result --------------------------------------------------------------------
 
-    def result(self, request_id: str, duration_s: float) -> Result:
+    def result(self, request_id: str, duration_s: float, status: str | None = None) -> Result:
+        """The result so far; ``status`` overrides the one the cases give (cancelled, error)."""
         reports = sorted(self.reports.values(), key=lambda r: r.case_id)
         failed = sum(r.status is not CaseStatus.DONE for r in reports)
-        status = "done" if failed == 0 else ("failed" if failed == len(reports) else "partial")
+        status = status or ("done" if failed == 0 else ("failed" if failed == len(reports) else "partial"))
         return Result(
             request_id=request_id,
             status=status,
@@ -391,11 +393,14 @@ async def run_request(
     *,
     backend: Backend | None = None,
     on_progress: Callable[[Progress], None] | None = None,
+    on_finish: Callable[[Result], None] | None = None,
 ) -> Result:
     """Segment every volume of a request.
 
     ``entries`` is a list of ``bytes``, ``{name: bytes}`` mappings or local paths.
-    Pass a loaded ``backend`` to reuse a model across requests. Raises
+    Pass a loaded ``backend`` to reuse a model across requests. ``on_finish``
+    receives the result as it stands when the request ends in any way, also on
+    error or cancellation (cases not reached are ``pending``). Raises
     :class:`RequestError` when the request holds no usable case, and the
     backend's :class:`ModelError` when the model cannot load.
     """
@@ -438,6 +443,9 @@ async def run_request(
             raise
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
+            if on_finish is not None:
+                final = status if status in ("error", "cancelled") else None
+                on_finish(request.result(request_id, time.perf_counter() - started, final))
             statuses = [r.status for r in request.reports.values()]
             log.info(
                 "request.finished",
