@@ -424,6 +424,8 @@ async def run_request(
             try:
                 await request.run(items)
             except BaseExceptionGroup as group:
+                if group.subgroup(KeyboardInterrupt):  # Ctrl-C reached a stage: the request is cancelled
+                    raise KeyboardInterrupt from None
                 # One failing stage cancels the others; surface its error, not the group.
                 errors = [e for e in group.exceptions if not isinstance(e, anyio.get_cancelled_exc_class())]
                 if len(errors) == 1 and isinstance(errors[0], Exception):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import logging
 import struct
 import tarfile
 from pathlib import Path
@@ -25,8 +26,10 @@ from pydicom.uid import (
 from asyncflow.assemble import CaseBuilder, scan
 from asyncflow.case import Case, SourceKind
 from asyncflow.inputs import ArchiveLimits, InputItem, request_items, unpack
+from asyncflow.log import configure_logging
+from asyncflow.pipeline import run_request
 from asyncflow.prepare import prepare_case
-from asyncflow.synthetic import dicom_series_datasets, make_phantom, nifti_bytes
+from asyncflow.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom, nifti_bytes
 
 
 def _member(name: str, data: bytes = b"x", kind: bytes = tarfile.REGTYPE, link: str = "") -> tuple:
@@ -209,3 +212,33 @@ def test_a_truncated_nifti_is_skipped_not_read_as_a_volume(tmp_path: Path, rng: 
         assert scanned.skipped[0].reason == f"NIfTI is truncated: 400 bytes, its header declares {len(whole)}"
     intact = scan(unpack(InputItem(0, "whole.nii.gz", data=gzip.compress(whole)), tmp_path / "whole"))
     assert len(intact.nifti) == 1 and intact.skipped == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("json_logs", [True, False], ids=["json", "console"])
+async def test_no_patient_data_or_file_names_in_the_logs(
+    tmp_path: Path, settings_factory, loaded_backend, rng: np.random.Generator, json_logs: bool
+) -> None:
+    name, patient_id, birth = "Zzyzx^Quentin", "PHI-777123", "19121231"
+    good = dicom_series_datasets(make_phantom(rng, (16, 24, 24)), patient_name=name, patient_id=patient_id)
+    tilted = dicom_series_datasets(
+        make_phantom(rng, (16, 24, 24)), patient_name=name, patient_id=patient_id, slice_shift=(0, 0.5, 0)
+    )
+    for ds in good + tilted:
+        ds.PatientBirthDate = birth
+    phi_file = "Zzyzx_Quentin_19121231"
+    entries = [
+        {f"exports/{phi_file}.tar": dicom_series_tar([good, tilted])},
+        {f"exports/{phi_file}_broken.tar.gz": dicom_series_tar([good])[:3000]},
+        {f"exports/{phi_file}.txt": b"referral letter"},
+    ]
+    logs = io.StringIO()
+    configure_logging(json=json_logs, stream=logs)
+    logging.getLogger("highdicom").warning(f"cannot read /data/{phi_file}/1.dcm")  # a library's message
+    result = await run_request(entries, settings_factory(tmp_path / "work"), backend=loaded_backend)
+    assert [c.status for c in result.cases] == ["done", "failed"]
+    assert any(i["error"] for i in result.inputs) and result.skipped
+    text = logs.getvalue()
+    assert "case.failed" in text and "input.failed" in text and "library.logged" in text
+    for secret in ("Zzyzx", "Quentin", patient_id, birth, "exports"):
+        assert secret not in text

@@ -1,0 +1,139 @@
+"""Faults mid-run: one case's failure stays its own, its prediction is kept when it can be, and the
+request ends with every case accounted for and no temporary file left."""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import asyncflow.cli
+import asyncflow.export
+import asyncflow.prepare
+from asyncflow.backends import Backend
+from asyncflow.cli import main
+from asyncflow.inputs import RequestError
+from asyncflow.log import configure_logging
+from asyncflow.pipeline import run_request
+from asyncflow.seg import read_nifti_seg
+from asyncflow.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom, nifti_bytes
+
+pytestmark = pytest.mark.anyio
+
+
+def _nifti(rng: np.random.Generator) -> bytes:
+    phantom = make_phantom(rng, (24, 32, 32))
+    return nifti_bytes(phantom.image, phantom.spacing, phantom.origin)
+
+
+class _FailsOnCase:
+    """The real model, except that predicting one case raises, as a GPU fault would."""
+
+    def __init__(self, backend: Backend, case_id: str) -> None:
+        self.backend, self.case_id, self.info = backend, case_id, backend.info
+
+    def load(self) -> None:
+        self.backend.load()
+
+    def predict(self, channel_files: Sequence[Path]) -> np.ndarray:
+        if channel_files[0].name.startswith(self.case_id):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return self.backend.predict(channel_files)
+
+
+async def test_a_prediction_error_fails_that_case_alone(
+    tmp_path: Path, settings_factory, loaded_backend: Backend, rng: np.random.Generator
+) -> None:
+    entries = [{f"v{n}.nii.gz": _nifti(rng)} for n in range(3)]
+    work = tmp_path / "work"
+    result = await run_request(
+        entries, settings_factory(work), backend=_FailsOnCase(loaded_backend, "case-0002")
+    )
+    by_id = {c.case_id: c for c in result.cases}
+    assert [(c.status, c.error_stage) for c in by_id.values()] == [
+        ("done", None),
+        ("failed", "predict"),
+        ("done", None),
+    ]
+    failed = by_id["case-0002"]
+    assert failed.error == "predict: RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert sorted(result.nifti_seg_bytes) == sorted(c.output for c in result.cases if c.status == "done")
+    assert len(result.nifti_seg_bytes) == 2 and not any(work.iterdir())
+
+
+async def test_a_failed_seg_still_returns_the_prediction_as_nifti(
+    tmp_path: Path, settings_factory, loaded_backend: Backend, rng: np.random.Generator, monkeypatch
+) -> None:
+    def broken_seg(*args, **kwargs):
+        raise ValueError("highdicom refused the source")
+
+    monkeypatch.setattr(asyncflow.export, "dicom_seg_bytes", broken_seg)
+    phantom = make_phantom(rng, (24, 32, 32))
+    logs = io.StringIO()
+    configure_logging(json=True, stream=logs)
+    result = await run_request(
+        [{"study.tar": dicom_series_tar([dicom_series_datasets(phantom)])}],
+        settings_factory(tmp_path / "work"),
+        backend=loaded_backend,
+    )
+    (case,) = result.cases
+    assert (case.status, case.output) == ("done", "study.nii.gz") and result.dicom_seg_bytes == {}
+    assert case.fallback == "DICOM SEG failed (ValueError: highdicom refused the source); written as NIfTI"
+    image = read_nifti_seg(result.nifti_seg_bytes["study.nii.gz"])
+    assert image.GetSize() == (32, 32, 24) and image.GetOrigin() == pytest.approx(phantom.origin, abs=1e-3)
+    exported = [json.loads(line) for line in logs.getvalue().splitlines() if '"case.exported"' in line]
+    assert exported[0]["format"] == "nifti" and exported[0]["fallback"].startswith("DICOM SEG failed")
+
+
+async def test_disk_full_fails_the_case_with_a_clear_reason(
+    tmp_path: Path, settings_factory, loaded_backend: Backend, rng: np.random.Generator, monkeypatch
+) -> None:
+    def no_space(image, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(asyncflow.prepare, "_write", no_space)
+    work = tmp_path / "work"
+    result = await run_request([_nifti(rng)], settings_factory(work), backend=loaded_backend)
+    (case,) = result.cases
+    assert (
+        case.error
+        == "prepare: OSError: [Errno 28] disk full while writing the case's files (No space left on device)"
+    )
+    assert not any(work.iterdir())
+
+
+async def test_not_enough_free_disk_fails_before_any_work(
+    tmp_path: Path, settings_factory, loaded_backend: Backend, rng: np.random.Generator
+) -> None:
+    work = tmp_path / "work"
+    with pytest.raises(
+        RequestError, match=r"not enough free disk space in .*: about .* GB needed \(1e\+12 x"
+    ):
+        await run_request([_nifti(rng)], settings_factory(work, disk_headroom=1e12), backend=loaded_backend)
+    assert not work.exists() or not any(work.iterdir())
+
+
+def test_ctrl_c_in_the_cli_writes_a_partial_report(tmp_path: Path, model_dir: Path, rng, monkeypatch) -> None:
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for n in range(4):
+        (inputs / f"v{n}.nii.gz").write_bytes(_nifti(rng))
+
+    def interrupt(self, progress) -> None:  # the user presses Ctrl-C after the first case
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(asyncflow.cli._ProgressBar, "__call__", interrupt)
+    out, work = tmp_path / "out", tmp_path / "work"
+    argv = ["run", str(inputs), "-o", str(out), "--model", str(model_dir), "--work-dir", str(work)]
+    assert main([*argv, "--device", "cpu", "--no-mirroring", "--threads", "1"]) == 130
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "cancelled"
+    statuses = [c["status"] for c in report["cases"]]
+    assert statuses.count("done") >= 1 and set(statuses) <= {"done", "pending"}
+    assert len(list((out / "nifti_seg").iterdir())) == statuses.count("done")
+    assert not any(work.iterdir())
