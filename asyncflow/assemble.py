@@ -190,6 +190,7 @@ def _drop_localizers(instances: list[DicomInstance]) -> tuple[list[DicomInstance
 
 @dataclass
 class _Series:
+    uid: str  # SeriesInstanceUID
     origin: str  # the input the first instance came from (report)
     label: str  # what the series is named after
     instances: dict[str, DicomInstance] = field(default_factory=dict)  # by SOPInstanceUID
@@ -204,6 +205,7 @@ class CaseBuilder:
         self._names: set[str] = set()
         self._series: dict[str, _Series] = {}
         self._label_files: dict[str, list[Path]] = {}  # input name -> its *.mitklabel.json
+        self._broken: dict[str, str] = {}  # SeriesInstanceUID -> the unreadable input that held part of it
         self.skipped: list[SkippedFile] = []
 
     def _new_case(self, kind: SourceKind, stem: str, origin: str, files: list[Path]) -> Case:
@@ -216,6 +218,11 @@ class CaseBuilder:
         return Case(
             case_id=f"case-{self._count:04d}", kind=kind, output_name=name, origin=origin, files=files
         )
+
+    def broken(self, unpacked: UnpackedInput) -> None:
+        """An input that failed: series it had begun to deliver are refused, not segmented partially."""
+        for uid in unpacked.broken_series:
+            self._broken[uid] = unpacked.item.name
 
     def add(self, result: Scan) -> list[Case]:
         """NIfTI and multi-frame DICOM cases of this scan; series of single frames wait for
@@ -231,7 +238,8 @@ class CaseBuilder:
                 case.label_file = _label_file_for(case.output_name, result.label_files)
                 cases.append(case)
                 continue
-            series = self._series.setdefault(instance.series_instance_uid, _Series(origin, label))
+            uid = instance.series_instance_uid
+            series = self._series.setdefault(uid, _Series(uid, origin, label))
             # The same instance twice (two exports of one study) is one slice.
             series.instances.setdefault(instance.sop_instance_uid, instance)
         self._label_files[origin] = result.label_files
@@ -277,6 +285,15 @@ class CaseBuilder:
         )
         several = {label for label, count in Counter(s.label for s in ordered).items() if count > 1}
         for series in ordered:
+            if series.uid in self._broken:
+                reason = (
+                    "part of this series was in an input that could not be read "
+                    f"({self._broken[series.uid]}): not segmented as a partial volume"
+                )
+                self.skipped += [
+                    SkippedFile(series.origin, i.path.name, reason) for i in series.instances.values()
+                ]
+                continue
             instances, localizers = _drop_localizers(list(series.instances.values()))
             for localizer in localizers:
                 reason = "localizer (another size or orientation) dropped from its series"

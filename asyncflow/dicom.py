@@ -20,6 +20,7 @@ __all__ = [
     "order_positions",
     "order_series",
     "read_instance",
+    "series_uid",
     "slice_normal",
 ]
 
@@ -112,6 +113,19 @@ def frame_rescale(ds: pydicom.Dataset, frame: int) -> tuple[float, float]:
     item = _functional(ds, frame, "PixelValueTransformationSequence")
     source = item if item is not None and "RescaleSlope" in item else ds
     return float(source.get("RescaleSlope", 1) or 1), float(source.get("RescaleIntercept", 0) or 0)
+
+
+def series_uid(path: Path) -> str | None:
+    """The SeriesInstanceUID of a DICOM file, or None when it is not one."""
+    try:
+        with path.open("rb") as f:
+            if not has_dicom_preamble(f.read(132)):
+                return None
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+    except (InvalidDicomError, OSError, ValueError, EOFError):
+        return None
+    uid = ds.get("SeriesInstanceUID")
+    return str(uid) if uid else None
 
 
 def _values(value: object) -> list[object]:

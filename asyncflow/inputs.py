@@ -27,6 +27,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
 from .case import SkippedFile
+from .dicom import series_uid
 
 __all__ = [
     "ArchiveLimits",
@@ -87,6 +88,8 @@ class UnpackedInput:
     skipped: list[SkippedFile] = field(default_factory=list)
     bytes_written: int = 0
     error: str | None = None
+    # A failed archive: the DICOM series it had begun to deliver, now incomplete elsewhere.
+    broken_series: set[str] = field(default_factory=set)
 
     def relative(self, path: Path) -> str:
         try:
@@ -296,9 +299,14 @@ def unpack(item: InputItem, dest: Path, limits: ArchiveLimits | None = None) -> 
         shutil.rmtree(dest, ignore_errors=True)
         return UnpackedInput(item, "archive", dest, error=f"archive refused: {exc}")
     except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error, lzma.LZMAError) as exc:
+        broken = {uid for uid in map(series_uid, extraction.result.files) if uid}
         shutil.rmtree(dest, ignore_errors=True)
         return UnpackedInput(
-            item, "archive", dest, error=f"archive could not be read: {type(exc).__name__}: {exc}"
+            item,
+            "archive",
+            dest,
+            error=f"archive could not be read: {type(exc).__name__}: {exc}",
+            broken_series=broken,
         )
     result = extraction.result
     # Several members may share a name; the last one wins, as in any extraction.

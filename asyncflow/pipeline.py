@@ -272,6 +272,7 @@ class _Request:
                     }
                 )
                 if unpacked.error:
+                    self.builder.broken(unpacked)
                     continue
                 scanned = await anyio.to_thread.run_sync(scan, unpacked, self.limits.max_file_bytes)
                 if scanned.skipped:

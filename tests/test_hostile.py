@@ -242,3 +242,33 @@ async def test_no_patient_data_or_file_names_in_the_logs(
     assert "case.failed" in text and "input.failed" in text and "library.logged" in text
     for secret in ("Zzyzx", "Quentin", patient_id, birth, "exports"):
         assert secret not in text
+
+
+def test_a_series_split_over_two_archives_is_merged_or_refused_never_partial(
+    tmp_path: Path, rng: np.random.Generator
+) -> None:
+    series = dicom_series_datasets(make_phantom(rng, (20, 16, 16)))
+    first = make_tar({f"a/{k}": dicom_bytes(ds) for k, ds in enumerate(series[:10])}, mode="w")
+    second = make_tar({f"b/{k}": dicom_bytes(ds) for k, ds in enumerate(series[10:])}, mode="w:gz")
+
+    def assemble(archives: list[bytes]) -> CaseBuilder:
+        builder = CaseBuilder()
+        for n, data in enumerate(archives):
+            unpacked = unpack(
+                InputItem(n, f"part{n}.tar", data=data), tmp_path / f"{len(archives)}-{n}-{data[:2].hex()}"
+            )
+            if unpacked.error:
+                builder.broken(unpacked)
+            else:
+                builder.add(scan(unpacked))
+        return builder
+
+    whole = assemble([first, second])
+    (case,) = whole.finish()
+    assert len(case.instances) == 20
+    cut = assemble([first, second[: int(len(second) * 0.7)]])  # the second archive breaks midway
+    assert cut.finish() == []
+    assert len(cut.skipped) == 10
+    assert {s.reason for s in cut.skipped} == {
+        "part of this series was in an input that could not be read (part1.tar): not segmented as a partial volume"
+    }
