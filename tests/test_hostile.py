@@ -224,12 +224,13 @@ async def test_no_patient_data_or_file_names_in_the_logs(
     tilted = dicom_series_datasets(
         make_phantom(rng, (16, 24, 24)), patient_name=name, patient_id=patient_id, slice_shift=(0, 0.5, 0)
     )
-    for ds in good + tilted:
+    other = dicom_series_datasets(make_phantom(rng, (4, 24, 24)), patient_name=name, patient_id=patient_id)
+    for ds in good + tilted + other:
         ds.PatientBirthDate = birth
     phi_file = "Zzyzx_Quentin_19121231"
     entries = [
         {f"exports/{phi_file}.tar": dicom_series_tar([good, tilted])},
-        {f"exports/{phi_file}_broken.tar.gz": dicom_series_tar([good])[:3000]},
+        {f"exports/{phi_file}_broken.tar.gz": dicom_series_tar([other])[:3000]},
         {f"exports/{phi_file}.txt": b"referral letter"},
     ]
     logs = io.StringIO()
