@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import io
 import json
+import signal
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -124,8 +126,12 @@ def test_ctrl_c_in_the_cli_writes_a_partial_report(tmp_path: Path, model_dir: Pa
     for n in range(4):
         (inputs / f"v{n}.nii.gz").write_bytes(_nifti(rng))
 
+    pressed: list[bool] = []
+
     def interrupt(self, progress) -> None:  # the user presses Ctrl-C after the first case
-        raise KeyboardInterrupt
+        if not pressed:
+            pressed.append(True)
+            signal.raise_signal(signal.SIGINT)
 
     monkeypatch.setattr(asyncflow.cli._ProgressBar, "__call__", interrupt)
     out, work = tmp_path / "out", tmp_path / "work"
@@ -137,3 +143,5 @@ def test_ctrl_c_in_the_cli_writes_a_partial_report(tmp_path: Path, model_dir: Pa
     assert statuses.count("done") >= 1 and set(statuses) <= {"done", "pending"}
     assert len(list((out / "nifti_seg").iterdir())) == statuses.count("done")
     assert not any(work.iterdir())
+    # Every worker thread of the interrupted run has stopped: the process can exit.
+    assert not [t for t in threading.enumerate() if t.name == "AnyIO worker thread" and not t.daemon]
