@@ -84,7 +84,7 @@ def _dicom_outputs(
     label_json = mitk_label_json(
         described,
         [path.name for path in prepared.source_files],
-        series_description=f"{algorithm.name} segmentation"[:64],
+        series_description=algorithm.series_description,
     )
     return Exported(
         f"{case.output_name}.dcm", data, present, absent, (f"{case.output_name}{MITK_SUFFIX}", label_json)

@@ -207,7 +207,7 @@ class _Extraction:
     """One input's archive (and the archives inside it), member by member, within the limits."""
 
     def __init__(self, item: InputItem, dest: Path, limits: ArchiveLimits) -> None:
-        self.item, self.dest, self.limits = item, dest, limits
+        self.item, self.limits = item, limits
         self.allowed = limits.allowed_bytes(item.size)
         self.result = UnpackedInput(item, "archive", dest)
         self.members = 0

@@ -42,6 +42,11 @@ class Algorithm:
     version: str  # e.g. "nnunetv2 2.8.1"
     parameters: Mapping[str, str] = field(default_factory=dict)  # trainer, plans, folds...
 
+    @property
+    def series_description(self) -> str:
+        """SeriesDescription of its SEGs (and of the MITK label JSON beside them)."""
+        return f"{self.name} segmentation"[:64]
+
 
 def _coded(code: Code) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
@@ -140,7 +145,7 @@ def dicom_seg_bytes(
         manufacturer_model_name=algorithm.name[:64],
         software_versions=f"asyncflow {__version__}",
         device_serial_number="0",
-        series_description=f"{algorithm.name} segmentation"[:64],
+        series_description=algorithm.series_description,
         content_label="NNUNET",
         content_description=(
             f"{algorithm.name} automatic segmentation"
