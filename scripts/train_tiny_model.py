@@ -106,10 +106,52 @@ def _patch_corner(rng: np.random.Generator, seg: np.ndarray, foreground: bool) -
     return tuple(int(rng.integers(0, s - PATCH + 1)) for s in seg.shape)
 
 
-def _dice(a: np.ndarray, b: np.ndarray, label: int) -> float:
+def dice(a: np.ndarray, b: np.ndarray, label: int) -> float:
     x, y = a == label, b == label
     denominator = x.sum() + y.sum()
     return float(2.0 * (x & y).sum() / denominator) if denominator else 1.0
+
+
+def fit(network, images: list, segs: list, rng: np.random.Generator) -> list[float]:
+    """The short training loop both tiny models share; returns the mean loss of each epoch.
+
+    Adam with nnU-Net's polynomial learning-rate decay, Dice + cross-entropy,
+    ``PATCH``^3 patches, every second one holding foreground, no augmentation.
+    ``images`` are (channels, z, y, x) float tensors, ``segs`` (z, y, x) int64 tensors.
+    """
+    import torch
+
+    optimiser = torch.optim.Adam(network.parameters(), lr=LEARNING_RATE)
+    cross_entropy = torch.nn.CrossEntropyLoss()
+    n_classes = len(LABELS)
+    network.train()
+    epoch_losses = []
+    for epoch in range(EPOCHS):
+        for group in optimiser.param_groups:  # nnU-Net's polynomial learning-rate decay
+            group["lr"] = LEARNING_RATE * (1 - epoch / EPOCHS) ** 0.9
+        losses = []
+        for _ in range(ITERATIONS):
+            batch_x, batch_y = [], []
+            for b in range(BATCH):
+                i = int(rng.integers(len(images)))
+                z, y, x = _patch_corner(rng, segs[i].numpy(), foreground=b % 2 == 1)
+                batch_x.append(images[i][:, z : z + PATCH, y : y + PATCH, x : x + PATCH])
+                batch_y.append(segs[i][z : z + PATCH, y : y + PATCH, x : x + PATCH])
+            inputs, target = torch.stack(batch_x), torch.stack(batch_y)
+            logits = network(inputs)
+            probabilities = logits.softmax(1)
+            one_hot = torch.nn.functional.one_hot(target, n_classes).permute(0, 4, 1, 2, 3)
+            dims = (0, 2, 3, 4)
+            intersection = (probabilities * one_hot).sum(dims)
+            soft_dice = (2 * intersection + 1e-5) / (probabilities.sum(dims) + one_hot.sum(dims) + 1e-5)
+            loss = cross_entropy(logits, target) + (1 - soft_dice[1:].mean())
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            losses.append(float(loss.detach()))
+        epoch_losses.append(float(np.mean(losses)))
+        print(f"epoch {epoch + 1:2d}/{EPOCHS}  loss {epoch_losses[-1]:.4f}", flush=True)
+    return epoch_losses
 
 
 def train(output: Path) -> dict:
@@ -168,35 +210,8 @@ def train(output: Path) -> dict:
         network = nnUNetTrainer.build_network_architecture(
             plans_manager, configuration, 1, len(LABELS), enable_deep_supervision=False
         )
-        optimiser = torch.optim.Adam(network.parameters(), lr=LEARNING_RATE)
-        cross_entropy = torch.nn.CrossEntropyLoss()
-        n_classes = len(LABELS)
         started = time.perf_counter()
-        network.train()
-        for epoch in range(EPOCHS):
-            for group in optimiser.param_groups:  # nnU-Net's polynomial learning-rate decay
-                group["lr"] = LEARNING_RATE * (1 - epoch / EPOCHS) ** 0.9
-            losses = []
-            for _ in range(ITERATIONS):
-                batch_x, batch_y = [], []
-                for b in range(BATCH):
-                    i = int(rng.integers(len(images)))
-                    z, y, x = _patch_corner(rng, segs[i].numpy(), foreground=b % 2 == 1)
-                    batch_x.append(images[i][:, z : z + PATCH, y : y + PATCH, x : x + PATCH])
-                    batch_y.append(segs[i][z : z + PATCH, y : y + PATCH, x : x + PATCH])
-                inputs, target = torch.stack(batch_x), torch.stack(batch_y)
-                logits = network(inputs)
-                probabilities = logits.softmax(1)
-                one_hot = torch.nn.functional.one_hot(target, n_classes).permute(0, 4, 1, 2, 3)
-                dims = (0, 2, 3, 4)
-                intersection = (probabilities * one_hot).sum(dims)
-                soft_dice = (2 * intersection + 1e-5) / (probabilities.sum(dims) + one_hot.sum(dims) + 1e-5)
-                loss = cross_entropy(logits, target) + (1 - soft_dice[1:].mean())
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
-                losses.append(float(loss.detach()))
-            print(f"epoch {epoch + 1:2d}/{EPOCHS}  loss {np.mean(losses):.4f}", flush=True)
+        fit(network, images, segs, rng)
         train_s = time.perf_counter() - started
 
         fold = output / "fold_0"
@@ -222,16 +237,16 @@ def train(output: Path) -> dict:
             allow_tqdm=False,
         )
         predictor.initialize_from_trained_model_folder(str(output), use_folds=(0,))
-        dice = {name: [] for name, value in LABELS.items() if value}
+        scores: dict[str, list[float]] = {name: [] for name, value in LABELS.items() if value}
         for ph in held_out:
             prediction = predictor.predict_single_npy_array(
                 ph.image[None].astype(np.float32), {"spacing": list(reversed(ph.spacing))}
             )
-            for name in dice:
-                dice[name].append(_dice(prediction, ph.labels, LABELS[name]))
+            for name in scores:
+                scores[name].append(dice(prediction, ph.labels, LABELS[name]))
         summary = {
             "train_s": round(train_s, 1),
-            "held_out_dice": {k: round(float(np.mean(v)), 4) for k, v in dice.items()},
+            "held_out_dice": {k: round(float(np.mean(v)), 4) for k, v in scores.items()},
             "checkpoint_bytes": (fold / "checkpoint_final.pth").stat().st_size,
         }
         (output / "training.json").write_text(
