@@ -37,8 +37,10 @@ WORKDIR /opt/src
 COPY pyproject.toml README.md ./
 COPY asyncflow ./asyncflow
 # asyncflow's own extras pin nnU-Net and torch (pyproject.toml); the SDK is pinned by its git ref.
+# EXTRAS=v1,v2 adds nnU-Net v1 (nnUNet_predict) for v1 models such as the reference's Task029_LiTS.
+ARG EXTRAS=v2
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir ".[v2]" \
+RUN pip install --no-cache-dir ".[${EXTRAS}]" \
         "flame @ git+https://github.com/PrivateAIM/python-sdk-patterns.git@${FLAME_SDK_REF}" \
     && python -c "import asyncflow.flame as f; assert f.FLAME_SDK, 'FLAME SDK missing'"
 

@@ -74,8 +74,9 @@ def _add_model_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         type=Path,
-        help="trained nnU-Net v2 model folder (dataset.json, plans.json, fold_N/); "
-        "default: $nnUNet_results/$TASK_NAME/nnUNetTrainer__nnUNetPlans__3d_fullres",
+        help="trained model folder: v2 <task>/<trainer>__<plans>__<config> (dataset.json, plans.json, "
+        "fold_N/), v1 nnUNet/<config>/<task>/<trainer>__<plans> (plans.pkl, fold_N/); "
+        "default: found from --results-folder and --task",
     )
     parser.add_argument(
         "--multi-modal", action="store_true", default=None, help="<id>_0000, _0001... form one case"
@@ -113,8 +114,22 @@ def _add_seg_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
+    group.add_argument(
+        "--backend",
+        choices=["auto", "v1", "v2"],
+        help="nnU-Net generation: v2 in process, v1 through nnUNet_predict (default auto: by the model's files)",
+    )
+    group.add_argument(
+        "--results-folder",
+        type=Path,
+        help="$nnUNet_results (v2) or $RESULTS_FOLDER (v1), searched with --task",
+    )
+    group.add_argument("--task", dest="task_name", help="$TASK_NAME: dataset/task folder name (v1: or id)")
+    group.add_argument("--trainer", help="default: nnUNetTrainer (v2), nnUNetTrainerV2 (v1)")
+    group.add_argument("--plans", help="default: nnUNetPlans (v2), nnUNetPlansv2.1 (v1)")
+    group.add_argument("--configuration", help="default: 3d_fullres")
     group.add_argument("--folds", nargs="+", help="folds to ensemble (default: every fold_N found)")
-    group.add_argument("--checkpoint", help="checkpoint file name (default: checkpoint_final.pth)")
+    group.add_argument("--checkpoint", help="default: checkpoint_final.pth (v2), model_final_checkpoint (v1)")
     group.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: cuda when available")
     group.add_argument("--tile-step", type=float, dest="tile_step_size", help="sliding-window step (0.5)")
     group.add_argument(
@@ -210,6 +225,12 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     if any(not sep or not name for name, sep, _ in pairs):
         raise SettingsError("--set takes NAME=VALUE, e.g. --set max_archive_depth=3")
     return {
+        "backend": args.backend,
+        "results_folder": args.results_folder,
+        "task_name": args.task_name,
+        "trainer": args.trainer,
+        "plans": args.plans,
+        "configuration": args.configuration,
         "folds": args.folds,
         "checkpoint": args.checkpoint,
         "device": args.device,
@@ -321,7 +342,7 @@ def _execute(args: argparse.Namespace) -> int:
             entries: Sequence[Path] = demo_inputs.paths
         else:
             settings = _settings(args, model_dir=args.model, multi_modal=args.multi_modal)
-            settings.resolve_model_dir()  # fail before any work when no model is named
+            settings.resolve_model()  # fail before any work when no model is named
             entries = args.inputs or ([settings.input_dir] if settings.input_dir else [])
             args.output = args.output or settings.output_dir
             if not entries or args.output is None:

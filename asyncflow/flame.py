@@ -71,7 +71,7 @@ class nnUNetAnalyzer(StarAnalyzer):  # the reference's name, which users know
             configure_logging(json=True)  # a pod's stdout is read by machines
         try:
             self.settings = Settings.from_env(**kwargs)
-            self.settings.resolve_model_dir()
+            self.settings.resolve_model()
         except SettingsError as exc:
             self.hub.failed(exc)
             raise

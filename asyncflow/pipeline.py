@@ -102,15 +102,20 @@ class Result:
 
 def build_backend(settings: Settings) -> Backend:
     """The prediction backend the settings describe (not yet loaded)."""
-    info = ModelInfo.from_folder(
-        settings.resolve_model_dir(), folds=settings.folds, checkpoint=settings.checkpoint
-    )
+    generation, folder = settings.resolve_model()
+    read = ModelInfo.from_v1_folder if generation == "v1" else ModelInfo.from_folder
+    info = read(folder, folds=settings.folds, checkpoint=settings.model_option("checkpoint", generation))
     return create_backend(
         info,
         tile_step_size=settings.tile_step_size,
         use_mirroring=settings.use_mirroring,
         device=settings.device,
         torch_threads=settings.torch_threads,
+        v1_command=settings.v1_command,
+        v1_batch_size=settings.v1_batch_size,
+        v1_case_timeout_s=settings.v1_case_timeout_s,
+        v1_preprocess_threads=settings.v1_preprocess_threads,
+        v1_export_threads=settings.v1_export_threads,
     )
 
 
@@ -152,7 +157,8 @@ class _Request:
         size = self.settings.queue_size
         unpacked_send, unpacked_recv = _stream(size)
         cases_send, cases_recv = _stream(size)
-        prepared_send, prepared_recv = _stream(size)
+        # Room for a whole batch: the prediction worker takes every prepared case that waits.
+        prepared_send, prepared_recv = _stream(max(size, self.backend.max_batch))
         predicted_send, predicted_recv = _stream(size)
         async with anyio.create_task_group() as tg:
             self._fan_out(tg, self.settings.unpack_workers, self._unpack_worker, iter(items), unpacked_send)
@@ -183,17 +189,19 @@ class _Request:
     async def _step(self, case: Case, stage: str, fn: Callable[..., R], *args: Any) -> R | None:
         """Run one stage of one case in a worker thread; a failure ends the case."""
         started = time.perf_counter()
-        stage_s = self.reports[case.case_id].stage_s
         try:
             result = await anyio.to_thread.run_sync(fn, *args)
         except Exception as exc:  # noqa: BLE001 - any error of one case fails that case alone
-            stage_s[stage] = time.perf_counter() - started
-            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-                exc = OSError(exc.errno, f"disk full while writing the case's files ({exc.strerror})")
-            self._end_case(case, stage=stage, error=exc)
+            self._fail(case, stage, exc, time.perf_counter() - started)
             return None
-        stage_s[stage] = time.perf_counter() - started
+        self.reports[case.case_id].stage_s[stage] = time.perf_counter() - started
         return result
+
+    def _fail(self, case: Case, stage: str, error: Exception, seconds: float) -> None:
+        self.reports[case.case_id].stage_s[stage] = seconds
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            error = OSError(error.errno, f"disk full while writing the case's files ({error.strerror})")
+        self._end_case(case, stage=stage, error=error)
 
     def _end_case(self, case: Case, *, stage: str | None = None, error: Exception | None = None) -> None:
         """Book a case as done or failed, remove its working folder, report progress."""
@@ -318,19 +326,56 @@ class _Request:
                 folds=len(self.backend.info.folds),
                 duration_s=round(time.perf_counter() - started, 4),
             )
-            async for prepared in receive:
-                case = prepared.case
-                with structlog.contextvars.bound_contextvars(case_id=case.case_id):
-                    labels = await self._step(case, "predict", self.backend.predict, prepared.channel_files)
-                    if labels is None:
-                        continue
-                    log.info(
-                        "case.predicted",
-                        voxels=int(labels.size),
-                        duration_s=round(self.reports[case.case_id].stage_s["predict"], 4),
-                        predict_queue=receive.statistics().current_buffer_used,
-                    )
-                    await send.send(PredictedCase(prepared, labels))
+            async for first in receive:
+                batch = [first]
+                while len(batch) < self.backend.max_batch:  # every case that is ready, never waiting
+                    try:
+                        batch.append(receive.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                await self._predict(batch, receive, send)
+
+    async def _predict(
+        self,
+        batch: list[PreparedCase],
+        receive: MemoryObjectReceiveStream[PreparedCase],
+        send: MemoryObjectSendStream[PredictedCase],
+    ) -> None:
+        """One backend call for ``batch``; when the call fails as a whole, each case alone."""
+        started = time.perf_counter()
+        try:
+            outcomes = await self.backend.predict([p.channel_files for p in batch])
+            if len(outcomes) != len(batch):
+                raise RuntimeError(f"the backend returned {len(outcomes)} result(s) for {len(batch)} case(s)")
+        except Exception as exc:  # noqa: BLE001 - isolated below: no case fails for another's error
+            if len(batch) > 1:
+                log.warning(
+                    "predict.batch_failed",
+                    cases=len(batch),
+                    error_type=type(exc).__name__,
+                    reason=scrub(str(exc)),
+                    duration_s=round(time.perf_counter() - started, 4),
+                )
+                for prepared in batch:
+                    await self._predict([prepared], receive, send)
+                return
+            outcomes = [exc]
+        seconds = time.perf_counter() - started  # cases predicted together share one interval
+        for prepared, outcome in zip(batch, outcomes, strict=True):
+            case = prepared.case
+            with structlog.contextvars.bound_contextvars(case_id=case.case_id):
+                if isinstance(outcome, Exception):
+                    self._fail(case, "predict", outcome, seconds)
+                    continue
+                self.reports[case.case_id].stage_s["predict"] = seconds
+                log.info(
+                    "case.predicted",
+                    voxels=int(outcome.size),
+                    duration_s=round(seconds, 4),
+                    batch=len(batch),
+                    predict_queue=receive.statistics().current_buffer_used,
+                )
+                await send.send(PredictedCase(prepared, outcome))
 
     async def _export_worker(self, receive: MemoryObjectReceiveStream[PredictedCase], _: None) -> None:
         async with receive:

@@ -11,19 +11,32 @@ import os
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple, cast
 
 from .inputs import ArchiveLimits
 
-__all__ = ["Settings", "SettingsError", "default_workers", "packaged_demo_model"]
+__all__ = ["ModelLocation", "Settings", "SettingsError", "default_workers", "packaged_demo_model"]
 
 Device = Literal["auto", "cpu", "cuda"]
+Generation = Literal["v1", "v2"]
+BACKENDS = ("auto", "v1", "v2")
+
+# Stock names per nnU-Net generation, used where a setting is left unset.
+MODEL_DEFAULTS: dict[str, dict[str, str]] = {
+    "v2": {"trainer": "nnUNetTrainer", "plans": "nnUNetPlans", "checkpoint": "checkpoint_final.pth"},
+    "v1": {"trainer": "nnUNetTrainerV2", "plans": "nnUNetPlansv2.1", "checkpoint": "model_final_checkpoint"},
+}
 SEG_TYPES = ("BINARY", "FRACTIONAL", "LABELMAP")
 SEG_COMPRESSIONS = ("none", "rle", "jpeg2000", "jpegls")
 
 
 class SettingsError(ValueError):
     """A setting is missing or has an impossible value."""
+
+
+class ModelLocation(NamedTuple):
+    generation: Generation
+    folder: Path  # v2: <task>/<trainer>__<plans>__<config>; v1: nnUNet/<config>/<task>/<trainer>__<plans>
 
 
 def default_workers() -> int:
@@ -73,20 +86,30 @@ def _coerce(name: str, value: object) -> object:
 class Settings:
     """Everything one request needs besides its inputs."""
 
-    # Model (nnU-Net v2): a trained model folder holding dataset.json, plans.json
-    # and fold_N/<checkpoint>. When unset it is resolved from nnUNet_results.
+    # Model. v2: a trained model folder holding dataset.json, plans.json and
+    # fold_N/<checkpoint>; v1: RESULTS_FOLDER/nnUNet/<configuration>/<task>/<trainer>__<plans>
+    # holding plans.pkl and fold_N/<checkpoint>.model(.pkl). When unset it is resolved from
+    # results_folder and task_name; "auto" tells the generations apart by their files.
+    backend: str = "auto"  # auto, v1 (nnUNet_predict subprocess) or v2 (in process)
     model_dir: Path | None = None
     results_folder: Path | None = None  # nnUNet_results (v2) or RESULTS_FOLDER (v1)
-    task_name: str | None = None  # dataset/task folder name under results_folder
-    trainer: str = "nnUNetTrainer"
-    plans: str = "nnUNetPlans"
+    task_name: str | None = None  # dataset/task folder name under results_folder (v1: or its id, "29")
+    trainer: str | None = None  # default: nnUNetTrainer (v2), nnUNetTrainerV2 (v1)
+    plans: str | None = None  # default: nnUNetPlans (v2), nnUNetPlansv2.1 (v1)
     configuration: str = "3d_fullres"
     folds: tuple[int | str, ...] | None = None  # None: every fold_N found
-    checkpoint: str = "checkpoint_final.pth"
+    checkpoint: str | None = None  # default: checkpoint_final.pth (v2), model_final_checkpoint (v1)
     tile_step_size: float = 0.5
     use_mirroring: bool = True
     device: Device = "auto"
     torch_threads: int | None = None
+
+    # nnU-Net v1: each nnUNet_predict run pays the process and model start-up once for a batch.
+    v1_command: str = "nnUNet_predict"  # found on PATH or beside the running Python
+    v1_batch_size: int = 8  # most prepared cases one nnUNet_predict run takes
+    v1_case_timeout_s: float = 1800.0  # a run of N cases is stopped after N times this
+    v1_preprocess_threads: int = 2  # nnUNet_predict --num_threads_preprocessing
+    v1_export_threads: int = 2  # nnUNet_predict --num_threads_nifti_save
 
     # Inputs
     multi_modal: bool = False  # <id>_0000, <id>_0001 ... form one case
@@ -126,11 +149,18 @@ class Settings:
             "max_archive_members",
             "max_file_bytes",
             "max_archive_depth",
+            "v1_batch_size",
+            "v1_preprocess_threads",
+            "v1_export_threads",
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 < self.tile_step_size <= 1:
             raise SettingsError(f"tile_step_size must be in (0, 1], got {self.tile_step_size}")
+        if self.backend not in BACKENDS:
+            raise SettingsError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.v1_case_timeout_s <= 0:
+            raise SettingsError(f"v1_case_timeout_s must be positive, got {self.v1_case_timeout_s}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise SettingsError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.seg_type not in SEG_TYPES:
@@ -172,24 +202,65 @@ class Settings:
             max_depth=self.max_archive_depth,
         )
 
-    def resolve_model_dir(self) -> Path:
-        """The trained model folder, or a clear error saying how to name one."""
+    def model_option(self, name: str, generation: Generation) -> str:
+        """``trainer``, ``plans`` or ``checkpoint``: the setting, or the generation's stock name."""
+        value = getattr(self, name)
+        return str(value) if value is not None else MODEL_DEFAULTS[generation][name]
+
+    def resolve_model(self) -> ModelLocation:
+        """The trained model folder and its nnU-Net generation, or a clear error saying how to name one."""
+        wanted: tuple[Generation, ...] = (
+            ("v2", "v1") if self.backend == "auto" else (cast(Generation, self.backend),)
+        )
         if self.model_dir is not None:
-            candidate = self.model_dir
+            candidates = [ModelLocation(g, self.model_dir) for g in wanted]
         elif self.results_folder is not None and self.task_name:
-            task = _find_case_insensitive(self.results_folder, self.task_name)
-            candidate = task / f"{self.trainer}__{self.plans}__{self.configuration}"
+            candidates = [ModelLocation(g, self._model_under_results(g)) for g in wanted]
         else:
             raise SettingsError(
-                "no model given: pass --model DIR (a trained nnU-Net v2 model folder) "
-                "or set nnUNet_results and TASK_NAME"
+                "no model given: pass --model DIR (a trained nnU-Net model folder) "
+                "or set nnUNet_results (v2) or RESULTS_FOLDER (v1) and TASK_NAME"
             )
-        if not (candidate / "dataset.json").is_file() or not (candidate / "plans.json").is_file():
-            raise SettingsError(
-                f"{candidate} is not a trained nnU-Net v2 model folder "
-                "(expected dataset.json, plans.json and fold_N/ inside)"
-            )
-        return candidate
+        for location in candidates:
+            if all((location.folder / name).is_file() for name in _MODEL_FILES[location.generation]):
+                return location
+        expected = "; or ".join(
+            f"{c.folder} as an nnU-Net {c.generation} model folder ({_MODEL_HINTS[c.generation]})"
+            for c in candidates
+        )
+        raise SettingsError(f"no trained model found: looked for {expected}")
+
+    def _model_under_results(self, generation: Generation) -> Path:
+        assert self.results_folder is not None and self.task_name
+        trainer, plans = self.model_option("trainer", generation), self.model_option("plans", generation)
+        if generation == "v2":
+            task = _find_case_insensitive(self.results_folder, self.task_name)
+            return task / f"{trainer}__{plans}__{self.configuration}"
+        configuration = self.results_folder / "nnUNet" / self.configuration
+        return _find_v1_task(configuration, self.task_name) / f"{trainer}__{plans}"
+
+
+_MODEL_FILES: dict[str, tuple[str, ...]] = {"v2": ("dataset.json", "plans.json"), "v1": ("plans.pkl",)}
+_MODEL_HINTS = {
+    "v2": "dataset.json, plans.json and fold_N/ inside",
+    "v1": "plans.pkl and fold_N/ inside, at RESULTS_FOLDER/nnUNet/<configuration>/<task>/<trainer>__<plans>",
+}
+
+
+def _find_v1_task(parent: Path, name: str) -> Path:
+    """A v1 task folder by name in any letter case (``Task029_LITS`` for ``Task029_LiTS``) or by id.
+
+    The reference image renamed the folder at run time; here nothing is moved."""
+    found = _find_case_insensitive(parent, name)
+    if found.exists() or not parent.is_dir():
+        return found
+    digits = name.lower().removeprefix("task").split("_")[0]
+    if digits.isdigit():
+        prefix = f"task{int(digits):03d}_"
+        matches = [p for p in parent.iterdir() if p.name.lower().startswith(prefix)]
+        if len(matches) == 1:
+            return matches[0]
+    return found
 
 
 def _find_case_insensitive(parent: Path, name: str) -> Path:

@@ -39,13 +39,15 @@ class _FailsOnCase:
     def __init__(self, backend: Backend, case_id: str) -> None:
         self.backend, self.case_id, self.info = backend, case_id, backend.info
 
+    max_batch = 1
+
     def load(self) -> None:
         self.backend.load()
 
-    def predict(self, channel_files: Sequence[Path]) -> np.ndarray:
-        if channel_files[0].name.startswith(self.case_id):
+    async def predict(self, cases: Sequence[Sequence[Path]]) -> list[np.ndarray | Exception]:
+        if cases[0][0].name.startswith(self.case_id):
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return self.backend.predict(channel_files)
+        return await self.backend.predict(cases)
 
 
 async def test_a_prediction_error_fails_that_case_alone(
@@ -143,5 +145,8 @@ def test_ctrl_c_in_the_cli_writes_a_partial_report(tmp_path: Path, model_dir: Pa
     assert statuses.count("done") >= 1 and set(statuses) <= {"done", "pending"}
     assert len(list((out / "nifti_seg").iterdir())) == statuses.count("done")
     assert not any(work.iterdir())
-    # Every worker thread of the interrupted run has stopped: the process can exit.
-    assert not [t for t in threading.enumerate() if t.name == "AnyIO worker thread" and not t.daemon]
+    # Every worker thread of the interrupted run stops (they are told to as the run ends): the process can exit.
+    workers = [t for t in threading.enumerate() if t.name == "AnyIO worker thread" and not t.daemon]
+    for worker in workers:
+        worker.join(timeout=10)
+    assert not [t for t in workers if t.is_alive()]

@@ -163,7 +163,9 @@ def test_pass_through_keeps_every_node_result_and_an_empty_node_does_not_sink_th
 
 def test_a_bad_setting_fails_the_node_with_one_error_line(tmp_path: Path) -> None:
     core = MockFlameCore("node_0", "default", ["node_0", "node_1"], "node_1", {}, s3_data=[])
-    with pytest.raises(SettingsError, match="not a trained nnU-Net v2 model folder"):
+    with pytest.raises(
+        SettingsError, match=r"no trained model found: looked for .* as an nnU-Net v2 model folder"
+    ):
         nnUNetAnalyzer(flame=core, model_dir=str(tmp_path))
     with pytest.raises(SettingsError, match="unknown setting"):
         nnUNetAnalyzer(flame=core, modeldir=str(tmp_path))

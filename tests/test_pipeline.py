@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import threading
 from pathlib import Path
 
 import anyio
@@ -15,6 +14,7 @@ import SimpleITK as sitk
 from helpers import dicom_bytes, make_tar
 
 from asyncflow.backends import Backend, ModelError
+from asyncflow.backends.nnunet_v2 import NnUNetV2Backend
 from asyncflow.inputs import RequestError
 from asyncflow.log import configure_logging
 from asyncflow.pipeline import Progress, build_backend, run_request
@@ -33,12 +33,12 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
-def _expected_prediction(backend: Backend, phantom: Phantom, folder: Path) -> np.ndarray:
+def _expected_prediction(backend: NnUNetV2Backend, phantom: Phantom, folder: Path) -> np.ndarray:
     """The model's answer on the phantom's voxels, computed without the pipeline."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "reference_0000.nii.gz"
     path.write_bytes(nifti_bytes(phantom.image, phantom.spacing, phantom.origin))
-    return backend.predict([path])
+    return backend.predict_case([path])
 
 
 def _small_volumes(rng: np.random.Generator, count: int) -> list[bytes]:
@@ -219,12 +219,13 @@ async def test_a_model_that_cannot_load_fails_the_request_cleanly(
 
 
 class _CountingBackend:
-    """The real backend, watched: how many predictions run at once, and in what order."""
+    """The real backend, watched: how many predictions run at once."""
+
+    max_batch = 1
 
     def __init__(self, inner: Backend) -> None:
         self.info = inner.info
         self._inner = inner
-        self._lock = threading.Lock()
         self.running = 0
         self.most_at_once = 0
         self.calls = 0
@@ -232,16 +233,14 @@ class _CountingBackend:
     def load(self) -> None:
         self._inner.load()
 
-    def predict(self, channel_files):
-        with self._lock:
-            self.running += 1
-            self.calls += 1
-            self.most_at_once = max(self.most_at_once, self.running)
+    async def predict(self, cases):
+        self.running += 1
+        self.calls += 1
+        self.most_at_once = max(self.most_at_once, self.running)
         try:
-            return self._inner.predict(channel_files)
+            return await self._inner.predict(cases)
         finally:
-            with self._lock:
-                self.running -= 1
+            self.running -= 1
 
 
 async def test_exactly_one_prediction_runs_at_a_time(

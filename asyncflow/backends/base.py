@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -34,6 +35,7 @@ class ModelInfo:
     num_channels: int
     labels: dict[int, SegmentLabel]
     framework: str  # e.g. "nnunetv2 2.8.1"
+    generation: str = "v2"  # "v1": nnU-Net 1.x, run through nnUNet_predict
 
     @classmethod
     def from_folder(
@@ -66,10 +68,6 @@ class ModelInfo:
             trainer = "nnUNetTrainer"
             plans_name = str(plans.get("plans_name", "nnUNetPlans"))
             configuration = configs[0] if len(configs) == 1 else "unknown"
-        try:
-            version = metadata.version("nnunetv2")
-        except metadata.PackageNotFoundError:
-            version = "unknown"
         return cls(
             folder=folder,
             name=str(plans.get("dataset_name") or dataset.get("name") or folder.name),
@@ -80,7 +78,70 @@ class ModelInfo:
             checkpoint=checkpoint,
             num_channels=len(channels),
             labels=labels_from_dataset_json(dataset),
-            framework=f"nnunetv2 {version}",
+            framework=_framework("nnunetv2"),
+        )
+
+    @classmethod
+    def from_v1_folder(
+        cls,
+        folder: Path,
+        *,
+        folds: Sequence[int | str] | None = None,
+        checkpoint: str = "model_final_checkpoint",
+    ) -> ModelInfo:
+        """An nnU-Net v1 model: ``RESULTS_FOLDER/nnUNet/<configuration>/<task>/<trainer>__<plans>``.
+
+        v1 keeps its facts in ``plans.pkl`` (a pickle: the model folder must be
+        trusted, as ``nnUNet_predict`` itself unpickles it) and no label names;
+        those come from a v1 ``dataset.json`` beside ``plans.pkl`` or in the task
+        folder when there is one, else labels are named by value.
+        """
+        parts = folder.name.split("__")
+        if len(parts) != 2 or len(folder.parents) < 4 or folder.parents[2].name != "nnUNet":
+            raise ModelError(
+                f"{folder} is not where nnUNet_predict looks for a v1 model: "
+                "RESULTS_FOLDER/nnUNet/<configuration>/<task>/<trainer>__<plans>"
+            )
+        try:
+            with (folder / "plans.pkl").open("rb") as f:
+                plans = pickle.load(f)
+            num_channels = int(plans["num_modalities"])
+            classes = [int(c) for c in plans["all_classes"]]
+        except (OSError, pickle.UnpicklingError, KeyError, TypeError, ValueError, EOFError) as exc:
+            raise ModelError(f"v1 model folder {folder} has no readable plans.pkl: {exc!r}") from exc
+
+        def fold_dir(fold: int | str) -> Path:
+            return folder / ("all" if fold == "all" else f"fold_{fold}")
+
+        def complete(fold_folder: Path) -> bool:
+            return all((fold_folder / f"{checkpoint}.model{s}").is_file() for s in ("", ".pkl"))
+
+        if folds is None:
+            found = sorted(p.name.removeprefix("fold_") for p in folder.glob("fold_*") if complete(p))
+            folds = [int(f) if f.isdigit() else f for f in found]
+        missing = [f for f in folds if not complete(fold_dir(f))]
+        if not folds or missing:
+            raise ModelError(
+                f"v1 model folder {folder} has no {checkpoint}.model(.pkl) for fold(s) {missing or 'any'}"
+            )
+        named = [p / "dataset.json" for p in (folder, folder.parent) if (p / "dataset.json").is_file()]
+        if named:
+            labels = labels_from_dataset_json(json.loads(named[0].read_text()))
+        else:
+            labels = labels_from_dataset_json({"labels": {str(c): f"label {c}" for c in classes if c}})
+        trainer, plans_name = parts
+        return cls(
+            folder=folder,
+            name=folder.parent.name,
+            configuration=folder.parents[1].name,
+            trainer=trainer,
+            plans=plans_name,
+            folds=tuple(folds),
+            checkpoint=checkpoint,
+            num_channels=num_channels,
+            labels=labels,
+            framework=_framework("nnunet"),
+            generation="v1",
         )
 
     @property
@@ -95,18 +156,28 @@ class ModelInfo:
         }
 
 
+def _framework(package: str) -> str:
+    try:
+        return f"{package} {metadata.version(package)}"
+    except metadata.PackageNotFoundError:
+        return f"{package} unknown"
+
+
 @runtime_checkable
 class Backend(Protocol):
-    """Predicts label maps, one case at a time, from nnU-Net input files.
+    """Predicts label maps from nnU-Net input files, up to ``max_batch`` cases per call.
 
     ``load`` is idempotent and may take long (it runs off the event loop once per
-    process). ``predict`` returns a (z, y, x) integer label map in the geometry of
-    ``channel_files[0]`` as SimpleITK reads it. Both are called from one worker
-    thread at a time.
+    process). ``predict`` gets one list of channel files per case and returns one
+    entry per case, in order: a (z, y, x) integer label map in the geometry of the
+    case's first channel file as SimpleITK reads it, or the exception that ended
+    that case alone. Raising means the whole call failed; the pipeline then
+    retries a batch's cases one by one. Calls never overlap.
     """
 
     info: ModelInfo
+    max_batch: int
 
     def load(self) -> None: ...
 
-    def predict(self, channel_files: Sequence[Path]) -> np.ndarray: ...
+    async def predict(self, cases: Sequence[Sequence[Path]]) -> list[np.ndarray | Exception]: ...

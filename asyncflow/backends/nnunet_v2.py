@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import anyio
 import numpy as np
 import SimpleITK as sitk
 
@@ -21,6 +22,8 @@ log = get_logger("asyncflow.backends.nnunet_v2")
 
 
 class NnUNetV2Backend:
+    max_batch = 1  # in process: no start-up to share, one case at a time
+
     def __init__(
         self,
         info: ModelInfo,
@@ -83,7 +86,11 @@ class NnUNetV2Backend:
             raise ModelError(f"nnU-Net v2 could not load the model: {type(exc).__name__}: {exc}") from exc
         return predictor
 
-    def predict(self, channel_files: Sequence[Path]) -> np.ndarray:
+    async def predict(self, cases: Sequence[Sequence[Path]]) -> list[np.ndarray | Exception]:
+        return [await anyio.to_thread.run_sync(self.predict_case, case) for case in cases]
+
+    def predict_case(self, channel_files: Sequence[Path]) -> np.ndarray:
+        """One case's label map (blocking: call it from a worker thread)."""
         from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
         if self._predictor is None:
