@@ -130,7 +130,10 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--configuration", help="default: 3d_fullres")
     group.add_argument("--folds", nargs="+", help="folds to ensemble (default: every fold_N found)")
     group.add_argument("--checkpoint", help="default: checkpoint_final.pth (v2), model_final_checkpoint (v1)")
-    group.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: cuda when available")
+    group.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto: cuda when available)")
+    group.add_argument(
+        "--devices", help="one prediction worker per device, comma-separated (e.g. cuda:0,cuda:1)"
+    )
     group.add_argument("--tile-step", type=float, dest="tile_step_size", help="sliding-window step (0.5)")
     group.add_argument(
         "--no-mirroring",
@@ -234,6 +237,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "folds": args.folds,
         "checkpoint": args.checkpoint,
         "device": args.device,
+        "devices": args.devices,
         "tile_step_size": args.tile_step_size,
         "use_mirroring": args.use_mirroring,
         "torch_threads": args.torch_threads,

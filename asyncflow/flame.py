@@ -31,7 +31,7 @@ from .hub import HubReporter
 from .inputs import RequestError
 from .labels import LabelError
 from .log import configure_logging
-from .pipeline import build_backend, run_request_sync
+from .pipeline import build_backends, run_request_sync
 from .settings import Settings, SettingsError
 
 try:
@@ -75,7 +75,7 @@ class nnUNetAnalyzer(StarAnalyzer):  # the reference's name, which users know
         except SettingsError as exc:
             self.hub.failed(exc)
             raise
-        self._backend: Backend | None = None
+        self._backends: list[Backend] | None = None
 
     def analysis_method(self, data: list[Any] | None, aggregator_results: Any) -> dict[str, Any]:
         """The result contract (``status``, ``dicom_seg_bytes``, ``nifti_seg_bytes``) plus
@@ -87,8 +87,8 @@ class nnUNetAnalyzer(StarAnalyzer):  # the reference's name, which users know
             return self._no_usable_case(error)
         self.hub.started(sum(len(d) if isinstance(d, dict) else 1 for d in data))
         try:
-            self._backend = self._backend or build_backend(self.settings)
-            result = run_request_sync(data, self.settings, backend=self._backend, on_progress=self.hub)
+            self._backends = self._backends or build_backends(self.settings)
+            result = run_request_sync(data, self.settings, backend=self._backends, on_progress=self.hub)
         except RequestError as exc:
             return self._no_usable_case(exc)
         except Exception as exc:

@@ -2,7 +2,7 @@
 
 ::
 
-    items -> unpack (N) -> assemble (1) -> prepare (N) -> predict (1) -> export (N) -> result
+    items -> unpack (N) -> assemble (1) -> prepare (N) -> predict (1 per device) -> export (N) -> result
 
 Every arrow is a bounded anyio memory object stream, so a slow stage holds the
 ones before it back. CPU work runs in worker threads; the event loop only
@@ -23,7 +23,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -51,7 +51,15 @@ from .prepare import prepare_case
 from .seg import Algorithm, SegOptions
 from .settings import Settings
 
-__all__ = ["Progress", "RequestError", "Result", "build_backend", "run_request", "run_request_sync"]
+__all__ = [
+    "Progress",
+    "RequestError",
+    "Result",
+    "build_backend",
+    "build_backends",
+    "run_request",
+    "run_request_sync",
+]
 
 log = get_logger("asyncflow.pipeline")
 R = TypeVar("R")
@@ -100,8 +108,8 @@ class Result:
         }
 
 
-def build_backend(settings: Settings) -> Backend:
-    """The prediction backend the settings describe (not yet loaded)."""
+def build_backend(settings: Settings, device: str | None = None) -> Backend:
+    """The prediction backend the settings describe, on ``device`` (default: ``settings.device``), not loaded."""
     generation, folder = settings.resolve_model()
     read = ModelInfo.from_v1_folder if generation == "v1" else ModelInfo.from_folder
     info = read(folder, folds=settings.folds, checkpoint=settings.model_option("checkpoint", generation))
@@ -109,7 +117,7 @@ def build_backend(settings: Settings) -> Backend:
         info,
         tile_step_size=settings.tile_step_size,
         use_mirroring=settings.use_mirroring,
-        device=settings.device,
+        device=device or settings.device,
         torch_threads=settings.torch_threads,
         v1_command=settings.v1_command,
         v1_batch_size=settings.v1_batch_size,
@@ -117,6 +125,11 @@ def build_backend(settings: Settings) -> Backend:
         v1_preprocess_threads=settings.v1_preprocess_threads,
         v1_export_threads=settings.v1_export_threads,
     )
+
+
+def build_backends(settings: Settings) -> list[Backend]:
+    """One backend per prediction worker: one per device of ``settings.devices``, else one."""
+    return [build_backend(settings, device) for device in settings.devices or (settings.device,)]
 
 
 def _stream(size: int) -> tuple[MemoryObjectSendStream[Any], MemoryObjectReceiveStream[Any]]:
@@ -127,13 +140,13 @@ class _Request:
     def __init__(
         self,
         settings: Settings,
-        backend: Backend,
+        backends: Sequence[Backend],
         workdir: Path,
         on_progress: Callable[[Progress], None] | None,
         label_config: Mapping[int, Mapping[str, Any]],
     ) -> None:
         self.settings = settings
-        self.backend = backend
+        self.backends = backends  # one prediction worker each
         self.workdir = workdir
         self.on_progress = on_progress
         self.builder = CaseBuilder(multi_modal=settings.multi_modal)
@@ -148,7 +161,7 @@ class _Request:
             settings.seg_type, settings.seg_keep_empty_frames, settings.seg_compression
         )
         self.total: int | None = None
-        info = backend.info
+        info = self.info = backends[0].info
         self.algorithm = Algorithm(f"nnU-Net {info.name}", info.framework, info.parameters)
 
     # -- orchestration -----------------------------------------------------------
@@ -158,13 +171,18 @@ class _Request:
         unpacked_send, unpacked_recv = _stream(size)
         cases_send, cases_recv = _stream(size)
         # Room for a whole batch: the prediction worker takes every prepared case that waits.
-        prepared_send, prepared_recv = _stream(max(size, self.backend.max_batch))
+        prepared_send, prepared_recv = _stream(max(size, *(b.max_batch for b in self.backends)))
         predicted_send, predicted_recv = _stream(size)
         async with anyio.create_task_group() as tg:
             self._fan_out(tg, self.settings.unpack_workers, self._unpack_worker, iter(items), unpacked_send)
             tg.start_soon(self._assemble, unpacked_recv, cases_send)
             self._fan_out(tg, self.settings.prepare_workers, self._prepare_worker, cases_recv, prepared_send)
-            tg.start_soon(self._predict_worker, prepared_recv, predicted_send)
+            for number, backend in enumerate(self.backends):  # each takes the next prepared case
+                tg.start_soon(
+                    self._predict_worker, number, backend, prepared_recv.clone(), predicted_send.clone()
+                )
+            prepared_recv.close()
+            predicted_send.close()
             self._fan_out(tg, self.settings.export_workers, self._export_worker, predicted_recv, None)
 
     @staticmethod
@@ -315,28 +333,35 @@ class _Request:
                     await send.send(prepared)
 
     async def _predict_worker(
-        self, receive: MemoryObjectReceiveStream[PreparedCase], send: MemoryObjectSendStream[PredictedCase]
+        self,
+        worker: int,
+        backend: Backend,
+        receive: MemoryObjectReceiveStream[PreparedCase],
+        send: MemoryObjectSendStream[PredictedCase],
     ) -> None:
         async with receive, send:
             started = time.perf_counter()
-            await anyio.to_thread.run_sync(self.backend.load)
+            await anyio.to_thread.run_sync(backend.load)
             log.info(
                 "model.loaded",
-                model=self.backend.info.name,
-                folds=len(self.backend.info.folds),
+                worker=worker,
+                model=backend.info.name,
+                folds=len(backend.info.folds),
                 duration_s=round(time.perf_counter() - started, 4),
             )
             async for first in receive:
                 batch = [first]
-                while len(batch) < self.backend.max_batch:  # every case that is ready, never waiting
+                while len(batch) < backend.max_batch:  # every case that is ready, never waiting
                     try:
                         batch.append(receive.receive_nowait())
                     except (anyio.WouldBlock, anyio.EndOfStream):
                         break
-                await self._predict(batch, receive, send)
+                await self._predict(worker, backend, batch, receive, send)
 
     async def _predict(
         self,
+        worker: int,
+        backend: Backend,
         batch: list[PreparedCase],
         receive: MemoryObjectReceiveStream[PreparedCase],
         send: MemoryObjectSendStream[PredictedCase],
@@ -344,7 +369,7 @@ class _Request:
         """One backend call for ``batch``; when the call fails as a whole, each case alone."""
         started = time.perf_counter()
         try:
-            outcomes = await self.backend.predict([p.channel_files for p in batch])
+            outcomes = await backend.predict([p.channel_files for p in batch])
             if len(outcomes) != len(batch):
                 raise RuntimeError(f"the backend returned {len(outcomes)} result(s) for {len(batch)} case(s)")
         except Exception as exc:  # noqa: BLE001 - isolated below: no case fails for another's error
@@ -357,7 +382,7 @@ class _Request:
                     duration_s=round(time.perf_counter() - started, 4),
                 )
                 for prepared in batch:
-                    await self._predict([prepared], receive, send)
+                    await self._predict(worker, backend, [prepared], receive, send)
                 return
             outcomes = [exc]
         seconds = time.perf_counter() - started  # cases predicted together share one interval
@@ -373,6 +398,7 @@ class _Request:
                     voxels=int(outcome.size),
                     duration_s=round(seconds, 4),
                     batch=len(batch),
+                    worker=worker,
                     predict_queue=receive.statistics().current_buffer_used,
                 )
                 await send.send(PredictedCase(prepared, outcome))
@@ -387,7 +413,7 @@ class _Request:
                         "export",
                         export_case,
                         predicted,
-                        self.backend.info.labels,
+                        self.info.labels,
                         self.label_config,
                         self.algorithm,
                         self.seg_options,
@@ -437,14 +463,15 @@ async def run_request(
     entries: Iterable[Entry],
     settings: Settings | None = None,
     *,
-    backend: Backend | None = None,
+    backend: Backend | Sequence[Backend] | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     on_finish: Callable[[Result], None] | None = None,
 ) -> Result:
     """Segment every volume of a request.
 
     ``entries`` is a list of ``bytes``, ``{name: bytes}`` mappings or local paths.
-    Pass a loaded ``backend`` to reuse a model across requests. ``on_finish``
+    Pass a loaded ``backend`` to reuse a model across requests, or several
+    (one per device): each is one prediction worker, one case at a time. ``on_finish``
     receives the result as it stands when the request ends in any way, also on
     error or cancellation (cases not reached are ``pending``). Raises
     :class:`RequestError` when the request holds no usable case, and the
@@ -456,7 +483,10 @@ async def run_request(
         raise RequestError("the request has no inputs")
     label_config = load_label_config(settings.label_config) if settings.label_config else {}
     _check_free_space(settings, sum(i.size for i in items))
-    backend = backend or build_backend(settings)
+    if backend is None:
+        backends = build_backends(settings)
+    else:
+        backends = list(backend) if isinstance(backend, Sequence) else [backend]
     request_id = uuid.uuid4().hex[:12]
     started = time.perf_counter()
     if settings.work_dir is not None:
@@ -464,7 +494,7 @@ async def run_request(
     workdir = Path(tempfile.mkdtemp(prefix=f"asyncflow-{request_id}-", dir=settings.work_dir))
     with structlog.contextvars.bound_contextvars(request_id=request_id):
         log.info("request.started", inputs=len(items), bytes=sum(i.size for i in items))
-        request = _Request(settings, backend, workdir, on_progress, label_config)
+        request = _Request(settings, backends, workdir, on_progress, label_config)
         status = "error"
         try:
             try:

@@ -8,6 +8,7 @@ nnU-Net v2's own ``nnUNet_results``.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -17,7 +18,7 @@ from .inputs import ArchiveLimits
 
 __all__ = ["ModelLocation", "Settings", "SettingsError", "default_workers", "packaged_demo_model"]
 
-Device = Literal["auto", "cpu", "cuda"]
+Device = str  # auto, cpu, cuda or cuda:N
 Generation = Literal["v1", "v2"]
 BACKENDS = ("auto", "v1", "v2")
 
@@ -28,6 +29,9 @@ MODEL_DEFAULTS: dict[str, dict[str, str]] = {
 }
 SEG_TYPES = ("BINARY", "FRACTIONAL", "LABELMAP")
 SEG_COMPRESSIONS = ("none", "rle", "jpeg2000", "jpegls")
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 class SettingsError(ValueError):
@@ -66,6 +70,9 @@ def _coerce(name: str, value: object) -> object:
     """Plain values (as FLAME's analyzer kwargs or JSON carry them) to the field's type."""
     if name in _PATH_FIELDS and isinstance(value, str | os.PathLike):
         return Path(value)
+    if name == "devices" and not isinstance(value, tuple):
+        devices = value if isinstance(value, list) else str(value).replace(",", " ").split()
+        return tuple(str(d) for d in devices)
     if name == "folds" and not isinstance(value, tuple):
         folds = value if isinstance(value, list) else str(value).replace(",", " ").split()
         return tuple(int(f) if str(f).isdigit() else f for f in folds)
@@ -102,6 +109,7 @@ class Settings:
     tile_step_size: float = 0.5
     use_mirroring: bool = True
     device: Device = "auto"
+    devices: tuple[Device, ...] | None = None  # one prediction worker per device, e.g. cuda:0,cuda:1
     torch_threads: int | None = None
 
     # nnU-Net v1: each nnUNet_predict run pays the process and model start-up once for a batch.
@@ -161,8 +169,11 @@ class Settings:
             raise SettingsError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.v1_case_timeout_s <= 0:
             raise SettingsError(f"v1_case_timeout_s must be positive, got {self.v1_case_timeout_s}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise SettingsError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        for device in (self.device, *(self.devices or ())):
+            if not _DEVICE.fullmatch(device):
+                raise SettingsError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+        if self.devices is not None and not self.devices:
+            raise SettingsError("devices must name at least one device")
         if self.seg_type not in SEG_TYPES:
             raise SettingsError(f"seg_type must be one of {', '.join(SEG_TYPES)}, got {self.seg_type!r}")
         if self.seg_compression not in SEG_COMPRESSIONS:

@@ -96,7 +96,7 @@ def test_the_schema_rejects_undocumented_events_and_fields() -> None:
     validator = _validator()
     line = {"event": "case.predicted", "level": "info", "timestamp": "2026-11-27T10:00:00.000001Z"}
     line |= {"request_id": "0123456789ab", "case_id": "case-0001", "voxels": 8, "duration_s": 0.5}
-    line |= {"predict_queue": 0, "batch": 1}
+    line |= {"predict_queue": 0, "batch": 1, "worker": 0}
     assert list(validator.iter_errors(line)) == []
     assert list(validator.iter_errors({**line, "event": "case.vanished"}))
     assert list(validator.iter_errors({**line, "patient_name": "x"}))

@@ -17,7 +17,7 @@ from asyncflow.backends import Backend, ModelError
 from asyncflow.backends.nnunet_v2 import NnUNetV2Backend
 from asyncflow.inputs import RequestError
 from asyncflow.log import configure_logging
-from asyncflow.pipeline import Progress, build_backend, run_request
+from asyncflow.pipeline import Progress, build_backend, build_backends, run_request
 from asyncflow.seg import read_dicom_seg, read_nifti_seg
 from asyncflow.synthetic import Phantom, dicom_series_datasets, dicom_series_tar, make_phantom, nifti_bytes
 
@@ -252,6 +252,27 @@ async def test_exactly_one_prediction_runs_at_a_time(
     result = await run_request(entries, settings, backend=counting)
     assert result.status == "done"
     assert (counting.calls, counting.most_at_once) == (6, 1)
+
+
+async def test_one_prediction_worker_per_device_each_one_case_at_a_time(
+    tmp_path: Path, settings_factory, loaded_backend: Backend, rng: np.random.Generator
+) -> None:
+    entries = _small_volumes(rng, 6)
+    settings = settings_factory(tmp_path / "work", devices=("cpu", "cpu"), queue_size=4)
+    (_, second) = build_backends(settings)  # two real predictors, as two GPUs would hold
+    workers = [_CountingBackend(loaded_backend), _CountingBackend(second)]
+    logs = io.StringIO()
+    configure_logging(json=True, stream=logs)
+    result = await run_request(entries, settings, backend=workers)
+    assert result.status == "done"
+    events = [json.loads(line) for line in logs.getvalue().splitlines()]
+    assert sorted(e["worker"] for e in events if e["event"] == "model.loaded") == [0, 1]
+    predicted_by = [e["worker"] for e in events if e["event"] == "case.predicted"]
+    assert len(predicted_by) == 6 and set(predicted_by) == {0, 1}  # both devices worked
+    assert [(w.calls, w.most_at_once) for w in workers] == [
+        (predicted_by.count(0), 1),
+        (predicted_by.count(1), 1),
+    ]
 
 
 async def test_cuda_without_a_gpu_is_a_model_error(tmp_path: Path, settings_factory) -> None:

@@ -58,6 +58,9 @@ def test_settings_refuse_impossible_values_and_missing_models(tmp_path: Path) ->
         Settings(model_dir=tmp_path).resolve_model()
     with pytest.raises(SettingsError, match="backend must be one of auto, v1, v2"):
         Settings(backend="v3")
+    with pytest.raises(SettingsError, match="device must be auto, cpu, cuda or cuda:N, got 'gpu1'"):
+        Settings.from_env({}, devices="cuda:0,gpu1")
+    assert Settings.from_env({}, devices="cuda:0, cuda:1").devices == ("cuda:0", "cuda:1")
     with pytest.raises(SettingsError, match="queue_size must be at least 1"):
         Settings(queue_size=0)
     with pytest.raises(SettingsError, match="tile_step_size"):

@@ -15,7 +15,8 @@ The environment is set for the user:
   numpy scalars) then fail with ``_pickle.UnpicklingError: Weights only load
   failed``. The model folder is trusted configuration, as v1 unpickles
   ``plans.pkl`` anyway;
-- thread counts for torch, and ``CUDA_VISIBLE_DEVICES`` empty for ``device=cpu``
+- thread counts for torch, and ``CUDA_VISIBLE_DEVICES``: empty for ``device=cpu``,
+  ``N`` for ``cuda:N``
   (``--all_in_gpu`` is never passed: ``True`` fails without a GPU).
 """
 
@@ -121,6 +122,8 @@ class NnUNetV1Backend:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = threads
         if self.device == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""
+        elif self.device.startswith("cuda:"):  # v1 uses the first GPU it sees
+            env["CUDA_VISIBLE_DEVICES"] = self.device.removeprefix("cuda:")
         return env
 
     async def predict(self, cases: Sequence[Sequence[Path]]) -> list[np.ndarray | Exception]:

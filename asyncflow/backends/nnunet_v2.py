@@ -49,8 +49,8 @@ class NnUNetV2Backend:
         name = self.device
         if name == "auto":
             name = "cuda" if torch.cuda.is_available() else "cpu"
-        if name == "cuda" and not torch.cuda.is_available():
-            raise ModelError("device cuda was asked for, but torch sees no CUDA device")
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise ModelError(f"device {name} was asked for, but torch sees no CUDA device")
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)
         elif name == "cpu":

@@ -1,0 +1,407 @@
+"""Speed at scale: the asyncflow pipeline against a sequential baseline on one multi-TAR request.
+
+    python benchmarks/pipeline_speed.py [--tars 8] [--series 4] [--matrix 512] [--slices 100-300]
+        [--predictor fixed,real] [--service-s auto] [--gpus 1] [--out benchmarks/results]
+    python benchmarks/pipeline_speed.py --smoke --out /tmp/smoke      # seconds; CI runs this
+
+It writes a synthetic request (``--tars`` TAR archives of ``--series`` CT series,
+``--matrix``^2 pixels, slice counts spread over ``--slices``), then runs it
+
+- **sequential**, as the reference did: unpack all -> prepare all -> predict all
+  -> export all, with asyncflow's own stage functions (only the scheduling
+  differs), and
+- through the **pipeline** (``run_request``),
+
+each with a **fixed**-service-time predictor (``fixed_service.py``: holds the
+worker S seconds without CPU, a stand-in for a GPU; ``--service-s auto`` sets S
+to one case's measured CPU work) and/or the **real** tiny nnU-Net model on the
+CPU (``--real-matrix`` shrinks its volumes: the CPU is not a GPU). Every run is
+a child process of its own, so peak RSS is its own.
+
+Outputs in ``--out``: ``results.json`` (per run: wall, ideal = sum(predict) +
+first case's prepare + last case's export, efficiency = ideal / wall, GPU-idle
+share between the first prediction's start and the last one's end, mean
+seconds per stage and case, peak RSS, peak temporary disk) and ``gantt.png``
+(stages per case over time, from the records and the pipeline's event log).
+Not a test: it prints what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import contextlib
+
+from fixed_service import FixedServiceBackend, block_labels
+
+from asyncflow.assemble import CaseBuilder, scan
+from asyncflow.backends import Backend
+from asyncflow.case import PredictedCase
+from asyncflow.export import export_case
+from asyncflow.inputs import request_items, unpack
+from asyncflow.log import configure_logging
+from asyncflow.pipeline import build_backend, run_request
+from asyncflow.prepare import prepare_case
+from asyncflow.seg import Algorithm, SegOptions
+from asyncflow.settings import Settings, packaged_demo_model
+from asyncflow.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom
+
+STAGES = ("unpack", "prepare", "predict", "export")
+COLOURS = {"unpack": "#9e9e9e", "prepare": "#4e79a7", "predict": "#e15759", "export": "#59a14f"}
+
+
+# -- the request -----------------------------------------------------------------------------
+
+
+def write_request(folder: Path, tars: int, series: int, matrix: int, slices: tuple[int, int]) -> list[Path]:
+    """``tars`` TAR files of ``series`` CT series each; slice counts spread evenly over ``slices``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(20261127)
+    counts = np.linspace(slices[0], slices[1], tars * series).round().astype(int)
+    rng.shuffle(counts)
+    paths = []
+    for t in range(tars):
+        datasets = []
+        for s in range(series):
+            phantom = make_phantom(
+                rng, (int(counts[t * series + s]), matrix, matrix), spacing=(0.8, 0.8, 1.5)
+            )
+            datasets.append(dicom_series_datasets(phantom, series_number=s + 1, patient_id=f"BENCH-{t}"))
+        paths.append(folder / f"study{t:02d}.tar")
+        paths[-1].write_bytes(dicom_series_tar(datasets, compression=""))
+    return paths
+
+
+# -- one run (child process) -----------------------------------------------------------------
+
+
+class _DiskWatch:
+    """Peak bytes under a folder, sampled every ``interval`` seconds in a thread."""
+
+    def __init__(self, folder: Path, interval: float = 0.2) -> None:
+        self.folder, self.interval, self.peak = folder, interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            total = 0
+            for root, _, files in os.walk(self.folder):
+                for name in files:
+                    with contextlib.suppress(OSError):
+                        total += os.lstat(os.path.join(root, name)).st_size
+            self.peak = max(self.peak, total)
+
+    def __enter__(self) -> _DiskWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _backends(spec: dict[str, Any], settings: Settings) -> list[Backend]:
+    if spec["predictor"] == "real":
+        return [build_backend(settings)]
+    info = build_backend(settings).info
+    return [FixedServiceBackend(info, spec["service_s"]) for _ in range(spec["gpus"])]
+
+
+async def _sequential(paths: list[Path], settings: Settings, backend: Backend, work: Path) -> list[dict]:
+    """Unpack all -> prepare all -> predict all -> export all, one thing at a time."""
+    records: list[dict] = []
+    t0 = time.perf_counter()
+
+    def timed(case: str, stage: str, fn: Any, *args: Any) -> Any:
+        start = time.perf_counter() - t0
+        value = fn(*args)
+        records.append({"case": case, "stage": stage, "start": start, "end": time.perf_counter() - t0})
+        return value
+
+    limits = settings.archive_limits()
+    builder = CaseBuilder()
+    unpacked = [
+        timed(f"input-{i.index}", "unpack", unpack, i, work / "inputs" / f"{i.index:04d}", limits)
+        for i in request_items(paths)
+    ]
+    cases = [c for u in unpacked for c in builder.add(scan(u, limits.max_file_bytes))]
+    cases += builder.finish()
+    prepared = [timed(c.case_id, "prepare", prepare_case, c, work / "cases" / c.case_id) for c in cases]
+    backend.load()
+    predicted = []
+    for p in prepared:
+        start = time.perf_counter() - t0
+        (labels,) = await backend.predict([p.channel_files])
+        assert isinstance(labels, np.ndarray), labels
+        records.append(
+            {"case": p.case.case_id, "stage": "predict", "start": start, "end": time.perf_counter() - t0}
+        )
+        predicted.append(PredictedCase(p, labels))
+    info = backend.info
+    algorithm = Algorithm(f"nnU-Net {info.name}", info.framework, info.parameters)
+    options = SegOptions(settings.seg_type, settings.seg_keep_empty_frames, settings.seg_compression)
+    for p in predicted:
+        timed(p.prepared.case.case_id, "export", export_case, p, info.labels, {}, algorithm, options)
+    shutil.rmtree(work, ignore_errors=True)
+    return records
+
+
+def _records_from_events(lines: list[dict]) -> list[dict]:
+    """Stage intervals from the pipeline's own log: each event ends a stage of duration_s."""
+    t0 = next(_seconds(e) for e in lines if e["event"] == "request.started")
+    names = {"archive.extracted": "unpack", "case.prepared": "prepare", "case.predicted": "predict"}
+    names["case.exported"] = "export"
+    records = []
+    for e in lines:
+        stage = names.get(e["event"])
+        if stage is None:
+            continue
+        end = _seconds(e) - t0
+        case = e.get("case_id") or f"input-{e['input_index']}"
+        records.append({"case": case, "stage": stage, "start": end - e["duration_s"], "end": end})
+    return records
+
+
+def _seconds(event: dict) -> float:
+    return datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
+
+
+async def _pipeline(paths: list[Path], settings: Settings, backends: list[Backend]) -> list[dict]:
+    logs = io.StringIO()
+    configure_logging(json=True, stream=logs)
+    backend: Backend | list[Backend] = backends if len(backends) > 1 else backends[0]
+    result = await run_request(paths, settings, backend=backend)
+    assert result.status == "done", result.report()
+    return _records_from_events([json.loads(line) for line in logs.getvalue().splitlines()])
+
+
+def run_child(spec: dict[str, Any]) -> dict[str, Any]:
+    work = Path(spec["work"])
+    work.mkdir(parents=True, exist_ok=True)
+    settings = Settings(
+        model_dir=packaged_demo_model(), device="cpu", use_mirroring=False, work_dir=work, disk_headroom=0
+    )
+    backends = _backends(spec, settings)
+    paths = [Path(p) for p in spec["paths"]]
+    started = time.perf_counter()
+    with _DiskWatch(work) as disk:
+        if spec["mode"] == "sequential":
+            request_dir = Path(tempfile.mkdtemp(dir=work))
+            records = anyio.run(_sequential, paths, settings, backends[0], request_dir)
+        else:
+            records = anyio.run(_pipeline, paths, settings, backends)
+    wall = time.perf_counter() - started
+    return {
+        **{k: spec[k] for k in ("mode", "predictor", "gpus", "service_s")},
+        "wall_s": wall,
+        "records": records,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_temp_disk_bytes": disk.peak,
+    }
+
+
+# -- metrics and chart -----------------------------------------------------------------------
+
+
+def _union(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, -np.inf
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def metrics(run: dict[str, Any]) -> dict[str, Any]:
+    records = run["records"]
+    by_stage = {s: [r for r in records if r["stage"] == s] for s in STAGES}
+    predict = by_stage["predict"]
+    cases = sorted({r["case"] for r in predict})
+    first = min(predict, key=lambda r: r["start"])
+    last = max(predict, key=lambda r: r["end"])
+    first_prepare = next(r for r in by_stage["prepare"] if r["case"] == first["case"])
+    last_export = next(r for r in by_stage["export"] if r["case"] == last["case"])
+    busy = sum(r["end"] - r["start"] for r in predict) / run["gpus"]
+    ideal = (
+        busy + (first_prepare["end"] - first_prepare["start"]) + (last_export["end"] - last_export["start"])
+    )
+    span = last["end"] - first["start"]
+    idle = 1 - _union([(r["start"], r["end"]) for r in predict]) / span if run["gpus"] == 1 else None
+    return {
+        "mode": run["mode"],
+        "predictor": run["predictor"],
+        "gpus": run["gpus"],
+        "service_s": run["service_s"],
+        "cases": len(cases),
+        "wall_s": round(run["wall_s"], 2),
+        "ideal_s": round(ideal, 2),
+        "efficiency": round(ideal / run["wall_s"], 3),
+        "first_prediction_at_s": round(first["start"], 2),
+        "gpu_idle_share": None if idle is None else round(idle, 4),
+        "stage_s_per_case": {
+            s: round(sum(r["end"] - r["start"] for r in rs) / len(cases), 3) for s, rs in by_stage.items()
+        },
+        "peak_rss_bytes": run["peak_rss_bytes"],
+        "peak_temp_disk_bytes": run["peak_temp_disk_bytes"],
+    }
+
+
+def gantt(runs: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(runs), 1, figsize=(12, 2.2 + 0.12 * 40 * len(runs)), squeeze=False)
+    for ax, run in zip(axes[:, 0], runs, strict=True):
+        rows = sorted({r["case"] for r in run["records"]}, key=lambda c: (not c.startswith("input"), c))
+        for r in run["records"]:
+            y = rows.index(r["case"])
+            ax.barh(y, r["end"] - r["start"], left=r["start"], color=COLOURS[r["stage"]], height=0.8)
+        ax.set_yticks(range(len(rows)), rows, fontsize=5)
+        ax.invert_yaxis()
+        m = metrics(run)
+        ax.set_title(
+            f"{run['mode']} / {run['predictor']}"
+            + (f" x{run['gpus']}" if run["gpus"] > 1 else "")
+            + f": {m['wall_s']} s, efficiency {m['efficiency']}",
+            fontsize=9,
+        )
+        ax.set_xlabel("seconds")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in COLOURS.values()]
+    fig.legend(handles, list(COLOURS), loc="upper right", ncol=4, fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- driver ----------------------------------------------------------------------------------
+
+
+def _child(spec: dict[str, Any], out: Path) -> dict[str, Any]:
+    spec_file = out / "spec.json"
+    spec_file.write_text(json.dumps(spec))
+    result_file = out / "run.json"
+    subprocess.run([sys.executable, __file__, "--child", str(spec_file), str(result_file)], check=True)
+    run = json.loads(result_file.read_text())
+    spec_file.unlink()
+    result_file.unlink()
+    return run
+
+
+def _service_time(paths: list[Path], work: Path) -> float:
+    """One case's CPU work (its share of its archive's unpack + prepare + export), measured here."""
+    settings = Settings(model_dir=packaged_demo_model(), work_dir=work)
+    limits = settings.archive_limits()
+    (item,) = request_items(paths[:1])
+    started = time.perf_counter()
+    unpacked = unpack(item, work / "pilot", limits)
+    builder = CaseBuilder()
+    cases = [*builder.add(scan(unpacked, limits.max_file_bytes)), *builder.finish()]
+    unpack_share = (time.perf_counter() - started) / len(cases)
+    case = cases[0]
+    started = time.perf_counter()
+    prepared = prepare_case(case, work / "pilot-case")
+    shape = (len(prepared.source_files), case.instances[0].rows, case.instances[0].columns)
+    info = build_backend(settings).info
+    algorithm = Algorithm(f"nnU-Net {info.name}", info.framework, info.parameters)
+    options = SegOptions(settings.seg_type, settings.seg_keep_empty_frames, settings.seg_compression)
+    export_case(PredictedCase(prepared, block_labels(shape)), info.labels, {}, algorithm, options)
+    seconds = unpack_share + time.perf_counter() - started
+    shutil.rmtree(work / "pilot", ignore_errors=True)
+    shutil.rmtree(work / "pilot-case", ignore_errors=True)
+    return round(seconds, 2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tars", type=int, default=8)
+    parser.add_argument("--series", type=int, default=4, help="series per TAR")
+    parser.add_argument("--matrix", type=int, default=512, help="rows = columns per slice")
+    parser.add_argument("--slices", default="100-300", help="slice counts, spread over this range")
+    parser.add_argument("--real-matrix", type=int, default=128, help="--matrix for the real model's request")
+    parser.add_argument("--predictor", default="fixed,real", help="fixed, real or both (comma-separated)")
+    parser.add_argument("--service-s", default="auto", help="fixed predictor seconds per case, or auto")
+    parser.add_argument(
+        "--gpus", type=int, default=1, help="also run the pipeline with this many fixed workers"
+    )
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--smoke", action="store_true", help="a tiny request and S=0.1 s: seconds, for CI")
+    parser.add_argument("--child", nargs=2, type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        spec_file, result_file = args.child
+        result_file.write_text(json.dumps(run_child(json.loads(spec_file.read_text()))))
+        return 0
+    if args.smoke:
+        args.tars, args.series, args.matrix, args.real_matrix, args.slices = 2, 2, 64, 64, "16-24"
+        args.predictor, args.service_s = "fixed", "0.1"
+    low, high = (int(n) for n in args.slices.split("-"))
+    args.out.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="asyncflow-speed-"))
+    runs = []
+    try:
+        for predictor in args.predictor.split(","):
+            matrix = args.matrix if predictor == "fixed" else args.real_matrix
+            started = time.perf_counter()
+            paths = write_request(scratch / f"request-{matrix}", args.tars, args.series, matrix, (low, high))
+            print(
+                f"request: {len(paths)} TARs, {sum(p.stat().st_size for p in paths) / 1e9:.2f} GB, "
+                f"{matrix}^2 x {low}-{high} slices, written in {time.perf_counter() - started:.0f} s",
+                flush=True,
+            )
+            service = 0.0
+            if predictor == "fixed":
+                service = _service_time(paths, scratch) if args.service_s == "auto" else float(args.service_s)
+            gpu_counts = [1] + ([args.gpus] if predictor == "fixed" and args.gpus > 1 else [])
+            for mode, gpus in [("sequential", 1)] + [("pipeline", g) for g in gpu_counts]:
+                spec = {
+                    "mode": mode,
+                    "predictor": predictor,
+                    "gpus": gpus,
+                    "service_s": service,
+                    "paths": [str(p) for p in paths],
+                    "work": str(scratch / "work"),
+                }
+                run = _child(spec, args.out)
+                runs.append(run)
+                print(json.dumps(metrics(run)), flush=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    summary = {
+        "machine": f"{os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, CPU only",
+        "request": {
+            "tars": args.tars,
+            "series_per_tar": args.series,
+            "matrix": args.matrix,
+            "real_matrix": args.real_matrix,
+            "slices": [low, high],
+        },
+        "runs": [metrics(run) for run in runs],
+    }
+    (args.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    gantt(runs, args.out / "gantt.png")
+    print(f"wrote {args.out / 'results.json'} and {args.out / 'gantt.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

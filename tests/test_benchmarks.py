@@ -1,0 +1,24 @@
+"""The speed benchmark keeps working: its smoke version runs every mode on a tiny request."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def test_the_speed_benchmark_smoke_run_measures_every_mode(tmp_path: Path) -> None:
+    command = [sys.executable, str(BENCHMARKS / "pipeline_speed.py"), "--smoke", "--gpus", "2"]
+    subprocess.run([*command, "--out", str(tmp_path)], check=True, capture_output=True, timeout=600)
+    results = json.loads((tmp_path / "results.json").read_text())
+    runs = [(r["mode"], r["predictor"], r["gpus"]) for r in results["runs"]]
+    assert runs == [("sequential", "fixed", 1), ("pipeline", "fixed", 1), ("pipeline", "fixed", 2)]
+    for run in results["runs"]:
+        assert run["cases"] == 4
+        assert run["ideal_s"] > 0 and 0 < run["efficiency"] <= 1.5
+        assert run["stage_s_per_case"]["predict"] >= 0.1  # the stand-in holds the worker S = 0.1 s
+        assert run["peak_temp_disk_bytes"] > 0 and run["peak_rss_bytes"] > 0
+    assert (tmp_path / "gantt.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
