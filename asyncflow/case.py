@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import SimpleITK as sitk
 
 __all__ = [
     "Case",
     "CaseReport",
     "CaseStatus",
     "DicomInstance",
+    "Geometry",
     "PredictedCase",
     "PreparedCase",
     "SkippedFile",
@@ -65,11 +67,43 @@ class Case:
     label_file: Path | None = None  # a *.mitklabel.json supplied with the case's input
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """Where a volume's voxels lie: SimpleITK (x, y, z) size, origin, spacing, direction."""
+
+    size: tuple[int, ...]
+    origin: tuple[float, ...]
+    spacing: tuple[float, ...]
+    direction: tuple[float, ...]
+
+    @classmethod
+    def of(cls, image: sitk.Image | sitk.ImageFileReader) -> Geometry:
+        return cls(image.GetSize(), image.GetOrigin(), image.GetSpacing(), image.GetDirection())
+
+    @classmethod
+    def of_file(cls, path: Path) -> Geometry:
+        """From an image file's header alone."""
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        return cls.of(reader)
+
+    def apply(self, image: sitk.Image) -> sitk.Image:
+        image.SetOrigin(self.origin)
+        image.SetSpacing(self.spacing)
+        image.SetDirection(self.direction)
+        return image
+
+
 @dataclass
 class PreparedCase:
+    """A case as model input: its channels in memory, and as files when the backend reads files."""
+
     case: Case
     workdir: Path
-    channel_files: list[Path]  # <case_id>_0000.nii.gz, _0001 ...
+    images: list[sitk.Image]  # one per channel, in channel order; emptied once predicted
+    geometry: Geometry  # of channel 0: the grid the prediction comes back on
+    channel_files: list[Path]  # <case_id>_0000.nii.gz, _0001 ... (empty unless written)
     source_files: list[Path]  # DICOM: instances in slice order (index = z); NIfTI: as input
     # A multi-frame DICOM source: its frame index (0-based) of each slice, in slice order.
     frame_order: list[int] | None = None
@@ -78,7 +112,7 @@ class PreparedCase:
 @dataclass
 class PredictedCase:
     prepared: PreparedCase
-    labels: np.ndarray  # (z, y, x) label map in the geometry of channel_files[0]
+    labels: np.ndarray  # (z, y, x) label map on prepared.geometry
 
 
 @dataclass

@@ -49,13 +49,13 @@ def export_case(
     present = [int(v) for v in np.unique(predicted.labels) if v]
     absent = sorted(set(model_labels) - set(present))
     if case.kind is not SourceKind.DICOM:
-        data = nifti_seg_bytes(predicted.labels, prepared.source_files[0], prepared.workdir / "seg.nii.gz")
+        data = nifti_seg_bytes(predicted.labels, prepared.geometry, prepared.workdir / "seg.nii.gz")
         return Exported(f"{case.output_name}.nii.gz", data, present, absent)
     try:
         return _dicom_outputs(predicted, model_labels, label_config, algorithm, options, present, absent)
     except Exception as exc:  # noqa: BLE001 - the prediction is kept as NIfTI, with the reason
         # The nnU-Net input has the series' geometry in slice order, as the prediction.
-        data = nifti_seg_bytes(predicted.labels, prepared.channel_files[0], prepared.workdir / "seg.nii.gz")
+        data = nifti_seg_bytes(predicted.labels, prepared.geometry, prepared.workdir / "seg.nii.gz")
         reason = f"DICOM SEG failed ({type(exc).__name__}: {exc}); written as NIfTI"
         return Exported(f"{case.output_name}.nii.gz", data, present, absent, fallback=reason)
 

@@ -147,6 +147,7 @@ class _Request:
     ) -> None:
         self.settings = settings
         self.backends = backends  # one prediction worker each
+        self.needs_files = any(b.needs_files for b in backends)  # else the model input stays in memory
         self.workdir = workdir
         self.on_progress = on_progress
         self.builder = CaseBuilder(multi_modal=settings.multi_modal)
@@ -321,12 +322,14 @@ class _Request:
         async with receive, send:
             async for case in receive:
                 with structlog.contextvars.bound_contextvars(case_id=case.case_id):
-                    prepared = await self._step(case, "prepare", prepare_case, case, self._case_dir(case))
+                    prepared = await self._step(
+                        case, "prepare", prepare_case, case, self._case_dir(case), self.needs_files
+                    )
                     if prepared is None:
                         continue
                     log.info(
                         "case.prepared",
-                        channels=len(prepared.channel_files),
+                        channels=len(prepared.images),
                         duration_s=round(self.reports[case.case_id].stage_s["prepare"], 4),
                         predict_queue=send.statistics().current_buffer_used,
                     )
@@ -369,7 +372,7 @@ class _Request:
         """One backend call for ``batch``; when the call fails as a whole, each case alone."""
         started = time.perf_counter()
         try:
-            outcomes = await backend.predict([p.channel_files for p in batch])
+            outcomes = await backend.predict(batch)
             if len(outcomes) != len(batch):
                 raise RuntimeError(f"the backend returned {len(outcomes)} result(s) for {len(batch)} case(s)")
         except Exception as exc:  # noqa: BLE001 - isolated below: no case fails for another's error
@@ -393,6 +396,7 @@ class _Request:
                     self._fail(case, "predict", outcome, seconds)
                     continue
                 self.reports[case.case_id].stage_s["predict"] = seconds
+                prepared.images = []  # the voxels are not needed any more: export reads the sources
                 log.info(
                     "case.predicted",
                     voxels=int(outcome.size),

@@ -16,6 +16,7 @@ from pydicom.sr.coding import Code as PydicomCode
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 from . import __version__
+from .case import Geometry
 from .dicom import slice_normal
 from .labels import Code, SegmentLabel, label_for
 
@@ -262,17 +263,13 @@ def _fill_slice_thickness(sources: Sequence[pydicom.Dataset]) -> None:
         ds.SliceThickness = gap
 
 
-def nifti_seg_bytes(labels: np.ndarray, reference: Path, scratch: Path) -> bytes:
-    """The label map as .nii.gz in the geometry of the ``reference`` image file."""
-    info = sitk.ImageFileReader()
-    info.SetFileName(str(reference))
-    info.ReadImageInformation()
-    if tuple(reversed(labels.shape)) != tuple(info.GetSize()):
-        raise ValueError(f"prediction shape {labels.shape} does not match the input size {info.GetSize()}")
-    image = sitk.GetImageFromArray(labels.astype(np.uint8 if labels.max() < 256 else np.uint16))
-    image.SetOrigin(info.GetOrigin())
-    image.SetSpacing(info.GetSpacing())
-    image.SetDirection(info.GetDirection())
+def nifti_seg_bytes(labels: np.ndarray, geometry: Geometry, scratch: Path) -> bytes:
+    """The label map as .nii.gz on ``geometry`` (the model input's grid)."""
+    if tuple(reversed(labels.shape)) != tuple(geometry.size):
+        raise ValueError(f"prediction shape {labels.shape} does not match the input size {geometry.size}")
+    image = geometry.apply(
+        sitk.GetImageFromArray(labels.astype(np.uint8 if labels.max() < 256 else np.uint16))
+    )
     sitk.WriteImage(image, str(scratch), useCompression=True)
     return scratch.read_bytes()
 

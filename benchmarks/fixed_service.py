@@ -8,17 +8,17 @@ work of a real segmentation (several hundred SEG frames on a CT series).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import anyio
 import numpy as np
-import SimpleITK as sitk
 
 from asyncflow.backends import ModelInfo
+from asyncflow.case import PreparedCase
 
 
 class FixedServiceBackend:
     max_batch = 1
+    needs_files = False
 
     def __init__(self, info: ModelInfo, service_s: float) -> None:
         self.info = info
@@ -27,14 +27,10 @@ class FixedServiceBackend:
     def load(self) -> None:
         """Nothing to load."""
 
-    async def predict(self, cases: Sequence[Sequence[Path]]) -> list[np.ndarray | Exception]:
-        (channels,) = cases
-        reader = sitk.ImageFileReader()  # the header only: no voxel is read
-        reader.SetFileName(str(channels[0]))
-        reader.ReadImageInformation()
-        shape = tuple(reversed(reader.GetSize()))
+    async def predict(self, cases: Sequence[PreparedCase]) -> list[np.ndarray | Exception]:
+        (case,) = cases
         await anyio.sleep(self.service_s)
-        return [block_labels(shape)]
+        return [block_labels(tuple(reversed(case.geometry.size)))]
 
 
 def block_labels(shape: tuple[int, ...]) -> np.ndarray:

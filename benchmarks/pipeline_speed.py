@@ -144,16 +144,20 @@ async def _sequential(paths: list[Path], settings: Settings, backend: Backend, w
     ]
     cases = [c for u in unpacked for c in builder.add(scan(u, limits.max_file_bytes))]
     cases += builder.finish()
-    prepared = [timed(c.case_id, "prepare", prepare_case, c, work / "cases" / c.case_id) for c in cases]
+    prepared = [
+        timed(c.case_id, "prepare", prepare_case, c, work / "cases" / c.case_id, backend.needs_files)
+        for c in cases
+    ]
     backend.load()
     predicted = []
     for p in prepared:
         start = time.perf_counter() - t0
-        (labels,) = await backend.predict([p.channel_files])
+        (labels,) = await backend.predict([p])
         assert isinstance(labels, np.ndarray), labels
         records.append(
             {"case": p.case.case_id, "stage": "predict", "start": start, "end": time.perf_counter() - t0}
         )
+        p.images = []  # as the pipeline does: the voxels are not needed any more
         predicted.append(PredictedCase(p, labels))
     info = backend.info
     algorithm = Algorithm(f"nnU-Net {info.name}", info.framework, info.parameters)
@@ -319,8 +323,8 @@ def _service_time(paths: list[Path], work: Path) -> float:
     unpack_share = (time.perf_counter() - started) / len(cases)
     case = cases[0]
     started = time.perf_counter()
-    prepared = prepare_case(case, work / "pilot-case")
-    shape = (len(prepared.source_files), case.instances[0].rows, case.instances[0].columns)
+    prepared = prepare_case(case, work / "pilot-case", write_files=False)  # as for the v2 backend
+    shape = tuple(reversed(prepared.geometry.size))
     info = build_backend(settings).info
     algorithm = Algorithm(f"nnU-Net {info.name}", info.framework, info.parameters)
     options = SegOptions(settings.seg_type, settings.seg_keep_empty_frames, settings.seg_compression)

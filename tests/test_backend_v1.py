@@ -21,6 +21,7 @@ import SimpleITK as sitk
 
 from asyncflow.backends import ModelError, ModelInfo
 from asyncflow.backends.nnunet_v1 import NnUNetV1Backend, _read_prediction
+from asyncflow.case import Geometry
 from asyncflow.cli import main
 from asyncflow.log import configure_logging
 from asyncflow.pipeline import build_backend, run_request
@@ -148,17 +149,16 @@ def test_a_v1_run_gets_the_environment_real_v1_models_need(tmp_path: Path, monke
 
 
 def test_integer_label_maps_of_any_width_are_read_and_others_refused(tmp_path: Path) -> None:
-    source = tmp_path / "source_0000.nii.gz"
-    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 5, 6), np.int16)), str(source))
+    geometry = Geometry.of(sitk.GetImageFromArray(np.zeros((4, 5, 6), np.int16)))
     labels = np.zeros((4, 5, 6), np.uint16)  # FLAME's image patches v1 to write uint16
     labels[1, 2, 3] = 2
     sitk.WriteImage(sitk.GetImageFromArray(labels), str(tmp_path / "b0000.nii.gz"))
-    read = _read_prediction(tmp_path, 0, source, [])
+    read = _read_prediction(tmp_path, 0, geometry, [])
     assert isinstance(read, np.ndarray) and read.dtype == np.uint16 and read[1, 2, 3] == 2
     sitk.WriteImage(sitk.GetImageFromArray(labels.astype(np.float32)), str(tmp_path / "b0001.nii.gz"))
-    assert "an integer label map is needed" in str(_read_prediction(tmp_path, 1, source, []))
+    assert "an integer label map is needed" in str(_read_prediction(tmp_path, 1, geometry, []))
     sitk.WriteImage(sitk.GetImageFromArray(labels[:2]), str(tmp_path / "b0002.nii.gz"))
-    assert "map for a (4, 5, 6) input" in str(_read_prediction(tmp_path, 2, source, []))
+    assert "map for a (4, 5, 6) input" in str(_read_prediction(tmp_path, 2, geometry, []))
 
 
 # -- the real nnUNet_predict ----------------------------------------------------------------

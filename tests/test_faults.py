@@ -16,8 +16,8 @@ import pytest
 
 import asyncflow.cli
 import asyncflow.export
-import asyncflow.prepare
 from asyncflow.backends import Backend
+from asyncflow.case import PreparedCase
 from asyncflow.cli import main
 from asyncflow.inputs import RequestError
 from asyncflow.log import configure_logging
@@ -44,8 +44,10 @@ class _FailsOnCase:
     def load(self) -> None:
         self.backend.load()
 
-    async def predict(self, cases: Sequence[Sequence[Path]]) -> list[np.ndarray | Exception]:
-        if cases[0][0].name.startswith(self.case_id):
+    needs_files = False
+
+    async def predict(self, cases: Sequence[PreparedCase]) -> list[np.ndarray | Exception]:
+        if cases[0].case.case_id == self.case_id:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return await self.backend.predict(cases)
 
@@ -97,16 +99,16 @@ async def test_a_failed_seg_still_returns_the_prediction_as_nifti(
 async def test_disk_full_fails_the_case_with_a_clear_reason(
     tmp_path: Path, settings_factory, loaded_backend: Backend, rng: np.random.Generator, monkeypatch
 ) -> None:
-    def no_space(image, path):
+    def no_space(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(asyncflow.prepare, "_write", no_space)
+    monkeypatch.setattr(asyncflow.export, "nifti_seg_bytes", no_space)  # the segmentation's file
     work = tmp_path / "work"
     result = await run_request([_nifti(rng)], settings_factory(work), backend=loaded_backend)
     (case,) = result.cases
     assert (
         case.error
-        == "prepare: OSError: [Errno 28] disk full while writing the case's files (No space left on device)"
+        == "export: OSError: [Errno 28] disk full while writing the case's files (No space left on device)"
     )
     assert not any(work.iterdir())
 

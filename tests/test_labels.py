@@ -14,7 +14,7 @@ import pytest
 from helpers import DCIODVFY_MISSING, dciodvfy_findings
 
 from asyncflow.backends import Backend
-from asyncflow.case import Case, PredictedCase, PreparedCase, SourceKind
+from asyncflow.case import Case, Geometry, PredictedCase, PreparedCase, SourceKind
 from asyncflow.export import export_case
 from asyncflow.labels import (
     LIVER,
@@ -212,7 +212,8 @@ def test_declared_labels_not_found_are_reported_not_renumbered(
     source.write_bytes(nifti_bytes(phantom.image, phantom.spacing, phantom.origin))
     case = Case("case-0001", SourceKind.NIFTI, "v", "v.nii.gz", [source])
     only_liver = (phantom.labels > 0).astype(np.uint8)
-    predicted = PredictedCase(PreparedCase(case, tmp_path, [source], [source]), only_liver)
+    prepared = PreparedCase(case, tmp_path, [], Geometry.of_file(source), [], [source])
+    predicted = PredictedCase(prepared, only_liver)
     exported = export_case(
         predicted, labels_from_dataset_json(LITS_V1), {}, Algorithm("m", "v"), SegOptions()
     )

@@ -34,11 +34,15 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _expected_prediction(backend: NnUNetV2Backend, phantom: Phantom, folder: Path) -> np.ndarray:
-    """The model's answer on the phantom's voxels, computed without the pipeline."""
+    """The model's answer on the phantom's voxels, computed without the pipeline, from a file
+    read by nnU-Net's own reader (the pipeline hands the model its input in memory)."""
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "reference_0000.nii.gz"
     path.write_bytes(nifti_bytes(phantom.image, phantom.spacing, phantom.origin))
-    return backend.predict_case([path])
+    data, properties = SimpleITKIO().read_images([str(path)])
+    return backend._predictor.predict_single_npy_array(data, properties, None, None, False)
 
 
 def _small_volumes(rng: np.random.Generator, count: int) -> list[bytes]:
@@ -222,6 +226,7 @@ class _CountingBackend:
     """The real backend, watched: how many predictions run at once."""
 
     max_batch = 1
+    needs_files = False
 
     def __init__(self, inner: Backend) -> None:
         self.info = inner.info

@@ -12,7 +12,7 @@ import SimpleITK as sitk
 from helpers import DCIODVFY_MISSING, dciodvfy_findings, dicom_bytes
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
-from asyncflow.case import Case, SourceKind
+from asyncflow.case import Case, Geometry, SourceKind
 from asyncflow.dicom import read_instance
 from asyncflow.labels import labels_from_dataset_json
 from asyncflow.prepare import prepare_case
@@ -105,7 +105,12 @@ def test_nifti_prepare_and_export_keep_the_source_geometry(tmp_path: Path, rng: 
     np.testing.assert_array_equal(
         sitk.GetArrayFromImage(sitk.ReadImage(str(prepared.channel_files[0]))), phantom.image
     )
-    out = read_nifti_seg(nifti_seg_bytes(phantom.labels, source, tmp_path / "seg.nii.gz"))
+    # For the v2 backend nothing is written: the same voxels stay in memory.
+    in_memory = prepare_case(case, tmp_path / "memory", write_files=False)
+    assert in_memory.channel_files == [] and not any((tmp_path / "memory").iterdir())
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(in_memory.images[0]), phantom.image)
+    assert in_memory.geometry == prepared.geometry == Geometry.of_file(source)
+    out = read_nifti_seg(nifti_seg_bytes(phantom.labels, prepared.geometry, tmp_path / "seg.nii.gz"))
     np.testing.assert_array_equal(sitk.GetArrayFromImage(out), phantom.labels)
     reference = sitk.ReadImage(str(source))
     assert out.GetSpacing() == pytest.approx(reference.GetSpacing())
@@ -178,7 +183,7 @@ def test_nifti_recognised_by_content_needs_no_suffix(
     np.testing.assert_array_equal(
         sitk.GetArrayFromImage(sitk.ReadImage(str(prepared.channel_files[0]))), phantom.image
     )
-    out = read_nifti_seg(nifti_seg_bytes(phantom.labels, prepared.source_files[0], tmp_path / "seg.nii.gz"))
+    out = read_nifti_seg(nifti_seg_bytes(phantom.labels, prepared.geometry, tmp_path / "seg.nii.gz"))
     assert out.GetOrigin() == pytest.approx(phantom.origin)
 
 

@@ -12,6 +12,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from ..case import PreparedCase
 from ..labels import SegmentLabel, labels_from_dataset_json
 
 __all__ = ["Backend", "ModelError", "ModelInfo"]
@@ -165,19 +166,21 @@ def _framework(package: str) -> str:
 
 @runtime_checkable
 class Backend(Protocol):
-    """Predicts label maps from nnU-Net input files, up to ``max_batch`` cases per call.
+    """Predicts label maps of prepared cases, up to ``max_batch`` cases per call.
 
     ``load`` is idempotent and may take long (it runs off the event loop once per
-    process). ``predict`` gets one list of channel files per case and returns one
-    entry per case, in order: a (z, y, x) integer label map in the geometry of the
-    case's first channel file as SimpleITK reads it, or the exception that ended
+    process). ``predict`` returns one entry per case, in order: a (z, y, x)
+    integer label map on the case's ``geometry``, or the exception that ended
     that case alone. Raising means the whole call failed; the pipeline then
-    retries a batch's cases one by one. Calls never overlap.
+    retries a batch's cases one by one. Calls to one backend never overlap.
+    ``needs_files``: the backend reads ``channel_files`` (else the in-memory
+    ``images`` suffice and no input file is written).
     """
 
     info: ModelInfo
     max_batch: int
+    needs_files: bool
 
     def load(self) -> None: ...
 
-    async def predict(self, cases: Sequence[Sequence[Path]]) -> list[np.ndarray | Exception]: ...
+    async def predict(self, cases: Sequence[PreparedCase]) -> list[np.ndarray | Exception]: ...

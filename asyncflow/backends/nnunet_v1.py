@@ -38,6 +38,7 @@ import numpy as np
 import SimpleITK as sitk
 from anyio.abc import ByteReceiveStream, Process
 
+from ..case import Geometry, PreparedCase
 from ..log import get_logger, scrub
 from .base import ModelError, ModelInfo
 
@@ -69,6 +70,7 @@ class NnUNetV1Backend:
     ) -> None:
         self.info = info
         self.max_batch = v1_batch_size
+        self.needs_files = True  # nnUNet_predict reads <case>_0000.nii.gz
         self.tile_step_size = tile_step_size
         self.use_mirroring = use_mirroring
         self.device = device
@@ -126,16 +128,17 @@ class NnUNetV1Backend:
             env["CUDA_VISIBLE_DEVICES"] = self.device.removeprefix("cuda:")
         return env
 
-    async def predict(self, cases: Sequence[Sequence[Path]]) -> list[np.ndarray | Exception]:
+    async def predict(self, cases: Sequence[PreparedCase]) -> list[np.ndarray | Exception]:
         if self._executable is None:
             raise ModelError("predict() before load()")
         # Beside the case folders, inside the request's folder, so its cleanup covers a crash here.
-        root = Path(tempfile.mkdtemp(prefix="nnunet-v1-", dir=Path(cases[0][0]).parent.parent))
+        root = Path(tempfile.mkdtemp(prefix="nnunet-v1-", dir=cases[0].workdir.parent))
         try:
             inputs, outputs = root / "in", root / "out"
             inputs.mkdir()
             results: list[np.ndarray | Exception | None] = []
-            for number, channels in enumerate(cases):
+            for number, case in enumerate(cases):
+                channels = case.channel_files
                 if len(channels) != self.info.num_channels:
                     results.append(
                         ValueError(
@@ -152,7 +155,7 @@ class NnUNetV1Backend:
                 for number, result in enumerate(results):
                     if result is None:
                         results[number] = await anyio.to_thread.run_sync(
-                            _read_prediction, outputs, number, cases[number][0], stdout
+                            _read_prediction, outputs, number, cases[number].geometry, stdout
                         )
             return [r for r in results if r is not None]
         finally:
@@ -224,7 +227,7 @@ def _kill_session(process: Process) -> None:
 
 
 def _read_prediction(
-    outputs: Path, number: int, first_channel: Path, stdout: list[str]
+    outputs: Path, number: int, geometry: Geometry, stdout: list[str]
 ) -> np.ndarray | Exception:
     """One case's label map as ``nnUNet_predict`` wrote it, checked against its input."""
     written = outputs / f"{_name(number)}.nii.gz"
@@ -241,10 +244,7 @@ def _read_prediction(
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(written)))
     if not np.issubdtype(labels.dtype, np.integer):
         return TypeError(f"nnUNet_predict wrote a {labels.dtype} map; an integer label map is needed")
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(first_channel))
-    reader.ReadImageInformation()
-    expected = tuple(reversed(reader.GetSize()))
+    expected = tuple(reversed(geometry.size))
     if labels.shape != expected:
         return ValueError(f"nnUNet_predict wrote a {labels.shape} map for a {expected} input")
     return labels

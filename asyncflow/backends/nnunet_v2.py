@@ -13,6 +13,7 @@ import anyio
 import numpy as np
 import SimpleITK as sitk
 
+from ..case import PreparedCase
 from ..log import get_logger
 from .base import ModelError, ModelInfo
 
@@ -23,6 +24,7 @@ log = get_logger("asyncflow.backends.nnunet_v2")
 
 class NnUNetV2Backend:
     max_batch = 1  # in process: no start-up to share, one case at a time
+    needs_files = False  # images from memory: no NIfTI written and read back
 
     def __init__(
         self,
@@ -86,25 +88,55 @@ class NnUNetV2Backend:
             raise ModelError(f"nnU-Net v2 could not load the model: {type(exc).__name__}: {exc}") from exc
         return predictor
 
-    async def predict(self, cases: Sequence[Sequence[Path]]) -> list[np.ndarray | Exception]:
+    async def predict(self, cases: Sequence[PreparedCase]) -> list[np.ndarray | Exception]:
         return [await anyio.to_thread.run_sync(self.predict_case, case) for case in cases]
 
-    def predict_case(self, channel_files: Sequence[Path]) -> np.ndarray:
+    def predict_case(self, prepared: PreparedCase) -> np.ndarray:
         """One case's label map (blocking: call it from a worker thread)."""
         from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
         if self._predictor is None:
             raise ModelError("predict() before load()")
-        if len(channel_files) != self.info.num_channels:
+        if len(prepared.images) != self.info.num_channels:
             raise ValueError(
-                f"case has {len(channel_files)} channel(s), the model expects {self.info.num_channels}"
+                f"case has {len(prepared.images)} channel(s), the model expects {self.info.num_channels}"
             )
         reader = self._predictor.plans_manager.image_reader_writer_class()
-        data, properties = reader.read_images([str(f) for f in channel_files])
+        if type(reader) is SimpleITKIO:  # what SimpleITKIO.read_images returns, without a file
+            data, properties = _as_simpleitkio_read(prepared.images)
+            return np.asarray(self._predictor.predict_single_npy_array(data, properties, None, None, False))
+        # Another reader (and axis order): files in, the map written and read back as SimpleITK does.
+        files = prepared.channel_files or [
+            _write(image, prepared.workdir / f"{prepared.case.case_id}_{n:04d}.nii.gz")
+            for n, image in enumerate(prepared.images)
+        ]
+        data, properties = reader.read_images([str(f) for f in files])
         labels = self._predictor.predict_single_npy_array(data, properties, None, None, False)
-        if isinstance(reader, SimpleITKIO):
-            return np.asarray(labels)
-        # Another reader has its own axis order: let it write the map, read it back as SimpleITK does.
-        written = Path(channel_files[0]).parent / "prediction.nii.gz"
+        written = prepared.workdir / "prediction.nii.gz"
         reader.write_seg(labels, str(written), properties)
         return sitk.GetArrayFromImage(sitk.ReadImage(str(written)))
+
+
+def _write(image: sitk.Image, path: Path) -> Path:
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def _as_simpleitkio_read(images: Sequence[sitk.Image]) -> tuple[np.ndarray, dict[str, Any]]:
+    """nnU-Net v2's ``SimpleITKIO.read_images`` for images already in memory (3D, same grid)."""
+    first = images[0]
+    for image in images[1:]:
+        if image.GetSize() != first.GetSize() or image.GetSpacing() != first.GetSpacing():
+            raise ValueError("the case's channels differ in size or spacing")
+    data = np.vstack(
+        [sitk.GetArrayViewFromImage(i)[None] for i in images], dtype=np.float32, casting="unsafe"
+    )
+    properties = {
+        "sitk_stuff": {
+            "spacing": first.GetSpacing(),
+            "origin": first.GetOrigin(),
+            "direction": first.GetDirection(),
+        },
+        "spacing": [abs(s) for s in first.GetSpacing()[::-1]],
+    }
+    return data, properties
