@@ -3,8 +3,14 @@
 :func:`scan` classifies the files of one unpacked input by content (run off the
 event loop); :class:`CaseBuilder` turns scans into cases with opaque ids and
 unique output names. NIfTI cases are complete as soon as their input is
-scanned; a DICOM series may span inputs, so series become cases only when
-every input has been scanned (:meth:`CaseBuilder.finish`).
+scanned. A DICOM series becomes a case as soon as the archive that delivered it
+is scanned, so prediction starts before the last archive is unpacked (series of
+loose files, one input per file, wait for :meth:`CaseBuilder.finish`). A series
+may span inputs, though: when a later input adds slices to a series that is
+already a case, or turns out unreadable after delivering part of one, that case
+is *withdrawn* (:attr:`CaseBuilder.withdrawn`; the pipeline drops whatever it
+produced) and the grown series becomes a new case. No partial volume is ever
+returned.
 """
 
 from __future__ import annotations
@@ -194,6 +200,7 @@ class _Series:
     origin: str  # the input the first instance came from (report)
     label: str  # what the series is named after
     instances: dict[str, DicomInstance] = field(default_factory=dict)  # by SOPInstanceUID
+    case: Case | None = None  # the case made of it as it stands, if any
 
 
 class CaseBuilder:
@@ -207,6 +214,8 @@ class CaseBuilder:
         self._label_files: dict[str, list[Path]] = {}  # input name -> its *.mitklabel.json
         self._broken: dict[str, str] = {}  # SeriesInstanceUID -> the unreadable input that held part of it
         self.skipped: list[SkippedFile] = []
+        # Cases made of a series that then grew or lost an input: their results must not be returned.
+        self.withdrawn: list[Case] = []
 
     def _new_case(self, kind: SourceKind, stem: str, origin: str, files: list[Path]) -> Case:
         self._count += 1
@@ -219,18 +228,27 @@ class CaseBuilder:
             case_id=f"case-{self._count:04d}", kind=kind, output_name=name, origin=origin, files=files
         )
 
+    def _withdraw(self, series: _Series) -> None:
+        if series.case is not None:
+            self.withdrawn.append(series.case)
+            self._names.discard(series.case.output_name.lower())
+            series.case = None
+
     def broken(self, unpacked: UnpackedInput) -> None:
         """An input that failed: series it had begun to deliver are refused, not segmented partially."""
         for uid in unpacked.broken_series:
             self._broken[uid] = unpacked.item.name
+            if uid in self._series:
+                self._withdraw(self._series[uid])
 
     def add(self, result: Scan) -> list[Case]:
-        """NIfTI and multi-frame DICOM cases of this scan; series of single frames wait for
-        :meth:`finish`, since a series may span inputs."""
+        """The cases this scan completes: its NIfTI volumes, multi-frame images and the series
+        it delivered slices of (a series it grew replaces that series' earlier case)."""
         origin = result.unpacked.item.name
         self.skipped.extend(result.skipped)
         label = _series_label(result.unpacked)
         cases = []
+        grown: dict[str, _Series] = {}
         for instance in result.dicom:
             if instance.frames > 1:  # an enhanced multi-frame image is a volume of its own
                 case = self._new_case(SourceKind.DICOM, _stem(label), origin, [instance.path])
@@ -241,13 +259,21 @@ class CaseBuilder:
             uid = instance.series_instance_uid
             series = self._series.setdefault(uid, _Series(uid, origin, label))
             # The same instance twice (two exports of one study) is one slice.
-            series.instances.setdefault(instance.sop_instance_uid, instance)
+            if instance.sop_instance_uid not in series.instances:
+                series.instances[instance.sop_instance_uid] = instance
+                grown[uid] = series
         self._label_files[origin] = result.label_files
         for stem, files in self._nifti_groups(result):
             case = self._new_case(SourceKind.NIFTI, stem, origin, files)
             case.label_file = _label_file_for(stem, result.label_files)
             cases.append(case)
-        return cases
+        for series in grown.values():
+            self._withdraw(series)
+        if result.unpacked.kind != "archive":
+            # Loose files come one input per file: their series wait for finish(), else a folder
+            # of 200 slices would make and withdraw 199 growing cases.
+            return cases
+        return cases + self._series_cases(list(grown.values()), final=False)
 
     def _nifti_groups(self, result: Scan) -> list[tuple[str, list[Path]]]:
         unpacked = result.unpacked
@@ -276,45 +302,60 @@ class CaseBuilder:
         return singles
 
     def finish(self) -> list[Case]:
-        """One case per DICOM series, named after its archive or folder."""
-        per_label: dict[str, int] = defaultdict(int)
-        cases = []
+        """Every input is scanned: the series not yet cases become cases or are skipped, with reasons."""
+        cases = self._series_cases(list(self._series.values()), final=True)
+        self._series.clear()
+        return cases
+
+    def _series_cases(self, candidates: list[_Series], *, final: bool) -> list[Case]:
+        """Cases for ``candidates`` (series without a current case), named after their archive
+        or folder; with ``final``, skip reasons for what cannot become a case."""
+        several = {label for label, n in Counter(s.label for s in self._series.values()).items() if n > 1}
         ordered = sorted(
-            self._series.values(),
-            key=lambda s: (s.label, next(iter(s.instances.values())).series_number or 0),
+            candidates, key=lambda s: (s.label, next(iter(s.instances.values())).series_number or 0)
         )
-        several = {label for label, count in Counter(s.label for s in ordered).items() if count > 1}
+        cases = []
         for series in ordered:
             if series.uid in self._broken:
-                reason = (
-                    "part of this series was in an input that could not be read "
-                    f"({self._broken[series.uid]}): not segmented as a partial volume"
-                )
-                self.skipped += [
-                    SkippedFile(series.origin, i.path.name, reason) for i in series.instances.values()
-                ]
+                if final:
+                    reason = (
+                        "part of this series was in an input that could not be read "
+                        f"({self._broken[series.uid]}): not segmented as a partial volume"
+                    )
+                    self.skipped += [
+                        SkippedFile(series.origin, i.path.name, reason) for i in series.instances.values()
+                    ]
                 continue
             instances, localizers = _drop_localizers(list(series.instances.values()))
-            for localizer in localizers:
-                reason = "localizer (another size or orientation) dropped from its series"
-                self.skipped.append(SkippedFile(series.origin, localizer.path.name, reason))
+            if final:
+                for localizer in localizers:
+                    reason = "localizer (another size or orientation) dropped from its series"
+                    self.skipped.append(SkippedFile(series.origin, localizer.path.name, reason))
+            if series.case is not None:
+                continue
             if len(instances) < 2:
-                self.skipped.append(
-                    SkippedFile(
-                        series.origin,
-                        instances[0].path.name,
-                        "single-slice series (a localizer?) is not a volume",
+                if final:
+                    self.skipped.append(
+                        SkippedFile(
+                            series.origin,
+                            instances[0].path.name,
+                            "single-slice series (a localizer?) is not a volume",
+                        )
                     )
-                )
                 continue
             stem = _stem(series.label)
-            per_label[series.label] += 1
             if series.label in several:
                 number = instances[0].series_number
-                stem = f"{stem}_S{number if number is not None else per_label[series.label]}"
+                stem = f"{stem}_S{number if number is not None else self._position(series)}"
             case = self._new_case(SourceKind.DICOM, stem, series.origin, [i.path for i in instances])
             case.instances = instances
             case.label_file = _label_file_for(case.output_name, self._label_files.get(series.origin, []))
+            series.case = case
             cases.append(case)
-        self._series.clear()
         return cases
+
+    def _position(self, series: _Series) -> int:
+        """1-based place of a series without SeriesNumber among the series of its label."""
+        same = [s for s in self._series.values() if s.label == series.label]
+        same.sort(key=lambda s: next(iter(s.instances.values())).series_number or 0)
+        return same.index(series) + 1

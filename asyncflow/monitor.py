@@ -52,6 +52,7 @@ class _Request:
     total: int | None = None  # from request.assembled
     cases: dict[str, str] = field(default_factory=dict)  # case_id -> assembled/prepared/predicted/done/failed
     predictions: list[tuple[float, float]] = field(default_factory=list)
+    withdrawn: set[str] = field(default_factory=set)
     last_s: float = 0.0
 
 
@@ -101,6 +102,12 @@ class Monitor:
             self.durations["unpack"].append(event["duration_s"])
         elif case_id is None:
             return
+        elif name == "case.withdrawn":  # replaced by a case of the grown series: not counted
+            request.cases.pop(case_id, None)
+            request.withdrawn.add(case_id)
+        elif case_id in request.withdrawn:
+            if name == "case.predicted":  # the GPU did the work all the same
+                request.predictions.append((at - event["duration_s"], at))
         elif name in ("case.assembled", "case.prepared", "case.predicted"):
             request.cases[case_id] = name.split(".")[1]
             if name == "case.predicted":

@@ -57,6 +57,7 @@ __all__ = [
     "Result",
     "build_backend",
     "build_backends",
+    "peak_rss_bytes",
     "run_request",
     "run_request_sync",
 ]
@@ -152,6 +153,9 @@ class _Request:
         self.on_progress = on_progress
         self.builder = CaseBuilder(multi_modal=settings.multi_modal)
         self.reports: dict[str, CaseReport] = {}
+        # Cases whose series grew or lost an input after they were made: dropped when they end.
+        self.withdrawn: set[str] = set()
+        self.written: dict[str, list[tuple[dict[str, bytes], str]]] = {}  # case id -> its outputs
         self.inputs: list[dict[str, Any]] = []
         self.dicom: dict[str, bytes] = {}
         self.nifti: dict[str, bytes] = {}
@@ -225,6 +229,9 @@ class _Request:
     def _end_case(self, case: Case, *, stage: str | None = None, error: Exception | None = None) -> None:
         """Book a case as done or failed, remove its working folder, report progress."""
         shutil.rmtree(self._case_dir(case), ignore_errors=True)
+        if case.case_id in self.withdrawn:
+            self._forget(case.case_id)
+            return
         report = self.reports[case.case_id]
         if error is not None:
             report.status = CaseStatus.FAILED
@@ -245,7 +252,7 @@ class _Request:
             **{f"{stage}_s": round(seconds, 4) for stage, seconds in report.stage_s.items()},
         )
         if self.on_progress is not None:
-            statuses = [r.status for r in self.reports.values()]
+            statuses = [r.status for r in self.live_reports()]
             self.on_progress(
                 Progress(
                     done=statuses.count(CaseStatus.DONE),
@@ -256,6 +263,24 @@ class _Request:
 
     def _case_dir(self, case: Case) -> Path:
         return self.workdir / "cases" / case.case_id
+
+    def live_reports(self) -> list[CaseReport]:
+        """Reports of the cases that count: all but the withdrawn."""
+        return [r for case_id, r in self.reports.items() if case_id not in self.withdrawn]
+
+    def _take_withdrawn(self) -> None:
+        """The builder withdrew cases (their series grew or lost an input): drop what they made."""
+        for case in self.builder.withdrawn:
+            self.withdrawn.add(case.case_id)
+            log.info("case.withdrawn", case_id=case.case_id)
+            if self.reports[case.case_id].status is not CaseStatus.PENDING:  # it has ended already
+                self._forget(case.case_id)
+        self.builder.withdrawn.clear()
+
+    def _forget(self, case_id: str) -> None:
+        self.reports.pop(case_id, None)
+        for outputs, name in self.written.pop(case_id, []):
+            outputs.pop(name, None)
 
     # -- stages --------------------------------------------------------------------
 
@@ -300,15 +325,18 @@ class _Request:
                 )
                 if unpacked.error:
                     self.builder.broken(unpacked)
+                    self._take_withdrawn()
                     continue
                 scanned = await anyio.to_thread.run_sync(scan, unpacked, self.limits.max_file_bytes)
                 if scanned.skipped:
                     log.info("files.skipped", input_index=unpacked.item.index, files=len(scanned.skipped))
-                for case in self.builder.add(scanned):
+                cases = self.builder.add(scanned)
+                self._take_withdrawn()
+                for case in cases:
                     await self._emit(case, send)
             for case in self.builder.finish():
                 await self._emit(case, send)
-            self.total = len(self.reports)
+            self.total = len(self.live_reports())
             log.info("request.assembled", cases=self.total, files_skipped=len(self.builder.skipped))
 
     async def _emit(self, case: Case, send: MemoryObjectSendStream[Case]) -> None:
@@ -321,6 +349,9 @@ class _Request:
     ) -> None:
         async with receive, send:
             async for case in receive:
+                if case.case_id in self.withdrawn:
+                    self._end_case(case)
+                    continue
                 with structlog.contextvars.bound_contextvars(case_id=case.case_id):
                     prepared = await self._step(
                         case, "prepare", prepare_case, case, self._case_dir(case), self.needs_files
@@ -370,6 +401,12 @@ class _Request:
         send: MemoryObjectSendStream[PredictedCase],
     ) -> None:
         """One backend call for ``batch``; when the call fails as a whole, each case alone."""
+        for prepared in batch:
+            if prepared.case.case_id in self.withdrawn:
+                self._end_case(prepared.case)
+        batch = [p for p in batch if p.case.case_id not in self.withdrawn]
+        if not batch:
+            return
         started = time.perf_counter()
         try:
             outcomes = await backend.predict(batch)
@@ -411,6 +448,9 @@ class _Request:
         async with receive:
             async for predicted in receive:
                 case = predicted.prepared.case
+                if case.case_id in self.withdrawn:
+                    self._end_case(case)
+                    continue
                 with structlog.contextvars.bound_contextvars(case_id=case.case_id):
                     exported = await self._step(
                         case,
@@ -426,8 +466,10 @@ class _Request:
                         continue
                     outputs = self.dicom if exported.format == "dicom_seg" else self.nifti
                     outputs[exported.name] = exported.data
+                    written = self.written[case.case_id] = [(outputs, exported.name)]
                     if exported.label_json is not None:
                         self.label_json[exported.label_json[0]] = exported.label_json[1]
+                        written.append((self.label_json, exported.label_json[0]))
                     report = self.reports[case.case_id]
                     report.output = exported.name
                     report.labels_present = exported.labels_present
@@ -447,7 +489,7 @@ class _Request:
 
     def result(self, request_id: str, duration_s: float, status: str | None = None) -> Result:
         """The result so far; ``status`` overrides the one the cases give (cancelled, error)."""
-        reports = sorted(self.reports.values(), key=lambda r: r.case_id)
+        reports = sorted(self.live_reports(), key=lambda r: r.case_id)
         failed = sum(r.status is not CaseStatus.DONE for r in reports)
         status = status or ("done" if failed == 0 else ("failed" if failed == len(reports) else "partial"))
         return Result(
@@ -511,7 +553,7 @@ async def run_request(
                 if len(errors) == 1 and isinstance(errors[0], Exception):
                     raise errors[0] from None
                 raise
-            if not request.reports:
+            if not request.live_reports():
                 failed_inputs = sum(1 for i in request.inputs if i["error"])
                 raise RequestError(
                     f"no usable case in the request: {len(items)} input(s), {failed_inputs} unreadable, "
@@ -528,7 +570,7 @@ async def run_request(
             if on_finish is not None:
                 final = status if status in ("error", "cancelled") else None
                 on_finish(request.result(request_id, time.perf_counter() - started, final))
-            statuses = [r.status for r in request.reports.values()]
+            statuses = [r.status for r in request.live_reports()]
             log.info(
                 "request.finished",
                 status=status,
@@ -537,8 +579,20 @@ async def run_request(
                 cases_failed=statuses.count(CaseStatus.FAILED),
                 files_skipped=len(request.builder.skipped),
                 duration_s=round(time.perf_counter() - started, 4),
-                peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                peak_rss_bytes=peak_rss_bytes(),
             )
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: Linux's VmHWM, which, unlike ``ru_maxrss``, does not
+    carry over a parent's peak through fork and exec; ``ru_maxrss`` elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _check_free_space(settings: Settings, input_bytes: int) -> None:

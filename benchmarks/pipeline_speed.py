@@ -32,7 +32,6 @@ import argparse
 import io
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -57,7 +56,7 @@ from asyncflow.case import PredictedCase
 from asyncflow.export import export_case
 from asyncflow.inputs import request_items, unpack
 from asyncflow.log import configure_logging
-from asyncflow.pipeline import build_backend, run_request
+from asyncflow.pipeline import build_backend, peak_rss_bytes, run_request
 from asyncflow.prepare import prepare_case
 from asyncflow.seg import Algorithm, SegOptions
 from asyncflow.settings import Settings, packaged_demo_model
@@ -217,7 +216,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
         **{k: spec[k] for k in ("mode", "predictor", "gpus", "service_s")},
         "wall_s": wall,
         "records": records,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),  # this child's own
         "peak_temp_disk_bytes": disk.peak,
     }
 

@@ -59,12 +59,15 @@ def test_series_group_by_uid_across_inputs_and_duplicates_collapse(
         {f"b/{k}": dicom_bytes(ds) for k, ds in enumerate(one[3:])}
         | {f"c/{k}": dicom_bytes(ds) for k, ds in enumerate(two)}
     )
-    assert builder.add(_scan(tmp_path, 0, "part1.tar", first)) == []
-    assert builder.add(_scan(tmp_path, 1, "part2.tar", second)) == []
-    cases = builder.finish()
-    assert sorted(len(c.instances) for c in cases) == [6, 6]
-    assert all(c.kind is SourceKind.DICOM for c in cases)
-    assert {c.output_name for c in cases} == {"part1", "part2"}
+    # A series is a case as soon as its input is scanned: prediction need not wait for the rest.
+    (early,) = builder.add(_scan(tmp_path, 0, "part1.tar", first))
+    assert (early.output_name, len(early.instances), builder.withdrawn) == ("part1", 4, [])
+    # The next input grows it: that case is withdrawn and the whole series is a new case.
+    cases = builder.add(_scan(tmp_path, 1, "part2.tar", second))
+    assert builder.withdrawn == [early]
+    assert builder.finish() == []
+    assert sorted((c.output_name, len(c.instances)) for c in cases) == [("part1", 6), ("part2", 6)]
+    assert all(c.kind is SourceKind.DICOM for c in cases) and early not in cases
 
 
 def test_several_series_of_one_input_are_named_by_series_number(
@@ -76,8 +79,9 @@ def test_several_series_of_one_input_are_named_by_series_number(
             f"s{number}/{k}": dicom_bytes(ds) for k, ds in enumerate(_series(rng, series_number=number))
         }
     builder = CaseBuilder()
-    builder.add(_scan(tmp_path, 0, "study.tar.gz", make_tar(members)))
-    assert sorted(c.output_name for c in builder.finish()) == ["study_S3", "study_S7"]
+    cases = builder.add(_scan(tmp_path, 0, "study.tar.gz", make_tar(members)))  # an archive's series: at once
+    assert builder.finish() == []
+    assert sorted(c.output_name for c in cases) == ["study_S3", "study_S7"]
 
 
 def test_output_names_stay_unique_when_inputs_share_a_name(tmp_path: Path, rng: np.random.Generator) -> None:

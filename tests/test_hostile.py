@@ -252,8 +252,8 @@ def test_a_series_split_over_two_archives_is_merged_or_refused_never_partial(
     first = make_tar({f"a/{k}": dicom_bytes(ds) for k, ds in enumerate(series[:10])}, mode="w")
     second = make_tar({f"b/{k}": dicom_bytes(ds) for k, ds in enumerate(series[10:])}, mode="w:gz")
 
-    def assemble(archives: list[bytes]) -> CaseBuilder:
-        builder = CaseBuilder()
+    def assemble(archives: list[bytes]) -> tuple[CaseBuilder, list]:
+        builder, cases = CaseBuilder(), []
         for n, data in enumerate(archives):
             unpacked = unpack(
                 InputItem(n, f"part{n}.tar", data=data), tmp_path / f"{len(archives)}-{n}-{data[:2].hex()}"
@@ -261,14 +261,14 @@ def test_a_series_split_over_two_archives_is_merged_or_refused_never_partial(
             if unpacked.error:
                 builder.broken(unpacked)
             else:
-                builder.add(scan(unpacked))
-        return builder
+                cases += builder.add(scan(unpacked))
+        cases += builder.finish()
+        return builder, [c for c in cases if c not in builder.withdrawn]
 
-    whole = assemble([first, second])
-    (case,) = whole.finish()
-    assert len(case.instances) == 20
-    cut = assemble([first, second[: int(len(second) * 0.7)]])  # the second archive breaks midway
-    assert cut.finish() == []
+    _, whole = assemble([first, second])
+    assert [len(case.instances) for case in whole] == [20]
+    cut, kept = assemble([first, second[: int(len(second) * 0.7)]])  # the second archive breaks midway
+    assert kept == [] and len(cut.withdrawn) == 1  # the first half's case is withdrawn, not returned
     assert len(cut.skipped) == 10
     assert {s.reason for s in cut.skipped} == {
         "part of this series was in an input that could not be read (part1.tar): not segmented as a partial volume"

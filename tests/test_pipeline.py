@@ -280,6 +280,50 @@ async def test_one_prediction_worker_per_device_each_one_case_at_a_time(
     ]
 
 
+async def test_dicom_cases_start_before_the_last_archive_is_unpacked(
+    tmp_path: Path, settings_factory, loaded_backend: Backend, rng: np.random.Generator
+) -> None:
+    tars = [
+        {f"s{n}.tar": dicom_series_tar([dicom_series_datasets(make_phantom(rng, (16, 32, 32)))])}
+        for n in range(4)
+    ]
+    logs = io.StringIO()
+    configure_logging(json=True, stream=logs)
+    settings = settings_factory(tmp_path / "work", unpack_workers=1, queue_size=1)
+    result = await run_request(tars, settings, backend=loaded_backend)
+    assert result.status == "done" and len(result.dicom_seg_bytes) == 4
+    events = [json.loads(line)["event"] for line in logs.getvalue().splitlines()]
+    extracted = [k for k, e in enumerate(events) if e == "archive.extracted"]
+    assert events.index("case.assembled") < extracted[-1]  # the first series went on before the last TAR
+
+
+async def test_a_series_split_over_archives_is_segmented_whole_once(
+    tmp_path: Path, settings_factory, loaded_backend: Backend, rng: np.random.Generator
+) -> None:
+    split, other = make_phantom(rng, (24, 32, 32)), make_phantom(rng, (16, 32, 32))
+    split_series = dicom_series_datasets(split, series_number=1)
+    first = dicom_series_tar([split_series[:12]])
+    second = dicom_series_tar([split_series[12:], dicom_series_datasets(other, series_number=2)])
+    logs = io.StringIO()
+    configure_logging(json=True, stream=logs)
+    work = tmp_path / "work"
+    entries = [{"part1.tar": first}, {"part2.tar": second}]
+    result = await run_request(entries, settings_factory(work, unpack_workers=1), backend=loaded_backend)
+
+    assert result.status == "done"
+    assert sorted(c.output for c in result.cases) == ["part1.dcm", "part2.dcm"]
+    events = [json.loads(line) for line in logs.getvalue().splitlines()]
+    (withdrawn,) = [e["case_id"] for e in events if e["event"] == "case.withdrawn"]
+    assert withdrawn not in {c.case_id for c in result.cases}  # the half series' case left no trace
+    # The SEG covers all 24 slices, and the model's liver is the phantom's on every one of them.
+    uids = [str(ds.SOPInstanceUID) for ds in split_series]
+    numbers, names = read_dicom_seg(result.dicom_seg_bytes["part1.dcm"], uids)
+    liver = {v: k for k, v in names.items()}["liver"]
+    assert numbers.shape[0] == 24 and _dice(numbers == liver, split.labels == 1) > MIN_DICE["liver"]
+    assert sorted(result.label_json_bytes) == ["part1.mitklabel.json", "part2.mitklabel.json"]
+    assert _workdir_is_empty(work)
+
+
 async def test_cuda_without_a_gpu_is_a_model_error(tmp_path: Path, settings_factory) -> None:
     import torch
 
