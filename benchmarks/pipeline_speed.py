@@ -207,6 +207,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     with _DiskWatch(work) as disk:
         if spec["mode"] == "sequential":
+            configure_logging(json=True, stream=io.StringIO())  # the model's notices: not on stdout
             request_dir = Path(tempfile.mkdtemp(dir=work))
             records = anyio.run(_sequential, paths, settings, backends[0], request_dir)
         else:
