@@ -179,12 +179,12 @@ class NnUNetV1Backend:
                     tg.start_soon(_collect, process.stdout, stdout)
                     tg.start_soon(_collect, process.stderr, stderr)
                 returncode = await process.wait()
-        finally:
-            if process.returncode is None:
-                _kill_session(process)
-                with anyio.CancelScope(shield=True):
+        finally:  # on timeout, error or cancellation alike: no process outlives its run
+            with anyio.CancelScope(shield=True):
+                if process.returncode is None:
+                    _kill_session(process)
                     await process.wait()
-            await process.aclose()
+                await process.aclose()
         duration = time.perf_counter() - started
         log.info(
             "nnunet_v1.finished",
