@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import shutil
 import subprocess
 import sys
@@ -172,7 +171,8 @@ def train(output: Path) -> dict:
         )
         preprocessed = work / "preprocessed" / TASK
         plans_file = preprocessed / f"{PLANS}_plans_3D.pkl"
-        write_pickle(_tiny_plans(load_pickle(str(plans_file))), str(plans_file))
+        plans = _tiny_plans(load_pickle(str(plans_file)))  # the planner's own output, just written
+        write_pickle(plans, str(plans_file))
 
         folder = work / "results" / "nnUNet" / "3d_fullres" / TASK / f"{TRAINER}__{PLANS}"
         trainer = nnUNetTrainerV2(
@@ -221,8 +221,6 @@ def train(output: Path) -> dict:
             "held_out_predict_s": round(predict_s, 1),
             "checkpoint_bytes": (folder / "fold_0" / f"{CHECKPOINT}.model").stat().st_size,
         }
-        with (folder / "plans.pkl").open("rb") as f:
-            features = pickle.load(f)["base_num_features"]
         (folder / "training.json").write_text(
             json.dumps(
                 {
@@ -230,7 +228,7 @@ def train(output: Path) -> dict:
                     "train_volumes": N_TRAIN,
                     "held_out_volumes": N_HELD_OUT,
                     "volume_shape": list(SHAPE),
-                    "base_num_features": features,
+                    "base_num_features": plans["base_num_features"],
                     "torch_threads": torch_threads,
                     "training": "train_tiny_model.fit (shared with the v2 tiny model)",
                     **summary,
