@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import shutil
 import stat
 import sys
@@ -130,6 +131,11 @@ def test_v1_model_facts_come_from_plans_pkl_and_an_optional_dataset_json(tmp_pat
         ModelInfo.from_v1_folder(bare, folds=[3])
     with pytest.raises(ModelError, match="is not where nnUNet_predict looks"):
         ModelInfo.from_v1_folder(tmp_path)
+
+    # plans.pkl is read as plain data: a pickle that would call anything else is refused.
+    (bare / "plans.pkl").write_bytes(pickle.dumps({"num_modalities": os.getpid, "all_classes": [1]}))
+    with pytest.raises(ModelError, match=r"refers to posix\.getpid, which is not plain data"):
+        ModelInfo.from_v1_folder(bare)
 
 
 def test_a_v1_run_gets_the_environment_real_v1_models_need(tmp_path: Path, monkeypatch) -> None:

@@ -92,8 +92,11 @@ class ModelInfo:
     ) -> ModelInfo:
         """An nnU-Net v1 model: ``RESULTS_FOLDER/nnUNet/<configuration>/<task>/<trainer>__<plans>``.
 
-        v1 keeps its facts in ``plans.pkl`` (a pickle: the model folder must be
-        trusted, as ``nnUNet_predict`` itself unpickles it) and no label names;
+        v1 keeps its facts in ``plans.pkl``, a pickle: it is read here with an
+        unpickler that builds only plain data (dicts, lists, numpy arrays and
+        scalars) and refuses any other class, so the file cannot run code in
+        this process (``nnUNet_predict`` unpickles it, in its own, as v1 does). v1 has
+        no label names;
         those come from a v1 ``dataset.json`` beside ``plans.pkl`` or in the task
         folder when there is one, else labels are named by value.
         """
@@ -105,7 +108,7 @@ class ModelInfo:
             )
         try:
             with (folder / "plans.pkl").open("rb") as f:
-                plans = pickle.load(f)
+                plans = _PlansUnpickler(f).load()
             num_channels = int(plans["num_modalities"])
             classes = [int(c) for c in plans["all_classes"]]
         except (OSError, pickle.UnpicklingError, KeyError, TypeError, ValueError, EOFError) as exc:
@@ -155,6 +158,27 @@ class ModelInfo:
             "folds": ",".join(str(f) for f in self.folds),
             "checkpoint": self.checkpoint,
         }
+
+
+class _PlansUnpickler(pickle.Unpickler):
+    """Plain data only: what nnU-Net v1 writes into ``plans.pkl``, and no other global."""
+
+    _ALLOWED = frozenset(
+        {
+            ("collections", "OrderedDict"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy.core.multiarray", "scalar"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "scalar"),
+        }
+    )
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"plans.pkl refers to {module}.{name}, which is not plain data")
+        return super().find_class(module, name)
 
 
 def _framework(package: str) -> str:
