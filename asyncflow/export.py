@@ -18,7 +18,7 @@ import numpy as np
 from .case import PredictedCase, SourceKind
 from .labels import SegmentLabel, label_for, merge_labels
 from .mitk import MITK_SUFFIX, mitk_label_json, read_mitk_labels
-from .seg import Algorithm, SegOptions, dicom_seg_bytes, nifti_seg_bytes, segment_values
+from .seg import Algorithm, SegOptions, dicom_seg_bytes, label_values, nifti_seg_bytes, segment_values
 
 __all__ = ["Exported", "export_case"]
 
@@ -46,7 +46,7 @@ def export_case(
 ) -> Exported:
     prepared = predicted.prepared
     case = prepared.case
-    present = [int(v) for v in np.unique(predicted.labels) if v]
+    present = label_values(predicted.labels)
     absent = sorted(set(model_labels) - set(present))
     if case.kind is not SourceKind.DICOM:
         data = nifti_seg_bytes(predicted.labels, prepared.geometry, prepared.workdir / "seg.nii.gz")
@@ -79,8 +79,8 @@ def _dicom_outputs(
     if prepared.frame_order is not None:  # a multi-frame source: its frames in their own order
         in_source_order = np.empty_like(predicted.labels)
         in_source_order[prepared.frame_order] = predicted.labels
-    data = dicom_seg_bytes(prepared.source_files, in_source_order, labels, algorithm, options)
-    described = [label_for(labels, v) for v in segment_values(predicted.labels, labels)]
+    data = dicom_seg_bytes(prepared.source_files, in_source_order, labels, algorithm, options, present)
+    described = [label_for(labels, v) for v in segment_values(present, labels)]
     label_json = mitk_label_json(
         described,
         [path.name for path in prepared.source_files],

@@ -22,6 +22,7 @@ from asyncflow.seg import (
     SegOptions,
     check_dicom_seg,
     dicom_seg_bytes,
+    label_values,
     nifti_seg_bytes,
     read_dicom_seg,
     read_nifti_seg,
@@ -75,6 +76,20 @@ def test_dicom_seg_decodes_to_the_label_map_on_its_sources(tmp_path: Path, rng: 
     assert names == {1: "liver", 2: "vessel"}
     decoded = np.select([numbers == 1, numbers == 2], [1, 3], 0)
     np.testing.assert_array_equal(decoded, labels)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.int64, np.float32])
+def test_label_values_are_the_foreground_values_of_any_label_map(dtype: type) -> None:
+    labels = np.zeros((5, 7, 9), dtype)
+    labels[1, 2:4, 3] = 7
+    labels[4, 0, 0] = 3
+    wide = 1 if dtype is np.uint8 else 300  # past one byte where the type allows
+    labels[2, 6, 8] = wide
+    assert label_values(labels) == sorted({3, 7, wide})
+    assert label_values(np.zeros((3, 4, 4), dtype)) == []
+    if dtype in (np.int16, np.int64):  # negative values: counted, never folded into others
+        labels[0, 0, 0] = -2
+        assert label_values(labels) == sorted({-2, 3, 7, wide})
 
 
 def test_dicom_seg_of_an_empty_prediction_still_describes_the_model_labels(
