@@ -36,6 +36,7 @@ __all__ = [
     "RequestError",
     "UnpackedInput",
     "request_items",
+    "restore_files",
     "sanitise_relpath",
     "unpack",
 ]
@@ -312,3 +313,27 @@ def unpack(item: InputItem, dest: Path, limits: ArchiveLimits | None = None) -> 
     # Several members may share a name; the last one wins, as in any extraction.
     result.files = list(dict.fromkeys(result.files))
     return result
+
+
+def restore_files(
+    item: InputItem, dest: Path, files: Iterable[Path], scratch: Path, limits: ArchiveLimits | None = None
+) -> None:
+    """Put back files that :func:`unpack` once wrote into ``dest`` and that were deleted since.
+
+    The input is unpacked again into ``scratch`` (extraction is deterministic: a
+    member always lands on the same path) and the wanted files are moved into
+    place; nothing else in ``dest`` is touched. Raises :class:`FileNotFoundError`
+    when the input no longer holds one of them.
+    """
+    try:
+        again = unpack(item, scratch, limits)
+        if again.error:
+            raise FileNotFoundError(f"input {item.index} cannot be unpacked again: {again.error}")
+        for file in files:
+            fresh = scratch / file.relative_to(dest)
+            if not fresh.is_file():
+                raise FileNotFoundError(f"input {item.index} no longer holds {file.relative_to(dest)}")
+            file.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(fresh, file)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

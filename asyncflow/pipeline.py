@@ -23,6 +23,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections import Counter, defaultdict
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,7 @@ from .case import (
     SkippedFile,
 )
 from .export import export_case
-from .inputs import Entry, InputItem, RequestError, UnpackedInput, request_items, unpack
+from .inputs import Entry, InputItem, RequestError, UnpackedInput, request_items, restore_files, unpack
 from .labels import load_label_config
 from .log import get_logger, scrub
 from .prepare import prepare_case
@@ -156,6 +157,12 @@ class _Request:
         # Cases whose series grew or lost an input after they were made: dropped when they end.
         self.withdrawn: set[str] = set()
         self.written: dict[str, list[tuple[dict[str, bytes], str]]] = {}  # case id -> its outputs
+        # Unpacked files are deleted when the last case that reads them ends (bounded disk);
+        # one a later case needs again (its series grew) is unpacked again from its input.
+        self.items: dict[int, InputItem] = {}
+        self.holds: Counter[Path] = Counter()  # unpacked file -> cases that still read it
+        self.released: set[Path] = set()
+        self.restores = 0
         self.inputs: list[dict[str, Any]] = []
         self.dicom: dict[str, bytes] = {}
         self.nifti: dict[str, bytes] = {}
@@ -172,6 +179,7 @@ class _Request:
     # -- orchestration -----------------------------------------------------------
 
     async def run(self, items: list[InputItem]) -> None:
+        self.items = {item.index: item for item in items}
         size = self.settings.queue_size
         unpacked_send, unpacked_recv = _stream(size)
         cases_send, cases_recv = _stream(size)
@@ -227,8 +235,10 @@ class _Request:
         self._end_case(case, stage=stage, error=error)
 
     def _end_case(self, case: Case, *, stage: str | None = None, error: Exception | None = None) -> None:
-        """Book a case as done or failed, remove its working folder, report progress."""
+        """Book a case as done or failed, remove its working folder and the unpacked files no
+        other case reads, report progress."""
         shutil.rmtree(self._case_dir(case), ignore_errors=True)
+        self._release(case)
         if case.case_id in self.withdrawn:
             self._forget(case.case_id)
             return
@@ -264,6 +274,47 @@ class _Request:
     def _case_dir(self, case: Case) -> Path:
         return self.workdir / "cases" / case.case_id
 
+    def _input_dir(self, index: int) -> Path:
+        return self.workdir / "inputs" / f"{index:04d}"
+
+    def _unpacked_sources(self, case: Case) -> list[Path]:
+        """The files of ``case`` that were unpacked into this request's folder (not used in place)."""
+        inputs = self.workdir / "inputs"
+        sources = [*case.files, *([case.label_file] if case.label_file else [])]
+        return [p for p in dict.fromkeys(sources) if p.is_relative_to(inputs)]
+
+    async def _hold(self, case: Case) -> None:
+        """Count ``case`` as a reader of its unpacked files; unpack again those already deleted."""
+        sources = self._unpacked_sources(case)
+        self.holds.update(sources)
+        missing: dict[int, list[Path]] = defaultdict(list)
+        for path in sources:
+            if path in self.released:
+                missing[int(path.relative_to(self.workdir / "inputs").parts[0])].append(path)
+        for index, files in missing.items():
+            started = time.perf_counter()
+            scratch = self.workdir / "restore" / f"{index:04d}-{self.restores}"
+            self.restores += 1
+            await anyio.to_thread.run_sync(
+                restore_files, self.items[index], self._input_dir(index), files, scratch, self.limits
+            )
+            self.released.difference_update(files)
+            log.info(
+                "input.restored",
+                input_index=index,
+                files=len(files),
+                duration_s=round(time.perf_counter() - started, 4),
+            )
+
+    def _release(self, case: Case) -> None:
+        """``case`` has ended: delete its unpacked files that no other case reads."""
+        for path in self._unpacked_sources(case):
+            self.holds[path] -= 1
+            if self.holds[path] <= 0:
+                del self.holds[path]
+                path.unlink(missing_ok=True)
+                self.released.add(path)
+
     def live_reports(self) -> list[CaseReport]:
         """Reports of the cases that count: all but the withdrawn."""
         return [r for case_id, r in self.reports.items() if case_id not in self.withdrawn]
@@ -290,8 +341,9 @@ class _Request:
         async with send:
             for item in items:  # shared iterator: each worker takes the next item
                 started = time.perf_counter()
-                dest = self.workdir / "inputs" / f"{item.index:04d}"
-                unpacked = await anyio.to_thread.run_sync(unpack, item, dest, self.limits)
+                unpacked = await anyio.to_thread.run_sync(
+                    unpack, item, self._input_dir(item.index), self.limits
+                )
                 duration = round(time.perf_counter() - started, 4)
                 if unpacked.error:
                     log.warning("input.failed", input_index=item.index, reason=scrub(unpacked.error))
@@ -342,6 +394,13 @@ class _Request:
     async def _emit(self, case: Case, send: MemoryObjectSendStream[Case]) -> None:
         self.reports[case.case_id] = CaseReport(case.case_id, case.kind, case.origin)
         log.info("case.assembled", case_id=case.case_id, kind=str(case.kind), files=len(case.files))
+        started = time.perf_counter()
+        try:
+            await self._hold(case)
+        except OSError as exc:  # its input changed or vanished since it was first unpacked
+            with structlog.contextvars.bound_contextvars(case_id=case.case_id):
+                self._fail(case, "prepare", exc, time.perf_counter() - started)
+            return
         await send.send(case)
 
     async def _prepare_worker(

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from helpers import make_tar
 
-from asyncflow.inputs import InputItem, RequestError, request_items, sanitise_relpath, unpack
+from asyncflow.inputs import InputItem, RequestError, request_items, restore_files, sanitise_relpath, unpack
 
 
 def test_request_items_accepts_bytes_mappings_and_paths(tmp_path: Path) -> None:
@@ -76,6 +76,24 @@ def test_tar_is_recognised_by_content_not_name(tmp_path: Path, kind: str) -> Non
     assert result.kind == "archive" and result.error is None
     assert [p.relative_to(tmp_path / "in").as_posix() for p in result.files] == ["dir/file.txt"]
     assert result.files[0].read_bytes() == b"hello"
+
+
+def test_deleted_files_are_restored_from_their_input_and_nothing_else_is_touched(tmp_path: Path) -> None:
+    inner = make_tar({"deep/c.dcm": b"C"}, mode="w")
+    item = InputItem(0, "x.tar.gz", data=make_tar({"a/one.dcm": b"1", "a/two.dcm": b"2", "in.tar": inner}))
+    dest = tmp_path / "in"
+    files = {p.relative_to(dest).as_posix(): p for p in unpack(item, dest).files}
+    assert sorted(files) == ["a/one.dcm", "a/two.dcm", "in.tar.d/deep/c.dcm"]
+    files["a/two.dcm"].write_bytes(b"being read by another case")
+    for name in ("a/one.dcm", "in.tar.d/deep/c.dcm"):
+        files[name].unlink()
+    restore_files(item, dest, [files["a/one.dcm"], files["in.tar.d/deep/c.dcm"]], tmp_path / "scratch")
+    assert files["a/one.dcm"].read_bytes() == b"1" and files["in.tar.d/deep/c.dcm"].read_bytes() == b"C"
+    assert files["a/two.dcm"].read_bytes() == b"being read by another case"
+    assert not (tmp_path / "scratch").exists()
+    with pytest.raises(FileNotFoundError, match="no longer holds"):
+        restore_files(item, dest, [dest / "a" / "three.dcm"], tmp_path / "scratch")
+    assert not (tmp_path / "scratch").exists()
 
 
 def test_non_archive_bytes_are_written_under_a_sanitised_name(tmp_path: Path) -> None:

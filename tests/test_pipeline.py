@@ -324,6 +324,58 @@ async def test_a_series_split_over_archives_is_segmented_whole_once(
     assert _workdir_is_empty(work)
 
 
+def _unpacked_files(work: Path) -> list[Path]:
+    return [p for p in work.glob("asyncflow-*/inputs/**/*") if p.is_file()]
+
+
+async def test_unpacked_files_are_deleted_as_their_cases_end(
+    tmp_path: Path, settings_factory, loaded_backend: Backend, rng: np.random.Generator
+) -> None:
+    tars = [
+        {f"s{n}.tar": dicom_series_tar([dicom_series_datasets(make_phantom(rng, (16, 32, 32)))])}
+        for n in range(4)
+    ]
+    work = tmp_path / "work"
+    on_disk: list[int] = []  # unpacked files left each time a case ends
+    settings = settings_factory(work, unpack_workers=1, queue_size=1)
+    result = await run_request(
+        tars,
+        settings,
+        backend=loaded_backend,
+        on_progress=lambda _: on_disk.append(len(_unpacked_files(work))),
+    )
+    assert result.status == "done" and len(result.dicom_seg_bytes) == 4
+    assert len(on_disk) == 4 and on_disk[-1] == 0  # gone when their cases ended, not at the request's end
+    assert max(on_disk) < 4 * 16  # never the whole request at once
+
+
+async def test_a_series_that_grows_after_its_first_case_ended_is_unpacked_again(
+    tmp_path: Path, settings_factory, loaded_backend: Backend, rng: np.random.Generator
+) -> None:
+    split = make_phantom(rng, (24, 32, 32))
+    split_series = dicom_series_datasets(split, series_number=1)
+    # With one worker per stage and queues of one, at most 9 inputs are in flight: the 12 volumes
+    # between the halves let the first half's case end (and its files go) before part2 arrives.
+    entries: list[object] = [{"part1.tar": dicom_series_tar([split_series[:12]])}]
+    entries += _small_volumes(rng, 12)
+    entries.append({"part2.tar": dicom_series_tar([split_series[12:]])})
+    logs = io.StringIO()
+    configure_logging(json=True, stream=logs)
+    work = tmp_path / "work"
+    settings = settings_factory(work, unpack_workers=1, prepare_workers=1, export_workers=1, queue_size=1)
+    result = await run_request(entries, settings, backend=loaded_backend)
+
+    assert result.status == "done" and len(result.cases) == 13
+    events = [json.loads(line) for line in logs.getvalue().splitlines()]
+    (restored,) = [e for e in events if e["event"] == "input.restored"]
+    assert (restored["input_index"], restored["files"]) == (0, 12)
+    uids = [str(ds.SOPInstanceUID) for ds in split_series]
+    numbers, names = read_dicom_seg(result.dicom_seg_bytes["part1.dcm"], uids)
+    liver = {v: k for k, v in names.items()}["liver"]
+    assert numbers.shape[0] == 24 and _dice(numbers == liver, split.labels == 1) > MIN_DICE["liver"]
+    assert _workdir_is_empty(work)
+
+
 async def test_cuda_without_a_gpu_is_a_model_error(tmp_path: Path, settings_factory) -> None:
     import torch
 
