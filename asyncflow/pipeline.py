@@ -163,6 +163,10 @@ class _Request:
         self.holds: Counter[Path] = Counter()  # unpacked file -> cases that still read it
         self.released: set[Path] = set()
         self.restores = 0
+        # The first input is unpacked and scanned alone: its cases reach the GPU sooner when the
+        # other unpack workers do not share the cores with it. Set once its cases are sent on.
+        self.first_input_assembled = anyio.Event()
+        self.unpack_leader_taken = False
         self.inputs: list[dict[str, Any]] = []
         self.dicom: dict[str, bytes] = {}
         self.nifti: dict[str, bytes] = {}
@@ -338,6 +342,10 @@ class _Request:
     async def _unpack_worker(
         self, items: Iterator[InputItem], send: MemoryObjectSendStream[UnpackedInput]
     ) -> None:
+        leader = not self.unpack_leader_taken
+        self.unpack_leader_taken = True
+        if not leader:
+            await self.first_input_assembled.wait()
         async with send:
             for item in items:  # shared iterator: each worker takes the next item
                 started = time.perf_counter()
@@ -378,14 +386,15 @@ class _Request:
                 if unpacked.error:
                     self.builder.broken(unpacked)
                     self._take_withdrawn()
-                    continue
-                scanned = await anyio.to_thread.run_sync(scan, unpacked, self.limits.max_file_bytes)
-                if scanned.skipped:
-                    log.info("files.skipped", input_index=unpacked.item.index, files=len(scanned.skipped))
-                cases = self.builder.add(scanned)
-                self._take_withdrawn()
-                for case in cases:
-                    await self._emit(case, send)
+                else:
+                    scanned = await anyio.to_thread.run_sync(scan, unpacked, self.limits.max_file_bytes)
+                    if scanned.skipped:
+                        log.info("files.skipped", input_index=unpacked.item.index, files=len(scanned.skipped))
+                    cases = self.builder.add(scanned)
+                    self._take_withdrawn()
+                    for case in cases:
+                        await self._emit(case, send)
+                self.first_input_assembled.set()
             for case in self.builder.finish():
                 await self._emit(case, send)
             self.total = len(self.live_reports())

@@ -15,7 +15,7 @@ from helpers import dicom_bytes, make_tar
 
 from asyncflow.backends import Backend, ModelError
 from asyncflow.backends.nnunet_v2 import NnUNetV2Backend
-from asyncflow.inputs import RequestError
+from asyncflow.inputs import RequestError, unpack
 from asyncflow.log import configure_logging
 from asyncflow.pipeline import Progress, build_backend, build_backends, run_request
 from asyncflow.seg import read_dicom_seg, read_nifti_seg
@@ -322,6 +322,30 @@ async def test_a_series_split_over_archives_is_segmented_whole_once(
     assert numbers.shape[0] == 24 and _dice(numbers == liver, split.labels == 1) > MIN_DICE["liver"]
     assert sorted(result.label_json_bytes) == ["part1.mitklabel.json", "part2.mitklabel.json"]
     assert _workdir_is_empty(work)
+
+
+async def test_no_other_input_is_unpacked_beside_the_first(
+    tmp_path: Path, settings_factory, loaded_backend: Backend, rng: np.random.Generator, monkeypatch
+) -> None:
+    import time
+
+    import asyncflow.pipeline
+
+    spans: dict[int, tuple[float, float]] = {}
+
+    def timed_unpack(item, dest, limits):
+        started = time.perf_counter()
+        try:
+            return unpack(item, dest, limits)
+        finally:
+            spans[item.index] = (started, time.perf_counter())
+
+    monkeypatch.setattr(asyncflow.pipeline, "unpack", timed_unpack)
+    tars = [dicom_series_tar([dicom_series_datasets(make_phantom(rng, (16, 32, 32)))]) for _ in range(4)]
+    settings = settings_factory(tmp_path / "work", unpack_workers=3)
+    result = await run_request(tars, settings, backend=loaded_backend)
+    assert result.status == "done" and sorted(spans) == [0, 1, 2, 3]
+    assert all(spans[i][0] >= spans[0][1] for i in (1, 2, 3))  # the first input had the cores alone
 
 
 def _unpacked_files(work: Path) -> list[Path]:
