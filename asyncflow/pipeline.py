@@ -2,7 +2,7 @@
 
 ::
 
-    items -> unpack (N) -> assemble (1) -> prepare (N) -> predict (1 per device) -> export (N) -> result
+    items -> unpack + scan (N) -> assemble (1) -> prepare (N) -> predict (1 per device) -> export (N) -> result
 
 Every arrow is a bounded anyio memory object stream, so a slow stage holds the
 ones before it back. CPU work runs in worker threads; the event loop only
@@ -34,7 +34,7 @@ import structlog
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from .assemble import CaseBuilder, scan
+from .assemble import CaseBuilder, Scan, scan
 from .backends import Backend, ModelInfo, create_backend
 from .case import (
     Case,
@@ -340,8 +340,9 @@ class _Request:
     # -- stages --------------------------------------------------------------------
 
     async def _unpack_worker(
-        self, items: Iterator[InputItem], send: MemoryObjectSendStream[UnpackedInput]
+        self, items: Iterator[InputItem], send: MemoryObjectSendStream[tuple[UnpackedInput, Scan | None]]
     ) -> None:
+        """Unpack and scan inputs (scanning here, not in ``assemble``, spreads it over the workers)."""
         leader = not self.unpack_leader_taken
         self.unpack_leader_taken = True
         if not leader:
@@ -366,13 +367,20 @@ class _Request:
                     )
                 else:
                     log.info("file.received", input_index=item.index, bytes=item.size, duration_s=duration)
-                await send.send(unpacked)
+                scanned = None
+                if not unpacked.error:
+                    scanned = await anyio.to_thread.run_sync(scan, unpacked, self.limits.max_file_bytes)
+                    if scanned.skipped:
+                        log.info("files.skipped", input_index=item.index, files=len(scanned.skipped))
+                await send.send((unpacked, scanned))
 
     async def _assemble(
-        self, receive: MemoryObjectReceiveStream[UnpackedInput], send: MemoryObjectSendStream[Case]
+        self,
+        receive: MemoryObjectReceiveStream[tuple[UnpackedInput, Scan | None]],
+        send: MemoryObjectSendStream[Case],
     ) -> None:
         async with receive, send:
-            async for unpacked in receive:
+            async for unpacked, scanned in receive:
                 self.inputs.append(
                     {
                         "index": unpacked.item.index,
@@ -383,13 +391,10 @@ class _Request:
                         "error": unpacked.error,
                     }
                 )
-                if unpacked.error:
+                if scanned is None:  # the input failed
                     self.builder.broken(unpacked)
                     self._take_withdrawn()
                 else:
-                    scanned = await anyio.to_thread.run_sync(scan, unpacked, self.limits.max_file_bytes)
-                    if scanned.skipped:
-                        log.info("files.skipped", input_index=unpacked.item.index, files=len(scanned.skipped))
                     cases = self.builder.add(scanned)
                     self._take_withdrawn()
                     for case in cases:

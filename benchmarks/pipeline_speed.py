@@ -1,7 +1,8 @@
 """Speed at scale: the asyncflow pipeline against a sequential baseline on one multi-TAR request.
 
     python benchmarks/pipeline_speed.py [--tars 8] [--series 4] [--matrix 512] [--slices 100-300]
-        [--predictor fixed,real] [--service-s auto] [--gpus 1] [--out benchmarks/results]
+        [--predictor fixed,real] [--real-matrix 128] [--real-tars N] [--service-s auto] [--gpus 1]
+        [--out benchmarks/results]
     python benchmarks/pipeline_speed.py --smoke --out /tmp/smoke      # seconds; CI runs this
 
 It writes a synthetic request (``--tars`` TAR archives of ``--series`` CT series,
@@ -342,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--matrix", type=int, default=512, help="rows = columns per slice")
     parser.add_argument("--slices", default="100-300", help="slice counts, spread over this range")
     parser.add_argument("--real-matrix", type=int, default=128, help="--matrix for the real model's request")
+    parser.add_argument("--real-tars", type=int, help="--tars for the real model's request (default: --tars)")
     parser.add_argument("--predictor", default="fixed,real", help="fixed, real or both (comma-separated)")
     parser.add_argument("--service-s", default="auto", help="fixed predictor seconds per case, or auto")
     parser.add_argument(
@@ -365,8 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for predictor in args.predictor.split(","):
             matrix = args.matrix if predictor == "fixed" else args.real_matrix
+            tars = args.tars if predictor == "fixed" else args.real_tars or args.tars
             started = time.perf_counter()
-            paths = write_request(scratch / f"request-{matrix}", args.tars, args.series, matrix, (low, high))
+            paths = write_request(scratch / f"request-{matrix}", tars, args.series, matrix, (low, high))
             print(
                 f"request: {len(paths)} TARs, {sum(p.stat().st_size for p in paths) / 1e9:.2f} GB, "
                 f"{matrix}^2 x {low}-{high} slices, written in {time.perf_counter() - started:.0f} s",
@@ -397,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
             "series_per_tar": args.series,
             "matrix": args.matrix,
             "real_matrix": args.real_matrix,
+            "real_tars": args.real_tars or args.tars,
             "slices": [low, high],
         },
         "runs": [metrics(run) for run in runs],
