@@ -200,8 +200,14 @@ async def _pipeline(paths: list[Path], settings: Settings, backends: list[Backen
 def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     work = Path(spec["work"])
     work.mkdir(parents=True, exist_ok=True)
-    settings = Settings(
-        model_dir=packaged_demo_model(), device="cpu", use_mirroring=False, work_dir=work, disk_headroom=0
+    settings = Settings.from_env(
+        {},
+        model_dir=packaged_demo_model(),
+        device="cpu",
+        use_mirroring=False,
+        work_dir=work,
+        disk_headroom=0,
+        **spec.get("settings", {}),
     )
     backends = _backends(spec, settings)
     paths = [Path(p) for p in spec["paths"]]
@@ -349,6 +355,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--gpus", type=int, default=1, help="also run the pipeline with this many fixed workers"
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a pipeline setting for every run (e.g. export_workers=1); repeatable",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--smoke", action="store_true", help="a tiny request and S=0.1 s: seconds, for CI")
     parser.add_argument("--child", nargs=2, type=Path, help=argparse.SUPPRESS)
@@ -387,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
                     "service_s": service,
                     "paths": [str(p) for p in paths],
                     "work": str(scratch / "work"),
+                    "settings": dict(item.split("=", 1) for item in args.set),
                 }
                 run = _child(spec, args.out)
                 runs.append(run)
@@ -401,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
             "matrix": args.matrix,
             "real_matrix": args.real_matrix,
             "real_tars": args.real_tars or args.tars,
+            "settings": dict(item.split("=", 1) for item in args.set),
             "slices": [low, high],
         },
         "runs": [metrics(run) for run in runs],
