@@ -16,7 +16,14 @@ from typing import Any, Literal, NamedTuple, cast
 
 from .inputs import ArchiveLimits
 
-__all__ = ["ModelLocation", "Settings", "SettingsError", "default_workers", "packaged_demo_model"]
+__all__ = [
+    "ModelLocation",
+    "Settings",
+    "SettingsError",
+    "default_python_workers",
+    "default_workers",
+    "packaged_demo_model",
+]
 
 Device = str  # auto, cpu, cuda or cuda:N
 Generation = Literal["v1", "v2"]
@@ -44,8 +51,19 @@ class ModelLocation(NamedTuple):
 
 
 def default_workers() -> int:
-    """CPU-bound stage workers: one per core, at least one, at most four."""
+    """Prepare workers: one per core, at least one, at most four (SimpleITK reads DICOM without
+    holding the GIL)."""
     return max(1, min(4, os.cpu_count() or 1))
+
+
+def default_python_workers() -> int:
+    """Unpack and export workers: one per two cores, at least one, at most four.
+
+    Their work (tarfile, pydicom header parsing, the highdicom SEG build) is mostly
+    Python and holds the GIL: more threads than that only take turns, and on 2
+    cores two of each starved the prediction worker (benchmarks/RESULTS.md).
+    """
+    return max(1, min(4, (os.cpu_count() or 1) // 2))
 
 
 def packaged_demo_model() -> Path:
@@ -130,9 +148,9 @@ class Settings:
 
     # Pipeline
     work_dir: Path | None = None  # parent of the request's temp dir (default: system temp)
-    unpack_workers: int = field(default_factory=default_workers)
+    unpack_workers: int = field(default_factory=default_python_workers)
     prepare_workers: int = field(default_factory=default_workers)
-    export_workers: int = field(default_factory=default_workers)
+    export_workers: int = field(default_factory=default_python_workers)
     queue_size: int = 2  # items waiting between two stages
 
     # Limits on untrusted input (README "Security"): an input over one fails alone, with the reason.
