@@ -187,8 +187,7 @@ class _Request:
         size = self.settings.queue_size
         unpacked_send, unpacked_recv = _stream(size)
         cases_send, cases_recv = _stream(size)
-        # Room for a whole batch: the prediction worker takes every prepared case that waits.
-        prepared_send, prepared_recv = _stream(max(size, *(b.max_batch for b in self.backends)))
+        prepared_send, prepared_recv = _stream(_prepared_queue_size(self.settings, self.backends))
         predicted_send, predicted_recv = _stream(size)
         async with anyio.create_task_group() as tg:
             self._fan_out(tg, self.settings.unpack_workers, self._unpack_worker, iter(items), unpacked_send)
@@ -601,11 +600,11 @@ async def run_request(
     if not items:
         raise RequestError("the request has no inputs")
     label_config = load_label_config(settings.label_config) if settings.label_config else {}
-    _check_free_space(settings, sum(i.size for i in items))
     if backend is None:
         backends = build_backends(settings)
     else:
         backends = list(backend) if isinstance(backend, Sequence) else [backend]
+    _check_free_space(settings, backends, [i.size for i in items])
     request_id = uuid.uuid4().hex[:12]
     started = time.perf_counter()
     if settings.work_dir is not None:
@@ -668,19 +667,47 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _check_free_space(settings: Settings, input_bytes: int) -> None:
-    """Fail before any work when the work folder's disk cannot hold the unpacked request."""
+def _prepared_queue_size(settings: Settings, backends: Sequence[Backend]) -> int:
+    """Room for a whole batch: the prediction worker takes every prepared case that waits."""
+    return max(settings.queue_size, *(b.max_batch for b in backends))
+
+
+def _inputs_on_disk_at_once(settings: Settings, backends: Sequence[Backend]) -> int:
+    """At most how many inputs have unpacked files at once: those being unpacked, queued or
+    assembled, and one per case in flight (a file is deleted when its last case ends)."""
+    size = settings.queue_size
+    waiting = settings.unpack_workers + size + 1
+    in_flight = (
+        size  # assembled cases queued for prepare
+        + settings.prepare_workers
+        + _prepared_queue_size(settings, backends)
+        + len(backends)  # one batch per prediction worker
+        + size  # predicted cases queued for export
+        + settings.export_workers
+    )
+    return waiting + in_flight
+
+
+def _check_free_space(settings: Settings, backends: Sequence[Backend], input_sizes: list[int]) -> None:
+    """Fail before any work when the work folder's disk cannot hold what the request unpacks at once:
+    ``disk_headroom`` x the largest inputs that can be on disk together (or all of them)."""
     if not settings.disk_headroom:
         return
     parent = settings.work_dir or Path(tempfile.gettempdir())
-    need = int(settings.disk_headroom * input_bytes)
+    at_once = sorted(input_sizes, reverse=True)[: _inputs_on_disk_at_once(settings, backends)]
+    need = int(settings.disk_headroom * sum(at_once))
     existing = next(p for p in (parent, *parent.parents) if p.exists())  # work_dir may not exist yet
     free = shutil.disk_usage(existing).free
     if free < need:
+        which = (
+            "input"
+            if len(at_once) == len(input_sizes)
+            else f"the {len(at_once)} largest inputs, as many as can be unpacked at once"
+        )
         raise RequestError(
             f"not enough free disk space in {parent}: about {need / 1e9:.1f} GB needed "
-            f"({settings.disk_headroom:g} x the {input_bytes / 1e9:.1f} GB of input), {free / 1e9:.1f} GB free; "
-            "free some space, choose another --work-dir, or lower disk_headroom"
+            f"({settings.disk_headroom:g} x the {sum(at_once) / 1e9:.1f} GB of {which}), "
+            f"{free / 1e9:.1f} GB free; free some space, choose another --work-dir, or lower disk_headroom"
         )
 
 

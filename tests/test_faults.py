@@ -124,6 +124,29 @@ async def test_not_enough_free_disk_fails_before_any_work(
     assert not work.exists() or not any(work.iterdir())
 
 
+async def test_a_request_larger_than_the_free_disk_runs_when_what_is_unpacked_at_once_fits(
+    tmp_path: Path, settings_factory, loaded_backend: Backend, rng: np.random.Generator
+) -> None:
+    import shutil
+
+    work = tmp_path / "work"
+    entries = [_nifti(rng) for _ in range(20)]
+    largest = max(len(e) for e in entries)
+    # One worker per stage and queues of one: at most 9 inputs are unpacked at once.
+    one = {"unpack_workers": 1, "prepare_workers": 1, "export_workers": 1, "queue_size": 1}
+    headroom = shutil.disk_usage(tmp_path).free / (14 * largest)  # the request needs 1.4x the free disk
+    result = await run_request(
+        entries, settings_factory(work, disk_headroom=headroom, **one), backend=loaded_backend
+    )
+    assert result.status == "done" and len(result.nifti_seg_bytes) == 20
+    with pytest.raises(
+        RequestError, match=r"\(.* x the .* GB of the 9 largest inputs, as many as can be unpacked"
+    ):
+        await run_request(
+            entries, settings_factory(work, disk_headroom=headroom * 2, **one), backend=loaded_backend
+        )
+
+
 def test_ctrl_c_in_the_cli_writes_a_partial_report(tmp_path: Path, model_dir: Path, rng, monkeypatch) -> None:
     inputs = tmp_path / "in"
     inputs.mkdir()
