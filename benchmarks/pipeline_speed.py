@@ -1,8 +1,8 @@
 """Speed at scale: the asyncflow pipeline against a sequential baseline on one multi-TAR request.
 
-    python benchmarks/pipeline_speed.py [--tars 8] [--series 4] [--matrix 512] [--slices 100-300]
-        [--predictor fixed,real] [--real-matrix 128] [--real-tars N] [--service-s auto] [--gpus 1]
-        [--out benchmarks/results]
+    python benchmarks/pipeline_speed.py [--tars 16] [--series 4] [--matrix 512] [--slices 100-300]
+        [--predictor fixed,real] [--real-matrix 64] [--real-tars 8] [--service-s auto] [--gpus 1]
+        [--set NAME=VALUE] [--out benchmarks/results]
     python benchmarks/pipeline_speed.py --smoke --out /tmp/smoke      # seconds; CI runs this
 
 It writes a synthetic request (``--tars`` TAR archives of ``--series`` CT series,
@@ -16,8 +16,8 @@ It writes a synthetic request (``--tars`` TAR archives of ``--series`` CT series
 each with a **fixed**-service-time predictor (``fixed_service.py``: holds the
 worker S seconds without CPU, a stand-in for a GPU; ``--service-s auto`` sets S
 to one case's measured CPU work) and/or the **real** tiny nnU-Net model on the
-CPU (``--real-matrix`` shrinks its volumes: the CPU is not a GPU). Every run is
-a child process of its own, so peak RSS is its own.
+CPU (``--real-matrix`` and ``--real-tars`` shrink its request: the CPU is not a
+GPU). Every run is a child process of its own, so peak RSS is its own.
 
 Outputs in ``--out``: ``results.json`` (per run: wall, ideal = sum(predict) +
 first case's prepare + last case's export, efficiency = ideal / wall, GPU-idle
@@ -344,12 +344,12 @@ def _service_time(paths: list[Path], work: Path) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tars", type=int, default=8)
+    parser.add_argument("--tars", type=int, default=16)
     parser.add_argument("--series", type=int, default=4, help="series per TAR")
     parser.add_argument("--matrix", type=int, default=512, help="rows = columns per slice")
     parser.add_argument("--slices", default="100-300", help="slice counts, spread over this range")
-    parser.add_argument("--real-matrix", type=int, default=128, help="--matrix for the real model's request")
-    parser.add_argument("--real-tars", type=int, help="--tars for the real model's request (default: --tars)")
+    parser.add_argument("--real-matrix", type=int, default=64, help="--matrix for the real model's request")
+    parser.add_argument("--real-tars", type=int, default=8, help="--tars for the real model's request")
     parser.add_argument("--predictor", default="fixed,real", help="fixed, real or both (comma-separated)")
     parser.add_argument("--service-s", default="auto", help="fixed predictor seconds per case, or auto")
     parser.add_argument(
@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         result_file.write_text(json.dumps(run_child(json.loads(spec_file.read_text()))))
         return 0
     if args.smoke:
-        args.tars, args.series, args.matrix, args.real_matrix, args.slices = 2, 2, 64, 64, "16-24"
+        args.tars, args.series, args.matrix, args.slices = 2, 2, 64, "16-24"
         args.predictor, args.service_s = "fixed", "0.1"
     low, high = (int(n) for n in args.slices.split("-"))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for predictor in args.predictor.split(","):
             matrix = args.matrix if predictor == "fixed" else args.real_matrix
-            tars = args.tars if predictor == "fixed" else args.real_tars or args.tars
+            tars = args.tars if predictor == "fixed" else args.real_tars
             started = time.perf_counter()
             paths = write_request(scratch / f"request-{matrix}", tars, args.series, matrix, (low, high))
             print(
@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
             "series_per_tar": args.series,
             "matrix": args.matrix,
             "real_matrix": args.real_matrix,
-            "real_tars": args.real_tars or args.tars,
+            "real_tars": args.real_tars,
             "settings": dict(item.split("=", 1) for item in args.set),
             "slices": [low, high],
         },
