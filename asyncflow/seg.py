@@ -62,8 +62,9 @@ def label_values(labels: np.ndarray) -> list[int]:
     """
     if labels.size == 0:
         return []
-    if labels.dtype.kind in "ui" and int(labels.min()) >= 0 and int(labels.max()) < 1 << 16:
-        counts = np.zeros(int(labels.max()) + 1, np.int64)
+    countable = labels.dtype.kind in "ui" and labels.dtype.itemsize <= 4  # bincount casts to int64
+    if countable and int(labels.min()) >= 0 and (top := int(labels.max())) < 1 << 16:
+        counts = np.zeros(top + 1, np.int64)
         for plane in labels.reshape(labels.shape[0], -1):
             counts += np.bincount(plane, minlength=counts.size)
         return [int(v) for v in np.flatnonzero(counts) if v]

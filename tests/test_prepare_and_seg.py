@@ -78,7 +78,7 @@ def test_dicom_seg_decodes_to_the_label_map_on_its_sources(tmp_path: Path, rng: 
     np.testing.assert_array_equal(decoded, labels)
 
 
-@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.int64, np.float32])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.uint64, np.int16, np.int64, np.float32])
 def test_label_values_are_the_foreground_values_of_any_label_map(dtype: type) -> None:
     labels = np.zeros((5, 7, 9), dtype)
     labels[1, 2:4, 3] = 7
