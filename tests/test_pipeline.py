@@ -51,6 +51,14 @@ def _small_volumes(rng: np.random.Generator, count: int) -> list[bytes]:
     return [nifti_bytes(p.image, p.spacing, p.origin) for p in phantoms]
 
 
+def _single_series_tars(rng: np.random.Generator, count: int) -> list[dict[str, bytes]]:
+    """``count`` TARs of one 16-slice 32x32 DICOM series each, as ``{name: bytes}`` entries."""
+    return [
+        {f"s{n}.tar": dicom_series_tar([dicom_series_datasets(make_phantom(rng, (16, 32, 32)))])}
+        for n in range(count)
+    ]
+
+
 def _workdir_is_empty(work: Path) -> bool:
     return not any(work.iterdir())
 
@@ -283,10 +291,7 @@ async def test_one_prediction_worker_per_device_each_one_case_at_a_time(
 async def test_dicom_cases_start_before_the_last_archive_is_unpacked(
     tmp_path: Path, settings_factory, loaded_backend: Backend, rng: np.random.Generator
 ) -> None:
-    tars = [
-        {f"s{n}.tar": dicom_series_tar([dicom_series_datasets(make_phantom(rng, (16, 32, 32)))])}
-        for n in range(4)
-    ]
+    tars = _single_series_tars(rng, 4)
     logs = io.StringIO()
     configure_logging(json=True, stream=logs)
     settings = settings_factory(tmp_path / "work", unpack_workers=1, queue_size=1)
@@ -341,7 +346,7 @@ async def test_no_other_input_is_unpacked_beside_the_first(
             spans[item.index] = (started, time.perf_counter())
 
     monkeypatch.setattr(asyncflow.pipeline, "unpack", timed_unpack)
-    tars = [dicom_series_tar([dicom_series_datasets(make_phantom(rng, (16, 32, 32)))]) for _ in range(4)]
+    tars = _single_series_tars(rng, 4)
     settings = settings_factory(tmp_path / "work", unpack_workers=3)
     result = await run_request(tars, settings, backend=loaded_backend)
     assert result.status == "done" and sorted(spans) == [0, 1, 2, 3]
@@ -355,10 +360,7 @@ def _unpacked_files(work: Path) -> list[Path]:
 async def test_unpacked_files_are_deleted_as_their_cases_end(
     tmp_path: Path, settings_factory, loaded_backend: Backend, rng: np.random.Generator
 ) -> None:
-    tars = [
-        {f"s{n}.tar": dicom_series_tar([dicom_series_datasets(make_phantom(rng, (16, 32, 32)))])}
-        for n in range(4)
-    ]
+    tars = _single_series_tars(rng, 4)
     work = tmp_path / "work"
     on_disk: list[int] = []  # unpacked files left each time a case ends
     settings = settings_factory(work, unpack_workers=1, queue_size=1)
