@@ -374,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         args.tars, args.series, args.matrix, args.slices = 2, 2, 64, "16-24"
         args.predictor, args.service_s = "fixed", "0.1"
     low, high = (int(n) for n in args.slices.split("-"))
+    overrides = dict(item.split("=", 1) for item in args.set)
     args.out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="asyncflow-speed-"))
     runs = []
@@ -400,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
                     "service_s": service,
                     "paths": [str(p) for p in paths],
                     "work": str(scratch / "work"),
-                    "settings": dict(item.split("=", 1) for item in args.set),
+                    "settings": overrides,
                 }
                 run = _child(spec, args.out)
                 runs.append(run)
@@ -415,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
             "matrix": args.matrix,
             "real_matrix": args.real_matrix,
             "real_tars": args.real_tars,
-            "settings": dict(item.split("=", 1) for item in args.set),
+            "settings": overrides,
             "slices": [low, high],
         },
         "runs": [metrics(run) for run in runs],
