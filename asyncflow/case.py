@@ -101,12 +101,16 @@ class PreparedCase:
 
     case: Case
     workdir: Path
-    images: list[sitk.Image]  # one per channel, in channel order; emptied once predicted
+    images: list[sitk.Image]  # one per channel, in channel order; emptied once preprocessed or predicted
     geometry: Geometry  # of channel 0: the grid the prediction comes back on
     channel_files: list[Path]  # <case_id>_0000.nii.gz, _0001 ... (empty unless written)
     source_files: list[Path]  # DICOM: instances in slice order (index = z); NIfTI: as input
     # A multi-frame DICOM source: its frame index (0-based) of each slice, in slice order.
     frame_order: list[int] | None = None
+    # What the backend's CPU preprocessing made of ``images`` (``ModelSteps.preprocess``; v2:
+    # nnU-Net's data on the model's grid and the properties that lead back): the prediction
+    # worker's input, and the export stage's way back to ``geometry``.
+    model_input: Any = None
 
 
 @dataclass

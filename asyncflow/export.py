@@ -9,18 +9,22 @@ prediction is still returned, as NIfTI in the series' geometry, with the reason.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .case import PredictedCase, SourceKind
+from .case import PredictedCase, PreparedCase, SourceKind
 from .labels import SegmentLabel, label_for, merge_labels
 from .mitk import MITK_SUFFIX, mitk_label_json, read_mitk_labels
 from .seg import Algorithm, SegOptions, dicom_seg_bytes, label_values, nifti_seg_bytes, segment_values
 
-__all__ = ["Exported", "export_case"]
+if TYPE_CHECKING:
+    from .backends.base import ModelSteps
+
+__all__ = ["Exported", "export_case", "export_output"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,25 @@ def export_case(
         data = nifti_seg_bytes(predicted.labels, prepared.geometry, prepared.workdir / "seg.nii.gz")
         reason = f"DICOM SEG failed ({type(exc).__name__}: {exc}); written as NIfTI"
         return Exported(f"{case.output_name}.nii.gz", data, present, absent, fallback=reason)
+
+
+def export_output(
+    prepared: PreparedCase,
+    output: Any,
+    steps: ModelSteps | None,
+    model_labels: Mapping[int, SegmentLabel],
+    label_config: Mapping[int, Mapping[str, Any]],
+    algorithm: Algorithm,
+    options: SegOptions,
+) -> tuple[Exported, float]:
+    """The export stage's work for one case: the backend's output to a label map on the source
+    grid (``steps.to_labels``; v2: nnU-Net's resampling and argmax), whose seconds come back
+    beside the outputs, then :func:`export_case`."""
+    started = time.perf_counter()
+    labels = output if steps is None else steps.to_labels(prepared, output)
+    to_labels_s = time.perf_counter() - started
+    exported = export_case(PredictedCase(prepared, labels), model_labels, label_config, algorithm, options)
+    return exported, to_labels_s
 
 
 def _dicom_outputs(

@@ -18,6 +18,7 @@ synchronous functions from the domain modules.
 from __future__ import annotations
 
 import errno
+import math
 import resource
 import shutil
 import tempfile
@@ -40,15 +41,14 @@ from .case import (
     Case,
     CaseReport,
     CaseStatus,
-    PredictedCase,
     PreparedCase,
     SkippedFile,
 )
-from .export import export_case
+from .export import export_output
 from .inputs import Entry, InputItem, RequestError, UnpackedInput, request_items, restore_files, unpack
 from .labels import load_label_config
 from .log import get_logger, scrub
-from .prepare import prepare_case
+from .prepare import prepare_for_model
 from .seg import Algorithm, SegOptions
 from .settings import Settings
 
@@ -177,6 +177,8 @@ class _Request:
             settings.seg_type, settings.seg_keep_empty_frames, settings.seg_compression
         )
         self.total: int | None = None
+        # The model's CPU work around the network (v2), done by the prepare and export workers.
+        self.steps = backends[0].steps
         info = self.info = backends[0].info
         self.algorithm = Algorithm(f"nnU-Net {info.name}", info.framework, info.parameters)
 
@@ -425,17 +427,28 @@ class _Request:
                     self._end_case(case)
                     continue
                 with structlog.contextvars.bound_contextvars(case_id=case.case_id):
-                    prepared = await self._step(
-                        case, "prepare", prepare_case, case, self._case_dir(case), self.needs_files
+                    done = await self._step(
+                        case,
+                        "prepare",
+                        prepare_for_model,
+                        case,
+                        self._case_dir(case),
+                        self.needs_files,
+                        self.steps,
                     )
-                    if prepared is None:
+                    if done is None:
                         continue
+                    prepared, preprocess_s = done
                     log.info(
                         "case.prepared",
                         channels=len(prepared.images),
                         duration_s=round(self.reports[case.case_id].stage_s["prepare"], 4),
+                        preprocess_s=round(preprocess_s, 4),
+                        model_input_bytes=_nbytes(prepared.model_input),
                         predict_queue=send.statistics().current_buffer_used,
                     )
+                    if self.steps is not None:
+                        prepared.images = []  # the preprocessed model input replaces them
                     await send.send(prepared)
 
     async def _predict_worker(
@@ -443,7 +456,7 @@ class _Request:
         worker: int,
         backend: Backend,
         receive: MemoryObjectReceiveStream[PreparedCase],
-        send: MemoryObjectSendStream[PredictedCase],
+        send: MemoryObjectSendStream[tuple[PreparedCase, Any]],
     ) -> None:
         async with receive, send:
             started = time.perf_counter()
@@ -470,7 +483,7 @@ class _Request:
         backend: Backend,
         batch: list[PreparedCase],
         receive: MemoryObjectReceiveStream[PreparedCase],
-        send: MemoryObjectSendStream[PredictedCase],
+        send: MemoryObjectSendStream[tuple[PreparedCase, Any]],
     ) -> None:
         """One backend call for ``batch``; when the call fails as a whole, each case alone."""
         for prepared in batch:
@@ -505,37 +518,51 @@ class _Request:
                     self._fail(case, "predict", outcome, seconds)
                     continue
                 self.reports[case.case_id].stage_s["predict"] = seconds
-                prepared.images = []  # the voxels are not needed any more: export reads the sources
+                # The model's input is not needed any more: export reads the sources.
+                prepared.images, prepared.model_input = [], None
+                network = getattr(outcome, "network_s", None)  # known where the backend has steps
                 log.info(
                     "case.predicted",
-                    voxels=int(outcome.size),
+                    voxels=math.prod(prepared.geometry.size),
                     duration_s=round(seconds, 4),
+                    **({"network_s": round(network, 4)} if network is not None else {}),
+                    output_bytes=_nbytes(outcome),
                     batch=len(batch),
                     worker=worker,
                     predict_queue=receive.statistics().current_buffer_used,
                 )
-                await send.send(PredictedCase(prepared, outcome))
+                waited = time.perf_counter()
+                await send.send((prepared, outcome))
+                waited = time.perf_counter() - waited
+                if waited >= 0.001:  # every export worker busy and the queue full: CPU shortage
+                    log.info("predict.blocked", worker=worker, duration_s=round(waited, 4))
 
-    async def _export_worker(self, receive: MemoryObjectReceiveStream[PredictedCase], _: None) -> None:
+    async def _export_worker(
+        self, receive: MemoryObjectReceiveStream[tuple[PreparedCase, Any]], _: None
+    ) -> None:
         async with receive:
-            async for predicted in receive:
-                case = predicted.prepared.case
+            async for prepared, output in receive:
+                case = prepared.case
                 if case.case_id in self.withdrawn:
                     self._end_case(case)
                     continue
                 with structlog.contextvars.bound_contextvars(case_id=case.case_id):
-                    exported = await self._step(
+                    done = await self._step(
                         case,
                         "export",
-                        export_case,
-                        predicted,
+                        export_output,
+                        prepared,
+                        output,
+                        self.steps,
                         self.info.labels,
                         self.label_config,
                         self.algorithm,
                         self.seg_options,
                     )
-                    if exported is None:
+                    del output  # the logits: often the largest thing a case holds
+                    if done is None:
                         continue
+                    exported, to_labels_s = done
                     outputs = self.dicom if exported.format == "dicom_seg" else self.nifti
                     outputs[exported.name] = exported.data
                     written = self.written[case.case_id] = [(outputs, exported.name)]
@@ -553,6 +580,7 @@ class _Request:
                         format=exported.format,
                         bytes=len(exported.data),
                         duration_s=round(report.stage_s["export"], 4),
+                        to_labels_s=round(to_labels_s, 4),
                         **fallback,
                     )
                     self._end_case(case)
@@ -653,6 +681,11 @@ async def run_request(
                 duration_s=round(time.perf_counter() - started, 4),
                 peak_rss_bytes=peak_rss_bytes(),
             )
+
+
+def _nbytes(value: Any) -> int:
+    """The size of a model input or backend output, for the events (0 when it has no size)."""
+    return int(getattr(value, "nbytes", 0))
 
 
 def peak_rss_bytes() -> int:

@@ -54,11 +54,11 @@ from fixed_service import FixedServiceBackend, block_labels
 from asyncflow.assemble import CaseBuilder, scan
 from asyncflow.backends import Backend
 from asyncflow.case import PredictedCase
-from asyncflow.export import export_case
+from asyncflow.export import export_case, export_output
 from asyncflow.inputs import request_items, unpack
 from asyncflow.log import configure_logging
 from asyncflow.pipeline import build_backend, peak_rss_bytes, run_request
-from asyncflow.prepare import prepare_case
+from asyncflow.prepare import prepare_case, prepare_for_model
 from asyncflow.seg import Algorithm, SegOptions
 from asyncflow.settings import Settings, packaged_demo_model
 from asyncflow.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom
@@ -144,26 +144,35 @@ async def _sequential(paths: list[Path], settings: Settings, backend: Backend, w
     ]
     cases = [c for u in unpacked for c in builder.add(scan(u, limits.max_file_bytes))]
     cases += builder.finish()
+    steps = backend.steps
     prepared = [
-        timed(c.case_id, "prepare", prepare_case, c, work / "cases" / c.case_id, backend.needs_files)
+        timed(
+            c.case_id,
+            "prepare",
+            prepare_for_model,
+            c,
+            work / "cases" / c.case_id,
+            backend.needs_files,
+            steps,
+        )[0]
         for c in cases
     ]
     backend.load()
-    predicted = []
+    outputs = []
     for p in prepared:
         start = time.perf_counter() - t0
-        (labels,) = await backend.predict([p])
-        assert isinstance(labels, np.ndarray), labels
+        (output,) = await backend.predict([p])
+        assert not isinstance(output, Exception), output
         records.append(
             {"case": p.case.case_id, "stage": "predict", "start": start, "end": time.perf_counter() - t0}
         )
-        p.images = []  # as the pipeline does: the voxels are not needed any more
-        predicted.append(PredictedCase(p, labels))
+        p.images, p.model_input = [], None  # as the pipeline does: the voxels are not needed any more
+        outputs.append((p, output))
     info = backend.info
     algorithm = Algorithm(f"nnU-Net {info.name}", info.framework, info.parameters)
     options = SegOptions(settings.seg_type, settings.seg_keep_empty_frames, settings.seg_compression)
-    for p in predicted:
-        timed(p.prepared.case.case_id, "export", export_case, p, info.labels, {}, algorithm, options)
+    for p, output in outputs:
+        timed(p.case.case_id, "export", export_output, p, output, steps, info.labels, {}, algorithm, options)
     shutil.rmtree(work, ignore_errors=True)
     return records
 

@@ -37,7 +37,7 @@ class _FailsOnCase:
     """The real model, except that predicting one case raises, as a GPU fault would."""
 
     def __init__(self, backend: Backend, case_id: str) -> None:
-        self.backend, self.case_id, self.info = backend, case_id, backend.info
+        self.backend, self.case_id, self.info, self.steps = backend, case_id, backend.info, backend.steps
 
     max_batch = 1
 

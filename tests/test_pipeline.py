@@ -238,6 +238,7 @@ class _CountingBackend:
 
     def __init__(self, inner: Backend) -> None:
         self.info = inner.info
+        self.steps = inner.steps
         self._inner = inner
         self.running = 0
         self.most_at_once = 0

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .base import Backend, ModelError, ModelInfo
+from .base import Backend, ModelError, ModelInfo, ModelSteps
 
-__all__ = ["Backend", "ModelError", "ModelInfo", "create_backend"]
+__all__ = ["Backend", "ModelError", "ModelInfo", "ModelSteps", "create_backend"]
 
 
 def create_backend(info: ModelInfo, **options: object) -> Backend:

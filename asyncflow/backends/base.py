@@ -8,14 +8,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from ..case import PreparedCase
 from ..labels import SegmentLabel, labels_from_dataset_json
 
-__all__ = ["Backend", "ModelError", "ModelInfo"]
+__all__ = ["Backend", "ModelError", "ModelInfo", "ModelSteps"]
 
 
 class ModelError(RuntimeError):
@@ -188,15 +188,31 @@ def _framework(package: str) -> str:
         return f"{package} unknown"
 
 
+class ModelSteps(Protocol):
+    """A model's CPU work on either side of the network, done by the CPU stages, never by the
+    prediction worker: ``preprocess`` in the prepare stage (its result becomes
+    ``PreparedCase.model_input``), ``to_labels`` in the export stage (the backend's output for a
+    case to a (z, y, x) integer label map on the case's ``geometry``). Thread-safe, and usable
+    before the model has loaded."""
+
+    def preprocess(self, prepared: PreparedCase) -> Any: ...
+
+    def to_labels(self, prepared: PreparedCase, output: Any) -> np.ndarray: ...
+
+
 @runtime_checkable
 class Backend(Protocol):
-    """Predicts label maps of prepared cases, up to ``max_batch`` cases per call.
+    """Predicts prepared cases, up to ``max_batch`` cases per call.
 
     ``load`` is idempotent and may take long (it runs off the event loop once per
-    process). ``predict`` returns one entry per case, in order: a (z, y, x)
-    integer label map on the case's ``geometry``, or the exception that ended
-    that case alone. Raising means the whole call failed; the pipeline then
-    retries a batch's cases one by one. Calls to one backend never overlap.
+    process). ``predict`` returns one entry per case, in order: the backend's
+    output for that case, or the exception that ended that case alone. Raising
+    means the whole call failed; the pipeline then retries a batch's cases one
+    by one. Calls to one backend never overlap.
+    ``steps``: the model's CPU work around the network (v2: nnU-Net's
+    preprocessing before ``predict``, the logits' way back to the source grid
+    after it), or None when ``predict`` itself returns (z, y, x) integer label
+    maps on the cases' ``geometry`` (v1: ``nnUNet_predict`` does it all).
     ``needs_files``: the backend reads ``channel_files`` (else the in-memory
     ``images`` suffice and no input file is written).
     """
@@ -205,6 +221,9 @@ class Backend(Protocol):
     max_batch: int
     needs_files: bool
 
+    @property
+    def steps(self) -> ModelSteps | None: ...
+
     def load(self) -> None: ...
 
-    async def predict(self, cases: Sequence[PreparedCase]) -> list[np.ndarray | Exception]: ...
+    async def predict(self, cases: Sequence[PreparedCase]) -> list[Any | Exception]: ...

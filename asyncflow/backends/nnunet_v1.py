@@ -71,6 +71,7 @@ class NnUNetV1Backend:
         self.info = info
         self.max_batch = v1_batch_size
         self.needs_files = True  # nnUNet_predict reads <case>_0000.nii.gz
+        self.steps = None  # nnUNet_predict preprocesses, predicts and resamples in its own process
         self.tile_step_size = tile_step_size
         self.use_mirroring = use_mirroring
         self.device = device

@@ -1,11 +1,31 @@
-"""nnU-Net v2 in-process: one ``nnUNetPredictor``, loaded once, reused for every case."""
+"""nnU-Net v2 in process, split where the hardware changes.
+
+nnU-Net's ``predict_single_npy_array`` does everything in one call: preprocessing
+(crop to non-zero, normalise, resample to the model's spacing), the sliding-window
+network, and the conversion of the logits back to the source grid (resampling of
+the probabilities, argmax, uncropping). Only the network needs the GPU. Here the
+same nnU-Net functions run in three places:
+
+- :class:`NnUNetV2Steps` ``.preprocess`` (prepare stage, CPU workers):
+  ``preprocessor.run_case_npy``, as nnU-Net's ``PreprocessAdapterFromNpy`` calls it;
+- :class:`NnUNetV2Backend` ``.predict`` (the prediction worker):
+  ``predict_logits_from_preprocessed_data``, every fold averaged, mirroring as set;
+- :class:`NnUNetV2Steps` ``.to_labels`` (export stage, CPU workers):
+  ``convert_predicted_logits_to_segmentation_with_correct_shape``.
+
+so the label map is nnU-Net's own, voxel for voxel, and the prediction worker is
+held for the network alone.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +37,117 @@ from ..case import PreparedCase
 from ..log import get_logger
 from .base import ModelError, ModelInfo
 
-__all__ = ["NnUNetV2Backend"]
+__all__ = ["Logits", "ModelInput", "NnUNetV2Backend", "NnUNetV2Steps"]
 
 log = get_logger("asyncflow.backends.nnunet_v2")
 
 
+@dataclass
+class ModelInput:
+    """A case after nnU-Net's preprocessing: (c, z, y, x) float32 on the model's grid, and the
+    properties nnU-Net needs to bring the prediction back to the source grid."""
+
+    data: np.ndarray
+    properties: dict[str, Any]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+
+@dataclass
+class Logits:
+    """The network's answer for one case: (classes, z, y, x) on the model's grid, on the CPU,
+    with the preprocessing properties that lead back to the source grid."""
+
+    array: Any  # torch.Tensor, float16 as nnU-Net accumulates it
+    properties: dict[str, Any]
+    network_s: float  # seconds in nnU-Net's network call, all folds
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.array.element_size() * self.array.nelement())
+
+
+class NnUNetV2Steps:
+    """nnU-Net v2's CPU work on either side of the network, for one model and configuration.
+
+    Built from ``plans.json`` and ``dataset.json`` alone (no weights, no torch
+    model), so the prepare and export stages can run it while the model loads.
+    Thread-safe: each call builds its own preprocessor and keeps no state.
+    """
+
+    def __init__(self, info: ModelInfo) -> None:
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+        self.num_channels = info.num_channels
+        try:
+            plans = json.loads((info.folder / "plans.json").read_text())
+            self.dataset_json = json.loads((info.folder / "dataset.json").read_text())
+            self.plans_manager = PlansManager(plans)
+            self.configuration_manager = self.plans_manager.get_configuration(info.configuration)
+            self.label_manager = self.plans_manager.get_label_manager(self.dataset_json)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise ModelError(
+                f"nnU-Net v2 cannot read the plans of {info.folder} for configuration "
+                f"{info.configuration!r}: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def preprocess(self, prepared: PreparedCase) -> ModelInput:
+        """nnU-Net's preprocessing of the case's channels, as ``nnUNetv2_predict`` does it."""
+        if len(prepared.images) != self.num_channels:
+            raise ValueError(
+                f"case has {len(prepared.images)} channel(s), the model expects {self.num_channels}"
+            )
+        data, properties = self._read(prepared)
+        preprocessor = self.configuration_manager.preprocessor_class(verbose=False)
+        data, _, properties = preprocessor.run_case_npy(
+            data, None, properties, self.plans_manager, self.configuration_manager, self.dataset_json
+        )
+        return ModelInput(np.ascontiguousarray(data, dtype=np.float32), properties)
+
+    def to_labels(self, prepared: PreparedCase, logits: Logits) -> np.ndarray:
+        """nnU-Net's label map in the source grid, as a (z, y, x) array on ``prepared.geometry``."""
+        import torch
+        from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+        from nnunetv2.inference.export_prediction import (
+            convert_predicted_logits_to_segmentation_with_correct_shape,
+        )
+
+        labels = convert_predicted_logits_to_segmentation_with_correct_shape(
+            logits.array,
+            self.plans_manager,
+            self.configuration_manager,
+            self.label_manager,
+            logits.properties,
+            # torch's thread count is process-wide: keep the one the prediction worker runs with.
+            num_threads_torch=torch.get_num_threads(),
+        )
+        reader = self.plans_manager.image_reader_writer_class()
+        if type(reader) is SimpleITKIO:  # SimpleITKIO.write_seg writes this array as it is
+            return np.asarray(labels)
+        # Another reader (and axis order): written by it, read back through SimpleITK.
+        written = prepared.workdir / "prediction.nii.gz"
+        reader.write_seg(labels, str(written), logits.properties)
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(written)))
+
+    def _read(self, prepared: PreparedCase) -> tuple[np.ndarray, dict[str, Any]]:
+        """The channels as the model's reader class (from ``plans.json``) would read their files."""
+        from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+        reader = self.plans_manager.image_reader_writer_class()
+        if type(reader) is SimpleITKIO:  # what SimpleITKIO.read_images returns, without a file
+            return _as_simpleitkio_read(prepared.images)
+        files = prepared.channel_files or [
+            _write(image, prepared.workdir / f"{prepared.case.case_id}_{n:04d}.nii.gz")
+            for n, image in enumerate(prepared.images)
+        ]
+        return reader.read_images([str(f) for f in files])
+
+
 class NnUNetV2Backend:
+    """One ``nnUNetPredictor``, loaded once; ``predict`` runs its network and nothing else."""
+
     max_batch = 1  # in process: no start-up to share, one case at a time
     needs_files = False  # images from memory: no NIfTI written and read back
 
@@ -36,6 +161,7 @@ class NnUNetV2Backend:
         torch_threads: int | None = None,
     ) -> None:
         self.info = info
+        self.steps = NnUNetV2Steps(info)
         self.tile_step_size = tile_step_size
         self.use_mirroring = use_mirroring
         self.device = device
@@ -66,6 +192,11 @@ class NnUNetV2Backend:
             predictor = self._initialise(nnUNetPredictor, device)
         for line in filter(None, (line.strip() for line in notices.getvalue().splitlines())):
             log.debug("model.notice", text=line[:300])
+        if predictor.configuration_manager.configuration != self.steps.configuration_manager.configuration:
+            raise ModelError(
+                f"the checkpoint was trained for another configuration than {self.info.configuration!r}: "
+                "name the model folder <trainer>__<plans>__<configuration> as nnU-Net does"
+            )
         self._predictor = predictor
         self.device = name
 
@@ -88,33 +219,21 @@ class NnUNetV2Backend:
             raise ModelError(f"nnU-Net v2 could not load the model: {type(exc).__name__}: {exc}") from exc
         return predictor
 
-    async def predict(self, cases: Sequence[PreparedCase]) -> list[np.ndarray | Exception]:
-        return [await anyio.to_thread.run_sync(self.predict_case, case) for case in cases]
+    async def predict(self, cases: Sequence[PreparedCase]) -> list[Logits | Exception]:
+        return [await anyio.to_thread.run_sync(self.logits, case) for case in cases]
 
-    def predict_case(self, prepared: PreparedCase) -> np.ndarray:
-        """One case's label map (blocking: call it from a worker thread)."""
-        from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    def logits(self, prepared: PreparedCase) -> Logits:
+        """The network's logits for a preprocessed case (blocking: call it from a worker thread)."""
+        import torch
 
         if self._predictor is None:
             raise ModelError("predict() before load()")
-        if len(prepared.images) != self.info.num_channels:
-            raise ValueError(
-                f"case has {len(prepared.images)} channel(s), the model expects {self.info.num_channels}"
-            )
-        reader = self._predictor.plans_manager.image_reader_writer_class()
-        if type(reader) is SimpleITKIO:  # what SimpleITKIO.read_images returns, without a file
-            data, properties = _as_simpleitkio_read(prepared.images)
-            return np.asarray(self._predictor.predict_single_npy_array(data, properties, None, None, False))
-        # Another reader (and axis order): files in, the map written and read back as SimpleITK does.
-        files = prepared.channel_files or [
-            _write(image, prepared.workdir / f"{prepared.case.case_id}_{n:04d}.nii.gz")
-            for n, image in enumerate(prepared.images)
-        ]
-        data, properties = reader.read_images([str(f) for f in files])
-        labels = self._predictor.predict_single_npy_array(data, properties, None, None, False)
-        written = prepared.workdir / "prediction.nii.gz"
-        reader.write_seg(labels, str(written), properties)
-        return sitk.GetArrayFromImage(sitk.ReadImage(str(written)))
+        model_input = prepared.model_input
+        if not isinstance(model_input, ModelInput):
+            raise TypeError("predict() needs the case as NnUNetV2Steps.preprocess() left it")
+        started = time.perf_counter()
+        array = self._predictor.predict_logits_from_preprocessed_data(torch.from_numpy(model_input.data))
+        return Logits(array.cpu(), model_input.properties, time.perf_counter() - started)
 
 
 def _write(image: sitk.Image, path: Path) -> Path:
@@ -124,6 +243,8 @@ def _write(image: sitk.Image, path: Path) -> Path:
 
 def _as_simpleitkio_read(images: Sequence[sitk.Image]) -> tuple[np.ndarray, dict[str, Any]]:
     """nnU-Net v2's ``SimpleITKIO.read_images`` for images already in memory (3D, same grid)."""
+    if not images:
+        raise ValueError("the case has no image to preprocess")
     first = images[0]
     for image in images[1:]:
         if image.GetSize() != first.GetSize() or image.GetSpacing() != first.GetSpacing():
