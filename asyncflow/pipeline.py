@@ -37,6 +37,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from .assemble import CaseBuilder, Scan, scan
 from .backends import Backend, ModelInfo, create_backend
+from .budget import MemoryBudget
 from .case import (
     Case,
     CaseReport,
@@ -48,7 +49,7 @@ from .export import export_output
 from .inputs import Entry, InputItem, RequestError, UnpackedInput, request_items, restore_files, unpack
 from .labels import load_label_config
 from .log import get_logger, scrub
-from .prepare import prepare_for_model
+from .prepare import prepare_case
 from .seg import Algorithm, SegOptions
 from .settings import Settings
 
@@ -146,6 +147,7 @@ class _Request:
         workdir: Path,
         on_progress: Callable[[Progress], None] | None,
         label_config: Mapping[int, Mapping[str, Any]],
+        budget: MemoryBudget,
     ) -> None:
         self.settings = settings
         self.backends = backends  # one prediction worker each
@@ -177,8 +179,10 @@ class _Request:
             settings.seg_type, settings.seg_keep_empty_frames, settings.seg_compression
         )
         self.total: int | None = None
-        # The model's CPU work around the network (v2), done by the prepare and export workers.
+        # The model's CPU work around the network (v2), done by the prepare and export workers;
+        # a case starts it only when its memory estimate fits in the budget.
         self.steps = backends[0].steps
+        self.budget = budget
         info = self.info = backends[0].info
         self.algorithm = Algorithm(f"nnU-Net {info.name}", info.framework, info.parameters)
 
@@ -230,11 +234,16 @@ class _Request:
         except Exception as exc:  # noqa: BLE001 - any error of one case fails that case alone
             self._fail(case, stage, exc, time.perf_counter() - started)
             return None
-        self.reports[case.case_id].stage_s[stage] = time.perf_counter() - started
+        self._add_seconds(case, stage, time.perf_counter() - started)
         return result
 
+    def _add_seconds(self, case: Case, stage: str, seconds: float) -> None:
+        """A stage may take several steps (prepare: read, then the model's preprocessing)."""
+        stage_s = self.reports[case.case_id].stage_s
+        stage_s[stage] = stage_s.get(stage, 0.0) + seconds
+
     def _fail(self, case: Case, stage: str, error: Exception, seconds: float) -> None:
-        self.reports[case.case_id].stage_s[stage] = seconds
+        self._add_seconds(case, stage, seconds)
         if isinstance(error, OSError) and error.errno == errno.ENOSPC:
             error = OSError(error.errno, f"disk full while writing the case's files ({error.strerror})")
         self._end_case(case, stage=stage, error=error)
@@ -244,6 +253,7 @@ class _Request:
         other case reads, report progress."""
         shutil.rmtree(self._case_dir(case), ignore_errors=True)
         self._release(case)
+        self.budget.release(case.case_id)
         if case.case_id in self.withdrawn:
             self._forget(case.case_id)
             return
@@ -427,28 +437,33 @@ class _Request:
                     self._end_case(case)
                     continue
                 with structlog.contextvars.bound_contextvars(case_id=case.case_id):
-                    done = await self._step(
-                        case,
-                        "prepare",
-                        prepare_for_model,
-                        case,
-                        self._case_dir(case),
-                        self.needs_files,
-                        self.steps,
+                    prepared = await self._step(
+                        case, "prepare", prepare_case, case, self._case_dir(case), self.needs_files
                     )
-                    if done is None:
+                    if prepared is None:
                         continue
-                    prepared, preprocess_s = done
+                    channels = len(prepared.images)
+                    read_s = self.reports[case.case_id].stage_s["prepare"]
+                    reserved, waited = 0, time.perf_counter()
+                    if self.steps is not None:  # the model's CPU preprocessing, within the budget
+                        reserved = await self.budget.admit(case.case_id, self.steps.memory_bytes(prepared))
+                        waited = time.perf_counter() - waited
+                        model_input = await self._step(case, "prepare", self.steps.preprocess, prepared)
+                        if model_input is None:
+                            continue
+                        # The preprocessed input replaces the images.
+                        prepared.images, prepared.model_input = [], model_input
+                    prepare_s = self.reports[case.case_id].stage_s["prepare"]
                     log.info(
                         "case.prepared",
-                        channels=len(prepared.images),
-                        duration_s=round(self.reports[case.case_id].stage_s["prepare"], 4),
-                        preprocess_s=round(preprocess_s, 4),
+                        channels=channels,
+                        duration_s=round(prepare_s, 4),
+                        preprocess_s=round(prepare_s - read_s, 4),
                         model_input_bytes=_nbytes(prepared.model_input),
+                        memory_reserved_bytes=reserved,
+                        memory_wait_s=round(waited if reserved else 0.0, 4),
                         predict_queue=send.statistics().current_buffer_used,
                     )
-                    if self.steps is not None:
-                        prepared.images = []  # the preprocessed model input replaces them
                     await send.send(prepared)
 
     async def _predict_worker(
@@ -639,8 +654,14 @@ async def run_request(
         settings.work_dir.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=f"asyncflow-{request_id}-", dir=settings.work_dir))
     with structlog.contextvars.bound_contextvars(request_id=request_id):
-        log.info("request.started", inputs=len(items), bytes=sum(i.size for i in items))
-        request = _Request(settings, backends, workdir, on_progress, label_config)
+        budget = MemoryBudget(settings.memory_budget_bytes())
+        log.info(
+            "request.started",
+            inputs=len(items),
+            bytes=sum(i.size for i in items),
+            memory_budget_bytes=budget.limit,
+        )
+        request = _Request(settings, backends, workdir, on_progress, label_config, budget)
         status = "error"
         try:
             try:

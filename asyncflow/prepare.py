@@ -8,9 +8,7 @@ so the v2 backend takes the images from memory and nothing is written for it.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pydicom
@@ -19,10 +17,7 @@ import SimpleITK as sitk
 from .case import Case, DicomInstance, Geometry, PreparedCase, SourceKind
 from .dicom import frame_pixel_spacing, frame_rescale, order_positions, order_series, slice_normal
 
-if TYPE_CHECKING:
-    from .backends.base import ModelSteps
-
-__all__ = ["prepare_case", "prepare_for_model"]
+__all__ = ["prepare_case"]
 
 # Level 1 keeps most of gzip's size gain at a fraction of its time (nnU-Net v1 wants .nii.gz).
 _COMPRESSION_LEVEL = 1
@@ -119,16 +114,3 @@ def prepare_case(case: Case, workdir: Path, write_files: bool = True) -> Prepare
                 f"NIfTI channel {number} has size {image.GetSize()}, channel 0 {reference.GetSize()}"
             )
     return _prepared(case, workdir, images, sources, write_files)
-
-
-def prepare_for_model(
-    case: Case, workdir: Path, write_files: bool, steps: ModelSteps | None
-) -> tuple[PreparedCase, float]:
-    """The prepare stage's work for one case: :func:`prepare_case`, then the model's CPU
-    preprocessing (``steps``; v2: nnU-Net's), whose seconds come back beside the case."""
-    prepared = prepare_case(case, workdir, write_files)
-    if steps is None:
-        return prepared, 0.0
-    started = time.perf_counter()
-    prepared.model_input = steps.preprocess(prepared)
-    return prepared, time.perf_counter() - started

@@ -14,6 +14,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, cast
 
+from .budget import available_memory_bytes
 from .inputs import ArchiveLimits
 
 __all__ = [
@@ -152,6 +153,10 @@ class Settings:
     prepare_workers: int = field(default_factory=default_workers)
     export_workers: int = field(default_factory=default_python_workers)
     queue_size: int = 2  # items waiting between two stages
+    # GB the cases in flight may hold at once in the model's CPU steps (v2: nnU-Net's
+    # preprocessing, model input, logits, resampling; asyncflow.budget); 0: half the memory
+    # available (container limit included) when the request starts.
+    memory_budget_gb: float = 0.0
 
     # Limits on untrusted input (README "Security"): an input over one fails alone, with the reason.
     max_archive_bytes: int = 100 << 30  # bytes one archive may expand to
@@ -181,6 +186,10 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.memory_budget_gb < 0:
+            raise SettingsError(
+                f"memory_budget_gb must be 0 (automatic) or positive, got {self.memory_budget_gb}"
+            )
         if not 0 < self.tile_step_size <= 1:
             raise SettingsError(f"tile_step_size must be in (0, 1], got {self.tile_step_size}")
         if self.backend not in BACKENDS:
@@ -230,6 +239,14 @@ class Settings:
             max_ratio=self.max_compression_ratio,
             max_depth=self.max_archive_depth,
         )
+
+    def memory_budget_bytes(self) -> int:
+        """``memory_budget_gb`` in bytes; when 0, half the memory available now (at least 1 GiB;
+        8 GiB where the system does not say)."""
+        if self.memory_budget_gb > 0:
+            return max(1, int(self.memory_budget_gb * 1e9))
+        available = available_memory_bytes()
+        return max(1 << 30, available // 2) if available is not None else 8 << 30
 
     def model_option(self, name: str, generation: Generation) -> str:
         """``trainer``, ``plans`` or ``checkpoint``: the setting, or the generation's stock name."""

@@ -12,6 +12,8 @@ ground truth.
 from __future__ import annotations
 
 import io
+import json
+import shutil
 import tarfile
 import tempfile
 from collections.abc import Sequence
@@ -30,6 +32,7 @@ __all__ = [
     "dicom_series_tar",
     "make_phantom",
     "nifti_bytes",
+    "replanned_model",
 ]
 
 BACKGROUND_HU = 0.0
@@ -211,3 +214,17 @@ def nifti_bytes(image: np.ndarray, spacing: Sequence[float], origin: Sequence[fl
         path = Path(tmp) / "image.nii.gz"
         sitk.WriteImage(itk_image, str(path), useCompression=True)
         return path.read_bytes()
+
+
+def replanned_model(target: Path, spacing_zyx: Sequence[float]) -> Path:
+    """A copy of the packaged tiny model whose ``3d_fullres`` configuration is planned at
+    ``spacing_zyx`` mm, so that nnU-Net resamples as it does for real CT (benchmarks and tests:
+    its weights were trained at 1 mm)."""
+    from .settings import packaged_demo_model
+
+    shutil.copytree(packaged_demo_model(), target)
+    plans = json.loads((target / "plans.json").read_text())
+    plans["configurations"]["3d_fullres"]["spacing"] = list(spacing_zyx)
+    plans["original_median_spacing_after_transp"] = list(spacing_zyx)
+    (target / "plans.json").write_text(json.dumps(plans, indent=1))
+    return target

@@ -52,13 +52,13 @@ import contextlib
 from fixed_service import FixedServiceBackend, block_labels
 
 from asyncflow.assemble import CaseBuilder, scan
-from asyncflow.backends import Backend
-from asyncflow.case import PredictedCase
+from asyncflow.backends import Backend, ModelSteps
+from asyncflow.case import Case, PredictedCase, PreparedCase
 from asyncflow.export import export_case, export_output
 from asyncflow.inputs import request_items, unpack
 from asyncflow.log import configure_logging
 from asyncflow.pipeline import build_backend, peak_rss_bytes, run_request
-from asyncflow.prepare import prepare_case, prepare_for_model
+from asyncflow.prepare import prepare_case
 from asyncflow.seg import Algorithm, SegOptions
 from asyncflow.settings import Settings, packaged_demo_model
 from asyncflow.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom
@@ -146,15 +146,7 @@ async def _sequential(paths: list[Path], settings: Settings, backend: Backend, w
     cases += builder.finish()
     steps = backend.steps
     prepared = [
-        timed(
-            c.case_id,
-            "prepare",
-            prepare_for_model,
-            c,
-            work / "cases" / c.case_id,
-            backend.needs_files,
-            steps,
-        )[0]
+        timed(c.case_id, "prepare", _prepare, c, work / "cases" / c.case_id, backend.needs_files, steps)
         for c in cases
     ]
     backend.load()
@@ -175,6 +167,15 @@ async def _sequential(paths: list[Path], settings: Settings, backend: Backend, w
         timed(p.case.case_id, "export", export_output, p, output, steps, info.labels, {}, algorithm, options)
     shutil.rmtree(work, ignore_errors=True)
     return records
+
+
+def _prepare(case: Case, folder: Path, write_files: bool, steps: ModelSteps | None) -> PreparedCase:
+    """The prepare stage's work for one case: read it, then the model's CPU preprocessing."""
+    prepared = prepare_case(case, folder, write_files)
+    if steps is not None:
+        prepared.model_input = steps.preprocess(prepared)
+        prepared.images = []
+    return prepared
 
 
 def _records_from_events(lines: list[dict]) -> list[dict]:

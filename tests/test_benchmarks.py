@@ -22,3 +22,15 @@ def test_the_speed_benchmark_smoke_run_measures_every_mode(tmp_path: Path) -> No
         assert run["stage_s_per_case"]["predict"] >= 0.1  # the stand-in holds the worker S = 0.1 s
         assert run["peak_temp_disk_bytes"] > 0 and run["peak_rss_bytes"] > 0
     assert (tmp_path / "gantt.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_network_hold_benchmark_smoke_run_reads_its_events(tmp_path: Path) -> None:
+    command = [sys.executable, str(BENCHMARKS / "network_hold.py"), "--smoke", "--out", str(tmp_path)]
+    subprocess.run(command, check=True, capture_output=True, timeout=600)
+    results = json.loads((tmp_path / "results.json").read_text())
+    (run,) = results["runs"].values()
+    assert run["cases"] == 2
+    # The stand-in sleeps S = 0.1 s inside nnU-Net's network call; the worker holds a case for little more.
+    assert 1 <= run["hold_over_network"]["max"] < 1.5
+    assert run["step_s_per_case"]["preprocess"] > 0 and run["step_s_per_case"]["to_labels"] > 0
+    assert run["logits_mb_max"] > 0 and run["peak_rss_bytes"] > 0

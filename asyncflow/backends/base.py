@@ -192,8 +192,12 @@ class ModelSteps(Protocol):
     """A model's CPU work on either side of the network, done by the CPU stages, never by the
     prediction worker: ``preprocess`` in the prepare stage (its result becomes
     ``PreparedCase.model_input``), ``to_labels`` in the export stage (the backend's output for a
-    case to a (z, y, x) integer label map on the case's ``geometry``). Thread-safe, and usable
-    before the model has loaded."""
+    case to a (z, y, x) integer label map on the case's ``geometry``). ``memory_bytes``: the most
+    a case will hold at once from ``preprocess`` to its label map, estimated from the case as
+    read (the pipeline's memory budget admits cases by it). Thread-safe, and usable before the
+    model has loaded."""
+
+    def memory_bytes(self, prepared: PreparedCase) -> int: ...
 
     def preprocess(self, prepared: PreparedCase) -> Any: ...
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -130,6 +131,54 @@ class NnUNetV2Steps:
         written = prepared.workdir / "prediction.nii.gz"
         reader.write_seg(labels, str(written), logits.properties)
         return sitk.GetArrayFromImage(sitk.ReadImage(str(written)))
+
+    def memory_bytes(self, prepared: PreparedCase) -> int:
+        """At most how many bytes the case holds at once from preprocessing to its label map.
+
+        Estimated from the case's size and spacing, before any of it runs: the largest of
+        nnU-Net's preprocessing, the model input and logits held between stages, and
+        nnU-Net's resampling of the logits to the source grid. nnU-Net resamples in float64
+        and, where one axis is much coarser ("separate z"), builds coordinate grids of the
+        output's size; the coefficients below were measured with tracemalloc on nnU-Net
+        2.8.1 (``tests/test_memory.py`` checks that they bound what it allocates). Cropping to
+        the non-zero region only makes a case smaller than estimated.
+        """
+        from nnunetv2.configuration import ANISO_THRESHOLD
+        from nnunetv2.preprocessing.resampling.default_resampling import (
+            compute_new_shape,
+            determine_do_sep_z_and_axis,
+        )
+
+        channels = len(prepared.images)
+        first = prepared.images[0]
+        order = self.plans_manager.transpose_forward
+        shape = [first.GetSize()[::-1][i] for i in order]
+        spacing = [abs(first.GetSpacing()[::-1][i]) for i in order]
+        target = list(self.configuration_manager.spacing)
+        if len(target) < len(shape):  # 2D configurations keep the slice spacing
+            target = [spacing[0], *target]
+        model_shape = [int(n) for n in compute_new_shape(shape, spacing, target)]
+        n, m = math.prod(shape), math.prod(model_shape)
+        classes = self.label_manager.num_segmentation_heads
+        resampled = shape != model_shape
+        kwargs = self.configuration_manager.configuration.get("resampling_fn_data_kwargs", {})
+        separate, axis = determine_do_sep_z_and_axis(
+            kwargs.get("force_separate_z"),
+            spacing,
+            target,
+            kwargs.get("separate_z_anisotropy_threshold", ANISO_THRESHOLD),
+        )
+        preprocess = channels * (8 * n + 4 * m) + 16 * n
+        to_labels = 2 * classes * m + 9 * n
+        if resampled:
+            preprocess += (80 if separate else 48) * max(n, m)
+            to_labels += 8 * classes * m + 2 * classes * n
+            if separate and axis is not None:  # slices resized first, then the coarse axis
+                to_labels += 8 * n * max(1, model_shape[axis] // max(1, shape[axis])) + 96 * n
+            else:
+                to_labels += 24 * n
+        held = 4 * channels * m + 2 * classes * m  # model input and logits, both while predicted
+        return 2 * channels * n + max(preprocess, held, to_labels)
 
     def _read(self, prepared: PreparedCase) -> tuple[np.ndarray, dict[str, Any]]:
         """The channels as the model's reader class (from ``plans.json``) would read their files."""

@@ -1,0 +1,130 @@
+"""The memory budget: nnU-Net's CPU steps are admitted by an estimate that bounds what they
+allocate, and a request never holds more cases in them than the budget allows."""
+
+from __future__ import annotations
+
+import gc
+import io
+import itertools
+import json
+import tracemalloc
+from datetime import datetime
+from pathlib import Path
+
+import anyio
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from asyncflow.backends.base import ModelInfo
+from asyncflow.backends.nnunet_v2 import Logits, NnUNetV2Steps
+from asyncflow.budget import MemoryBudget
+from asyncflow.case import Case, Geometry, PreparedCase, SourceKind
+from asyncflow.log import configure_logging
+from asyncflow.pipeline import run_request
+from asyncflow.synthetic import make_phantom, nifti_bytes, replanned_model
+
+
+@pytest.fixture(scope="module")
+def ct_steps(tmp_path_factory: pytest.TempPathFactory) -> NnUNetV2Steps:
+    """nnU-Net's steps for a model planned as CT models are (1.0 x 0.8 x 0.8 mm)."""
+    model = replanned_model(tmp_path_factory.mktemp("model") / "ct", [1.0, 0.8, 0.8])
+    return NnUNetV2Steps(ModelInfo.from_folder(model))
+
+
+@pytest.mark.parametrize(
+    ("shape", "spacing"),
+    [
+        ((40, 96, 96), (0.8, 0.8, 1.0)),  # the model's own spacing: no resampling
+        ((40, 96, 96), (0.8, 0.8, 2.0)),  # z resampled with the volume
+        ((24, 128, 112), (0.7, 0.7, 5.0)),  # thick slices: nnU-Net resamples z separately
+        ((60, 80, 80), (0.95, 0.95, 0.6)),  # finer than the model
+    ],
+)
+def test_the_estimate_bounds_what_nnunet_allocates(
+    ct_steps: NnUNetV2Steps, tmp_path: Path, shape: tuple[int, int, int], spacing: tuple[float, float, float]
+) -> None:
+    image = sitk.GetImageFromArray(np.random.default_rng(0).normal(0, 100, shape).astype(np.int16))
+    image.SetSpacing(spacing)
+    prepared = PreparedCase(
+        Case("case-0001", SourceKind.NIFTI, "c", "c.nii.gz", []),
+        tmp_path,
+        [image],
+        Geometry.of(image),
+        [],
+        [],
+    )
+    estimate = ct_steps.memory_bytes(prepared)
+    tracemalloc.start()
+    try:
+        model_input = ct_steps.preprocess(prepared)
+        preprocess_peak = tracemalloc.get_traced_memory()[1]
+        prepared.images = []
+        classes = ct_steps.label_manager.num_segmentation_heads
+        logits = Logits(
+            np.random.default_rng(1).normal(size=(classes, *model_input.data.shape[1:])).astype(np.float16),
+            model_input.properties,
+            0.0,
+        )
+        del model_input
+        gc.collect()
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        labels = ct_steps.to_labels(prepared, logits)
+        to_labels_peak = tracemalloc.get_traced_memory()[1] - before + logits.array.nbytes
+    finally:
+        tracemalloc.stop()
+    assert labels.shape == shape
+    measured = max(preprocess_peak, to_labels_peak) + image.GetNumberOfPixels() * 2
+    # Never below what nnU-Net allocates; not so far above that the budget idles.
+    assert measured <= estimate <= 2.5 * measured, (estimate, preprocess_peak, to_labels_peak)
+
+
+@pytest.mark.anyio
+async def test_the_budget_admits_what_fits_and_clamps_what_cannot() -> None:
+    budget = MemoryBudget(100)
+    assert await budget.admit("a", 60) == 60
+    with pytest.raises(ValueError, match="already"):
+        await budget.admit("a", 1)
+    admitted: list[str] = []
+
+    async def wait_for(key: str, nbytes: int) -> None:
+        await budget.admit(key, nbytes)
+        admitted.append(key)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(wait_for, "b", 50)  # 60 + 50 > 100: waits for "a"
+        await anyio.wait_all_tasks_blocked()
+        assert admitted == [] and budget.used == 60
+        budget.release("a")
+    assert admitted == ["b"] and budget.used == 50
+    budget.release("b")
+    budget.release("unknown")  # holds nothing: nothing happens
+    assert await budget.admit("huge", 10**12) == 100  # larger than the budget: alone, not never
+    assert budget.used == 100
+
+
+@pytest.mark.anyio
+async def test_a_small_budget_lets_one_case_at_a_time_into_nnunet(
+    tmp_path: Path, settings_factory, rng: np.random.Generator
+) -> None:
+    phantoms = [make_phantom(rng, (24, 40, 40), spacing=(0.8, 0.8, 1.5)) for _ in range(3)]
+    entries = [{f"v{n}.nii.gz": nifti_bytes(p.image, p.spacing, p.origin)} for n, p in enumerate(phantoms)]
+    logs = io.StringIO()
+    configure_logging(json=True, stream=logs)
+    settings = settings_factory(tmp_path / "work", memory_budget_gb=1e-9, prepare_workers=3, queue_size=3)
+    result = await run_request(entries, settings)
+    assert result.status == "done"
+    events = [json.loads(line) for line in logs.getvalue().splitlines()]
+    assert next(e for e in events if e["event"] == "request.started")["memory_budget_bytes"] == 1
+
+    def at(event: dict) -> float:
+        return datetime.fromisoformat(event["timestamp"]).timestamp()
+
+    prepared = sorted((e for e in events if e["event"] == "case.prepared"), key=at)
+    finished = {e["case_id"]: at(e) for e in events if e["event"] == "case.finished"}
+    assert [e["memory_reserved_bytes"] for e in prepared] == [1, 1, 1]
+    assert any(e["memory_wait_s"] > 0 for e in prepared)
+    # Each case's preprocessing starts only once the case before it has ended.
+    for earlier, later in itertools.pairwise(prepared):
+        assert finished[earlier["case_id"]] <= at(later) - later["preprocess_s"] + 1e-3
