@@ -1,4 +1,4 @@
-"""The request pipeline: stages joined by bounded streams, one prediction worker.
+"""The request pipeline: stages joined by bounded streams, one prediction worker per device.
 
 ::
 
@@ -6,7 +6,11 @@
 
 Every arrow is a bounded anyio memory object stream, so a slow stage holds the
 ones before it back. CPU work runs in worker threads; the event loop only
-schedules, logs and keeps the books. The model loads while the first inputs
+schedules, logs and keeps the books. The model's CPU steps (``Backend.steps``;
+v2: nnU-Net's preprocessing, and the logits' way back to the source grid) run in
+the prepare and export workers, so a prediction worker is held for the network
+alone; a case enters them only when its memory estimate fits in the request's
+``MemoryBudget``. The model loads while the first inputs
 are unpacked. Every case ends as done or failed with a reason; a case's working
 folder is removed as soon as the case ends, the request's folder in ``finally``
 on success, error and cancellation alike.
@@ -444,15 +448,10 @@ class _Request:
                         continue
                     channels = len(prepared.images)
                     read_s = self.reports[case.case_id].stage_s["prepare"]
-                    reserved, waited = 0, time.perf_counter()
-                    if self.steps is not None:  # the model's CPU preprocessing, within the budget
-                        reserved = await self.budget.admit(case.case_id, self.steps.memory_bytes(prepared))
-                        waited = time.perf_counter() - waited
-                        model_input = await self._step(case, "prepare", self.steps.preprocess, prepared)
-                        if model_input is None:
-                            continue
-                        # The preprocessed input replaces the images.
-                        prepared.images, prepared.model_input = [], model_input
+                    admitted = await self._preprocess(prepared)
+                    if admitted is None:
+                        continue
+                    reserved, memory_wait_s = admitted
                     prepare_s = self.reports[case.case_id].stage_s["prepare"]
                     log.info(
                         "case.prepared",
@@ -461,10 +460,30 @@ class _Request:
                         preprocess_s=round(prepare_s - read_s, 4),
                         model_input_bytes=_nbytes(prepared.model_input),
                         memory_reserved_bytes=reserved,
-                        memory_wait_s=round(waited if reserved else 0.0, 4),
+                        memory_wait_s=round(memory_wait_s, 4),
                         predict_queue=send.statistics().current_buffer_used,
                     )
                     await send.send(prepared)
+
+    async def _preprocess(self, prepared: PreparedCase) -> tuple[int, float] | None:
+        """The model's CPU preprocessing of a read case, once its memory estimate fits in the
+        budget; the bytes it holds and the seconds it waited for them, or None if it failed."""
+        if self.steps is None:
+            return 0, 0.0
+        case = prepared.case
+        try:
+            estimate = self.steps.memory_bytes(prepared)
+        except Exception as exc:  # noqa: BLE001 - a case nnU-Net cannot size fails alone
+            self._fail(case, "prepare", exc, 0.0)
+            return None
+        started = time.perf_counter()
+        reserved = await self.budget.admit(case.case_id, estimate)
+        waited = time.perf_counter() - started
+        model_input = await self._step(case, "prepare", self.steps.preprocess, prepared)
+        if model_input is None:
+            return None
+        prepared.images, prepared.model_input = [], model_input  # it replaces the images
+        return reserved, waited
 
     async def _predict_worker(
         self,

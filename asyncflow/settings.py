@@ -154,8 +154,8 @@ class Settings:
     export_workers: int = field(default_factory=default_python_workers)
     queue_size: int = 2  # items waiting between two stages
     # GB the cases in flight may hold at once in the model's CPU steps (v2: nnU-Net's
-    # preprocessing, model input, logits, resampling; asyncflow.budget); 0: half the memory
-    # available (container limit included) when the request starts.
+    # preprocessing, model input, logits, resampling; asyncflow.budget); 0: three quarters of
+    # the memory available (container limit included) when the request starts.
     memory_budget_gb: float = 0.0
 
     # Limits on untrusted input (README "Security"): an input over one fails alone, with the reason.
@@ -241,12 +241,12 @@ class Settings:
         )
 
     def memory_budget_bytes(self) -> int:
-        """``memory_budget_gb`` in bytes; when 0, half the memory available now (at least 1 GiB;
-        8 GiB where the system does not say)."""
+        """``memory_budget_gb`` in bytes; when 0, three quarters of the memory available now
+        (at least 1 GiB; 8 GiB where the system does not say)."""
         if self.memory_budget_gb > 0:
             return max(1, int(self.memory_budget_gb * 1e9))
         available = available_memory_bytes()
-        return max(1 << 30, available // 2) if available is not None else 8 << 30
+        return max(1 << 30, available * 3 // 4) if available is not None else 8 << 30
 
     def model_option(self, name: str, generation: Generation) -> str:
         """``trainer``, ``plans`` or ``checkpoint``: the setting, or the generation's stock name."""
