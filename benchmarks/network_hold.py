@@ -47,9 +47,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +57,7 @@ from asyncflow.synthetic import replanned_model
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from measure import PeakSampler, event_seconds, tree_rss_bytes, union_seconds  # noqa: E402
 
 MODEL_SPACING = (1.0, 0.8, 0.8)  # z, y, x mm
 
@@ -126,62 +125,18 @@ def child_main(kind: str, service_s: float, argv: list[str]) -> int:
     return 0
 
 
-class _TreeWatch:
-    """Peak summed RSS of a process and all its descendants, sampled every ``interval`` s."""
-
-    def __init__(self, interval: float = 0.2) -> None:
-        self.interval, self.peak, self.pids = interval, 0, set[int]()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def watch(self, pid: int) -> None:
-        self.pids.add(pid)
-
-    def _tree_rss(self) -> int:
-        children: dict[int, list[int]] = {}
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                except (OSError, IndexError, ValueError):
-                    continue
-                children.setdefault(ppid, []).append(int(entry.name))
-        total, todo = 0, list(self.pids)
-        while todo:
-            pid = todo.pop()
-            todo.extend(children.get(pid, []))
-            try:
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
-            except OSError:
-                pass
-        return total
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, self._tree_rss())
-
-    def __enter__(self) -> _TreeWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def _run(commands: list[list[str]], log: Path | None = None) -> dict[str, Any]:
     """Run ``commands`` one after the other; wall, CPU (user + system of every child) and peak RSS."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    with _TreeWatch() as watch:
+    pids: list[int] = []
+    with PeakSampler(lambda: tree_rss_bytes(pids)) as watch:
         for command in commands:
             stderr = log.open("ab") if log else subprocess.DEVNULL
             try:
                 process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
-                watch.watch(process.pid)
+                pids.append(process.pid)
                 if process.wait() != 0:
                     raise RuntimeError(f"{command[:3]} exited with {process.returncode}")
             finally:
@@ -214,27 +169,14 @@ def run_asyncflow(
     return {**run, "memory_budget_bytes": started["memory_budget_bytes"], **_from_events(events, run)}
 
 
-def _seconds(event: dict[str, Any]) -> float:
-    return datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
-
-
-def _union(intervals: list[tuple[float, float]]) -> float:
-    total, end = 0.0, -np.inf
-    for a, b in sorted(intervals):
-        if b > end:
-            total += b - max(a, end)
-            end = b
-    return total
-
-
 def _from_events(events: list[dict[str, Any]], run: dict[str, Any]) -> dict[str, Any]:
     by = {name: [e for e in events if e["event"] == name] for name in {e["event"] for e in events}}
     predicted = by["case.predicted"]
     cases = len(predicted)
-    network = [(_seconds(e) - e["network_s"], _seconds(e)) for e in predicted]
+    network = [(event_seconds(e) - e["network_s"], event_seconds(e)) for e in predicted]
     span = max(b for _, b in network) - min(a for a, _ in network)
-    first = min(predicted, key=_seconds)["case_id"]
-    last = max(predicted, key=_seconds)["case_id"]
+    first = min(predicted, key=event_seconds)["case_id"]
+    last = max(predicted, key=event_seconds)["case_id"]
     prepared = {e["case_id"]: e for e in by["case.prepared"]}
     exported = {e["case_id"]: e for e in by["case.exported"]}
     ideal = (
@@ -259,7 +201,7 @@ def _from_events(events: list[dict[str, Any]], run: dict[str, Any]) -> dict[str,
         },
         "blocked_s": round(sum(e["duration_s"] for e in blocked), 2),
         "blocked_times": len(blocked),
-        "gpu_idle_share": round(1 - _union(network) / span, 4) if cases > 1 else 0.0,
+        "gpu_idle_share": round(1 - union_seconds(network) / span, 4) if cases > 1 else 0.0,
         "ideal_s": round(ideal, 2),
         "efficiency": round(ideal / run["wall_s"], 3),
         "cpu_s_per_case": round(run["cpu_s"] / cases, 2),

@@ -37,9 +37,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +45,9 @@ import anyio
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import contextlib
 
 from fixed_service import FixedServiceBackend, block_labels
+from measure import PeakSampler, event_seconds, folder_bytes, union_seconds
 
 from asyncflow.assemble import CaseBuilder, scan
 from asyncflow.backends import Backend, ModelSteps
@@ -90,32 +88,6 @@ def write_request(folder: Path, tars: int, series: int, matrix: int, slices: tup
 
 
 # -- one run (child process) -----------------------------------------------------------------
-
-
-class _DiskWatch:
-    """Peak bytes under a folder, sampled every ``interval`` seconds in a thread."""
-
-    def __init__(self, folder: Path, interval: float = 0.2) -> None:
-        self.folder, self.interval, self.peak = folder, interval, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            total = 0
-            for root, _, files in os.walk(self.folder):
-                for name in files:
-                    with contextlib.suppress(OSError):
-                        total += os.lstat(os.path.join(root, name)).st_size
-            self.peak = max(self.peak, total)
-
-    def __enter__(self) -> _DiskWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def _backends(spec: dict[str, Any], settings: Settings) -> list[Backend]:
@@ -180,7 +152,7 @@ def _prepare(case: Case, folder: Path, write_files: bool, steps: ModelSteps | No
 
 def _records_from_events(lines: list[dict]) -> list[dict]:
     """Stage intervals from the pipeline's own log: each event ends a stage of duration_s."""
-    t0 = next(_seconds(e) for e in lines if e["event"] == "request.started")
+    t0 = next(event_seconds(e) for e in lines if e["event"] == "request.started")
     names = {"archive.extracted": "unpack", "case.prepared": "prepare", "case.predicted": "predict"}
     names["case.exported"] = "export"
     records = []
@@ -188,14 +160,10 @@ def _records_from_events(lines: list[dict]) -> list[dict]:
         stage = names.get(e["event"])
         if stage is None:
             continue
-        end = _seconds(e) - t0
+        end = event_seconds(e) - t0
         case = e.get("case_id") or f"input-{e['input_index']}"
         records.append({"case": case, "stage": stage, "start": end - e["duration_s"], "end": end})
     return records
-
-
-def _seconds(event: dict) -> float:
-    return datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
 
 
 async def _pipeline(paths: list[Path], settings: Settings, backends: list[Backend]) -> list[dict]:
@@ -222,7 +190,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     backends = _backends(spec, settings)
     paths = [Path(p) for p in spec["paths"]]
     started = time.perf_counter()
-    with _DiskWatch(work) as disk:
+    with PeakSampler(lambda: folder_bytes(work)) as disk:
         if spec["mode"] == "sequential":
             configure_logging(json=True, stream=io.StringIO())  # the model's notices: not on stdout
             request_dir = Path(tempfile.mkdtemp(dir=work))
@@ -242,15 +210,6 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
 # -- metrics and chart -----------------------------------------------------------------------
 
 
-def _union(intervals: list[tuple[float, float]]) -> float:
-    total, end = 0.0, -np.inf
-    for a, b in sorted(intervals):
-        if b > end:
-            total += b - max(a, end)
-            end = b
-    return total
-
-
 def metrics(run: dict[str, Any]) -> dict[str, Any]:
     records = run["records"]
     by_stage = {s: [r for r in records if r["stage"] == s] for s in STAGES}
@@ -265,7 +224,7 @@ def metrics(run: dict[str, Any]) -> dict[str, Any]:
         busy + (first_prepare["end"] - first_prepare["start"]) + (last_export["end"] - last_export["start"])
     )
     span = last["end"] - first["start"]
-    idle = 1 - _union([(r["start"], r["end"]) for r in predict]) / span if run["gpus"] == 1 else None
+    idle = 1 - union_seconds([(r["start"], r["end"]) for r in predict]) / span if run["gpus"] == 1 else None
     return {
         "mode": run["mode"],
         "predictor": run["predictor"],
