@@ -21,6 +21,7 @@ __all__ = [
     "ModelLocation",
     "Settings",
     "SettingsError",
+    "default_export_workers",
     "default_python_workers",
     "default_workers",
     "packaged_demo_model",
@@ -52,19 +53,29 @@ class ModelLocation(NamedTuple):
 
 
 def default_workers() -> int:
-    """Prepare workers: one per core, at least one, at most four (SimpleITK reads DICOM without
-    holding the GIL)."""
-    return max(1, min(4, os.cpu_count() or 1))
+    """Prepare workers: one per core, at least one, at most 16.
+
+    SimpleITK's reading and nnU-Net's preprocessing, nearly all of a case's CPU time,
+    release the GIL (benchmarks/gil.py), so they scale with the cores that feed a GPU;
+    the memory budget, not the worker count, keeps them within memory.
+    """
+    return max(1, min(16, os.cpu_count() or 1))
 
 
 def default_python_workers() -> int:
-    """Unpack and export workers: one per two cores, at least one, at most four.
+    """Unpack workers: one per two cores, at least one, at most four.
 
-    Their work (tarfile, pydicom header parsing, the highdicom SEG build) is mostly
-    Python and holds the GIL: more threads than that only take turns, and on 2
-    cores two of each starved the prediction worker (benchmarks/RESULTS.md).
+    Their work (tarfile, pydicom header parsing) is mostly Python and holds the GIL:
+    more threads than that only take turns, and on 2 cores two of them starved the
+    prediction worker (benchmarks/RESULTS.md).
     """
     return max(1, min(4, (os.cpu_count() or 1) // 2))
+
+
+def default_export_workers() -> int:
+    """Export workers: one per two cores, at least one, at most eight. nnU-Net's resampling of
+    the logits (most of their time) partly releases the GIL; the SEG build holds it."""
+    return max(1, min(8, (os.cpu_count() or 1) // 2))
 
 
 def packaged_demo_model() -> Path:
@@ -151,7 +162,7 @@ class Settings:
     work_dir: Path | None = None  # parent of the request's temp dir (default: system temp)
     unpack_workers: int = field(default_factory=default_python_workers)
     prepare_workers: int = field(default_factory=default_workers)
-    export_workers: int = field(default_factory=default_python_workers)
+    export_workers: int = field(default_factory=default_export_workers)
     queue_size: int = 2  # items waiting between two stages
     # GB the cases in flight may hold at once in the model's CPU steps (v2: nnU-Net's
     # preprocessing, model input, logits, resampling; asyncflow.budget); 0: three quarters of
