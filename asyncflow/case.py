@@ -108,8 +108,8 @@ class PreparedCase:
     # A multi-frame DICOM source: its frame index (0-based) of each slice, in slice order.
     frame_order: list[int] | None = None
     # What the backend's CPU preprocessing made of ``images`` (``ModelSteps.preprocess``; v2:
-    # nnU-Net's data on the model's grid and the properties that lead back): the prediction
-    # worker's input, and the export stage's way back to ``geometry``.
+    # nnU-Net's data on the model's grid and its properties): the prediction worker's input,
+    # dropped once the case is predicted.
     model_input: Any = None
 
 

@@ -146,6 +146,12 @@ async def test_a_request_of_archives_and_nifti_is_segmented_exactly(
     events = [line["event"] for line in lines]
     assert events[0] == "request.started" and events[-1] == "request.finished"
     assert events.count("case.finished") == 4 and events.count("request.finished") == 1
+    # nnU-Net's preprocessing ran in the prepare stage, its resampling back in export: the
+    # prediction worker held each case for the network (and a thread hop) only.
+    by_event = {e: [line for line in lines if line["event"] == e] for e in set(events)}
+    assert all(p["preprocess_s"] > 0 and p["model_input_bytes"] > 0 for p in by_event["case.prepared"])
+    assert all(0 < p["network_s"] <= p["duration_s"] for p in by_event["case.predicted"])
+    assert all(p["to_labels_s"] > 0 for p in by_event["case.exported"])
     assert {line["case_id"] for line in lines if line["event"].startswith("case.")} == {
         c.case_id for c in result.cases
     }
