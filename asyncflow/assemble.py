@@ -25,10 +25,12 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from .case import Case, DicomInstance, SkippedFile, SourceKind
+from .case import Case, CaseSource, DicomInstance, SkippedFile, SourceKind
 from .dicom import NotAnImage, has_dicom_preamble, read_instance
 from .inputs import UnpackedInput
+from .log import get_logger, scrub
 from .mitk import MITK_SUFFIX, is_mitk_label_json
+from .series import split_series
 
 __all__ = ["CaseBuilder", "Scan", "is_nifti_header", "scan"]
 
@@ -36,6 +38,7 @@ _CHANNEL = re.compile(r"^(?P<id>.+)_(?P<channel>\d{4})$")
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _STEM_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tbz2", ".txz", ".tar", *_NIFTI_SUFFIXES, ".dcm")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+\-]+")
+log = get_logger("asyncflow.assemble")
 
 
 def is_nifti_header(head: bytes) -> bool:
@@ -118,32 +121,38 @@ def scan(unpacked: UnpackedInput, max_file_bytes: int = 16 << 30) -> Scan:
     (and a JSON start), as MITK itself knows it.
     """
     result = Scan(unpacked, skipped=list(unpacked.skipped))
-    origin = unpacked.item.name
     for path in unpacked.files:
         try:
-            head = _head(path)
+            reason = _classify(result, path, max_file_bytes)
         except OSError as exc:
-            result.skipped.append(SkippedFile(origin, unpacked.relative(path), f"unreadable: {exc.strerror}"))
-            continue
-        if is_mitk_label_json(path.name, head):
-            result.label_files.append(path)
-        elif has_dicom_preamble(head):
-            try:
-                result.dicom.append(read_instance(path))
-            except NotAnImage as exc:
-                result.skipped.append(SkippedFile(origin, unpacked.relative(path), str(exc)))
-            except Exception as exc:  # noqa: BLE001 - a malformed header skips its file, not the request
-                reason = f"malformed DICOM header ({type(exc).__name__})"
-                result.skipped.append(SkippedFile(origin, unpacked.relative(path), reason))
-        elif is_nifti_header(head):
-            problem = _nifti_problem(path, head, max_file_bytes)
-            if problem:
-                result.skipped.append(SkippedFile(origin, unpacked.relative(path), problem))
-            else:
-                result.nifti.append(path)
-        else:
-            result.skipped.append(SkippedFile(origin, unpacked.relative(path), "neither DICOM nor NIfTI"))
+            reason = f"unreadable: {exc.strerror}"
+        except Exception as exc:  # noqa: BLE001 - one odd file is skipped, never the request
+            reason = f"could not be classified ({type(exc).__name__})"
+        if reason is not None:
+            result.skipped.append(SkippedFile(unpacked.item.name, unpacked.relative(path), reason))
     return result
+
+
+def _classify(result: Scan, path: Path, max_file_bytes: int) -> str | None:
+    """File ``path`` into ``result``; the reason it is skipped, or None."""
+    head = _head(path)
+    if is_mitk_label_json(path.name, head):
+        result.label_files.append(path)
+    elif has_dicom_preamble(head):
+        try:
+            result.dicom.append(read_instance(path))
+        except NotAnImage as exc:
+            return str(exc)
+        except Exception as exc:  # noqa: BLE001 - a malformed header skips its file, not the request
+            return f"malformed DICOM header ({type(exc).__name__})"
+    elif is_nifti_header(head):
+        problem = _nifti_problem(path, head, max_file_bytes)
+        if problem:
+            return problem
+        result.nifti.append(path)
+    else:
+        return "neither DICOM nor NIfTI"
+    return None
 
 
 def _series_label(unpacked: UnpackedInput) -> str:
@@ -170,37 +179,13 @@ def _label_file_for(stem: str, label_files: list[Path]) -> Path | None:
     return label_files[0] if len(label_files) == 1 else None
 
 
-_LOCALIZER_MAX = 3  # images of another geometry dropped from a series as localizers, at most
-
-
-def _drop_localizers(instances: list[DicomInstance]) -> tuple[list[DicomInstance], list[DicomInstance]]:
-    """(the series' volume, the localizers mixed into it).
-
-    Localizers: ImageType LOCALIZER, or a few images whose size or orientation
-    differs from a clear majority of the series.
-    """
-    kept = [i for i in instances if "LOCALIZER" not in i.image_type]
-    dropped = [i for i in instances if "LOCALIZER" in i.image_type]
-
-    def geometry(i: DicomInstance) -> tuple[object, ...]:
-        return (i.rows, i.columns, tuple(round(v, 3) for v in i.orientation or ()))
-
-    counts = Counter(geometry(i) for i in kept)
-    if len(counts) > 1:
-        (main, main_count), *others = counts.most_common()
-        if all(n <= _LOCALIZER_MAX and 2 * n <= main_count for _, n in others):
-            dropped += [i for i in kept if geometry(i) != main]
-            kept = [i for i in kept if geometry(i) == main]
-    return kept, dropped
-
-
 @dataclass
 class _Series:
     uid: str  # SeriesInstanceUID
     origin: str  # the input the first instance came from (report)
     label: str  # what the series is named after
     instances: dict[str, DicomInstance] = field(default_factory=dict)  # by SOPInstanceUID
-    case: Case | None = None  # the case made of it as it stands, if any
+    cases: list[Case] = field(default_factory=list)  # the cases made of it as it stands
 
 
 class CaseBuilder:
@@ -213,11 +198,14 @@ class CaseBuilder:
         self._series: dict[str, _Series] = {}
         self._label_files: dict[str, list[Path]] = {}  # input name -> its *.mitklabel.json
         self._broken: dict[str, str] = {}  # SeriesInstanceUID -> the unreadable input that held part of it
+        self._where: dict[Path, tuple[str, str]] = {}  # DICOM file -> (its input, its path there)
         self.skipped: list[SkippedFile] = []
         # Cases made of a series that then grew or lost an input: their results must not be returned.
         self.withdrawn: list[Case] = []
 
-    def _new_case(self, kind: SourceKind, stem: str, origin: str, files: list[Path]) -> Case:
+    def _new_case(
+        self, kind: SourceKind, stem: str, origin: str, files: list[Path], source: CaseSource
+    ) -> Case:
         self._count += 1
         name, n = stem, 1
         while name.lower() in self._names:
@@ -225,14 +213,35 @@ class CaseBuilder:
             name = f"{stem}-{n}"
         self._names.add(name.lower())
         return Case(
-            case_id=f"case-{self._count:04d}", kind=kind, output_name=name, origin=origin, files=files
+            case_id=f"case-{self._count:04d}",
+            kind=kind,
+            output_name=name,
+            origin=origin,
+            files=files,
+            source=source,
         )
 
     def _withdraw(self, series: _Series) -> None:
-        if series.case is not None:
-            self.withdrawn.append(series.case)
-            self._names.discard(series.case.output_name.lower())
-            series.case = None
+        for case in series.cases:
+            self.withdrawn.append(case)
+            self._names.discard(case.output_name.lower())
+        series.cases = []
+
+    def _skip(self, instance: DicomInstance, reason: str) -> None:
+        origin, path = self._where[instance.path]
+        self.skipped.append(SkippedFile(origin, path, reason))
+
+    def _dicom_source(self, instances: list[DicomInstance], part: str | None = None) -> CaseSource:
+        first = instances[0]
+        location = PurePosixPath(self._where[first.path][1])
+        return CaseSource(
+            location=(location if first.frames > 1 else location.parent).as_posix(),
+            series_instance_uid=first.series_instance_uid,
+            series_number=first.series_number,
+            modality=first.modality,
+            part=part,
+            files=len(instances),
+        )
 
     def broken(self, unpacked: UnpackedInput) -> None:
         """An input that failed: series it had begun to deliver are refused, not segmented partially."""
@@ -243,28 +252,34 @@ class CaseBuilder:
 
     def add(self, result: Scan) -> list[Case]:
         """The cases this scan completes: its NIfTI volumes, multi-frame images and the series
-        it delivered slices of (a series it grew replaces that series' earlier case)."""
+        it delivered slices of (a series it grew replaces that series' earlier cases)."""
         origin = result.unpacked.item.name
         self.skipped.extend(result.skipped)
         label = _series_label(result.unpacked)
         cases = []
         grown: dict[str, _Series] = {}
         for instance in result.dicom:
+            self._where[instance.path] = (origin, result.unpacked.relative(instance.path))
             if instance.frames > 1:  # an enhanced multi-frame image is a volume of its own
-                case = self._new_case(SourceKind.DICOM, _stem(label), origin, [instance.path])
+                source = self._dicom_source([instance])
+                case = self._new_case(SourceKind.DICOM, _stem(label), origin, [instance.path], source)
                 case.instances = [instance]
                 case.label_file = _label_file_for(case.output_name, result.label_files)
                 cases.append(case)
                 continue
             uid = instance.series_instance_uid
             series = self._series.setdefault(uid, _Series(uid, origin, label))
-            # The same instance twice (two exports of one study) is one slice.
-            if instance.sop_instance_uid not in series.instances:
+            kept = series.instances.get(instance.sop_instance_uid)
+            if kept is None:
                 series.instances[instance.sop_instance_uid] = instance
                 grown[uid] = series
+            else:  # the same image twice (two exports of one study, or two encodings): one slice
+                kept_origin, kept_path = self._where[kept.path]
+                self._skip(instance, f"same SOPInstanceUID as {kept_path} in {kept_origin}, which was kept")
         self._label_files[origin] = result.label_files
         for stem, files in self._nifti_groups(result):
-            case = self._new_case(SourceKind.NIFTI, stem, origin, files)
+            source = CaseSource(location=result.unpacked.relative(files[0]), files=len(files))
+            case = self._new_case(SourceKind.NIFTI, stem, origin, files, source)
             case.label_file = _label_file_for(stem, result.label_files)
             cases.append(case)
         for series in grown.values():
@@ -308,50 +323,61 @@ class CaseBuilder:
         return cases
 
     def _series_cases(self, candidates: list[_Series], *, final: bool) -> list[Case]:
-        """Cases for ``candidates`` (series without a current case), named after their archive
-        or folder; with ``final``, skip reasons for what cannot become a case."""
+        """Cases for ``candidates`` (series without current cases), named after their archive
+        or folder; with ``final``, skip reasons for what cannot become a case. Whatever goes
+        wrong with one series skips that series, with the reason."""
         several = {label for label, n in Counter(s.label for s in self._series.values()).items() if n > 1}
         ordered = sorted(
             candidates, key=lambda s: (s.label, next(iter(s.instances.values())).series_number or 0)
         )
         cases = []
         for series in ordered:
-            if series.uid in self._broken:
-                if final:
-                    reason = (
-                        "part of this series was in an input that could not be read "
-                        f"({self._broken[series.uid]}): not segmented as a partial volume"
-                    )
-                    self.skipped += [
-                        SkippedFile(series.origin, i.path.name, reason) for i in series.instances.values()
-                    ]
-                continue
-            instances, localizers = _drop_localizers(list(series.instances.values()))
+            try:
+                cases += self._cases_of(series, series.label in several, final=final)
+            except Exception as exc:  # noqa: BLE001 - one series' surprise is that series' failure
+                log.warning(
+                    "series.failed",
+                    series_instance_uid=series.uid,
+                    error_type=type(exc).__name__,
+                    reason=scrub(str(exc)),
+                )
+                if final and not series.cases:  # a series made into cases keeps them
+                    reason = f"series could not be assembled: {type(exc).__name__}: {exc}"
+                    for instance in series.instances.values():
+                        self._skip(instance, reason)
+        return cases
+
+    def _cases_of(self, series: _Series, shares_label: bool, *, final: bool) -> list[Case]:
+        if series.uid in self._broken:
             if final:
-                for localizer in localizers:
-                    reason = "localizer (another size or orientation) dropped from its series"
-                    self.skipped.append(SkippedFile(series.origin, localizer.path.name, reason))
-            if series.case is not None:
-                continue
-            if len(instances) < 2:
-                if final:
-                    self.skipped.append(
-                        SkippedFile(
-                            series.origin,
-                            instances[0].path.name,
-                            "single-slice series (a localizer?) is not a volume",
-                        )
-                    )
-                continue
-            stem = _stem(series.label)
-            if series.label in several:
-                number = instances[0].series_number
-                stem = f"{stem}_S{number if number is not None else self._position(series)}"
-            case = self._new_case(SourceKind.DICOM, stem, series.origin, [i.path for i in instances])
-            case.instances = instances
+                reason = (
+                    "part of this series was in an input that could not be read "
+                    f"({self._broken[series.uid]}): not segmented as a partial volume"
+                )
+                for instance in series.instances.values():
+                    self._skip(instance, reason)
+            return []
+        split = split_series(list(series.instances.values()))
+        if final:
+            for instance, reason in split.skipped:
+                self._skip(instance, reason)
+        if series.cases or not split.stacks:
+            return []
+        stem = _stem(series.label)
+        if shares_label:
+            number = split.stacks[0].instances[0].series_number
+            stem = f"{stem}_S{number if number is not None else self._position(series)}"
+        cases = []
+        for number, stack in enumerate(split.stacks, start=1):
+            name = stem if len(split.stacks) == 1 else f"{stem}_p{number}"
+            source = self._dicom_source(stack.instances, stack.part)
+            case = self._new_case(
+                SourceKind.DICOM, name, series.origin, [i.path for i in stack.instances], source
+            )
+            case.instances = stack.instances
             case.label_file = _label_file_for(case.output_name, self._label_files.get(series.origin, []))
-            series.case = case
             cases.append(case)
+        series.cases = cases
         return cases
 
     def _position(self, series: _Series) -> int:

@@ -13,6 +13,7 @@ import SimpleITK as sitk
 __all__ = [
     "Case",
     "CaseReport",
+    "CaseSource",
     "CaseStatus",
     "DicomInstance",
     "Geometry",
@@ -49,9 +50,48 @@ class DicomInstance:
     rows: int
     columns: int
     image_type: tuple[str, ...] = ()  # ImageType values, upper case
+    modality: str | None = None
+    acquisition_number: int | None = None
     frames: int = 1
     # Multi-frame (enhanced) images: ImagePositionPatient of each frame, in frame order.
     frame_positions: tuple[tuple[float, float, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class CaseSource:
+    """Where a case comes from, in terms a user can find it by and that hold no patient data.
+
+    ``location`` (the folder of a series inside its input, or a NIfTI's path
+    there) is for the local report only: paths may hold names, so it is never logged.
+    """
+
+    location: str
+    series_instance_uid: str | None = None  # DICOM only
+    series_number: int | None = None
+    modality: str | None = None
+    part: str | None = None  # which stack of a series that holds several volumes
+    files: int = 0  # DICOM instances, or NIfTI channels
+
+    def event_fields(self) -> dict[str, Any]:
+        """The fields ``case.*`` events carry (no location: paths are never logged)."""
+        fields = {
+            "series_instance_uid": self.series_instance_uid,
+            "series_number": self.series_number,
+            "modality": self.modality,
+            "part": self.part,
+            "instances": self.files if self.series_instance_uid else None,
+        }
+        return {key: value for key, value in fields.items() if value is not None}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "location": self.location,
+            "series_instance_uid": self.series_instance_uid,
+            "series_number": self.series_number,
+            "modality": self.modality,
+            "part": self.part,
+            "files": self.files,
+        }
 
 
 @dataclass
@@ -65,6 +105,8 @@ class Case:
     files: list[Path]  # NIfTI: one per channel, in channel order; DICOM: unordered
     instances: list[DicomInstance] = field(default_factory=list)
     label_file: Path | None = None  # a *.mitklabel.json supplied with the case's input
+    # What names the case without patient data (report and events): see :class:`CaseSource`.
+    source: CaseSource | None = None
 
 
 @dataclass(frozen=True)
@@ -133,12 +175,14 @@ class CaseReport:
     labels_present: list[int] = field(default_factory=list)
     labels_absent: list[int] = field(default_factory=list)  # declared by the model, not found
     fallback: str | None = None  # why a DICOM case was returned as NIfTI
+    source: CaseSource | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "case_id": self.case_id,
             "kind": str(self.kind),
             "origin": self.origin,
+            **(self.source.as_dict() if self.source else {}),
             "output": self.output,
             "status": str(self.status),
             "error": self.error,
@@ -158,6 +202,9 @@ class SkippedFile:
     origin: str
     path: str  # relative to its input
     reason: str
+    # Refused for safety (an archive member outside its folder, a link): a failure of the
+    # request's input, unlike a file that is simply no image (an SR, a DICOMDIR).
+    refused: bool = False
 
-    def as_dict(self) -> dict[str, str]:
-        return {"origin": self.origin, "path": self.path, "reason": self.reason}
+    def as_dict(self) -> dict[str, Any]:
+        return {"origin": self.origin, "path": self.path, "reason": self.reason, "refused": self.refused}

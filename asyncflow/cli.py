@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -24,7 +25,7 @@ from .settings import Settings, SettingsError, packaged_demo_model
 
 __all__ = ["main"]
 
-EXIT_DONE, EXIT_SOME_FAILED, EXIT_ERROR = 0, 1, 2
+EXIT_DONE, EXIT_SOME_FAILED, EXIT_ERROR, EXIT_INTERNAL = 0, 1, 2, 3
 
 
 class _ProgressBar:
@@ -354,11 +355,14 @@ def _execute(args: argparse.Namespace) -> int:
         ended: list[Result] = []
         try:
             result = run_request_sync(entries, settings, on_progress=bar, on_finish=ended.append)
-        except KeyboardInterrupt:
-            if ended:  # what was done before the interrupt, and what was not
+        except BaseException:
+            if ended:  # interrupted, no usable case, a crash: the report says what was known by then
                 bar.close()
                 report = write_outputs(ended[0], args.output)
-                print(f"asyncflow: partial report: {report}", file=sys.stderr)
+                print(
+                    f"asyncflow: report of the request as it ended ({ended[0].status}): {report}",
+                    file=sys.stderr,
+                )
             raise
     finally:
         bar.close()
@@ -382,6 +386,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"asyncflow: interrupted after {time.perf_counter() - started:.1f} s", file=sys.stderr)
         return 130
+    except Exception:  # noqa: BLE001 - a bug: the traceback is for its report
+        traceback.print_exc()
+        print(
+            "asyncflow: internal error (a bug in asyncflow: please report it with the traceback above)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

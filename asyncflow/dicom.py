@@ -13,6 +13,8 @@ from pydicom.uid import UID
 from .case import DicomInstance
 
 __all__ = [
+    "ORIENTATION_TOLERANCE",
+    "SPACING_TOLERANCE",
     "NotAnImage",
     "frame_pixel_spacing",
     "frame_rescale",
@@ -26,8 +28,8 @@ __all__ = [
 
 # Headers a spatially ordered single-frame image series cannot do without.
 _REQUIRED = ("SOPInstanceUID", "SeriesInstanceUID", "Rows", "Columns")
-_ORIENTATION_TOLERANCE = 1e-4
-_SPACING_TOLERANCE = 0.01  # relative deviation of slice gaps accepted as uniform
+ORIENTATION_TOLERANCE = 1e-4
+SPACING_TOLERANCE = 0.01  # relative deviation of slice gaps accepted as uniform
 _TILT_TOLERANCE = 0.01  # sideways shift between slices, relative to the gap, accepted as untilted
 
 
@@ -59,19 +61,20 @@ def read_instance(path: Path) -> DicomInstance:
     if frames > 1:
         orientation, frame_positions = _frame_geometry(ds, frames)
         position = frame_positions[0]
-    series_number = ds.get("SeriesNumber")
     return DicomInstance(
         path=path,
         sop_instance_uid=str(ds.SOPInstanceUID),
         series_instance_uid=str(ds.SeriesInstanceUID),
         study_instance_uid=_optional(ds, "StudyInstanceUID"),
         frame_of_reference_uid=_optional(ds, "FrameOfReferenceUID"),
-        series_number=int(series_number) if series_number not in (None, "") else None,
+        series_number=_integer(ds, "SeriesNumber"),
         position=tuple(float(v) for v in position) if position else None,  # type: ignore[arg-type]
         orientation=tuple(float(v) for v in orientation) if orientation else None,
         rows=int(ds.Rows),
         columns=int(ds.Columns),
         image_type=tuple(str(v).upper() for v in _values(ds.get("ImageType"))),
+        modality=_optional(ds, "Modality"),
+        acquisition_number=_integer(ds, "AcquisitionNumber"),
         frames=frames,
         frame_positions=frame_positions,
     )
@@ -134,6 +137,15 @@ def _values(value: object) -> list[object]:
     return list(value) if isinstance(value, list | tuple | pydicom.multival.MultiValue) else [value]
 
 
+def _integer(ds: pydicom.Dataset, keyword: str) -> int | None:
+    """An IS attribute as int; None when absent, empty or not a number (real headers hold all three)."""
+    try:
+        value = ds.get(keyword)
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
 def _optional(ds: pydicom.Dataset, keyword: str) -> str | None:
     value = ds.get(keyword)
     return str(value) if value else None
@@ -161,9 +173,16 @@ def order_positions(positions: Sequence[Sequence[float]], orientation: Sequence[
     if len(order) > 1:
         gaps = np.diff(distances[order])
         if gaps.min() <= 1e-3:
-            raise ValueError("series has two or more slices at the same position")
-        if (gaps.max() - gaps.min()) > _SPACING_TOLERANCE * gaps.mean():
-            raise ValueError("series has non-uniform slice spacing (missing slices?)")
+            positions_count = 1 + int(np.count_nonzero(gaps > 1e-3))
+            raise ValueError(
+                f"series has {len(order)} images at {positions_count} positions "
+                "(an overlapping stack, or acquisitions that AcquisitionNumber does not tell apart)"
+            )
+        if (gaps.max() - gaps.min()) > SPACING_TOLERANCE * gaps.mean():
+            raise ValueError(
+                f"series has non-uniform slice spacing (missing slices?): gaps from {gaps.min():.3g} "
+                f"to {gaps.max():.3g} mm, more than {SPACING_TOLERANCE:.0%} apart"
+            )
         steps = np.diff(points[order], axis=0)
         sideways = np.linalg.norm(steps - np.outer(steps @ normal, normal), axis=1)
         if sideways.max() > _TILT_TOLERANCE * gaps.mean():
@@ -193,7 +212,7 @@ def order_series(instances: Sequence[DicomInstance]) -> list[DicomInstance]:
             keyword = "StudyInstanceUID" if attribute.startswith("study") else "FrameOfReferenceUID"
             raise ValueError(f"series mixes {keyword}s (an inconsistent export)")
     orientations = np.array([i.orientation for i in instances], dtype=np.float64)
-    if orientations.shape[1] != 6 or np.abs(orientations - orientations[0]).max() > _ORIENTATION_TOLERANCE:
+    if orientations.shape[1] != 6 or np.abs(orientations - orientations[0]).max() > ORIENTATION_TOLERANCE:
         raise ValueError("series mixes image orientations")
     positions = [i.position for i in instances]
     return [instances[k] for k in order_positions(positions, orientations[0])]  # type: ignore[arg-type]

@@ -51,6 +51,8 @@ _COMPRESSED: dict[bytes, Callable[..., Any]] = {
 _PROBE_BYTES = 1 << 20  # how much of a compressed non-archive input is test-decompressed
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._+\- ]+")
 _MAX_COMPONENT = 120
+# Names that promise an archive: such an input whose content is none is an error, not a loose file.
+_TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 
 
 class RequestError(ValueError):
@@ -213,8 +215,8 @@ class _Extraction:
         self.result = UnpackedInput(item, "archive", dest)
         self.members = 0
 
-    def skip(self, name: str, reason: str) -> None:
-        self.result.skipped.append(SkippedFile(self.item.name, name, reason))
+    def refuse(self, name: str, reason: str) -> None:
+        self.result.skipped.append(SkippedFile(self.item.name, name, reason, refused=True))
 
     def extract(self, tar: tarfile.TarFile, into: Path, prefix: str, depth: int) -> None:
         for member in tar:
@@ -222,12 +224,12 @@ class _Extraction:
             try:
                 safe = tarfile.data_filter(member, str(into))
             except tarfile.FilterError as exc:
-                self.skip(name, f"refused by the tar data filter: {exc}")
+                self.refuse(name, f"refused by the tar data filter: {exc}")
                 continue
             if safe.isdir():
                 continue
             if not safe.isfile():
-                self.skip(name, "links and special files are not extracted")
+                self.refuse(name, "links and special files are not extracted")
                 continue
             self.members += 1
             if self.members > self.limits.max_members:
@@ -263,7 +265,7 @@ class _Extraction:
             return
         with inner:
             if depth >= self.limits.max_depth:
-                self.skip(prefix.rstrip("/"), f"archive nested deeper than {self.limits.max_depth} levels")
+                self.refuse(prefix.rstrip("/"), f"archive nested deeper than {self.limits.max_depth} levels")
             else:
                 self.extract(inner, path.parent / f"{path.name}.d", prefix, depth + 1)
         path.unlink()
@@ -283,6 +285,10 @@ def unpack(item: InputItem, dest: Path, limits: ArchiveLimits | None = None) -> 
         reason = _corrupt_compression(item)
         if reason:
             return UnpackedInput(item, "file", dest, error=reason)
+        if item.name.lower().endswith(_TAR_SUFFIXES):
+            return UnpackedInput(
+                item, "file", dest, error="not a TAR archive, though its name says so: it cannot be read"
+            )
         if item.path is not None:
             return UnpackedInput(item, "file", item.path.parent, files=[item.path])
         target = dest / sanitise_relpath(item.name)

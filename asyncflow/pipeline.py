@@ -92,6 +92,7 @@ class Result:
     inputs: list[dict[str, Any]]
     skipped: list[SkippedFile]
     duration_s: float
+    error: str | None = None  # why the request ended before its cases did (status error)
 
     def report(self) -> dict[str, Any]:
         """JSON-serialisable account of every input, case and skipped file."""
@@ -99,6 +100,7 @@ class Result:
             "request_id": self.request_id,
             "status": self.status,
             "duration_s": round(self.duration_s, 3),
+            "error": self.error,
             "cases": [c.as_dict() for c in self.cases],
             "inputs": self.inputs,
             "skipped_files": [s.as_dict() for s in self.skipped],
@@ -271,6 +273,7 @@ class _Request:
                 stage=stage,
                 error_type=type(error).__name__,
                 reason=scrub(str(error)),
+                **_identity(case),
             )
         else:
             report.status = CaseStatus.DONE
@@ -278,6 +281,7 @@ class _Request:
             "case.finished",
             status=str(report.status),
             kind=str(report.kind),
+            **_identity(case),
             **{f"{stage}_s": round(seconds, 4) for stage, seconds in report.stage_s.items()},
         )
         if self.on_progress is not None:
@@ -419,10 +423,22 @@ class _Request:
                 await self._emit(case, send)
             self.total = len(self.live_reports())
             log.info("request.assembled", cases=self.total, files_skipped=len(self.builder.skipped))
+            if not self.total:  # end now, with the report, not once the model has loaded
+                failed_inputs = sum(1 for i in self.inputs if i["error"])
+                raise RequestError(
+                    f"no usable case in the request: {len(self.inputs)} input(s), {failed_inputs} unreadable, "
+                    f"{len(self.builder.skipped)} file(s) skipped (the report gives each file's reason)"
+                )
 
     async def _emit(self, case: Case, send: MemoryObjectSendStream[Case]) -> None:
-        self.reports[case.case_id] = CaseReport(case.case_id, case.kind, case.origin)
-        log.info("case.assembled", case_id=case.case_id, kind=str(case.kind), files=len(case.files))
+        self.reports[case.case_id] = CaseReport(case.case_id, case.kind, case.origin, source=case.source)
+        log.info(
+            "case.assembled",
+            case_id=case.case_id,
+            kind=str(case.kind),
+            files=len(case.files),
+            **_identity(case),
+        )
         started = time.perf_counter()
         try:
             await self._hold(case)
@@ -494,7 +510,8 @@ class _Request:
     ) -> None:
         async with receive, send:
             started = time.perf_counter()
-            await anyio.to_thread.run_sync(backend.load)
+            # Abandoned if the request ends first (no usable case): the load finishes unobserved.
+            await anyio.to_thread.run_sync(backend.load, abandon_on_cancel=True)
             log.info(
                 "model.loaded",
                 worker=worker,
@@ -621,11 +638,17 @@ class _Request:
 
     # -- result --------------------------------------------------------------------
 
-    def result(self, request_id: str, duration_s: float, status: str | None = None) -> Result:
-        """The result so far; ``status`` overrides the one the cases give (cancelled, error)."""
+    def result(
+        self, request_id: str, duration_s: float, status: str | None = None, error: str | None = None
+    ) -> Result:
+        """The result so far; ``status`` overrides the one the cases and inputs give (cancelled,
+        error), ``error`` says why the request ended early."""
         reports = sorted(self.live_reports(), key=lambda r: r.case_id)
         failed = sum(r.status is not CaseStatus.DONE for r in reports)
-        status = status or ("done" if failed == 0 else ("failed" if failed == len(reports) else "partial"))
+        # An input that could not be read, or whose members were refused, is lost like a failed case.
+        lost_inputs = any(i["error"] for i in self.inputs) or any(s.refused for s in self.builder.skipped)
+        if status is None:
+            status = "failed" if failed == len(reports) else "partial" if failed or lost_inputs else "done"
         return Result(
             request_id=request_id,
             status=status,
@@ -636,6 +659,7 @@ class _Request:
             inputs=sorted(self.inputs, key=lambda i: i["index"]),
             skipped=self.builder.skipped,
             duration_s=duration_s,
+            error=error,
         )
 
 
@@ -681,7 +705,7 @@ async def run_request(
             memory_budget_bytes=budget.limit,
         )
         request = _Request(settings, backends, workdir, on_progress, label_config, budget)
-        status = "error"
+        status, error = "error", None
         try:
             try:
                 await request.run(items)
@@ -693,23 +717,20 @@ async def run_request(
                 if len(errors) == 1 and isinstance(errors[0], Exception):
                     raise errors[0] from None
                 raise
-            if not request.live_reports():
-                failed_inputs = sum(1 for i in request.inputs if i["error"])
-                raise RequestError(
-                    f"no usable case in the request: {len(items)} input(s), {failed_inputs} unreadable, "
-                    f"{len(request.builder.skipped)} file(s) skipped as not DICOM images or NIfTI volumes"
-                )
             result = request.result(request_id, time.perf_counter() - started)
             status = result.status
             return result
         except (anyio.get_cancelled_exc_class(), KeyboardInterrupt):
             status = "cancelled"
             raise
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            raise
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
             if on_finish is not None:
                 final = status if status in ("error", "cancelled") else None
-                on_finish(request.result(request_id, time.perf_counter() - started, final))
+                on_finish(request.result(request_id, time.perf_counter() - started, final, error))
             statuses = [r.status for r in request.live_reports()]
             log.info(
                 "request.finished",
@@ -721,6 +742,11 @@ async def run_request(
                 duration_s=round(time.perf_counter() - started, 4),
                 peak_rss_bytes=peak_rss_bytes(),
             )
+
+
+def _identity(case: Case) -> dict[str, Any]:
+    """What names a case in its events without patient data: series UID, number, modality, part."""
+    return case.source.event_fields() if case.source else {}
 
 
 def _nbytes(value: Any) -> int:

@@ -153,7 +153,7 @@ def test_order_series_rejects_irregular_series(tmp_path: Path, rng: np.random.Ge
     instances = _instances(tmp_path, datasets)
     with pytest.raises(ValueError, match="non-uniform"):
         order_series(instances[:2] + instances[3:])
-    with pytest.raises(ValueError, match="same position"):
+    with pytest.raises(ValueError, match=r"images at .* positions"):
         datasets[1].ImagePositionPatient = datasets[0].ImagePositionPatient
         order_series(_instances(tmp_path, datasets))
     datasets = _series(rng, slices=3)
