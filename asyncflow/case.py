@@ -111,16 +111,22 @@ class Case:
 
 @dataclass(frozen=True)
 class Geometry:
-    """Where a volume's voxels lie: SimpleITK (x, y, z) size, origin, spacing, direction."""
+    """Where a volume's voxels lie: SimpleITK (x, y, z) size, origin, spacing, direction, and,
+    for a NIfTI source, what its coordinates are relative to (qform_code, sform_code: 1 scanner,
+    2 aligned, 3 Talairach, 4 MNI), which an output on this grid keeps."""
 
     size: tuple[int, ...]
     origin: tuple[float, ...]
     spacing: tuple[float, ...]
     direction: tuple[float, ...]
+    xform_codes: tuple[int, int] | None = None
 
     @classmethod
     def of(cls, image: sitk.Image | sitk.ImageFileReader) -> Geometry:
-        return cls(image.GetSize(), image.GetOrigin(), image.GetSpacing(), image.GetDirection())
+        codes = None
+        if image.HasMetaDataKey("qform_code") and image.HasMetaDataKey("sform_code"):
+            codes = (int(image.GetMetaData("qform_code")), int(image.GetMetaData("sform_code")))
+        return cls(image.GetSize(), image.GetOrigin(), image.GetSpacing(), image.GetDirection(), codes)
 
     @classmethod
     def of_file(cls, path: Path) -> Geometry:

@@ -8,8 +8,10 @@ so the v2 backend takes the images from memory and nothing is written for it.
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 
+import nibabel
 import numpy as np
 import pydicom
 import SimpleITK as sitk
@@ -21,6 +23,7 @@ __all__ = ["prepare_case"]
 
 # Level 1 keeps most of gzip's size gain at a fraction of its time (nnU-Net v1 wants .nii.gz).
 _COMPRESSION_LEVEL = 1
+_NIFTI1_MAX_SIZE = 32767  # NIfTI-1 stores each axis' size as int16
 
 
 def _prepared(
@@ -57,6 +60,32 @@ def _with_nifti_suffix(source: Path, workdir: Path, number: int) -> Path:
     link = workdir / f"source_{number:04d}{suffix}"
     link.symlink_to(source.resolve())
     return link
+
+
+def _as_nifti1(source: Path, workdir: Path, number: int) -> Path:
+    """``source``, or for a NIfTI-2 file a NIfTI-1 copy in the case folder: SimpleITK reads NIfTI-1
+    only. The copy keeps voxels (scaled as nibabel scales them), affines and their codes."""
+    with source.open("rb") as f:
+        compressed = f.read(2) == b"\x1f\x8b"
+    with (gzip.open if compressed else open)(source, "rb") as f:
+        if f.read(8)[4:8] != b"n+2\0":
+            return source
+    try:
+        image = nibabel.Nifti2Image.from_filename(source)
+    except Exception as exc:  # nibabel raises many types; the case fails with the reason
+        raise ValueError(f"NIfTI-2 channel {number} cannot be read: {type(exc).__name__}: {exc}") from exc
+    if any(size > _NIFTI1_MAX_SIZE for size in image.shape):
+        raise ValueError(
+            f"NIfTI-2 channel {number} of size {image.shape} is larger than NIfTI-1 allows "
+            f"({_NIFTI1_MAX_SIZE} voxels per axis), which the reader needs"
+        )
+    copy = nibabel.Nifti1Image(np.asanyarray(image.dataobj), None)
+    copy.set_qform(image.get_qform(), int(image.header["qform_code"]))
+    copy.set_sform(image.get_sform(), int(image.header["sform_code"]))
+    copy.header.set_xyzt_units(*image.header.get_xyzt_units())
+    target = workdir / f"nifti1_{number:04d}.nii"
+    nibabel.save(copy, target)
+    return target
 
 
 def _multiframe_volume(instance: DicomInstance) -> tuple[sitk.Image, list[int]]:
@@ -102,7 +131,7 @@ def prepare_case(case: Case, workdir: Path, write_files: bool = True) -> Prepare
     sources = [_with_nifti_suffix(source, workdir, number) for number, source in enumerate(case.files)]
     for number, source in enumerate(sources):
         try:
-            image = sitk.ReadImage(str(source))
+            image = sitk.ReadImage(str(_as_nifti1(source, workdir, number)))
         except RuntimeError as exc:
             raise ValueError(f"NIfTI channel {number} cannot be read") from exc
         _check_volume(image, f"NIfTI channel {number}")

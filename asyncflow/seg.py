@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import io
+import struct
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +35,9 @@ __all__ = [
     "segment_values",
 ]
 
+_NIFTI1_HEADER_BYTES = 348
+_NIFTI1_XFORM_CODES = 252  # byte offset of qform_code, sform_code (two int16) in a NIfTI-1 header
+_ITK_XFORM_CODES = (1, 1)  # what SimpleITK writes
 _AI_FAMILY = PydicomCode("123110", "DCM", "Artificial Intelligence")
 
 
@@ -291,14 +296,32 @@ def _fill_slice_thickness(sources: Sequence[pydicom.Dataset]) -> None:
 
 
 def nifti_seg_bytes(labels: np.ndarray, geometry: Geometry, scratch: Path) -> bytes:
-    """The label map as .nii.gz on ``geometry`` (the model input's grid)."""
+    """The label map as .nii.gz bytes on ``geometry`` (the model input's grid), keeping a NIfTI
+    source's qform and sform codes; ``scratch`` is a file name to write through.
+
+    SimpleITK writes both codes as 1 ("scanner") whatever the source said, and no metadata
+    changes that: other codes are set in the header bytes and the file compressed here
+    (ITK's own compression is faster and smaller, so it stays where the codes are 1).
+    """
     if tuple(reversed(labels.shape)) != tuple(geometry.size):
         raise ValueError(f"prediction shape {labels.shape} does not match the input size {geometry.size}")
     image = geometry.apply(
         sitk.GetImageFromArray(labels.astype(np.uint8 if labels.max() < 256 else np.uint16))
     )
-    sitk.WriteImage(image, str(scratch), useCompression=True)
-    return scratch.read_bytes()
+    codes = geometry.xform_codes
+    compress_here = codes is not None and codes != _ITK_XFORM_CODES
+    path = scratch.with_name(scratch.name.removesuffix(".gz").removesuffix(".nii") + ".nii")
+    if not compress_here:
+        path = path.with_name(path.name + ".gz")
+    sitk.WriteImage(image, str(path), useCompression=not compress_here)
+    data = path.read_bytes()
+    path.unlink()
+    if not compress_here:
+        return data
+    header = bytearray(data[:_NIFTI1_HEADER_BYTES])
+    order = "<" if int.from_bytes(header[:4], "little") == _NIFTI1_HEADER_BYTES else ">"
+    struct.pack_into(f"{order}hh", header, _NIFTI1_XFORM_CODES, *codes)  # type: ignore[misc]
+    return gzip.compress(bytes(header) + data[_NIFTI1_HEADER_BYTES:], compresslevel=6, mtime=0)
 
 
 def read_dicom_seg(
