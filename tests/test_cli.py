@@ -133,3 +133,24 @@ def test_run_without_inputs_or_output_is_a_usage_error(
 ) -> None:
     assert main(["run", "--model", str(model_dir), "--output", str(tmp_path)]) == 2
     assert "name INPUT... and --output DIR" in capsys.readouterr().err
+
+
+def test_an_internal_error_exits_3_and_still_writes_the_report(
+    tmp_path: Path, model_dir: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from asyncflow import pipeline
+
+    def crash(self: object) -> None:
+        raise RuntimeError("a bug in the book-keeping")
+
+    monkeypatch.setattr(pipeline._Request, "_take_withdrawn", crash)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    phantom = make_phantom(rng, (16, 16, 16))
+    (inputs / "a.nii.gz").write_bytes(nifti_bytes(phantom.image, phantom.spacing, phantom.origin))
+    out = tmp_path / "out"
+    assert main(["run", str(inputs), "-o", str(out), "--model", str(model_dir), *FAST]) == 3
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "error"
+    assert report["error"] == "RuntimeError: a bug in the book-keeping"
+    assert report["inputs"][0]["name"] == "in/a.nii.gz"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import anyio
@@ -17,7 +19,7 @@ from asyncflow.backends import Backend, ModelError
 from asyncflow.backends.nnunet_v2 import NnUNetV2Backend
 from asyncflow.inputs import RequestError, unpack
 from asyncflow.log import configure_logging
-from asyncflow.pipeline import Progress, build_backend, build_backends, run_request
+from asyncflow.pipeline import Progress, Result, build_backend, build_backends, run_request
 from asyncflow.seg import read_dicom_seg, read_nifti_seg
 from asyncflow.synthetic import Phantom, dicom_series_datasets, dicom_series_tar, make_phantom, nifti_bytes
 
@@ -197,6 +199,39 @@ async def test_a_request_without_any_usable_case_raises(
             [b"plain text", dicom_bytes(series[0])], settings_factory(work), backend=loaded_backend
         )
     assert _workdir_is_empty(work)
+
+
+class _LoadWaits:
+    """The loaded tiny model behind a ``load`` that waits for the test (a large model loading)."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.release = threading.Event()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def load(self) -> None:
+        self.release.wait(60)
+
+
+async def test_no_usable_case_ends_the_request_with_its_report_before_the_model_has_loaded(
+    tmp_path: Path, settings_factory, loaded_backend: Backend
+) -> None:
+    backend = _LoadWaits(loaded_backend)
+    ended: list[Result] = []
+    started = time.perf_counter()
+    try:
+        with pytest.raises(RequestError, match="no usable case"):
+            await run_request(
+                [b"plain text"], settings_factory(tmp_path), backend=backend, on_finish=ended.append
+            )
+    finally:
+        backend.release.set()
+    assert time.perf_counter() - started < 20  # the model's load would have held it for 60 s
+    (result,) = ended
+    assert result.status == "error" and result.error.startswith("RequestError: no usable case")
+    assert [(s.path, s.reason) for s in result.skipped] == [("input-0", "neither DICOM nor NIfTI")]
 
 
 async def test_cancellation_removes_every_temporary_file(
