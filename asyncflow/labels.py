@@ -3,7 +3,8 @@
 Sources, merged in this order (later wins, field by field):
 
 1. the model's ``dataset.json`` (names; nnU-Net v2 ``{name: value}`` or v1
-   ``{"value": name}``), with built-in SNOMED CT codes for known names;
+   ``{"value": name}``), with the standard codes :mod:`asyncflow.vocabulary` finds
+   for the names in DICOM's code dictionaries;
 2. a label configuration file given by the user (JSON or YAML), see
    :func:`load_label_config`;
 3. a ``*.mitklabel.json`` supplied with the case's input (:mod:`asyncflow.mitk`).
@@ -22,6 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
+
+from .vocabulary import concept_for
 
 __all__ = [
     "Code",
@@ -56,17 +59,15 @@ class Code:
 ANATOMICAL_STRUCTURE = Code("91723000", "SCT", "Anatomical Structure")
 MORPHOLOGICALLY_ABNORMAL_STRUCTURE = Code("49755003", "SCT", "Morphologically Abnormal Structure")
 TISSUE = Code("85756007", "SCT", "Tissue")
-LIVER = Code("10200004", "SCT", "Liver")
-NEOPLASM = Code("108369006", "SCT", "Neoplasm")
 
-# name (lower case) -> (category, type, colour)
-_KNOWN: dict[str, tuple[Code, Code, RGB]] = {
-    "liver": (ANATOMICAL_STRUCTURE, LIVER, (0.867, 0.510, 0.396)),
-    "tumor": (MORPHOLOGICALLY_ABNORMAL_STRUCTURE, NEOPLASM, (0.961, 0.835, 0.204)),
-    "tumour": (MORPHOLOGICALLY_ABNORMAL_STRUCTURE, NEOPLASM, (0.961, 0.835, 0.204)),
-    "lesion": (MORPHOLOGICALLY_ABNORMAL_STRUCTURE, Code("52988006", "SCT", "Lesion"), (0.941, 0.353, 0.157)),
+# Fixed colours of the structures the demo and LiTS-like models show (codes come from
+# :mod:`asyncflow.vocabulary`; other names get a colour derived from the name).
+_COLORS: dict[str, RGB] = {
+    "liver": (0.867, 0.510, 0.396),
+    "tumor": (0.961, 0.835, 0.204),
+    "tumour": (0.961, 0.835, 0.204),
+    "lesion": (0.941, 0.353, 0.157),
 }
-_ABNORMAL_IN_ORGAN = {"tumor", "tumour", "lesion"}
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class SegmentLabel:
     category: Code
     type: Code
     anatomic_region: Code | None = None
+    type_modifier: Code | None = None  # laterality (CID 244) of a paired structure
     color: RGB | None = None  # sRGB, 0..1; None: derived from the name
     description: str | None = None
     tracking_id: str | None = None
@@ -89,25 +91,36 @@ class SegmentLabel:
 
 def color_for(name: str) -> RGB:
     """The colour of a structure: fixed for known names, else stable per name."""
-    known = _KNOWN.get(name.lower())
+    known = _COLORS.get(name.lower())
     if known:
-        return known[2]
+        return known
     hue = int.from_bytes(hashlib.sha256(name.lower().encode()).digest()[:2], "big") / 65536
     r, g, b = colorsys.hsv_to_rgb(hue, 0.65, 0.9)
     return (round(r, 3), round(g, 3), round(b, 3))
 
 
 def _named(value: int, name: str) -> SegmentLabel:
-    category, concept, _ = _KNOWN.get(name.lower(), (TISSUE, TISSUE, (0, 0, 0)))
-    return SegmentLabel(value, name, category, concept)
+    """A label with the standard concept its name stands for, else the generic Tissue."""
+    concept = concept_for(name)
+    if concept is None:
+        return SegmentLabel(value, name, TISSUE, TISSUE)
+    return SegmentLabel(
+        value,
+        name,
+        Code(*concept.category),
+        Code(*concept.type),
+        anatomic_region=Code(*concept.anatomic_region) if concept.anatomic_region else None,
+        type_modifier=Code(*concept.modifier) if concept.modifier else None,
+    )
 
 
 def labels_from_dataset_json(dataset: Mapping[str, Any]) -> dict[int, SegmentLabel]:
     """Foreground labels of an nnU-Net ``dataset.json`` keyed by label value.
 
     v2 writes ``{"liver": 1}``, v1 ``{"1": "liver"}``; both are read. In a model
-    with a liver label, a tumour or lesion label lies in the liver (as in LiTS)
-    and gets that anatomic region.
+    whose labels name one anatomical structure, a finding without a region of its
+    own (a tumour, a cyst) lies in that structure (LiTS: liver and tumour; KiTS:
+    kidney, tumour, cyst) and gets it as anatomic region.
     """
     raw = dict(dataset.get("labels", {}))
     if raw and all(str(k).isdigit() and isinstance(v, str) for k, v in raw.items()):
@@ -119,10 +132,12 @@ def labels_from_dataset_json(dataset: Mapping[str, Any]) -> dict[int, SegmentLab
         if int(value) == 0 or name == "ignore":
             continue
         result[int(value)] = _named(int(value), name)
-    if any(label.type == LIVER for label in result.values()):
+    organs = {label.type for label in result.values() if label.category == ANATOMICAL_STRUCTURE}
+    if len(organs) == 1:
+        (organ,) = organs
         for value, label in result.items():
-            if label.name.lower() in _ABNORMAL_IN_ORGAN:
-                result[value] = replace(label, anatomic_region=LIVER)
+            if label.category == MORPHOLOGICALLY_ABNORMAL_STRUCTURE and label.anatomic_region is None:
+                result[value] = replace(label, anatomic_region=organ)
     return result
 
 
@@ -177,7 +192,7 @@ def parse_label_overrides(labels: Mapping[Any, Any], source: str) -> dict[int, d
         for name, value in entry.items():
             if value is None:
                 continue
-            if name in ("category", "type", "anatomic_region"):
+            if name in ("category", "type", "anatomic_region", "type_modifier"):
                 parsed[name] = _code(value, f"{where} {name}")
             elif name == "color":
                 parsed[name] = _color(value, f"{where} color")
@@ -231,8 +246,14 @@ def merge_labels(
         for value, changes in override.items():
             label = label_for(merged, value)
             name = changes.get("name")
-            if name and name != label.name and "type" not in changes and name.lower() in _KNOWN:
+            if name and name != label.name and "type" not in changes and concept_for(name):
                 known = _named(value, name)
-                label = replace(label, category=known.category, type=known.type)
+                label = replace(
+                    label,
+                    category=known.category,
+                    type=known.type,
+                    anatomic_region=known.anatomic_region or label.anatomic_region,
+                    type_modifier=known.type_modifier,
+                )
             merged[value] = replace(label, **dict(changes))
     return merged

@@ -203,7 +203,7 @@ def _description(
     number: int, label: SegmentLabel, identification: hd.AlgorithmIdentificationSequence
 ) -> hd.seg.SegmentDescription:
     tracking_id = label.tracking_id or (label.name[:64] if label.tracking_uid else None)
-    return hd.seg.SegmentDescription(
+    description = hd.seg.SegmentDescription(
         segment_number=number,
         segment_label=label.name[:64],
         segmented_property_category=_coded(label.category),
@@ -216,6 +216,10 @@ def _description(
         anatomic_regions=[_coded(label.anatomic_region)] if label.anatomic_region else None,
         display_color=hd.color.CIELabColor.from_rgb(*(round(255 * c) for c in label.rgb)),
     )
+    if label.type_modifier is not None:  # highdicom takes no modifier: it goes into the type's item
+        item = description.SegmentedPropertyTypeCodeSequence[0]
+        item.SegmentedPropertyTypeModifierCodeSequence = [_coded(label.type_modifier)]
+    return description
 
 
 def _expected_frames(numbers: np.ndarray, segments: int, options: SegOptions) -> int:

@@ -17,7 +17,7 @@ from asyncflow.backends import Backend
 from asyncflow.case import Case, Geometry, PredictedCase, PreparedCase, SourceKind
 from asyncflow.export import export_case
 from asyncflow.labels import (
-    LIVER,
+    Code,
     LabelError,
     color_for,
     labels_from_dataset_json,
@@ -29,6 +29,7 @@ from asyncflow.pipeline import run_request
 from asyncflow.seg import Algorithm, SegOptions
 from asyncflow.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom, nifti_bytes
 
+LIVER = Code("10200004", "SCT", "Liver")
 LITS_V1 = {"labels": {"0": "background", "1": "liver", "2": "tumor"}}  # Task029_LiTS, nnU-Net v1
 
 
@@ -86,7 +87,7 @@ def test_a_label_file_overrides_names_codes_and_colours(tmp_path: Path) -> None:
     assert merged[2].category.value == "49755003" and merged[2].rgb == (0.0, 1.0, 0.0)
     assert (merged[3].name, merged[3].type.value, merged[3].description) == (
         "spleen",
-        "85756007",
+        "78961009",
         "not in the model",
     )
     # A rename to a known name takes that name's codes.
