@@ -183,12 +183,17 @@ class CaseReport:
     fallback: str | None = None  # why a DICOM case was returned as NIfTI
     source: CaseSource | None = None
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self, *, locations: bool = True) -> dict[str, Any]:
+        """The case's report entry; without ``locations`` (what leaves a FLAME node) no path
+        inside its input."""
+        source = self.source.as_dict() if self.source else {}
+        if not locations:
+            source.pop("location", None)
         return {
             "case_id": self.case_id,
             "kind": str(self.kind),
             "origin": self.origin,
-            **(self.source.as_dict() if self.source else {}),
+            **source,
             "output": self.output,
             "status": str(self.status),
             "error": self.error,

@@ -31,7 +31,7 @@ from .hub import HubReporter
 from .inputs import RequestError
 from .labels import LabelError
 from .log import configure_logging
-from .pipeline import build_backends, run_request_sync
+from .pipeline import Result, build_backends, run_request_sync
 from .settings import Settings, SettingsError
 
 try:
@@ -86,26 +86,29 @@ class nnUNetAnalyzer(StarAnalyzer):  # the reference's name, which users know
             error = RequestError("no data: StarModel was started with query=None, which fetches nothing")
             return self._no_usable_case(error)
         self.hub.started(sum(len(d) if isinstance(d, dict) else 1 for d in data))
+        ended: list[Result] = []
         try:
             self._backends = self._backends or build_backends(self.settings)
-            result = run_request_sync(data, self.settings, backend=self._backends, on_progress=self.hub)
-        except RequestError as exc:
-            return self._no_usable_case(exc)
+            result = run_request_sync(
+                data, self.settings, backend=self._backends, on_progress=self.hub, on_finish=ended.append
+            )
+        except RequestError as exc:  # the report says why each file became no case
+            return self._no_usable_case(exc, ended[0].report(locations=False) if ended else None)
         except Exception as exc:
             # Our own errors say what to fix; anything else may quote data, so only its type goes out.
             self.hub.failed(exc, detail=isinstance(exc, ModelError | SettingsError | LabelError))
             raise
         self.hub.finished(result)
-        return {**result.as_dict(), "node": self.id}
+        return {**result.as_dict(locations=False), "node": self.id}  # no case's path leaves the node
 
-    def _no_usable_case(self, error: RequestError) -> dict[str, Any]:
+    def _no_usable_case(self, error: RequestError, report: dict[str, Any] | None = None) -> dict[str, Any]:
         self.hub.no_usable_case(error)
         return {
             "status": "failed",
             "error": str(error),
             "dicom_seg_bytes": {},
             "nifti_seg_bytes": {},
-            "report": None,
+            "report": report,
             "node": self.id,
         }
 

@@ -94,26 +94,27 @@ class Result:
     duration_s: float
     error: str | None = None  # why the request ended before its cases did (status error)
 
-    def report(self) -> dict[str, Any]:
-        """JSON-serialisable account of every input, case and skipped file."""
+    def report(self, *, locations: bool = True) -> dict[str, Any]:
+        """JSON-serialisable account of every input, case and skipped file; ``locations=False``
+        leaves out where each case lies inside its input (paths may carry names)."""
         return {
             "request_id": self.request_id,
             "status": self.status,
             "duration_s": round(self.duration_s, 3),
             "error": self.error,
-            "cases": [c.as_dict() for c in self.cases],
+            "cases": [c.as_dict(locations=locations) for c in self.cases],
             "inputs": self.inputs,
             "skipped_files": [s.as_dict() for s in self.skipped],
         }
 
-    def as_dict(self) -> dict[str, Any]:
-        """The reference result contract plus the report."""
+    def as_dict(self, *, locations: bool = True) -> dict[str, Any]:
+        """The reference result contract plus the report (see :meth:`report`)."""
         return {
             "status": self.status,
             "dicom_seg_bytes": self.dicom_seg_bytes,
             "nifti_seg_bytes": self.nifti_seg_bytes,
             "label_json_bytes": self.label_json_bytes,
-            "report": self.report(),
+            "report": self.report(locations=locations),
         }
 
 

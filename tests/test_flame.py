@@ -155,6 +155,9 @@ def test_pass_through_keeps_every_node_result_and_an_empty_node_does_not_sink_th
     assert [r["status"] for r in results] == ["done", "failed"]
     assert list(results[0]["nifti_seg_bytes"]) == ["a.nii.gz"]
     assert "no usable case" in results[1]["error"]
+    assert results[1]["report"]["skipped_files"][0]["reason"] == "neither DICOM nor NIfTI"
+    (case,) = results[0]["report"]["cases"]
+    assert case["files"] == 1 and "location" not in case  # no path inside an input leaves the node
     assert ("warn", "no case segmented: no usable case in the request: 1 input(s), 0 unreadable, "
             "1 file(s) skipped (the report gives each file's reason)") in run.hubs["node_1"].logs  # fmt: skip
     assert run.hubs["node_1"].progress == [100]
