@@ -24,6 +24,7 @@ import io
 import json
 import math
 import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -216,10 +217,15 @@ class NnUNetV2Backend:
         self.device = device
         self.torch_threads = torch_threads
         self._predictor: Any = None
+        self._load_lock = threading.Lock()
 
     def load(self) -> None:
-        if self._predictor is not None:
-            return
+        # One load at a time: a request that ended early may have left one running in its thread.
+        with self._load_lock:
+            if self._predictor is None:
+                self._load()
+
+    def _load(self) -> None:
         import torch
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
