@@ -31,7 +31,7 @@ import numpy as np
 from .case import DicomInstance
 from .dicom import ORIENTATION_TOLERANCE, slice_normal
 
-__all__ = ["LOCALIZER_MAX_IMAGES", "Stack", "split_series"]
+__all__ = ["LOCALIZER_MAX_IMAGES", "SeriesSplit", "Stack", "split_series"]
 
 # A stack this small beside another geometry in one series is a localizer, not a volume.
 LOCALIZER_MAX_IMAGES = 3
@@ -55,20 +55,15 @@ class SeriesSplit:
 
 
 def _geometry_groups(instances: list[DicomInstance]) -> list[list[DicomInstance]]:
-    """Images grouped by size and orientation (within the orientation tolerance), in order of appearance."""
-    groups: list[tuple[tuple[int, int], np.ndarray | None, list[DicomInstance]]] = []
+    """Images (each with an orientation) grouped by size and orientation, within the orientation
+    tolerance, in order of appearance."""
+    groups: list[tuple[tuple[int, int], np.ndarray, list[DicomInstance]]] = []
     for instance in instances:
         size = (instance.rows, instance.columns)
-        orientation = np.asarray(instance.orientation, dtype=np.float64) if instance.orientation else None
+        orientation = np.asarray(instance.orientation, dtype=np.float64)
         for group_size, group_orientation, members in groups:
-            if group_size != size:
-                continue
-            if orientation is None and group_orientation is None:
-                members.append(instance)
-                break
             if (
-                orientation is not None
-                and group_orientation is not None
+                group_size == size
                 and orientation.shape == group_orientation.shape
                 and np.abs(orientation - group_orientation).max() <= ORIENTATION_TOLERANCE
             ):
@@ -80,7 +75,7 @@ def _geometry_groups(instances: list[DicomInstance]) -> list[list[DicomInstance]
 
 
 def _has_repeated_positions(instances: list[DicomInstance]) -> bool:
-    if len(instances) < 2 or any(i.position is None or i.orientation is None for i in instances):
+    if len(instances) < 2:  # every image here has a position and an orientation
         return False
     normal = slice_normal(instances[0].orientation)  # type: ignore[arg-type]
     distances = np.sort(np.asarray([i.position for i in instances], dtype=np.float64) @ normal)
