@@ -1,12 +1,15 @@
 from __future__ import annotations
 
 import shutil
+import sys
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 from asyncflow.backends import ModelError, ModelInfo
+from asyncflow.pipeline import build_backend
 from asyncflow.settings import Settings, SettingsError
 
 
@@ -89,3 +92,24 @@ def test_seg_options_are_checked_when_set() -> None:
         Settings(seg_compression="jpeg2000")
     with pytest.raises(SettingsError, match="seg_type must be one of BINARY, FRACTIONAL, LABELMAP"):
         Settings(seg_type="BITMAP")
+
+
+def test_models_loading_at_once_leave_stdout_to_the_caller(
+    tmp_path: Path, settings_factory, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """nnU-Net prints while it loads; stdout is the caller's, and swapping it in one thread
+    swaps it for all (two overlapping loads used to leave sys.stdout on a StringIO)."""
+    before = sys.stdout
+    backends = [build_backend(settings_factory(tmp_path)) for _ in range(2)]
+    threads = [threading.Thread(target=backend.load) for backend in backends]
+    for thread in threads:
+        thread.start()
+    seen = set()
+    while any(thread.is_alive() for thread in threads):  # what every other thread sees meanwhile
+        seen.add(id(sys.stdout))
+    for thread in threads:
+        thread.join()
+    assert seen <= {id(before)} and sys.stdout is before
+    assert capfd.readouterr().out == ""
+    assert all(backend.device == "cpu" for backend in backends)
+    assert torch.backends.cudnn.benchmark is False

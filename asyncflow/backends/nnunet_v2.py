@@ -19,8 +19,6 @@ held for the network alone.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import os
@@ -241,12 +239,7 @@ class NnUNetV2Backend:
             # (Measured here: 2 torch threads on a busy 2-core machine run up to 20x slower.)
             torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
         device = torch.device(name)
-        # nnU-Net prints notices to stdout, which belongs to the caller (the CLI's summary).
-        notices = io.StringIO()
-        with contextlib.redirect_stdout(notices):
-            predictor = self._initialise(nnUNetPredictor, device)
-        for line in filter(None, (line.strip() for line in notices.getvalue().splitlines())):
-            log.debug("model.notice", text=line[:300])
+        predictor = self._initialise(nnUNetPredictor, device)
         if predictor.configuration_manager.configuration != self.steps.configuration_manager.configuration:
             raise ModelError(
                 f"the checkpoint was trained for another configuration than {self.info.configuration!r}: "
@@ -256,16 +249,28 @@ class NnUNetV2Backend:
         self.device = name
 
     def _initialise(self, predictor_class: Any, device: Any) -> Any:
+        import torch
+
+        # nnUNetPredictor prints a notice to stdout for any device but CUDA, and stdout belongs
+        # to the caller (the CLI's summary, the FLAME SDK's lines). Swapping sys.stdout would
+        # swap it for every thread of the process, so the predictor is made for CUDA (which only
+        # sets cudnn.benchmark, put back here) and then given its device, as nnU-Net's own
+        # constructor would.
+        benchmark = torch.backends.cudnn.benchmark
         predictor = predictor_class(
             tile_step_size=self.tile_step_size,
             use_gaussian=True,
             use_mirroring=self.use_mirroring,
             perform_everything_on_device=device.type == "cuda",
-            device=device,
+            device=torch.device("cuda") if device.type != "cuda" else device,
             verbose=False,
             verbose_preprocessing=False,
             allow_tqdm=False,
         )
+        if device.type != "cuda":
+            torch.backends.cudnn.benchmark = benchmark
+        predictor.device = device
+        predictor.perform_everything_on_device = device.type == "cuda"
         try:
             predictor.initialize_from_trained_model_folder(
                 str(self.info.folder), use_folds=self.info.folds, checkpoint_name=self.info.checkpoint
