@@ -107,7 +107,12 @@ class HubReporter:
             f"{len(result.skipped)} file(s) skipped)"
         )
         failures = _failures(result)
-        self.log(line + (f"; failed: {failures}" if failures else ""), "info" if not failures else "warn")
+        lost = sum(1 for i in result.inputs if i["error"]) + sum(s.refused for s in result.skipped)
+        if failures:
+            line += f"; failed: {failures}"
+        if lost:  # counts only: an input's reason may quote its name
+            line += f"; {lost} input(s) or archive member(s) unreadable or refused"
+        self.log(line, "info" if result.status == "done" else "warn")
         self.progress(100)
 
     def no_usable_case(self, error: Exception) -> None:
