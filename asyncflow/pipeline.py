@@ -84,7 +84,7 @@ class Progress:
 @dataclass
 class Result:
     request_id: str
-    status: str  # done | partial | failed
+    status: str  # done | partial | failed (by cases and inputs) | error | cancelled
     dicom_seg_bytes: dict[str, bytes]
     nifti_seg_bytes: dict[str, bytes]
     label_json_bytes: dict[str, bytes]  # <case>.mitklabel.json beside each DICOM SEG
