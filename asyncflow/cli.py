@@ -111,6 +111,12 @@ def _add_seg_options(parser: argparse.ArgumentParser) -> None:
         choices=["none", "rle", "jpeg2000", "jpegls"],
         help="lossless frame compression, FRACTIONAL/LABELMAP only (default none: every reader opens it)",
     )
+    group.add_argument(
+        "--deidentify",
+        choices=["none", "basic"],
+        help="basic: DICOM PS3.15's Basic Profile with the Retain UIDs Option on every SEG "
+        "(default none here; the FLAME analyzer's default is basic)",
+    )
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -247,6 +253,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "seg_type": args.seg_type,
         "seg_keep_empty_frames": args.seg_keep_empty_frames,
         "seg_compression": args.seg_compression,
+        "deidentify": args.deidentify,
         **{name.strip(): value for name, _, value in pairs},
     }
 

@@ -70,7 +70,8 @@ class nnUNetAnalyzer(StarAnalyzer):  # the reference's name, which users know
         if not structlog.is_configured():
             configure_logging(json=True)  # a pod's stdout is read by machines
         try:
-            self.settings = Settings.from_env(**kwargs)
+            # What leaves the node leaves the hospital: SEGs are de-identified unless asked otherwise.
+            self.settings = Settings.from_env(**{**kwargs, "deidentify": kwargs.get("deidentify") or "basic"})
             self.settings.resolve_model()
         except SettingsError as exc:
             self.hub.failed(exc)

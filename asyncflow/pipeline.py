@@ -183,7 +183,7 @@ class _Request:
         self.limits = settings.archive_limits()
         self.label_config = label_config
         self.seg_options = SegOptions(
-            settings.seg_type, settings.seg_keep_empty_frames, settings.seg_compression
+            settings.seg_type, settings.seg_keep_empty_frames, settings.seg_compression, settings.deidentify
         )
         self.total: int | None = None
         # The model's CPU work around the network (v2), done by the prepare and export workers;

@@ -19,6 +19,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless
 
 from . import __version__
 from .case import Geometry
+from .deidentify import deidentify
 from .dicom import slice_normal
 from .labels import Code, SegmentLabel, label_for
 
@@ -88,6 +89,7 @@ class SegOptions:
     segmentation_type: str = "BINARY"
     keep_empty_frames: bool = False
     compression: str = "none"
+    deidentify: str = "none"  # a profile of asyncflow.deidentify, applied before the SEG is written
 
 
 _TRANSFER_SYNTAXES = {
@@ -181,6 +183,7 @@ def dicom_seg_bytes(
     for element in sources[0]:
         if element.tag.group == 0x0012 and int(element.tag) not in _SERIES_LEVEL_TRIAL_TAGS:
             seg[element.tag] = element
+    deidentify(seg, options.deidentify)
     buffer = io.BytesIO()
     seg.save_as(buffer)
     data = buffer.getvalue()

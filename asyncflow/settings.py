@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple, cast
 
 from .budget import available_memory_bytes
+from .deidentify import PROFILES
 from .inputs import ArchiveLimits
 
 __all__ = [
@@ -157,6 +158,9 @@ class Settings:
     seg_type: str = "BINARY"  # BINARY, FRACTIONAL or LABELMAP (readers may not know LABELMAP yet)
     seg_keep_empty_frames: bool = False  # a frame for every slice and segment, even empty ones
     seg_compression: str = "none"  # none, rle, jpeg2000, jpegls (FRACTIONAL and LABELMAP only)
+    # none, or basic: PS3.15's Basic Profile with the Retain UIDs Option on every SEG (the FLAME
+    # analyzer's default; asyncflow.deidentify)
+    deidentify: str = "none"
 
     # Pipeline
     work_dir: Path | None = None  # parent of the request's temp dir (default: system temp)
@@ -218,6 +222,8 @@ class Settings:
             raise SettingsError(
                 f"seg_compression must be one of {', '.join(SEG_COMPRESSIONS)}, got {self.seg_compression!r}"
             )
+        if self.deidentify not in PROFILES:
+            raise SettingsError(f"deidentify must be one of {', '.join(PROFILES)}, got {self.deidentify!r}")
         if self.seg_compression != "none" and self.seg_type == "BINARY":
             raise SettingsError(
                 "BINARY SEG is written uncompressed (highdicom encodes compressed frames for "

@@ -103,7 +103,9 @@ def test_three_nodes_with_several_archives_each_end_to_end(
     referenced = []
     for name in segs:
         seg = pydicom.dcmread(io.BytesIO(archive.read(name)))
-        assert seg.Modality == "SEG" and seg.PatientID == PATIENT_ID
+        assert seg.Modality == "SEG" and seg.PatientIdentityRemoved == "YES"  # FLAME's default
+        data = archive.read(name)
+        assert not any(secret.encode() in data for secret in (PATIENT_NAME, PATIENT_ID, "19700101"))
         referenced.append(seg.ReferencedSeriesSequence[0].SeriesInstanceUID)
     assert sorted(referenced) == sorted(s[0].SeriesInstanceUID for s in series.values())
     assert [n.split("/")[0] for n in segs] == ["node_0"] * 2 + ["node_1"] * 2 + ["node_2"] * 2
