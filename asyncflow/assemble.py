@@ -162,6 +162,11 @@ def _series_label(unpacked: UnpackedInput) -> str:
     return PurePosixPath(unpacked.item.name.replace("\\", "/")).parent.name or unpacked.item.name
 
 
+def _opaque(unpacked: UnpackedInput) -> str:
+    """The name of an input's cases when names from the data must not be used."""
+    return f"input{unpacked.item.index:03d}"
+
+
 def _stem(name: str) -> str:
     base = name.replace("\\", "/").rsplit("/", 1)[-1]
     for suffix in _STEM_SUFFIXES:
@@ -191,13 +196,14 @@ class _Series:
 class CaseBuilder:
     """Turns scans into cases: opaque ids, unique output names, series across inputs."""
 
-    def __init__(self, *, multi_modal: bool = False) -> None:
+    def __init__(self, *, multi_modal: bool = False, opaque_names: bool = False) -> None:
         self.multi_modal = multi_modal
+        self.opaque_names = opaque_names  # name outputs by input index, not by archive or file name
         self._count = 0
         self._names: set[str] = set()
         self._series: dict[str, _Series] = {}
         self._label_files: dict[str, list[Path]] = {}  # input name -> its *.mitklabel.json
-        self._broken: dict[str, str] = {}  # SeriesInstanceUID -> the unreadable input that held part of it
+        self._broken: dict[str, int] = {}  # SeriesInstanceUID -> the unreadable input that held part of it
         self._where: dict[Path, tuple[str, str]] = {}  # DICOM file -> (its input, its path there)
         self.skipped: list[SkippedFile] = []
         # Cases made of a series that then grew or lost an input: their results must not be returned.
@@ -246,7 +252,7 @@ class CaseBuilder:
     def broken(self, unpacked: UnpackedInput) -> None:
         """An input that failed: series it had begun to deliver are refused, not segmented partially."""
         for uid in unpacked.broken_series:
-            self._broken[uid] = unpacked.item.name
+            self._broken[uid] = unpacked.item.index
             if uid in self._series:
                 self._withdraw(self._series[uid])
 
@@ -255,7 +261,7 @@ class CaseBuilder:
         it delivered slices of (a series it grew replaces that series' earlier cases)."""
         origin = result.unpacked.item.name
         self.skipped.extend(result.skipped)
-        label = _series_label(result.unpacked)
+        label = _opaque(result.unpacked) if self.opaque_names else _series_label(result.unpacked)
         cases = []
         grown: dict[str, _Series] = {}
         for instance in result.dicom:
@@ -274,10 +280,13 @@ class CaseBuilder:
                 series.instances[instance.sop_instance_uid] = instance
                 grown[uid] = series
             else:  # the same image twice (two exports of one study, or two encodings): one slice
-                kept_origin, kept_path = self._where[kept.path]
-                self._skip(instance, f"same SOPInstanceUID as {kept_path} in {kept_origin}, which was kept")
+                origin_, path = self._where[instance.path]
+                reason = "same SOPInstanceUID as another file, which was kept (see kept)"
+                self.skipped.append(SkippedFile(origin_, path, reason, kept=self._where[kept.path]))
         self._label_files[origin] = result.label_files
-        for stem, files in self._nifti_groups(result):
+        for number, (stem, files) in enumerate(self._nifti_groups(result), start=1):
+            if self.opaque_names:
+                stem = f"{label}_{number}"
             source = CaseSource(location=result.unpacked.relative(files[0]), files=len(files))
             case = self._new_case(SourceKind.NIFTI, stem, origin, files, source)
             case.label_file = _label_file_for(stem, result.label_files)
@@ -309,7 +318,7 @@ class CaseBuilder:
                         SkippedFile(
                             unpacked.item.name,
                             unpacked.relative(path),
-                            f"modalities of {case_id} are {sorted(channels)}, not 0..{len(channels) - 1}",
+                            f"the channels of its set are {sorted(channels)}, not 0..{len(channels) - 1}",
                         )
                     )
                 continue
@@ -351,8 +360,8 @@ class CaseBuilder:
         if series.uid in self._broken:
             if final:
                 reason = (
-                    "part of this series was in an input that could not be read "
-                    f"({self._broken[series.uid]}): not segmented as a partial volume"
+                    f"part of this series was in input {self._broken[series.uid]}, which could not be "
+                    "read: not segmented as a partial volume"
                 )
                 for instance in series.instances.values():
                     self._skip(instance, reason)

@@ -183,17 +183,12 @@ class CaseReport:
     fallback: str | None = None  # why a DICOM case was returned as NIfTI
     source: CaseSource | None = None
 
-    def as_dict(self, *, locations: bool = True) -> dict[str, Any]:
-        """The case's report entry; without ``locations`` (what leaves a FLAME node) no path
-        inside its input."""
-        source = self.source.as_dict() if self.source else {}
-        if not locations:
-            source.pop("location", None)
+    def as_dict(self) -> dict[str, Any]:
         return {
             "case_id": self.case_id,
             "kind": str(self.kind),
             "origin": self.origin,
-            **source,
+            **(self.source.as_dict() if self.source else {}),
             "output": self.output,
             "status": str(self.status),
             "error": self.error,
@@ -216,6 +211,15 @@ class SkippedFile:
     # Refused for safety (an archive member outside its folder, a link): a failure of the
     # request's input, unlike a file that is simply no image (an SR, a DICOMDIR).
     refused: bool = False
+    kept: tuple[str, str] | None = None  # a duplicate: (input, path) of the copy that was kept
 
     def as_dict(self) -> dict[str, Any]:
-        return {"origin": self.origin, "path": self.path, "reason": self.reason, "refused": self.refused}
+        entry: dict[str, Any] = {
+            "origin": self.origin,
+            "path": self.path,
+            "reason": self.reason,
+            "refused": self.refused,
+        }
+        if self.kept is not None:
+            entry["kept"] = {"origin": self.kept[0], "path": self.kept[1]}
+        return entry

@@ -71,7 +71,13 @@ class nnUNetAnalyzer(StarAnalyzer):  # the reference's name, which users know
             configure_logging(json=True)  # a pod's stdout is read by machines
         try:
             # What leaves the node leaves the hospital: SEGs are de-identified unless asked otherwise.
-            self.settings = Settings.from_env(**{**kwargs, "deidentify": kwargs.get("deidentify") or "basic"})
+            self.settings = Settings.from_env(
+                **{
+                    **kwargs,
+                    "deidentify": kwargs.get("deidentify") or "basic",
+                    "opaque_names": True if kwargs.get("opaque_names") is None else kwargs["opaque_names"],
+                }
+            )
             self.settings.resolve_model()
         except SettingsError as exc:
             self.hub.failed(exc)
@@ -94,13 +100,13 @@ class nnUNetAnalyzer(StarAnalyzer):  # the reference's name, which users know
                 data, self.settings, backend=self._backends, on_progress=self.hub, on_finish=ended.append
             )
         except RequestError as exc:  # the report says why each file became no case
-            return self._no_usable_case(exc, ended[0].report(locations=False) if ended else None)
+            return self._no_usable_case(exc, ended[0].report(redact=True) if ended else None)
         except Exception as exc:
             # Our own errors say what to fix; anything else may quote data, so only its type goes out.
             self.hub.failed(exc, detail=isinstance(exc, ModelError | SettingsError | LabelError))
             raise
         self.hub.finished(result)
-        return {**result.as_dict(locations=False), "node": self.id}  # no case's path leaves the node
+        return {**result.as_dict(redact=True), "node": self.id}  # no name from the data leaves the node
 
     def _no_usable_case(self, error: RequestError, report: dict[str, Any] | None = None) -> dict[str, Any]:
         self.hub.no_usable_case(error)

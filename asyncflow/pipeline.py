@@ -54,6 +54,7 @@ from .inputs import Entry, InputItem, RequestError, UnpackedInput, request_items
 from .labels import load_label_config
 from .log import get_logger, scrub
 from .prepare import prepare_case
+from .redact import redact_report
 from .seg import Algorithm, SegOptions
 from .settings import Settings
 
@@ -94,27 +95,28 @@ class Result:
     duration_s: float
     error: str | None = None  # why the request ended before its cases did (status error)
 
-    def report(self, *, locations: bool = True) -> dict[str, Any]:
-        """JSON-serialisable account of every input, case and skipped file; ``locations=False``
-        leaves out where each case lies inside its input (paths may carry names)."""
-        return {
+    def report(self, *, redact: bool = False) -> dict[str, Any]:
+        """JSON-serialisable account of every input, case and skipped file; ``redact`` (what
+        leaves a FLAME node) names none by a name from the data (:func:`redact_report`)."""
+        report = {
             "request_id": self.request_id,
             "status": self.status,
             "duration_s": round(self.duration_s, 3),
             "error": self.error,
-            "cases": [c.as_dict(locations=locations) for c in self.cases],
+            "cases": [c.as_dict() for c in self.cases],
             "inputs": self.inputs,
             "skipped_files": [s.as_dict() for s in self.skipped],
         }
+        return redact_report(report) if redact else report
 
-    def as_dict(self, *, locations: bool = True) -> dict[str, Any]:
+    def as_dict(self, *, redact: bool = False) -> dict[str, Any]:
         """The reference result contract plus the report (see :meth:`report`)."""
         return {
             "status": self.status,
             "dicom_seg_bytes": self.dicom_seg_bytes,
             "nifti_seg_bytes": self.nifti_seg_bytes,
             "label_json_bytes": self.label_json_bytes,
-            "report": self.report(locations=locations),
+            "report": self.report(redact=redact),
         }
 
 
@@ -161,7 +163,7 @@ class _Request:
         self.needs_files = any(b.needs_files for b in backends)  # else the model input stays in memory
         self.workdir = workdir
         self.on_progress = on_progress
-        self.builder = CaseBuilder(multi_modal=settings.multi_modal)
+        self.builder = CaseBuilder(multi_modal=settings.multi_modal, opaque_names=settings.opaque_names)
         self.reports: dict[str, CaseReport] = {}
         # Cases whose series grew or lost an input after they were made: dropped when they end.
         self.withdrawn: set[str] = set()

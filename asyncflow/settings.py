@@ -152,6 +152,9 @@ class Settings:
 
     # Inputs
     multi_modal: bool = False  # <id>_0000, <id>_0001 ... form one case
+    # Output names from input indexes (input003, input003_S2, input004_1), not from archive or
+    # file names, which may carry a patient's name (the FLAME analyzer's default)
+    opaque_names: bool = False
 
     # Outputs: DICOM SEG
     label_config: Path | None = None  # JSON/YAML label names, codes, colours (asyncflow.labels)

@@ -77,7 +77,11 @@ def test_three_nodes_with_several_archives_each_end_to_end(
         [{PHI_KEY: dicom_series_tar([series["a"]]), "site-x/second.tar": dicom_series_tar([series["b"]], compression="")}],
         [
             {"ct/both.tar.gz": dicom_series_tar([series["c"], series["d"]]), "ct/gappy.tar.gz": dicom_series_tar([gappy])},
-            {"ct/broken.tar.gz": make_tar({"x": rng.bytes(40_000)})[:9_000], "vol/scan.nii.gz": _nifti(rng)},
+            {
+                "ct/broken.tar.gz": make_tar({"x": rng.bytes(40_000)})[:9_000],
+                "vol/scan.nii.gz": _nifti(rng),
+                "site-x/Erika_Mustermann_notes.tar": make_tar({"Mustermann/Erika_19700101.txt": b"notes"}),
+            },
         ],
         [{"e.tar.gz": dicom_series_tar([series["e"]]), "f.tar.gz": dicom_series_tar([series["f"]])}],
     ]  # fmt: skip
@@ -99,7 +103,12 @@ def test_three_nodes_with_several_archives_each_end_to_end(
     label_files = [n for n in archive.namelist() if n.endswith(".mitklabel.json")]
     assert sorted(n.removesuffix(".mitklabel.json") for n in label_files) == [s[:-4] for s in segs]
     niftis = [n for n in archive.namelist() if "/nifti_seg/" in n]
-    assert niftis == ["node_1/nifti_seg/scan.nii.gz"]
+    assert len(niftis) == 1 and niftis[0].startswith("node_1/nifti_seg/input")  # named by input index
+    # No byte of the ZIP (names, manifest, SEGs, label files) holds a name, ID or birth date, nor
+    # the object keys or member names that carry them.
+    for member in archive.namelist():
+        content = member.encode() + archive.read(member)
+        assert not any(secret.encode() in content for secret in SECRETS), member
     referenced = []
     for name in segs:
         seg = pydicom.dcmread(io.BytesIO(archive.read(name)))
@@ -124,8 +133,10 @@ def test_three_nodes_with_several_archives_each_end_to_end(
             assert case["file"] in archive.namelist()
         else:
             assert case["file"] is None and case["error_stage"] == "prepare" and case["error"]
-    broken = next(i for i in by_node["node_1"]["report"]["inputs"] if i["name"] == "ct/broken.tar.gz")
-    assert broken["error"]
+    inputs = {i["name"]: i["error"] for i in by_node["node_1"]["report"]["inputs"]}
+    assert inputs["input-2"].startswith("archive could not be read")  # ct/broken.tar.gz, named by index
+    skipped = by_node["node_1"]["report"]["skipped_files"]
+    assert [(f["origin"], f["path"]) for f in skipped] == [("input-4", "input-4/skipped-1")]
 
     # What reached the Hub: valid log types, progress strictly rising to 100, no patient data.
     for node in ("node_0", "node_1", "node_2"):
@@ -159,7 +170,7 @@ def test_pass_through_keeps_every_node_result_and_an_empty_node_does_not_sink_th
     results = sorted(pickle.loads(run.final_result), key=lambda r: r["node"])  # arrival order
     assert results == [run.analyzers["node_0"].latest_result, run.analyzers["node_1"].latest_result]
     assert [r["status"] for r in results] == ["done", "failed"]
-    assert list(results[0]["nifti_seg_bytes"]) == ["a.nii.gz"]
+    assert list(results[0]["nifti_seg_bytes"]) == ["input000_1.nii.gz"]
     assert "no usable case" in results[1]["error"]
     assert results[1]["report"]["skipped_files"][0]["reason"] == "neither DICOM nor NIfTI"
     (case,) = results[0]["report"]["cases"]

@@ -271,5 +271,5 @@ def test_a_series_split_over_two_archives_is_merged_or_refused_never_partial(
     assert kept == [] and len(cut.withdrawn) == 1  # the first half's case is withdrawn, not returned
     assert len(cut.skipped) == 10
     assert {s.reason for s in cut.skipped} == {
-        "part of this series was in an input that could not be read (part1.tar): not segmented as a partial volume"
+        "part of this series was in input 1, which could not be read: not segmented as a partial volume"
     }

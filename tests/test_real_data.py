@@ -189,8 +189,9 @@ def test_the_same_image_twice_is_one_slice_and_the_copy_is_named(tmp_path: Path,
     assert duplicate == {
         "origin": "twice.tar",
         "path": "b/copy",
-        "reason": "same SOPInstanceUID as a/2392 in twice.tar, which was kept",
+        "reason": "same SOPInstanceUID as another file, which was kept (see kept)",
         "refused": False,
+        "kept": {"origin": "twice.tar", "path": "a/2392"},
     }
 
 
