@@ -48,6 +48,29 @@ def _failures(result: Result) -> str:
     return ", ".join(f"{what} x{n}" for what, n in counts.most_common())
 
 
+# The start of asyncflow's own input errors (inputs.unpack) -> the class a Hub line names.
+_INPUT_ERRORS = {
+    "archive could not be read": "unreadable archive",
+    "archive refused": "archive over a limit",
+    "compressed input is truncated": "truncated compressed input",
+    "not a TAR archive": "not an archive",
+    "empty input": "empty input",
+}
+
+
+def _lost(result: Result) -> str:
+    """Inputs that could not be read and archive members refused, by reason class."""
+    counts: Counter[str] = Counter()
+    for entry in result.inputs:
+        if entry["error"]:
+            error = str(entry["error"])
+            counts[
+                next((c for p, c in _INPUT_ERRORS.items() if error.startswith(p)), "unreadable input")
+            ] += 1
+    counts["refused archive member"] += sum(s.refused for s in result.skipped)
+    return ", ".join(f"{what} x{n}" for what, n in counts.most_common() if n)
+
+
 class HubReporter:
     """Mirrors one request's milestones and progress to a FLAME node's Hub stream."""
 
@@ -107,11 +130,11 @@ class HubReporter:
             f"{len(result.skipped)} file(s) skipped)"
         )
         failures = _failures(result)
-        lost = sum(1 for i in result.inputs if i["error"]) + sum(s.refused for s in result.skipped)
+        lost = _lost(result)
         if failures:
             line += f"; failed: {failures}"
-        if lost:  # counts only: an input's reason may quote its name
-            line += f"; {lost} input(s) or archive member(s) unreadable or refused"
+        if lost:  # reason classes and counts: an input's own message may quote its name
+            line += f"; inputs lost: {lost}"
         self.log(line, "info" if result.status == "done" else "warn")
         self.progress(100)
 
