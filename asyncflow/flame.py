@@ -23,14 +23,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
-import structlog
-
 from .backends import Backend, ModelError
 from .bundle import pack_node_results
 from .hub import HubReporter
 from .inputs import RequestError
 from .labels import LabelError
-from .log import configure_logging
+from .log import take_over_logging
 from .pipeline import Result, build_backends, run_request_sync
 from .settings import Settings, SettingsError
 
@@ -67,8 +65,7 @@ class nnUNetAnalyzer(StarAnalyzer):  # the reference's name, which users know
     def __init__(self, flame: Any, **kwargs: Any) -> None:
         super().__init__(flame)
         self.hub = HubReporter(flame)
-        if not structlog.is_configured():
-            configure_logging(json=True)  # a pod's stdout is read by machines
+        take_over_logging()  # the SDK has just set up its own: one scrubbed line per event
         try:
             # What leaves the node leaves the hospital: SEGs are de-identified unless asked otherwise.
             self.settings = Settings.from_env(
@@ -89,6 +86,7 @@ class nnUNetAnalyzer(StarAnalyzer):  # the reference's name, which users know
         ``report`` and ``node``. A node whose data holds no usable case returns status
         ``failed`` with ``error`` so the other nodes' results still reach the analyst;
         a model or settings error fails the analysis."""
+        take_over_logging()  # another node's SDK core may have set up its logging since
         if data is None:
             error = RequestError("no data: StarModel was started with query=None, which fetches nothing")
             return self._no_usable_case(error)

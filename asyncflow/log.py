@@ -17,14 +17,19 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import threading
+import traceback
 from collections.abc import MutableMapping
+from types import TracebackType
 from typing import Any, TextIO
 
 import structlog
 
-__all__ = ["configure_logging", "get_logger", "scrub"]
+__all__ = ["configure_logging", "get_logger", "scrub", "take_over_logging"]
 
 _HANDLER_NAME = "asyncflow"
+_QUIET_LIBRARIES = ("httpx", "httpcore")  # a line per HTTP request at DEBUG/INFO (the FLAME SDK's)
+_configured_level: int | None = None  # the level configure_logging was given
 _PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][^\s'\"\\/:,;)]+){2,}[\\/]?")
 
 
@@ -56,6 +61,61 @@ def configure_logging(
         cache_logger_on_first_use=False,
     )
     _route_standard_logging(stream, level, shared, renderer)
+    global _configured_level
+    _configured_level = level
+
+
+def take_over_logging() -> None:
+    """Make this process's logging asyncflow's again after a library configured it (the FLAME
+    SDK adds a stdout handler of its own, sets the root level to DEBUG and replaces
+    ``sys.excepthook`` and ``threading.excepthook``).
+
+    Afterwards asyncflow's handler is the root logger's only console handler, at asyncflow's
+    level, so every line is written once and scrubbed (the SDK's own log lines included: its ``flame_log``
+    still sends them to the Hub); httpx and httpcore log warnings only; an exception that
+    escapes any thread is logged as ``exception.unhandled``, scrubbed. Call it again whenever
+    the library may have run its set-up since (in FLAME's test mode each node builds its own).
+    """
+    if _configured_level is None:
+        configure_logging(json=True)  # a pod's output is read by machines
+    assert _configured_level is not None
+    root = logging.getLogger()
+    consoles = {id(stream) for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)}
+    for handler in root.handlers:  # another console handler prints every line a second time
+        stream = getattr(handler, "stream", None)
+        if (
+            handler.get_name() != _HANDLER_NAME
+            and isinstance(handler, logging.StreamHandler)
+            and id(stream) in consoles
+        ):
+            root.removeHandler(handler)
+    root.setLevel(
+        _configured_level if _configured_level < logging.INFO else max(_configured_level, logging.WARNING)
+    )
+    for name in _QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    sys.excepthook = _log_unhandled
+    threading.excepthook = _log_unhandled_in_thread
+
+
+def _log_unhandled(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, error, tb)
+        return
+    frames = "".join(traceback.format_exception(kind, error, tb))
+    log = get_logger("asyncflow.log")
+    log.error(
+        "exception.unhandled",
+        error_type=kind.__name__,
+        reason=scrub(str(error)),
+        traceback=scrub(frames, 4000),
+        thread=threading.current_thread().name,
+    )
+
+
+def _log_unhandled_in_thread(hook: threading.ExceptHookArgs) -> None:
+    if hook.exc_value is not None:
+        _log_unhandled(hook.exc_type, hook.exc_value, hook.exc_traceback)
 
 
 def _library_record(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

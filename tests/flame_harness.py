@@ -198,3 +198,31 @@ def run_star(
     final = cores[aggregator_id].final_result
     assert final is not None, "the aggregator submitted no result"
     return StarRun(final, {n: c.hub for n, c in cores.items()}, analyzers)
+
+
+def sdk_logging_setup() -> None:
+    """What flamesdk does to logging when its core is built (``flamesdk/resources/utils/logging.py``,
+    ``_get_logger``, python-sdk at 52d06db): a JSON handler on stdout, the root logger at DEBUG,
+    and its own ``sys.excepthook`` and ``threading.excepthook`` that log tracebacks unscrubbed."""
+    import json
+    import logging
+    import sys
+
+    class JsonFormatter(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            log = {"level": record.levelname, "logger": record.name, "msg": record.getMessage()}
+            if record.exc_info:
+                log["error"] = self.formatException(record.exc_info)
+            return json.dumps(log, default=str)
+
+    def log_uncaught(exc_type: Any, exc: Any, tb: Any) -> None:
+        logging.getLogger("uncaught").critical("Unhandled exception", exc_info=(exc_type, exc, tb))
+
+    root = logging.getLogger()
+    if not any(type(h.formatter).__name__ == "JsonFormatter" for h in root.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(JsonFormatter())
+        root.addHandler(handler)
+        root.setLevel(logging.DEBUG)
+    sys.excepthook = log_uncaught
+    threading.excepthook = lambda a: log_uncaught(a.exc_type, a.exc_value, a.exc_traceback)

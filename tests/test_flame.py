@@ -298,3 +298,50 @@ def test_with_the_sdk_installed_the_classes_subclass_it_and_the_command_starts_a
     passthrough = start("--aggregator", "passthrough", "--query", "a.tar", "--query", "b.tar")
     assert passthrough["aggregator"] == "PassThroughAggregator" and passthrough["output_type"] == "pickle"
     assert passthrough["query"] == ["a.tar", "b.tar"] and passthrough["analyzer_kwargs"] is None
+
+
+@pytest.fixture
+def _restore_process_logging():
+    """take_over_logging changes process-wide hooks and handlers: put them back afterwards."""
+    import logging
+    import sys
+    import threading
+
+    root = logging.getLogger()
+    saved = (sys.excepthook, threading.excepthook, list(root.handlers), root.level)
+    yield
+    sys.excepthook, threading.excepthook = saved[0], saved[1]
+    root.handlers[:] = saved[2]
+    root.setLevel(saved[3])
+
+
+@pytest.mark.usefixtures("_restore_process_logging")
+def test_under_the_sdk_every_line_is_written_once_scrubbed_and_httpx_stays_quiet(
+    tmp_path: Path, model_dir: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    import logging
+    import threading
+
+    from flame_harness import MockFlameCore, sdk_logging_setup
+
+    stream = io.StringIO()
+    configure_logging(json=True, stream=stream)
+    sdk_logging_setup()  # the SDK's core is built before the analyzer, and sets up its own logging
+    core = MockFlameCore("node_0", "default", ["node_0", "node_1"], "node_1", {})
+    nnUNetAnalyzer(core, **_analyzer_kwargs(model_dir, tmp_path / "work"))
+    logging.getLogger("flamesdk.resources").warning("could not send /data/Mustermann_Erika/ct.tar")
+    logging.getLogger("httpx").info("HTTP Request: POST http://po/stream_logs")
+    worker = threading.Thread(
+        target=lambda: (_ for _ in ()).throw(RuntimeError("at /data/Mustermann_Erika/x.dcm"))
+    )
+    worker.start()
+    worker.join()
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""  # nothing reaches the console but through asyncflow's handler
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    sdk = [line for line in lines if line.get("logger") == "flamesdk.resources"]
+    assert len(sdk) == 1 and sdk[0]["message"] == "could not send <path>"
+    assert not any("HTTP Request" in json.dumps(line) for line in lines)
+    (crash,) = [line for line in lines if line["event"] == "exception.unhandled"]
+    assert crash["error_type"] == "RuntimeError" and crash["reason"] == "at <path>"
+    assert "Mustermann" not in stream.getvalue()
