@@ -301,7 +301,10 @@ def _flame(args: argparse.Namespace) -> int:
     """``asyncflow flame``: this process is one node of a FLAME analysis."""
     from .flame import run_star_model
 
-    configure_logging(json=True, level=logging.WARNING if args.quiet else logging.INFO)
+    # JSON when asked, or when stderr is not a terminal (a pod's is not)
+    configure_logging(
+        json=True if args.json_logs else None, level=logging.WARNING if args.quiet else logging.INFO
+    )
     overrides = {**_overrides(args), "model_dir": args.model, "multi_modal": args.multi_modal}
     run_star_model(
         query=args.query,

@@ -284,8 +284,9 @@ class Settings:
             candidates = [ModelLocation(g, self._model_under_results(g)) for g in wanted]
         else:
             raise SettingsError(
-                "no model given: pass --model DIR (a trained nnU-Net model folder) "
-                "or set nnUNet_results (v2) or RESULTS_FOLDER (v1) and TASK_NAME"
+                "no model given: name a trained nnU-Net model folder (command line: --model DIR; "
+                "FLAME: analyzer_kwargs={'model_dir': DIR}) or set nnUNet_results (v2) or "
+                "RESULTS_FOLDER (v1) and TASK_NAME"
             )
         for location in candidates:
             if all((location.folder / name).is_file() for name in _MODEL_FILES[location.generation]):

@@ -59,7 +59,10 @@ def test_demo_then_run_on_its_inputs(
 def test_run_without_a_model_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "in").mkdir()
     assert main(["run", str(tmp_path / "in"), "--output", str(tmp_path / "out")]) == 2
-    assert "no model given: pass --model DIR" in capsys.readouterr().err
+    assert (
+        "no model given: name a trained nnU-Net model folder (command line: --model DIR"
+        in capsys.readouterr().err
+    )
 
 
 def test_run_exits_1_when_some_cases_fail(tmp_path: Path, model_dir: Path, rng: np.random.Generator) -> None:

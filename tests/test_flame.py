@@ -180,7 +180,11 @@ def test_pass_through_keeps_every_node_result_and_an_empty_node_does_not_sink_th
     assert not any(t == "error" for h in run.hubs.values() for t, _ in h.logs)
 
 
-def test_a_bad_setting_fails_the_node_with_one_error_line(tmp_path: Path) -> None:
+def test_a_bad_setting_fails_the_node_with_one_error_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("nnUNet_results", "RESULTS_FOLDER", "TASK_NAME"):
+        monkeypatch.delenv(name, raising=False)
     core = MockFlameCore("node_0", "default", ["node_0", "node_1"], "node_1", {}, s3_data=[])
     with pytest.raises(
         SettingsError, match=r"no trained model found: looked for .* as an nnU-Net v2 model folder"
@@ -188,7 +192,9 @@ def test_a_bad_setting_fails_the_node_with_one_error_line(tmp_path: Path) -> Non
         nnUNetAnalyzer(flame=core, model_dir=str(tmp_path))
     with pytest.raises(SettingsError, match="unknown setting"):
         nnUNetAnalyzer(flame=core, modeldir=str(tmp_path))
-    assert [t for t, _ in core.hub.logs] == ["error", "error"]
+    with pytest.raises(SettingsError, match=r"FLAME: analyzer_kwargs=\{'model_dir': DIR\}"):
+        nnUNetAnalyzer(flame=core)  # the error says how a FLAME user names a model
+    assert [t for t, _ in core.hub.logs] == ["error", "error", "error"]
     assert str(tmp_path) not in core.hub.logs[0][1]
 
 
