@@ -145,7 +145,13 @@ def test_a_v1_run_gets_the_environment_real_v1_models_need(tmp_path: Path, monke
     backend.load()
     env = backend.environment()
     assert env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] == "1" and "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in env
-    assert env["RESULTS_FOLDER"] == str(RESULTS) and env["CUDA_VISIBLE_DEVICES"] == ""
+    assert env["CUDA_VISIBLE_DEVICES"] == ""
+    # RESULTS_FOLDER is a writable overlay of the model: its files as links, its fold folders real.
+    overlay = Path(env["RESULTS_FOLDER"]) / backend.info.folder.relative_to(RESULTS)
+    assert (overlay / "plans.pkl").resolve() == (backend.info.folder / "plans.pkl").resolve()
+    fold = overlay / "fold_0"
+    assert fold.is_dir() and not fold.is_symlink() and os.access(fold, os.W_OK)
+    assert (fold / "model_final_checkpoint.model").is_symlink()
     assert env["OMP_NUM_THREADS"] == "1"
     command = backend.arguments(tmp_path / "in", tmp_path / "out", cases=3)
     assert command[0].endswith("nnUNet_predict")

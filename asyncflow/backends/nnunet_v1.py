@@ -18,6 +18,12 @@ The environment is set for the user:
 - thread counts for torch, and ``CUDA_VISIBLE_DEVICES``: empty for ``device=cpu``,
   ``N`` for ``cuda:N``
   (``--all_in_gpu`` is never passed: ``True`` fails without a GPU).
+
+``nnUNet_predict`` writes a ``training_log_*.txt`` into each fold folder as it
+loads the checkpoint, which fails on a model folder mounted read-only (as an
+image ships one). ``RESULTS_FOLDER`` therefore points at a writable overlay made
+at :meth:`NnUNetV1Backend.load`: the model's folder layout, its files as symlinks,
+its fold folders real, temporary directories. The model folder is never written.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import signal
 import sys
 import tempfile
 import time
+import weakref
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
@@ -82,9 +89,11 @@ class NnUNetV1Backend:
         self.preprocess_threads = v1_preprocess_threads
         self.export_threads = v1_export_threads
         self._executable: str | None = None
+        self._overlay: Path | None = None  # RESULTS_FOLDER for nnUNet_predict (see the module doc)
 
     def load(self) -> None:
-        """Find the command; the model itself loads in every run."""
+        """Find the command and build the model's writable overlay; the model itself loads in
+        every run."""
         if self._executable is not None:
             return
         if os.sep in self.command:  # a path: used as it is
@@ -97,6 +106,8 @@ class NnUNetV1Backend:
                 f"{self.command} not found on PATH or beside {sys.executable}: "
                 "install nnU-Net v1 with pip install 'asyncflow[v1]'"
             )
+        self._overlay = _writable_overlay(self.info.folder)
+        weakref.finalize(self, shutil.rmtree, self._overlay, True)  # with the backend, or at exit
         self._executable = found
 
     def arguments(self, inputs: Path, outputs: Path, cases: int) -> list[str]:
@@ -119,7 +130,7 @@ class NnUNetV1Backend:
 
     def environment(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k != "TORCH_FORCE_WEIGHTS_ONLY_LOAD"}
-        env["RESULTS_FOLDER"] = str(self.info.folder.parents[3])
+        env["RESULTS_FOLDER"] = str(self._overlay or self.info.folder.parents[3])
         env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
         threads = str(self.torch_threads or max(1, (os.cpu_count() or 2) // 2))
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = threads
@@ -204,6 +215,22 @@ class NnUNetV1Backend:
             tail = " | ".join(line.strip() for line in stderr if line.strip()) or "no stderr"
             raise V1RunError(f"{self.command_name} exited with code {returncode}: {tail}")
         return list(stdout)
+
+
+def _writable_overlay(model: Path) -> Path:
+    """A RESULTS_FOLDER whose ``nnUNet/<configuration>/<task>/<trainer>__<plans>`` is ``model``
+    as symlinks, with fold folders of its own that nnUNet_predict may write its logs into."""
+    root = Path(tempfile.mkdtemp(prefix="asyncflow-v1-model-"))
+    target = root / model.relative_to(model.parents[3])
+    target.mkdir(parents=True)
+    for entry in model.iterdir():
+        if entry.is_dir() and entry.name.startswith("fold_"):
+            (target / entry.name).mkdir()
+            for file in entry.iterdir():
+                (target / entry.name / file.name).symlink_to(file.resolve())
+        else:
+            (target / entry.name).symlink_to(entry.resolve())
+    return root
 
 
 def _name(number: int) -> str:
