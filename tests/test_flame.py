@@ -322,14 +322,18 @@ def _restore_process_logging():
 
 
 @pytest.mark.usefixtures("_restore_process_logging")
+@pytest.mark.parametrize("sdk", ["stand-in", "flamesdk"])
 def test_under_the_sdk_every_line_is_written_once_scrubbed_and_httpx_stays_quiet(
-    tmp_path: Path, model_dir: Path, capfd: pytest.CaptureFixture[str]
+    tmp_path: Path, model_dir: Path, capfd: pytest.CaptureFixture[str], sdk: str
 ) -> None:
     import logging
     import threading
 
     from flame_harness import MockFlameCore, sdk_logging_setup
 
+    if sdk == "flamesdk":  # where the real SDK is installed, its own set-up
+        sdk_logging = pytest.importorskip("flamesdk.resources.utils.logging")
+        sdk_logging_setup = sdk_logging._get_logger  # what FlameLogger() calls
     stream = io.StringIO()
     configure_logging(json=True, stream=stream)
     sdk_logging_setup()  # the SDK's core is built before the analyzer, and sets up its own logging
