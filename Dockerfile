@@ -31,16 +31,18 @@ ENV VIRTUAL_ENV=/opt/asyncflow \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python3.11 -m venv /opt/asyncflow
 
-# The FLAME SDK (python-sdk-patterns, which pulls flamesdk); pin the tag your Hub expects.
-ARG FLAME_SDK_REF=1.0.0
+# The FLAME SDK: python-sdk-patterns at the tag asyncflow was tested with (0.6.4, which pulls
+# flamesdk 0.5.0 from its own pin). Another tag: --build-arg FLAME_SDK_REF=...
+ARG FLAME_SDK_REF=0.6.4
 WORKDIR /opt/src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY asyncflow ./asyncflow
-# asyncflow's own extras pin nnU-Net and torch (pyproject.toml); the SDK is pinned by its git ref.
-# EXTRAS=v1,v2 adds nnU-Net v1 (nnUNet_predict) for v1 models such as the reference's Task029_LiTS.
+# asyncflow's extras allow ranges; constraints.txt holds the exact torch, torchvision and nnU-Net
+# builds it is tested with. EXTRAS=v1,v2 adds nnU-Net v1 (nnUNet_predict) for v1 models such as
+# the reference's Task029_LiTS.
 ARG EXTRAS=v2
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir ".[${EXTRAS}]" \
+RUN pip install --no-cache-dir -c constraints.txt ".[${EXTRAS}]" \
         "flame @ git+https://github.com/PrivateAIM/python-sdk-patterns.git@${FLAME_SDK_REF}" \
     && python -c "import asyncflow.flame as f; assert f.FLAME_SDK, 'FLAME SDK missing'"
 
@@ -61,7 +63,10 @@ ARG MODEL_URL=""
 RUN mkdir -p /opt/nnunet_results \
     && if [ -n "${MODEL_URL}" ]; then nnUNetv2_download_pretrained_model_by_url "${MODEL_URL}"; fi
 
-RUN useradd --create-home --uid 10001 asyncflow
+# The model folder stays root's and read-only to the node's user: asyncflow never writes into it
+# (nnU-Net v1 gets a writable overlay in the temp folder).
+RUN useradd --create-home --uid 10001 asyncflow \
+    && chmod -R a-w /opt/nnunet_results
 USER 10001
 WORKDIR /home/asyncflow
 

@@ -42,6 +42,9 @@ def test_image_keeps_the_reference_environment_and_starts_a_flame_node() -> None
     } <= env_names
     assert 'CMD ["asyncflow", "flame"]' in text
     assert "python-sdk-patterns.git@${FLAME_SDK_REF}" in text
+    assert "ARG FLAME_SDK_REF=0.6.4" in text  # the SDK tag asyncflow was checked with
+    assert "pip install --no-cache-dir -c constraints.txt" in text  # the tested builds
+    assert "USER 10001" in text and "chmod -R a-w /opt/nnunet_results" in text
     assert "mitk" not in text.lower().replace("no mitk", "") and "qt5" not in text.lower()
     # Everything the image copies exists and is let through .dockerignore.
     ignore = (ROOT / ".dockerignore").read_text().splitlines()
