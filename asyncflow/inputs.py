@@ -154,7 +154,9 @@ def _open_tar(item: InputItem) -> tarfile.TarFile | None:
     stream = item.open()
     try:
         return tarfile.open(fileobj=stream, mode="r:*")
-    except tarfile.ReadError:
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError):
+        # Not a TAR; a compressed stream cut short (a 2-byte gzip) raises EOFError here, which
+        # _corrupt_compression then names.
         stream.close()
         return None
 

@@ -161,3 +161,17 @@ def test_a_truncated_compressed_file_is_an_input_error(tmp_path: Path) -> None:
     assert result.error is not None and result.error.startswith("compressed input is truncated or corrupt")
     intact = unpack(InputItem(1, "scan.nii.gz", data=gzip.compress(payload)), tmp_path / "in2")
     assert intact.error is None and intact.kind == "file"
+
+
+@pytest.mark.parametrize("head", [b"\x1f\x8b", b"\x1f\x8b\x08", b"BZh", b"\xfd7zXZ"])
+def test_a_compressed_stub_is_an_input_error_not_an_exception(tmp_path: Path, head: bytes) -> None:
+    """tarfile raises EOFError (not ReadError) on a gzip of two bytes: the input fails, the request goes on."""
+    unpacked = unpack(InputItem(0, "stub", data=head), tmp_path / "in")
+    assert unpacked.error == "compressed input is truncated or corrupt: EOFError"
+    assert unpacked.files == []
+
+
+def test_a_name_that_says_tar_on_bytes_that_are_none_is_an_input_error(tmp_path: Path) -> None:
+    unpacked = unpack(InputItem(0, "study.tar", data=b"plain text, not an archive"), tmp_path / "in")
+    assert unpacked.error == "not a TAR archive, though its name says so: it cannot be read"
+    assert unpack(InputItem(1, "notes.txt", data=b"plain text"), tmp_path / "in2").error is None
