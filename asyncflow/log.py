@@ -81,7 +81,7 @@ def take_over_logging() -> None:
     assert _configured_level is not None
     root = logging.getLogger()
     consoles = {id(stream) for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)}
-    for handler in root.handlers:  # another console handler prints every line a second time
+    for handler in list(root.handlers):  # another console handler prints every line a second time
         stream = getattr(handler, "stream", None)
         if (
             handler.get_name() != _HANDLER_NAME
