@@ -233,9 +233,9 @@ class CaseBuilder:
             self._names.discard(case.output_name.lower())
         series.cases = []
 
-    def _skip(self, instance: DicomInstance, reason: str) -> None:
+    def _skip(self, instance: DicomInstance, reason: str, kept: DicomInstance | None = None) -> None:
         origin, path = self._where[instance.path]
-        self.skipped.append(SkippedFile(origin, path, reason))
+        self.skipped.append(SkippedFile(origin, path, reason, kept=self._where[kept.path] if kept else None))
 
     def _dicom_source(self, instances: list[DicomInstance], part: str | None = None) -> CaseSource:
         first = instances[0]
@@ -280,9 +280,7 @@ class CaseBuilder:
                 series.instances[instance.sop_instance_uid] = instance
                 grown[uid] = series
             else:  # the same image twice (two exports of one study, or two encodings): one slice
-                origin_, path = self._where[instance.path]
-                reason = "same SOPInstanceUID as another file, which was kept (see kept)"
-                self.skipped.append(SkippedFile(origin_, path, reason, kept=self._where[kept.path]))
+                self._skip(instance, "same SOPInstanceUID as another file, which was kept (see kept)", kept)
         self._label_files[origin] = result.label_files
         for number, (stem, files) in enumerate(self._nifti_groups(result), start=1):
             if self.opaque_names:
