@@ -20,7 +20,8 @@ from .backends import ModelError, ModelInfo
 from .inputs import RequestError
 from .labels import LabelError
 from .log import configure_logging
-from .pipeline import Progress, Result, run_request_sync
+from .pipeline import run_request_sync
+from .result import Progress, Result
 from .settings import Settings, SettingsError, packaged_demo_model
 
 __all__ = ["main"]

@@ -15,7 +15,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
-from .pipeline import Result
+from .result import Result
 from .seg import read_dicom_seg, read_nifti_seg
 from .synthetic import Phantom, dicom_series_datasets, dicom_series_tar, make_phantom, nifti_bytes
 

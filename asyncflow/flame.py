@@ -29,7 +29,8 @@ from .hub import HubReporter
 from .inputs import RequestError
 from .labels import LabelError
 from .log import take_over_logging
-from .pipeline import Result, build_backends, run_request_sync
+from .pipeline import build_backends, run_request_sync
+from .result import Result
 from .settings import Settings, SettingsError
 
 try:

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from . import __version__
 from .log import get_logger, scrub
-from .pipeline import Progress, Result
+from .result import Progress, Result
 
 __all__ = ["FLAME_LOG_TYPES", "FlameLike", "HubReporter", "hub_text"]
 

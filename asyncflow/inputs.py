@@ -28,6 +28,7 @@ from typing import Any, BinaryIO
 
 from .case import SkippedFile
 from .dicom import series_uid
+from .errors import RequestError
 
 __all__ = [
     "ArchiveLimits",
@@ -53,10 +54,6 @@ _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._+\- ]+")
 _MAX_COMPONENT = 120
 # Names that promise an archive: such an input whose content is none is an error, not a loose file.
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
-
-
-class RequestError(ValueError):
-    """The request as a whole cannot be processed (bad entry type, no usable case...)."""
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .errors import LabelError
 from .vocabulary import concept_for
 
 __all__ = [
@@ -39,10 +40,6 @@ __all__ = [
 ]
 
 RGB = tuple[float, float, float]
-
-
-class LabelError(ValueError):
-    """A label configuration that cannot be used, with the reason."""
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,6 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -47,14 +46,13 @@ from .case import (
     CaseReport,
     CaseStatus,
     PreparedCase,
-    SkippedFile,
 )
 from .export import export_output
 from .inputs import Entry, InputItem, RequestError, UnpackedInput, request_items, restore_files, unpack
 from .labels import load_label_config
 from .log import get_logger, scrub
 from .prepare import prepare_case
-from .redact import redact_report
+from .result import Progress, Result
 from .seg import Algorithm, SegOptions
 from .settings import Settings
 
@@ -71,53 +69,6 @@ __all__ = [
 
 log = get_logger("asyncflow.pipeline")
 R = TypeVar("R")
-
-
-@dataclass(frozen=True)
-class Progress:
-    """Sent after every case that ends; ``total`` is None until all inputs are assembled."""
-
-    done: int
-    failed: int
-    total: int | None
-
-
-@dataclass
-class Result:
-    request_id: str
-    status: str  # done | partial | failed (by cases and inputs) | error | cancelled
-    dicom_seg_bytes: dict[str, bytes]
-    nifti_seg_bytes: dict[str, bytes]
-    label_json_bytes: dict[str, bytes]  # <case>.mitklabel.json beside each DICOM SEG
-    cases: list[CaseReport]
-    inputs: list[dict[str, Any]]
-    skipped: list[SkippedFile]
-    duration_s: float
-    error: str | None = None  # why the request ended before its cases did (status error)
-
-    def report(self, *, redact: bool = False) -> dict[str, Any]:
-        """JSON-serialisable account of every input, case and skipped file; ``redact`` (what
-        leaves a FLAME node) names none by a name from the data (:func:`redact_report`)."""
-        report = {
-            "request_id": self.request_id,
-            "status": self.status,
-            "duration_s": round(self.duration_s, 3),
-            "error": self.error,
-            "cases": [c.as_dict() for c in self.cases],
-            "inputs": self.inputs,
-            "skipped_files": [s.as_dict() for s in self.skipped],
-        }
-        return redact_report(report) if redact else report
-
-    def as_dict(self, *, redact: bool = False) -> dict[str, Any]:
-        """The reference result contract plus the report (see :meth:`report`)."""
-        return {
-            "status": self.status,
-            "dicom_seg_bytes": self.dicom_seg_bytes,
-            "nifti_seg_bytes": self.nifti_seg_bytes,
-            "label_json_bytes": self.label_json_bytes,
-            "report": self.report(redact=redact),
-        }
 
 
 def build_backend(settings: Settings, device: str | None = None) -> Backend:

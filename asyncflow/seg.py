@@ -21,6 +21,7 @@ from . import __version__
 from .case import Geometry
 from .deidentify import deidentify
 from .dicom import slice_normal
+from .errors import SegCheckError
 from .labels import Code, SegmentLabel, label_for
 
 __all__ = [
@@ -101,10 +102,6 @@ _TRANSFER_SYNTAXES = {
 # Clinical Trial Subject and Study modules (and patient de-identification), copied from the
 # source; the Clinical Trial Series attributes (0012,0060/0071/0072) describe the source series.
 _SERIES_LEVEL_TRIAL_TAGS = {0x00120060, 0x00120071, 0x00120072}
-
-
-class SegCheckError(ValueError):
-    """A written SEG does not decode to the prediction on its sources."""
 
 
 def dicom_seg_bytes(

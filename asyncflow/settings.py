@@ -16,6 +16,7 @@ from typing import Any, Literal, NamedTuple, cast
 
 from .budget import available_memory_bytes
 from .deidentify import PROFILES
+from .errors import SettingsError
 from .inputs import ArchiveLimits
 
 __all__ = [
@@ -42,10 +43,6 @@ SEG_COMPRESSIONS = ("none", "rle", "jpeg2000", "jpegls")
 
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
-
-
-class SettingsError(ValueError):
-    """A setting is missing or has an impossible value."""
 
 
 class ModelLocation(NamedTuple):

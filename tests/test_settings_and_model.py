@@ -113,3 +113,26 @@ def test_models_loading_at_once_leave_stdout_to_the_caller(
     assert capfd.readouterr().out == ""
     assert all(backend.device == "cpu" for backend in backends)
     assert torch.backends.cudnn.benchmark is False
+
+
+def test_the_public_face_is_importable_from_the_package() -> None:
+    import asyncflow
+    from asyncflow import errors, pipeline, result, settings
+
+    assert asyncflow.run_request is pipeline.run_request and asyncflow.Result is result.Result
+    assert asyncflow.Settings is settings.Settings and asyncflow.RequestError is errors.RequestError
+    # The errors users catch are one class each, wherever they are imported from.
+    from asyncflow.backends import ModelError as BackendModelError
+    from asyncflow.inputs import RequestError as InputsRequestError
+
+    assert BackendModelError is asyncflow.ModelError and InputsRequestError is asyncflow.RequestError
+    assert set(asyncflow.__all__) >= {
+        "run_request",
+        "run_request_sync",
+        "Settings",
+        "Result",
+        "RequestError",
+        "ModelError",
+    }
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        asyncflow.nothing  # noqa: B018

@@ -13,13 +13,10 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from ..case import PreparedCase
+from ..errors import ModelError
 from ..labels import SegmentLabel, labels_from_dataset_json
 
 __all__ = ["Backend", "ModelError", "ModelInfo", "ModelSteps"]
-
-
-class ModelError(RuntimeError):
-    """The model folder is unusable: missing files, no folds, or it failed to load."""
 
 
 @dataclass(frozen=True)

@@ -46,18 +46,15 @@ import SimpleITK as sitk
 from anyio.abc import ByteReceiveStream, Process
 
 from ..case import Geometry, PreparedCase
+from ..errors import ModelError, V1RunError
 from ..log import get_logger, scrub
-from .base import ModelError, ModelInfo
+from .base import ModelInfo
 
 __all__ = ["NnUNetV1Backend", "V1RunError"]
 
 log = get_logger("asyncflow.backends.nnunet_v1")
 
 _STDERR_TAIL_LINES = 15
-
-
-class V1RunError(RuntimeError):
-    """``nnUNet_predict`` failed as a whole: non-zero exit, timeout, or no start."""
 
 
 class NnUNetV1Backend:

@@ -1,0 +1,34 @@
+"""Every error asyncflow raises for users to catch, in one place.
+
+All are raised with a message that says what to fix. ``run_request`` raises
+:class:`SettingsError`, :class:`ModelError`, :class:`LabelError` and
+:class:`RequestError`; a case's own failure never raises, it is reported.
+"""
+
+from __future__ import annotations
+
+__all__ = ["LabelError", "ModelError", "RequestError", "SegCheckError", "SettingsError", "V1RunError"]
+
+
+class SettingsError(ValueError):
+    """A setting is missing or has an impossible value."""
+
+
+class ModelError(RuntimeError):
+    """The model folder is unusable: missing files, no folds, or it failed to load."""
+
+
+class LabelError(ValueError):
+    """A label configuration that cannot be used, with the reason."""
+
+
+class RequestError(ValueError):
+    """The request as a whole cannot be processed (bad entry type, no usable case...)."""
+
+
+class SegCheckError(ValueError):
+    """A written SEG does not decode to the prediction on its sources (a case's failure)."""
+
+
+class V1RunError(RuntimeError):
+    """``nnUNet_predict`` failed as a whole: non-zero exit, timeout, or no start (a case's failure)."""

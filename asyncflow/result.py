@@ -1,0 +1,62 @@
+"""What a request gives back: the result contract, the per-case report, progress.
+
+Kept apart from the orchestrator (:mod:`asyncflow.pipeline`) so that the CLI,
+the demo, the FLAME shell and the Hub reporter read results without importing it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .case import CaseReport, SkippedFile
+from .redact import redact_report
+
+__all__ = ["Progress", "Result"]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Sent after every case that ends; ``total`` is None until all inputs are assembled."""
+
+    done: int
+    failed: int
+    total: int | None
+
+
+@dataclass
+class Result:
+    request_id: str
+    status: str  # done | partial | failed (by cases and inputs) | error | cancelled
+    dicom_seg_bytes: dict[str, bytes]
+    nifti_seg_bytes: dict[str, bytes]
+    label_json_bytes: dict[str, bytes]  # <case>.mitklabel.json beside each DICOM SEG
+    cases: list[CaseReport]
+    inputs: list[dict[str, Any]]
+    skipped: list[SkippedFile]
+    duration_s: float
+    error: str | None = None  # why the request ended before its cases did (status error)
+
+    def report(self, *, redact: bool = False) -> dict[str, Any]:
+        """JSON-serialisable account of every input, case and skipped file; ``redact`` (what
+        leaves a FLAME node) names none by a name from the data (:func:`redact_report`)."""
+        report = {
+            "request_id": self.request_id,
+            "status": self.status,
+            "duration_s": round(self.duration_s, 3),
+            "error": self.error,
+            "cases": [c.as_dict() for c in self.cases],
+            "inputs": self.inputs,
+            "skipped_files": [s.as_dict() for s in self.skipped],
+        }
+        return redact_report(report) if redact else report
+
+    def as_dict(self, *, redact: bool = False) -> dict[str, Any]:
+        """The reference result contract plus the report (see :meth:`report`)."""
+        return {
+            "status": self.status,
+            "dicom_seg_bytes": self.dicom_seg_bytes,
+            "nifti_seg_bytes": self.nifti_seg_bytes,
+            "label_json_bytes": self.label_json_bytes,
+            "report": self.report(redact=redact),
+        }
