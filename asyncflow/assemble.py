@@ -27,6 +27,7 @@ import numpy as np
 
 from .case import Case, CaseSource, DicomInstance, SkippedFile, SourceKind
 from .dicom import NotAnImage, has_dicom_preamble, read_instance
+from .enums import InputKind
 from .inputs import UnpackedInput
 from .log import get_logger, scrub
 from .mitk import MITK_SUFFIX, is_mitk_label_json
@@ -157,7 +158,7 @@ def _classify(result: Scan, path: Path, max_file_bytes: int) -> str | None:
 
 def _series_label(unpacked: UnpackedInput) -> str:
     """A series is named after its archive, or after the folder of a loose file."""
-    if unpacked.kind == "archive":
+    if unpacked.kind is InputKind.ARCHIVE:
         return unpacked.item.name
     return PurePosixPath(unpacked.item.name.replace("\\", "/")).parent.name or unpacked.item.name
 
@@ -291,7 +292,7 @@ class CaseBuilder:
             cases.append(case)
         for series in grown.values():
             self._withdraw(series)
-        if result.unpacked.kind != "archive":
+        if result.unpacked.kind is not InputKind.ARCHIVE:
             # Loose files come one input per file: their series wait for finish(), else a folder
             # of 200 slices would make and withdraw 199 growing cases.
             return cases

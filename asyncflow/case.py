@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
+
+from .enums import CaseStatus, SourceKind
 
 __all__ = [
     "Case",
@@ -22,17 +23,6 @@ __all__ = [
     "SkippedFile",
     "SourceKind",
 ]
-
-
-class SourceKind(StrEnum):
-    DICOM = "dicom"
-    NIFTI = "nifti"
-
-
-class CaseStatus(StrEnum):
-    PENDING = "pending"
-    DONE = "done"
-    FAILED = "failed"
 
 
 @dataclass(frozen=True)

@@ -32,9 +32,11 @@ from pydicom.dataelem import DataElement
 from pydicom.sr.codedict import codes
 from pydicom.tag import BaseTag
 
+from .enums import DeidentifyProfile
+
 __all__ = ["PROFILES", "deidentify"]
 
-PROFILES = ("none", "basic")  # no change; the Basic Profile with the Retain UIDs Option
+PROFILES = tuple(DeidentifyProfile)  # none; basic: the Basic Profile with the Retain UIDs Option
 _TABLE = "dicomfields_2026c"  # the edition of PS3.15 Table E.1-1 used
 _METHOD = "PS3.15 Basic Profile, Retain UIDs Option"  # LO: at most 64 characters
 
@@ -136,9 +138,9 @@ def _apply(ds: pydicom.Dataset) -> None:
 
 def deidentify(ds: pydicom.Dataset, profile: str) -> None:
     """Apply ``profile`` (one of :data:`PROFILES`) to ``ds`` in place."""
-    if profile == "none":
+    if profile == DeidentifyProfile.NONE:
         return
-    if profile != "basic":
+    if profile != DeidentifyProfile.BASIC:
         raise ValueError(f"unknown de-identification profile {profile!r}; known: {', '.join(PROFILES)}")
     ds.remove_private_tags()  # at every depth
     _apply(ds)

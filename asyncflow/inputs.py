@@ -28,6 +28,7 @@ from typing import Any, BinaryIO
 
 from .case import SkippedFile
 from .dicom import series_uid
+from .enums import InputKind
 from .errors import RequestError
 
 __all__ = [
@@ -82,7 +83,7 @@ class InputItem:
 @dataclass
 class UnpackedInput:
     item: InputItem
-    kind: str  # "archive" or "file"
+    kind: InputKind
     root: Path  # files are reported relative to this folder
     files: list[Path] = field(default_factory=list)
     skipped: list[SkippedFile] = field(default_factory=list)
@@ -211,7 +212,7 @@ class _Extraction:
     def __init__(self, item: InputItem, dest: Path, limits: ArchiveLimits) -> None:
         self.item, self.limits = item, limits
         self.allowed = limits.allowed_bytes(item.size)
-        self.result = UnpackedInput(item, "archive", dest)
+        self.result = UnpackedInput(item, InputKind.ARCHIVE, dest)
         self.members = 0
 
     def refuse(self, name: str, reason: str) -> None:
@@ -278,23 +279,26 @@ def unpack(item: InputItem, dest: Path, limits: ArchiveLimits | None = None) -> 
     """
     limits = limits or ArchiveLimits()
     if item.size == 0:
-        return UnpackedInput(item, "file", dest, error="empty input (0 bytes)")
+        return UnpackedInput(item, InputKind.FILE, dest, error="empty input (0 bytes)")
     tar = _open_tar(item)
     if tar is None:
         reason = _corrupt_compression(item)
         if reason:
-            return UnpackedInput(item, "file", dest, error=reason)
+            return UnpackedInput(item, InputKind.FILE, dest, error=reason)
         if item.name.lower().endswith(_TAR_SUFFIXES):
             return UnpackedInput(
-                item, "file", dest, error="not a TAR archive, though its name says so: it cannot be read"
+                item,
+                InputKind.FILE,
+                dest,
+                error="not a TAR archive, though its name says so: it cannot be read",
             )
         if item.path is not None:
-            return UnpackedInput(item, "file", item.path.parent, files=[item.path])
+            return UnpackedInput(item, InputKind.FILE, item.path.parent, files=[item.path])
         target = dest / sanitise_relpath(item.name)
         target.parent.mkdir(parents=True, exist_ok=True)
         assert item.data is not None
         target.write_bytes(item.data)
-        return UnpackedInput(item, "file", dest, files=[target], bytes_written=len(item.data))
+        return UnpackedInput(item, InputKind.FILE, dest, files=[target], bytes_written=len(item.data))
 
     extraction = _Extraction(item, dest, limits)
     dest.mkdir(parents=True, exist_ok=True)
@@ -303,13 +307,13 @@ def unpack(item: InputItem, dest: Path, limits: ArchiveLimits | None = None) -> 
             extraction.extract(tar, dest, "", 1)
     except _LimitExceeded as exc:
         shutil.rmtree(dest, ignore_errors=True)
-        return UnpackedInput(item, "archive", dest, error=f"archive refused: {exc}")
+        return UnpackedInput(item, InputKind.ARCHIVE, dest, error=f"archive refused: {exc}")
     except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error, lzma.LZMAError) as exc:
         broken = {uid for uid in map(series_uid, extraction.result.files) if uid}
         shutil.rmtree(dest, ignore_errors=True)
         return UnpackedInput(
             item,
-            "archive",
+            InputKind.ARCHIVE,
             dest,
             error=f"archive could not be read: {type(exc).__name__}: {exc}",
             broken_series=broken,

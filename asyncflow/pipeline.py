@@ -47,6 +47,7 @@ from .case import (
     CaseStatus,
     PreparedCase,
 )
+from .enums import InputKind, RequestStatus, Stage
 from .export import export_output
 from .inputs import Entry, InputItem, RequestError, UnpackedInput, request_items, restore_files, unpack
 from .labels import load_label_config
@@ -186,7 +187,7 @@ class _Request:
         if send is not None:
             send.close()
 
-    async def _step(self, case: Case, stage: str, fn: Callable[..., R], *args: Any) -> R | None:
+    async def _step(self, case: Case, stage: Stage, fn: Callable[..., R], *args: Any) -> R | None:
         """Run one stage of one case in a worker thread; a failure ends the case."""
         started = time.perf_counter()
         try:
@@ -197,18 +198,18 @@ class _Request:
         self._add_seconds(case, stage, time.perf_counter() - started)
         return result
 
-    def _add_seconds(self, case: Case, stage: str, seconds: float) -> None:
+    def _add_seconds(self, case: Case, stage: Stage, seconds: float) -> None:
         """A stage may take several steps (prepare: read, then the model's preprocessing)."""
         stage_s = self.reports[case.case_id].stage_s
         stage_s[stage] = stage_s.get(stage, 0.0) + seconds
 
-    def _fail(self, case: Case, stage: str, error: Exception, seconds: float) -> None:
+    def _fail(self, case: Case, stage: Stage, error: Exception, seconds: float) -> None:
         self._add_seconds(case, stage, seconds)
         if isinstance(error, OSError) and error.errno == errno.ENOSPC:
             error = OSError(error.errno, f"disk full while writing the case's files ({error.strerror})")
         self._end_case(case, stage=stage, error=error)
 
-    def _end_case(self, case: Case, *, stage: str | None = None, error: Exception | None = None) -> None:
+    def _end_case(self, case: Case, *, stage: Stage | None = None, error: Exception | None = None) -> None:
         """Book a case as done or failed, remove its working folder and the unpacked files no
         other case reads, report progress."""
         shutil.rmtree(self._case_dir(case), ignore_errors=True)
@@ -329,7 +330,7 @@ class _Request:
                 duration = round(time.perf_counter() - started, 4)
                 if unpacked.error:
                     log.warning("input.failed", input_index=item.index, reason=scrub(unpacked.error))
-                elif unpacked.kind == "archive":
+                elif unpacked.kind is InputKind.ARCHIVE:
                     log.info(
                         "archive.extracted",
                         input_index=item.index,
@@ -398,7 +399,7 @@ class _Request:
             await self._hold(case)
         except OSError as exc:  # its input changed or vanished since it was first unpacked
             with structlog.contextvars.bound_contextvars(case_id=case.case_id):
-                self._fail(case, "prepare", exc, time.perf_counter() - started)
+                self._fail(case, Stage.PREPARE, exc, time.perf_counter() - started)
             return
         await send.send(case)
 
@@ -412,17 +413,17 @@ class _Request:
                     continue
                 with structlog.contextvars.bound_contextvars(case_id=case.case_id):
                     prepared = await self._step(
-                        case, "prepare", prepare_case, case, self._case_dir(case), self.needs_files
+                        case, Stage.PREPARE, prepare_case, case, self._case_dir(case), self.needs_files
                     )
                     if prepared is None:
                         continue
                     channels = len(prepared.images)
-                    read_s = self.reports[case.case_id].stage_s["prepare"]
+                    read_s = self.reports[case.case_id].stage_s[Stage.PREPARE]
                     admitted = await self._preprocess(prepared)
                     if admitted is None:
                         continue
                     reserved, memory_wait_s = admitted
-                    prepare_s = self.reports[case.case_id].stage_s["prepare"]
+                    prepare_s = self.reports[case.case_id].stage_s[Stage.PREPARE]
                     log.info(
                         "case.prepared",
                         channels=channels,
@@ -444,12 +445,12 @@ class _Request:
         try:
             estimate = self.steps.memory_bytes(prepared)
         except Exception as exc:  # noqa: BLE001 - a case nnU-Net cannot size fails alone
-            self._fail(case, "prepare", exc, 0.0)
+            self._fail(case, Stage.PREPARE, exc, 0.0)
             return None
         started = time.perf_counter()
         reserved = await self.budget.admit(case.case_id, estimate)
         waited = time.perf_counter() - started
-        model_input = await self._step(case, "prepare", self.steps.preprocess, prepared)
+        model_input = await self._step(case, Stage.PREPARE, self.steps.preprocess, prepared)
         if model_input is None:
             return None
         prepared.images, prepared.model_input = [], model_input  # it replaces the images
@@ -520,9 +521,9 @@ class _Request:
             case = prepared.case
             with structlog.contextvars.bound_contextvars(case_id=case.case_id):
                 if isinstance(outcome, Exception):
-                    self._fail(case, "predict", outcome, seconds)
+                    self._fail(case, Stage.PREDICT, outcome, seconds)
                     continue
-                self.reports[case.case_id].stage_s["predict"] = seconds
+                self.reports[case.case_id].stage_s[Stage.PREDICT] = seconds
                 # The model's input is not needed any more: export reads the sources.
                 prepared.images, prepared.model_input = [], None
                 network = getattr(outcome, "network_s", None)  # known where the backend has steps
@@ -554,7 +555,7 @@ class _Request:
                 with structlog.contextvars.bound_contextvars(case_id=case.case_id):
                     done = await self._step(
                         case,
-                        "export",
+                        Stage.EXPORT,
                         export_output,
                         prepared,
                         output,
@@ -584,7 +585,7 @@ class _Request:
                         "case.exported",
                         format=exported.format,
                         bytes=len(exported.data),
-                        duration_s=round(report.stage_s["export"], 4),
+                        duration_s=round(report.stage_s[Stage.EXPORT], 4),
                         to_labels_s=round(to_labels_s, 4),
                         **fallback,
                     )
@@ -593,7 +594,11 @@ class _Request:
     # -- result --------------------------------------------------------------------
 
     def result(
-        self, request_id: str, duration_s: float, status: str | None = None, error: str | None = None
+        self,
+        request_id: str,
+        duration_s: float,
+        status: RequestStatus | None = None,
+        error: str | None = None,
     ) -> Result:
         """The result so far; ``status`` overrides the one the cases and inputs give (cancelled,
         error), ``error`` says why the request ended early."""
@@ -602,7 +607,13 @@ class _Request:
         # An input that could not be read, or whose members were refused, is lost like a failed case.
         lost_inputs = any(i["error"] for i in self.inputs) or any(s.refused for s in self.builder.skipped)
         if status is None:
-            status = "failed" if failed == len(reports) else "partial" if failed or lost_inputs else "done"
+            status = (
+                RequestStatus.FAILED
+                if failed == len(reports)
+                else RequestStatus.PARTIAL
+                if failed or lost_inputs
+                else RequestStatus.DONE
+            )
         return Result(
             request_id=request_id,
             status=status,
@@ -659,7 +670,7 @@ async def run_request(
             memory_budget_bytes=budget.limit,
         )
         request = _Request(settings, backends, workdir, on_progress, label_config, budget)
-        status, error = "error", None
+        status, error = RequestStatus.ERROR, None
         try:
             try:
                 await request.run(items)
@@ -675,7 +686,7 @@ async def run_request(
             status = result.status
             return result
         except (anyio.get_cancelled_exc_class(), KeyboardInterrupt):
-            status = "cancelled"
+            status = RequestStatus.CANCELLED
             raise
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
@@ -683,7 +694,7 @@ async def run_request(
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
             if on_finish is not None:
-                final = status if status in ("error", "cancelled") else None
+                final = status if status in (RequestStatus.ERROR, RequestStatus.CANCELLED) else None
                 on_finish(request.result(request_id, time.perf_counter() - started, final, error))
             statuses = [r.status for r in request.live_reports()]
             log.info(

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .case import CaseReport, SkippedFile
+from .enums import RequestStatus
 from .redact import redact_report
 
 __all__ = ["Progress", "Result"]
@@ -27,7 +28,7 @@ class Progress:
 @dataclass
 class Result:
     request_id: str
-    status: str  # done | partial | failed (by cases and inputs) | error | cancelled
+    status: RequestStatus
     dicom_seg_bytes: dict[str, bytes]
     nifti_seg_bytes: dict[str, bytes]
     label_json_bytes: dict[str, bytes]  # <case>.mitklabel.json beside each DICOM SEG

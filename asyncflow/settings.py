@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple, cast
 
 from .budget import available_memory_bytes
-from .deidentify import PROFILES
+from .enums import DeidentifyProfile, SegCompression, SegType
 from .errors import SettingsError
 from .inputs import ArchiveLimits
 
@@ -38,8 +38,8 @@ MODEL_DEFAULTS: dict[str, dict[str, str]] = {
     "v2": {"trainer": "nnUNetTrainer", "plans": "nnUNetPlans", "checkpoint": "checkpoint_final.pth"},
     "v1": {"trainer": "nnUNetTrainerV2", "plans": "nnUNetPlansv2.1", "checkpoint": "model_final_checkpoint"},
 }
-SEG_TYPES = ("BINARY", "FRACTIONAL", "LABELMAP")
-SEG_COMPRESSIONS = ("none", "rle", "jpeg2000", "jpegls")
+SEG_TYPES = tuple(SegType)
+SEG_COMPRESSIONS = tuple(SegCompression)
 
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -222,8 +222,9 @@ class Settings:
             raise SettingsError(
                 f"seg_compression must be one of {', '.join(SEG_COMPRESSIONS)}, got {self.seg_compression!r}"
             )
-        if self.deidentify not in PROFILES:
-            raise SettingsError(f"deidentify must be one of {', '.join(PROFILES)}, got {self.deidentify!r}")
+        if self.deidentify not in tuple(DeidentifyProfile):
+            profiles = ", ".join(DeidentifyProfile)
+            raise SettingsError(f"deidentify must be one of {profiles}, got {self.deidentify!r}")
         if self.seg_compression != "none" and self.seg_type == "BINARY":
             raise SettingsError(
                 "BINARY SEG is written uncompressed (highdicom encodes compressed frames for "
