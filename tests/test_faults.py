@@ -8,6 +8,7 @@ import io
 import json
 import signal
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 
 import asyncflow.cli
 import asyncflow.export
+import asyncflow.pipeline
 from asyncflow.backends import Backend
 from asyncflow.case import PreparedCase
 from asyncflow.cli import main
@@ -23,7 +25,11 @@ from asyncflow.inputs import RequestError
 from asyncflow.log import configure_logging
 from asyncflow.pipeline import run_request
 from asyncflow.seg import read_nifti_seg
+from asyncflow.settings import packaged_demo_model
 from asyncflow.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom, nifti_bytes
+from asyncflow.testing import FakeBackend
+
+MODEL = packaged_demo_model()  # named for the CLI's model check; the FakeBackend predicts
 
 pytestmark = pytest.mark.anyio
 
@@ -147,28 +153,38 @@ async def test_a_request_larger_than_the_free_disk_runs_when_what_is_unpacked_at
         )
 
 
-def test_ctrl_c_in_the_cli_writes_a_partial_report(tmp_path: Path, model_dir: Path, rng, monkeypatch) -> None:
+def test_ctrl_c_in_the_cli_writes_a_partial_report(tmp_path: Path, rng, monkeypatch) -> None:
+    """Deterministic: every case after the first waits in the backend until the interrupt has
+    been pressed (and for a second more), so no case can end between the key and the cancel."""
     inputs = tmp_path / "in"
     inputs.mkdir()
     for n in range(4):
         (inputs / f"v{n}.nii.gz").write_bytes(_nifti(rng))
+    pressed = threading.Event()
 
-    pressed: list[bool] = []
+    def predict(case: PreparedCase) -> np.ndarray:
+        if case.case.case_id != "case-0001":
+            pressed.wait(timeout=60)
+            time.sleep(1.0)  # the cancel reaches the request while this case is still predicting
+        return np.zeros(tuple(reversed(case.geometry.size)), np.uint8)
 
     def interrupt(self, progress) -> None:  # the user presses Ctrl-C after the first case
-        if not pressed:
-            pressed.append(True)
-            signal.raise_signal(signal.SIGINT)
+        if not pressed.is_set():
+            try:
+                signal.raise_signal(signal.SIGINT)
+            finally:
+                pressed.set()
 
     monkeypatch.setattr(asyncflow.cli._ProgressBar, "__call__", interrupt)
+    monkeypatch.setattr(asyncflow.pipeline, "build_backends", lambda settings: [FakeBackend(predict=predict)])
     out, work = tmp_path / "out", tmp_path / "work"
-    argv = ["run", str(inputs), "-o", str(out), "--model", str(model_dir), "--work-dir", str(work)]
-    assert main([*argv, "--device", "cpu", "--no-mirroring", "--threads", "1"]) == 130
+    argv = ["run", str(inputs), "-o", str(out), "--model", str(MODEL), "--work-dir", str(work)]
+    assert main(argv) == 130
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "cancelled"
     statuses = [c["status"] for c in report["cases"]]
-    assert statuses.count("done") >= 1 and set(statuses) <= {"done", "pending"}
-    assert len(list((out / "nifti_seg").iterdir())) == statuses.count("done")
+    assert statuses.count("done") == 1 and set(statuses) <= {"done", "pending"}
+    assert len(list((out / "nifti_seg").iterdir())) == 1
     assert not any(work.iterdir())
     # Every worker thread of the interrupted run stops (they are told to as the run ends): the process can exit.
     workers = [t for t in threading.enumerate() if t.name == "AnyIO worker thread" and not t.daemon]
