@@ -24,11 +24,8 @@ from __future__ import annotations
 import errno
 import math
 import resource
-import shutil
-import tempfile
 import time
 import uuid
-from collections import Counter, defaultdict
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -43,19 +40,20 @@ from .backends import Backend, ModelInfo, create_backend
 from .budget import MemoryBudget
 from .case import (
     Case,
-    CaseReport,
     CaseStatus,
     PreparedCase,
 )
 from .enums import InputKind, RequestStatus, Stage
 from .export import export_output
-from .inputs import Entry, InputItem, RequestError, UnpackedInput, request_items, restore_files, unpack
+from .inputs import Entry, InputItem, RequestError, UnpackedInput, request_items, unpack
 from .labels import load_label_config
+from .ledger import Ledger
 from .log import get_logger, scrub
 from .prepare import prepare_case
 from .result import Progress, Result
 from .seg import Algorithm, SegOptions
 from .settings import Settings
+from .workspace import Workspace, check_free_space
 
 __all__ = [
     "Progress",
@@ -105,41 +103,26 @@ class _Request:
         self,
         settings: Settings,
         backends: Sequence[Backend],
-        workdir: Path,
-        on_progress: Callable[[Progress], None] | None,
+        workspace: Workspace,
+        ledger: Ledger,
         label_config: Mapping[int, Mapping[str, Any]],
         budget: MemoryBudget,
     ) -> None:
         self.settings = settings
         self.backends = backends  # one prediction worker each
         self.needs_files = any(b.needs_files for b in backends)  # else the model input stays in memory
-        self.workdir = workdir
-        self.on_progress = on_progress
+        self.workspace = workspace
+        self.ledger = ledger
         self.builder = CaseBuilder(multi_modal=settings.multi_modal, opaque_names=settings.opaque_names)
-        self.reports: dict[str, CaseReport] = {}
-        # Cases whose series grew or lost an input after they were made: dropped when they end.
-        self.withdrawn: set[str] = set()
-        self.written: dict[str, list[tuple[dict[str, bytes], str]]] = {}  # case id -> its outputs
-        # Unpacked files are deleted when the last case that reads them ends (bounded disk);
-        # one a later case needs again (its series grew) is unpacked again from its input.
-        self.items: dict[int, InputItem] = {}
-        self.holds: Counter[Path] = Counter()  # unpacked file -> cases that still read it
-        self.released: set[Path] = set()
-        self.restores = 0
         # The first input is unpacked and scanned alone: its cases reach the GPU sooner when the
         # other unpack workers do not share the cores with it. Set once its cases are sent on.
         self.first_input_assembled = anyio.Event()
         self.unpack_leader_taken = False
-        self.inputs: list[dict[str, Any]] = []
-        self.dicom: dict[str, bytes] = {}
-        self.nifti: dict[str, bytes] = {}
-        self.label_json: dict[str, bytes] = {}
         self.limits = settings.archive_limits()
         self.label_config = label_config
         self.seg_options = SegOptions(
             settings.seg_type, settings.seg_keep_empty_frames, settings.seg_compression, settings.deidentify
         )
-        self.total: int | None = None
         # The model's CPU work around the network (v2), done by the prepare and export workers;
         # a case starts it only when its memory estimate fits in the budget.
         self.steps = backends[0].steps
@@ -150,7 +133,6 @@ class _Request:
     # -- orchestration -----------------------------------------------------------
 
     async def run(self, items: list[InputItem]) -> None:
-        self.items = {item.index: item for item in items}
         size = self.settings.queue_size
         unpacked_send, unpacked_recv = _stream(size)
         cases_send, cases_recv = _stream(size)
@@ -199,9 +181,7 @@ class _Request:
         return result
 
     def _add_seconds(self, case: Case, stage: Stage, seconds: float) -> None:
-        """A stage may take several steps (prepare: read, then the model's preprocessing)."""
-        stage_s = self.reports[case.case_id].stage_s
-        stage_s[stage] = stage_s.get(stage, 0.0) + seconds
+        self.ledger.add_seconds(case, stage, seconds)
 
     def _fail(self, case: Case, stage: Stage, error: Exception, seconds: float) -> None:
         self._add_seconds(case, stage, seconds)
@@ -210,106 +190,16 @@ class _Request:
         self._end_case(case, stage=stage, error=error)
 
     def _end_case(self, case: Case, *, stage: Stage | None = None, error: Exception | None = None) -> None:
-        """Book a case as done or failed, remove its working folder and the unpacked files no
-        other case reads, report progress."""
-        shutil.rmtree(self._case_dir(case), ignore_errors=True)
-        self._release(case)
+        """The case has ended: free its files and memory, book it."""
+        self.workspace.end_case(case)
         self.budget.release(case.case_id)
-        if case.case_id in self.withdrawn:
-            self._forget(case.case_id)
-            return
-        report = self.reports[case.case_id]
-        if error is not None:
-            report.status = CaseStatus.FAILED
-            report.error = f"{stage}: {type(error).__name__}: {error}"
-            report.error_stage, report.error_type = stage, type(error).__name__
-            log.warning(
-                "case.failed",
-                stage=stage,
-                error_type=type(error).__name__,
-                reason=scrub(str(error)),
-                **_identity(case),
-            )
-        else:
-            report.status = CaseStatus.DONE
-        log.info(
-            "case.finished",
-            status=str(report.status),
-            kind=str(report.kind),
-            **_identity(case),
-            **{f"{stage}_s": round(seconds, 4) for stage, seconds in report.stage_s.items()},
-        )
-        if self.on_progress is not None:
-            statuses = [r.status for r in self.live_reports()]
-            self.on_progress(
-                Progress(
-                    done=statuses.count(CaseStatus.DONE),
-                    failed=statuses.count(CaseStatus.FAILED),
-                    total=self.total,
-                )
-            )
-
-    def _case_dir(self, case: Case) -> Path:
-        return self.workdir / "cases" / case.case_id
-
-    def _input_dir(self, index: int) -> Path:
-        return self.workdir / "inputs" / f"{index:04d}"
-
-    def _unpacked_sources(self, case: Case) -> list[Path]:
-        """The files of ``case`` that were unpacked into this request's folder (not used in place)."""
-        inputs = self.workdir / "inputs"
-        sources = [*case.files, *([case.label_file] if case.label_file else [])]
-        return [p for p in dict.fromkeys(sources) if p.is_relative_to(inputs)]
-
-    async def _hold(self, case: Case) -> None:
-        """Count ``case`` as a reader of its unpacked files; unpack again those already deleted."""
-        sources = self._unpacked_sources(case)
-        self.holds.update(sources)
-        missing: dict[int, list[Path]] = defaultdict(list)
-        for path in sources:
-            if path in self.released:
-                missing[int(path.relative_to(self.workdir / "inputs").parts[0])].append(path)
-        for index, files in missing.items():
-            started = time.perf_counter()
-            scratch = self.workdir / "restore" / f"{index:04d}-{self.restores}"
-            self.restores += 1
-            await anyio.to_thread.run_sync(
-                restore_files, self.items[index], self._input_dir(index), files, scratch, self.limits
-            )
-            self.released.difference_update(files)
-            log.info(
-                "input.restored",
-                input_index=index,
-                files=len(files),
-                duration_s=round(time.perf_counter() - started, 4),
-            )
-
-    def _release(self, case: Case) -> None:
-        """``case`` has ended: delete its unpacked files that no other case reads."""
-        for path in self._unpacked_sources(case):
-            self.holds[path] -= 1
-            if self.holds[path] <= 0:
-                del self.holds[path]
-                path.unlink(missing_ok=True)
-                self.released.add(path)
-
-    def live_reports(self) -> list[CaseReport]:
-        """Reports of the cases that count: all but the withdrawn."""
-        return [r for case_id, r in self.reports.items() if case_id not in self.withdrawn]
+        self.ledger.end(case, stage=stage, error=error)
 
     def _take_withdrawn(self) -> None:
         """The builder withdrew cases (their series grew or lost an input): drop what they made."""
         for case in self.builder.withdrawn:
-            self.withdrawn.add(case.case_id)
-            log.info("case.withdrawn", case_id=case.case_id)
-            if self.reports[case.case_id].status is not CaseStatus.PENDING:  # it has ended already
-                self._forget(case.case_id)
+            self.ledger.withdraw(case)
         self.builder.withdrawn.clear()
-
-    def _forget(self, case_id: str) -> None:
-        self.reports.pop(case_id, None)
-        for outputs, name in self.written.pop(case_id, []):
-            outputs.pop(name, None)
 
     # -- stages --------------------------------------------------------------------
 
@@ -325,7 +215,7 @@ class _Request:
             for item in items:  # shared iterator: each worker takes the next item
                 started = time.perf_counter()
                 unpacked = await anyio.to_thread.run_sync(
-                    unpack, item, self._input_dir(item.index), self.limits
+                    unpack, item, self.workspace.input_dir(item.index), self.limits
                 )
                 duration = round(time.perf_counter() - started, 4)
                 if unpacked.error:
@@ -355,7 +245,7 @@ class _Request:
     ) -> None:
         async with receive, send:
             async for unpacked, scanned in receive:
-                self.inputs.append(
+                self.ledger.inputs.append(
                     {
                         "index": unpacked.item.index,
                         "name": unpacked.item.name,
@@ -376,27 +266,21 @@ class _Request:
                 self.first_input_assembled.set()
             for case in self.builder.finish():
                 await self._emit(case, send)
-            self.total = len(self.live_reports())
-            log.info("request.assembled", cases=self.total, files_skipped=len(self.builder.skipped))
-            if not self.total:  # end now, with the report, not once the model has loaded
-                failed_inputs = sum(1 for i in self.inputs if i["error"])
+            total = self.ledger.total = len(self.ledger.live_reports())
+            log.info("request.assembled", cases=total, files_skipped=len(self.builder.skipped))
+            if not total:  # end now, with the report, not once the model has loaded
+                inputs = self.ledger.inputs
+                failed_inputs = sum(1 for i in inputs if i["error"])
                 raise RequestError(
-                    f"no usable case in the request: {len(self.inputs)} input(s), {failed_inputs} unreadable, "
+                    f"no usable case in the request: {len(inputs)} input(s), {failed_inputs} unreadable, "
                     f"{len(self.builder.skipped)} file(s) skipped (the report gives each file's reason)"
                 )
 
     async def _emit(self, case: Case, send: MemoryObjectSendStream[Case]) -> None:
-        self.reports[case.case_id] = CaseReport(case.case_id, case.kind, case.origin, source=case.source)
-        log.info(
-            "case.assembled",
-            case_id=case.case_id,
-            kind=str(case.kind),
-            files=len(case.files),
-            **_identity(case),
-        )
+        self.ledger.open(case)
         started = time.perf_counter()
         try:
-            await self._hold(case)
+            await self.workspace.hold(case)
         except OSError as exc:  # its input changed or vanished since it was first unpacked
             with structlog.contextvars.bound_contextvars(case_id=case.case_id):
                 self._fail(case, Stage.PREPARE, exc, time.perf_counter() - started)
@@ -408,22 +292,27 @@ class _Request:
     ) -> None:
         async with receive, send:
             async for case in receive:
-                if case.case_id in self.withdrawn:
+                if case.case_id in self.ledger.withdrawn:
                     self._end_case(case)
                     continue
                 with structlog.contextvars.bound_contextvars(case_id=case.case_id):
                     prepared = await self._step(
-                        case, Stage.PREPARE, prepare_case, case, self._case_dir(case), self.needs_files
+                        case,
+                        Stage.PREPARE,
+                        prepare_case,
+                        case,
+                        self.workspace.case_dir(case),
+                        self.needs_files,
                     )
                     if prepared is None:
                         continue
                     channels = len(prepared.images)
-                    read_s = self.reports[case.case_id].stage_s[Stage.PREPARE]
+                    read_s = self.ledger.seconds(case, Stage.PREPARE)
                     admitted = await self._preprocess(prepared)
                     if admitted is None:
                         continue
                     reserved, memory_wait_s = admitted
-                    prepare_s = self.reports[case.case_id].stage_s[Stage.PREPARE]
+                    prepare_s = self.ledger.seconds(case, Stage.PREPARE)
                     log.info(
                         "case.prepared",
                         channels=channels,
@@ -493,9 +382,9 @@ class _Request:
     ) -> None:
         """One backend call for ``batch``; when the call fails as a whole, each case alone."""
         for prepared in batch:
-            if prepared.case.case_id in self.withdrawn:
+            if prepared.case.case_id in self.ledger.withdrawn:
                 self._end_case(prepared.case)
-        batch = [p for p in batch if p.case.case_id not in self.withdrawn]
+        batch = [p for p in batch if p.case.case_id not in self.ledger.withdrawn]
         if not batch:
             return
         started = time.perf_counter()
@@ -523,7 +412,7 @@ class _Request:
                 if isinstance(outcome, Exception):
                     self._fail(case, Stage.PREDICT, outcome, seconds)
                     continue
-                self.reports[case.case_id].stage_s[Stage.PREDICT] = seconds
+                self.ledger.report(case).stage_s[Stage.PREDICT] = seconds
                 # The model's input is not needed any more: export reads the sources.
                 prepared.images, prepared.model_input = [], None
                 network = getattr(outcome, "network_s", None)  # known where the backend has steps
@@ -549,7 +438,7 @@ class _Request:
         async with receive:
             async for prepared, output in receive:
                 case = prepared.case
-                if case.case_id in self.withdrawn:
+                if case.case_id in self.ledger.withdrawn:
                     self._end_case(case)
                     continue
                 with structlog.contextvars.bound_contextvars(case_id=case.case_id):
@@ -569,13 +458,12 @@ class _Request:
                     if done is None:
                         continue
                     exported, to_labels_s = done
-                    outputs = self.dicom if exported.format == "dicom_seg" else self.nifti
-                    outputs[exported.name] = exported.data
-                    written = self.written[case.case_id] = [(outputs, exported.name)]
+                    ledger = self.ledger
+                    outputs = ledger.dicom if exported.format == "dicom_seg" else ledger.nifti
+                    ledger.write(case, outputs, exported.name, exported.data)
                     if exported.label_json is not None:
-                        self.label_json[exported.label_json[0]] = exported.label_json[1]
-                        written.append((self.label_json, exported.label_json[0]))
-                    report = self.reports[case.case_id]
+                        ledger.write(case, ledger.label_json, *exported.label_json)
+                    report = ledger.report(case)
                     report.output = exported.name
                     report.labels_present = exported.labels_present
                     report.labels_absent = exported.labels_absent
@@ -590,42 +478,6 @@ class _Request:
                         **fallback,
                     )
                     self._end_case(case)
-
-    # -- result --------------------------------------------------------------------
-
-    def result(
-        self,
-        request_id: str,
-        duration_s: float,
-        status: RequestStatus | None = None,
-        error: str | None = None,
-    ) -> Result:
-        """The result so far; ``status`` overrides the one the cases and inputs give (cancelled,
-        error), ``error`` says why the request ended early."""
-        reports = sorted(self.live_reports(), key=lambda r: r.case_id)
-        failed = sum(r.status is not CaseStatus.DONE for r in reports)
-        # An input that could not be read, or whose members were refused, is lost like a failed case.
-        lost_inputs = any(i["error"] for i in self.inputs) or any(s.refused for s in self.builder.skipped)
-        if status is None:
-            status = (
-                RequestStatus.FAILED
-                if failed == len(reports)
-                else RequestStatus.PARTIAL
-                if failed or lost_inputs
-                else RequestStatus.DONE
-            )
-        return Result(
-            request_id=request_id,
-            status=status,
-            dicom_seg_bytes=self.dicom,
-            nifti_seg_bytes=self.nifti,
-            label_json_bytes=self.label_json,
-            cases=reports,
-            inputs=sorted(self.inputs, key=lambda i: i["index"]),
-            skipped=self.builder.skipped,
-            duration_s=duration_s,
-            error=error,
-        )
 
 
 async def run_request(
@@ -655,12 +507,12 @@ async def run_request(
         backends = build_backends(settings)
     else:
         backends = list(backend) if isinstance(backend, Sequence) else [backend]
-    _check_free_space(settings, backends, [i.size for i in items])
+    at_once = _inputs_on_disk_at_once(settings, backends)
+    check_free_space(settings.work_dir, settings.disk_headroom, [i.size for i in items], at_once)
     request_id = uuid.uuid4().hex[:12]
     started = time.perf_counter()
-    if settings.work_dir is not None:
-        settings.work_dir.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix=f"asyncflow-{request_id}-", dir=settings.work_dir))
+    workspace = Workspace(request_id, settings.work_dir, items, settings.archive_limits())
+    ledger = Ledger(on_progress)
     with structlog.contextvars.bound_contextvars(request_id=request_id):
         budget = MemoryBudget(settings.memory_budget_bytes())
         log.info(
@@ -669,7 +521,7 @@ async def run_request(
             bytes=sum(i.size for i in items),
             memory_budget_bytes=budget.limit,
         )
-        request = _Request(settings, backends, workdir, on_progress, label_config, budget)
+        request = _Request(settings, backends, workspace, ledger, label_config, budget)
         status, error = RequestStatus.ERROR, None
         try:
             try:
@@ -682,7 +534,7 @@ async def run_request(
                 if len(errors) == 1 and isinstance(errors[0], Exception):
                     raise errors[0] from None
                 raise
-            result = request.result(request_id, time.perf_counter() - started)
+            result = ledger.result(request_id, time.perf_counter() - started, request.builder.skipped)
             status = result.status
             return result
         except (anyio.get_cancelled_exc_class(), KeyboardInterrupt):
@@ -692,11 +544,12 @@ async def run_request(
             error = f"{type(exc).__name__}: {exc}"
             raise
         finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+            workspace.close()
             if on_finish is not None:
                 final = status if status in (RequestStatus.ERROR, RequestStatus.CANCELLED) else None
-                on_finish(request.result(request_id, time.perf_counter() - started, final, error))
-            statuses = [r.status for r in request.live_reports()]
+                elapsed = time.perf_counter() - started
+                on_finish(ledger.result(request_id, elapsed, request.builder.skipped, final, error))
+            statuses = [r.status for r in ledger.live_reports()]
             log.info(
                 "request.finished",
                 status=status,
@@ -707,11 +560,6 @@ async def run_request(
                 duration_s=round(time.perf_counter() - started, 4),
                 peak_rss_bytes=peak_rss_bytes(),
             )
-
-
-def _identity(case: Case) -> dict[str, Any]:
-    """What names a case in its events without patient data: series UID, number, modality, part."""
-    return case.source.event_fields() if case.source else {}
 
 
 def _nbytes(value: Any) -> int:
@@ -750,29 +598,6 @@ def _inputs_on_disk_at_once(settings: Settings, backends: Sequence[Backend]) -> 
         + settings.export_workers
     )
     return waiting + in_flight
-
-
-def _check_free_space(settings: Settings, backends: Sequence[Backend], input_sizes: list[int]) -> None:
-    """Fail before any work when the work folder's disk cannot hold what the request unpacks at once:
-    ``disk_headroom`` x the largest inputs that can be on disk together (or all of them)."""
-    if not settings.disk_headroom:
-        return
-    parent = settings.work_dir or Path(tempfile.gettempdir())
-    at_once = sorted(input_sizes, reverse=True)[: _inputs_on_disk_at_once(settings, backends)]
-    need = int(settings.disk_headroom * sum(at_once))
-    existing = next(p for p in (parent, *parent.parents) if p.exists())  # work_dir may not exist yet
-    free = shutil.disk_usage(existing).free
-    if free < need:
-        which = (
-            "input"
-            if len(at_once) == len(input_sizes)
-            else f"the {len(at_once)} largest inputs, as many as can be unpacked at once"
-        )
-        raise RequestError(
-            f"not enough free disk space in {parent}: about {need / 1e9:.1f} GB needed "
-            f"({settings.disk_headroom:g} x the {sum(at_once) / 1e9:.1f} GB of {which}), "
-            f"{free / 1e9:.1f} GB free; free some space, choose another --work-dir, or lower disk_headroom"
-        )
 
 
 def run_request_sync(entries: Iterable[Entry], settings: Settings | None = None, **kwargs: Any) -> Result:

@@ -1,0 +1,154 @@
+"""The books of one request: each case's report, what it wrote, its end, progress, the Result.
+
+A case is opened when it leaves assembly and ends once, done or failed with a
+reason (``case.failed``, ``case.finished``). A case the assembly withdraws (its
+series grew or lost an input after it was made) is forgotten with whatever it
+wrote: a partial volume is never returned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .case import Case, CaseReport, CaseStatus, SkippedFile
+from .enums import RequestStatus, Stage
+from .log import get_logger, scrub
+from .result import Progress, Result
+
+__all__ = ["Ledger", "case_identity"]
+
+log = get_logger("asyncflow.pipeline")  # the events keep the logger name they always had
+
+
+def case_identity(case: Case) -> dict[str, Any]:
+    """What names a case in its events without patient data: series UID, number, modality, part."""
+    return case.source.event_fields() if case.source else {}
+
+
+class Ledger:
+    """Reports, outputs and inputs of one request, and the :class:`Result` they make."""
+
+    def __init__(self, on_progress: Callable[[Progress], None] | None) -> None:
+        self.on_progress = on_progress
+        self.reports: dict[str, CaseReport] = {}
+        self.withdrawn: set[str] = set()  # case ids whose results must not be returned
+        self.written: dict[str, list[tuple[dict[str, bytes], str]]] = {}  # case id -> its outputs
+        self.inputs: list[dict[str, Any]] = []
+        self.dicom: dict[str, bytes] = {}
+        self.nifti: dict[str, bytes] = {}
+        self.label_json: dict[str, bytes] = {}
+        self.total: int | None = None  # cases, once every input is assembled
+
+    def open(self, case: Case) -> None:
+        self.reports[case.case_id] = CaseReport(case.case_id, case.kind, case.origin, source=case.source)
+        log.info(
+            "case.assembled",
+            case_id=case.case_id,
+            kind=str(case.kind),
+            files=len(case.files),
+            **case_identity(case),
+        )
+
+    def add_seconds(self, case: Case, stage: Stage, seconds: float) -> None:
+        """A stage may take several steps (prepare: read, then the model's preprocessing)."""
+        stage_s = self.reports[case.case_id].stage_s
+        stage_s[stage] = stage_s.get(stage, 0.0) + seconds
+
+    def seconds(self, case: Case, stage: Stage) -> float:
+        return self.reports[case.case_id].stage_s[stage]
+
+    def report(self, case: Case) -> CaseReport:
+        return self.reports[case.case_id]
+
+    def end(self, case: Case, *, stage: Stage | None = None, error: Exception | None = None) -> None:
+        """Book a case as done or failed (a withdrawn case is forgotten), report progress."""
+        if case.case_id in self.withdrawn:
+            self.forget(case.case_id)
+            return
+        report = self.reports[case.case_id]
+        if error is not None:
+            report.status = CaseStatus.FAILED
+            report.error = f"{stage}: {type(error).__name__}: {error}"
+            report.error_stage, report.error_type = stage, type(error).__name__
+            log.warning(
+                "case.failed",
+                stage=stage,
+                error_type=type(error).__name__,
+                reason=scrub(str(error)),
+                **case_identity(case),
+            )
+        else:
+            report.status = CaseStatus.DONE
+        log.info(
+            "case.finished",
+            status=str(report.status),
+            kind=str(report.kind),
+            **case_identity(case),
+            **{f"{stage}_s": round(seconds, 4) for stage, seconds in report.stage_s.items()},
+        )
+        if self.on_progress is not None:
+            statuses = [r.status for r in self.live_reports()]
+            self.on_progress(
+                Progress(
+                    done=statuses.count(CaseStatus.DONE),
+                    failed=statuses.count(CaseStatus.FAILED),
+                    total=self.total,
+                )
+            )
+
+    def write(self, case: Case, outputs: dict[str, bytes], name: str, data: bytes) -> None:
+        """Keep one of the case's output files (``outputs``: the ledger's dicom, nifti or label_json)."""
+        outputs[name] = data
+        self.written.setdefault(case.case_id, []).append((outputs, name))
+
+    def withdraw(self, case: Case) -> None:
+        """Drop a case the assembly withdrew: now if it has ended, else when it ends."""
+        self.withdrawn.add(case.case_id)
+        log.info("case.withdrawn", case_id=case.case_id)
+        if self.reports[case.case_id].status is not CaseStatus.PENDING:
+            self.forget(case.case_id)
+
+    def forget(self, case_id: str) -> None:
+        self.reports.pop(case_id, None)
+        for outputs, name in self.written.pop(case_id, []):
+            outputs.pop(name, None)
+
+    def live_reports(self) -> list[CaseReport]:
+        """Reports of the cases that count: all but the withdrawn."""
+        return [r for case_id, r in self.reports.items() if case_id not in self.withdrawn]
+
+    def result(
+        self,
+        request_id: str,
+        duration_s: float,
+        skipped: list[SkippedFile],
+        status: RequestStatus | None = None,
+        error: str | None = None,
+    ) -> Result:
+        """The result so far; ``status`` overrides the one the cases and inputs give (cancelled,
+        error), ``error`` says why the request ended early."""
+        reports = sorted(self.live_reports(), key=lambda r: r.case_id)
+        failed = sum(r.status is not CaseStatus.DONE for r in reports)
+        # An input that could not be read, or whose members were refused, is lost like a failed case.
+        lost_inputs = any(i["error"] for i in self.inputs) or any(s.refused for s in skipped)
+        if status is None:
+            status = (
+                RequestStatus.FAILED
+                if failed == len(reports)
+                else RequestStatus.PARTIAL
+                if failed or lost_inputs
+                else RequestStatus.DONE
+            )
+        return Result(
+            request_id=request_id,
+            status=status,
+            dicom_seg_bytes=self.dicom,
+            nifti_seg_bytes=self.nifti,
+            label_json_bytes=self.label_json,
+            cases=reports,
+            inputs=sorted(self.inputs, key=lambda i: i["index"]),
+            skipped=skipped,
+            duration_s=duration_s,
+            error=error,
+        )
