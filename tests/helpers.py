@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.dataset import FileDataset
@@ -21,6 +22,20 @@ def make_tar(members: dict[str, bytes], mode: str = "w:gz") -> bytes:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return buffer.getvalue()
+
+
+def phantom_nifti(rng: Any, shape: tuple[int, int, int] = (32, 40, 40)) -> bytes:
+    """A synthetic phantom volume (asyncflow.synthetic) as .nii.gz bytes."""
+    from asyncflow.synthetic import make_phantom, nifti_bytes
+
+    phantom = make_phantom(rng, shape)
+    return nifti_bytes(phantom.image, phantom.spacing, phantom.origin)
+
+
+def dice(a: Any, b: Any) -> float:
+    """Dice overlap of two boolean masks (1.0 when both are empty)."""
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
 def dicom_bytes(ds: FileDataset) -> bytes:

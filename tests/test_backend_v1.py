@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from helpers import dice
 
 from asyncflow.backends import ModelError, ModelInfo
 from asyncflow.backends.nnunet_v1 import NnUNetV1Backend, _read_prediction
@@ -63,11 +64,6 @@ def _v1_settings(work: Path, **overrides: object) -> Settings:
 
 def _events(stream: io.StringIO) -> list[dict]:
     return [json.loads(line) for line in stream.getvalue().splitlines()]
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
 def _wrapper(folder: Path, body: str) -> str:
@@ -214,9 +210,9 @@ def test_a_multi_tar_request_runs_in_fewer_v1_processes_than_cases(
         uids = [str(ds.SOPInstanceUID) for ds in datasets]
         numbers, names = read_dicom_seg((out / "dicom_seg" / name).read_bytes(), uids)
         liver = {v: k for k, v in names.items()}["liver"]
-        liver_dice[name] = _dice(numbers == liver, phantom.labels == 1)
+        liver_dice[name] = dice(numbers == liver, phantom.labels == 1)
     volume = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "nifti_seg" / "volume.nii.gz")))
-    liver_dice["volume.nii.gz"] = _dice(volume == 1, phantoms[4].labels == 1)
+    liver_dice["volume.nii.gz"] = dice(volume == 1, phantoms[4].labels == 1)
     assert min(liver_dice.values()) > 0.9, liver_dice
     assert not any(work.iterdir())
 

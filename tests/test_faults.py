@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import phantom_nifti
 
 import asyncflow.cli
 import asyncflow.export
@@ -26,17 +27,12 @@ from asyncflow.log import configure_logging
 from asyncflow.pipeline import run_request
 from asyncflow.seg import read_nifti_seg
 from asyncflow.settings import packaged_demo_model
-from asyncflow.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom, nifti_bytes
+from asyncflow.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom
 from asyncflow.testing import FakeBackend
 
 MODEL = packaged_demo_model()  # named for the CLI's model check; the FakeBackend predicts
 
 pytestmark = pytest.mark.anyio
-
-
-def _nifti(rng: np.random.Generator) -> bytes:
-    phantom = make_phantom(rng, (24, 32, 32))
-    return nifti_bytes(phantom.image, phantom.spacing, phantom.origin)
 
 
 class _FailsOnCase:
@@ -61,7 +57,7 @@ class _FailsOnCase:
 async def test_a_prediction_error_fails_that_case_alone(
     tmp_path: Path, settings_factory, loaded_backend: Backend, rng: np.random.Generator
 ) -> None:
-    entries = [{f"v{n}.nii.gz": _nifti(rng)} for n in range(3)]
+    entries = [{f"v{n}.nii.gz": phantom_nifti(rng, (24, 32, 32))} for n in range(3)]
     work = tmp_path / "work"
     result = await run_request(
         entries, settings_factory(work), backend=_FailsOnCase(loaded_backend, "case-0002")
@@ -110,7 +106,9 @@ async def test_disk_full_fails_the_case_with_a_clear_reason(
 
     monkeypatch.setattr(asyncflow.export, "nifti_seg_bytes", no_space)  # the segmentation's file
     work = tmp_path / "work"
-    result = await run_request([_nifti(rng)], settings_factory(work), backend=loaded_backend)
+    result = await run_request(
+        [phantom_nifti(rng, (24, 32, 32))], settings_factory(work), backend=loaded_backend
+    )
     (case,) = result.cases
     assert (
         case.error
@@ -126,7 +124,11 @@ async def test_not_enough_free_disk_fails_before_any_work(
     with pytest.raises(
         RequestError, match=r"not enough free disk space in .*: about .* GB needed \(1e\+12 x"
     ):
-        await run_request([_nifti(rng)], settings_factory(work, disk_headroom=1e12), backend=loaded_backend)
+        await run_request(
+            [phantom_nifti(rng, (24, 32, 32))],
+            settings_factory(work, disk_headroom=1e12),
+            backend=loaded_backend,
+        )
     assert not work.exists() or not any(work.iterdir())
 
 
@@ -136,7 +138,7 @@ async def test_a_request_larger_than_the_free_disk_runs_when_what_is_unpacked_at
     import shutil
 
     work = tmp_path / "work"
-    entries = [_nifti(rng) for _ in range(20)]
+    entries = [phantom_nifti(rng, (24, 32, 32)) for _ in range(20)]
     largest = max(len(e) for e in entries)
     # One worker per stage and queues of one: at most 9 inputs are unpacked at once.
     one = {"unpack_workers": 1, "prepare_workers": 1, "export_workers": 1, "queue_size": 1}
@@ -159,7 +161,7 @@ def test_ctrl_c_in_the_cli_writes_a_partial_report(tmp_path: Path, rng, monkeypa
     inputs = tmp_path / "in"
     inputs.mkdir()
     for n in range(4):
-        (inputs / f"v{n}.nii.gz").write_bytes(_nifti(rng))
+        (inputs / f"v{n}.nii.gz").write_bytes(phantom_nifti(rng, (24, 32, 32)))
     pressed = threading.Event()
 
     def predict(case: PreparedCase) -> np.ndarray:

@@ -16,7 +16,7 @@ import numpy as np
 import pydicom
 import pytest
 from flame_harness import MockFlameCore, run_star
-from helpers import make_tar
+from helpers import make_tar, phantom_nifti
 
 from asyncflow.bundle import BUNDLE_FORMAT, MANIFEST, pack_node_results
 from asyncflow.cli import main
@@ -25,7 +25,7 @@ from asyncflow.hub import HubReporter, hub_text
 from asyncflow.log import configure_logging
 from asyncflow.pipeline import Progress
 from asyncflow.settings import SettingsError
-from asyncflow.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom, nifti_bytes
+from asyncflow.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom
 
 # Planted in node data: none of it may reach the Hub or the logs.
 PATIENT_NAME, PATIENT_ID = "Mustermann^Erika", "PID-998877"
@@ -51,11 +51,6 @@ def _series(rng: np.random.Generator, **kwargs: Any) -> list[pydicom.Dataset]:
     return dicom_series_datasets(make_phantom(rng, (32, 48, 48)), patient_name=PATIENT_NAME, patient_id=PATIENT_ID, **kwargs)  # fmt: skip
 
 
-def _nifti(rng: np.random.Generator) -> bytes:
-    phantom = make_phantom(rng, (32, 40, 40))
-    return nifti_bytes(phantom.image, phantom.spacing, phantom.origin)
-
-
 def test_module_imports_and_subclasses_the_stand_ins_without_the_sdk() -> None:
     code = (
         "import importlib.util, asyncflow.flame as f, asyncflow.star_standin as s;"
@@ -79,7 +74,7 @@ def test_three_nodes_with_several_archives_each_end_to_end(
             {"ct/both.tar.gz": dicom_series_tar([series["c"], series["d"]]), "ct/gappy.tar.gz": dicom_series_tar([gappy])},
             {
                 "ct/broken.tar.gz": make_tar({"x": rng.bytes(40_000)})[:9_000],
-                "vol/scan.nii.gz": _nifti(rng),
+                "vol/scan.nii.gz": phantom_nifti(rng),
                 "site-x/Erika_Mustermann_notes.tar": make_tar({"Mustermann/Erika_19700101.txt": b"notes"}),
             },
         ],
@@ -158,7 +153,7 @@ def test_three_nodes_with_several_archives_each_end_to_end(
 def test_pass_through_keeps_every_node_result_and_an_empty_node_does_not_sink_the_others(
     tmp_path: Path, model_dir: Path, rng: np.random.Generator
 ) -> None:
-    nodes = [[{"a.nii.gz": _nifti(rng)}], [{"notes.txt": b"not an image"}]]
+    nodes = [[{"a.nii.gz": phantom_nifti(rng)}], [{"notes.txt": b"not an image"}]]
     run = run_star(
         nnUNetAnalyzer,
         PassThroughAggregator,

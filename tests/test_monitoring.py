@@ -17,13 +17,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import yaml
+from helpers import phantom_nifti
 
 from asyncflow.backends import Backend
 from asyncflow.cli import main
 from asyncflow.log import configure_logging
 from asyncflow.monitor import Monitor
 from asyncflow.pipeline import Result, run_request
-from asyncflow.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom, nifti_bytes
+from asyncflow.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom
 
 ROOT = Path(__file__).resolve().parents[1]
 OPS = ROOT / "ops"
@@ -36,11 +37,6 @@ STREAM_LABELS = {"app", "level", "node"}
 def _validator() -> jsonschema.Draft202012Validator:
     jsonschema.Draft202012Validator.check_schema(SCHEMA)
     return jsonschema.Draft202012Validator(SCHEMA)
-
-
-def _nifti(rng: np.random.Generator) -> bytes:
-    phantom = make_phantom(rng, (32, 40, 40))
-    return nifti_bytes(phantom.image, phantom.spacing, phantom.origin)
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +52,9 @@ def two_interleaved_runs(
         [
             *(dicom_series_tar([s]) for s in series),
             {"flat.nii.gz": flat.read_bytes()},
-            {"v1.nii.gz": _nifti(rng)},
+            {"v1.nii.gz": phantom_nifti(rng)},
         ],
-        [{"v2.nii.gz": _nifti(rng)}, {"v3.nii.gz": _nifti(rng)}],
+        [{"v2.nii.gz": phantom_nifti(rng)}, {"v3.nii.gz": phantom_nifti(rng)}],
     ]
     logs = io.StringIO()
     configure_logging(json=True, stream=logs)

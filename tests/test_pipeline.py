@@ -13,7 +13,7 @@ import anyio
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from helpers import dicom_bytes, make_tar
+from helpers import dice, dicom_bytes, make_tar
 
 from asyncflow.backends import Backend, ModelError
 from asyncflow.backends.nnunet_v2 import NnUNetV2Backend
@@ -28,11 +28,6 @@ pytestmark = pytest.mark.anyio
 LABELS = {"liver": 1, "tumor": 2}
 MIN_DICE = {"liver": 0.9, "tumor": 0.8}
 OBLIQUE = (0.866025, 0.5, 0.0, -0.5, 0.866025, 0.0)
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
 def _expected_prediction(backend: NnUNetV2Backend, phantom: Phantom, folder: Path) -> np.ndarray:
@@ -125,7 +120,7 @@ async def test_a_request_of_archives_and_nifti_is_segmented_exactly(
             for number, label in segment_names.items():
                 decoded[numbers == number] = LABELS[label]
             # A reversed slice order would not match: the phantoms are asymmetric along z.
-            assert _dice(phantom.labels[::-1] == 1, phantom.labels == 1) < 0.8
+            assert dice(phantom.labels[::-1] == 1, phantom.labels == 1) < 0.8
         else:
             image = read_nifti_seg(result.nifti_seg_bytes[name])
             assert image.GetOrigin() == pytest.approx((5.0, 6.0, 7.0))
@@ -135,8 +130,8 @@ async def test_a_request_of_archives_and_nifti_is_segmented_exactly(
         # ... and the model is right about the phantom.
         # (The tumour is small: a few boundary voxels move its Dice by hundredths.)
         for label, minimum in MIN_DICE.items():
-            assert _dice(decoded == LABELS[label], phantom.labels == LABELS[label]) >= minimum, (name, label)
-        assert _dice(decoded > 0, phantom.labels > 0) >= 0.95, name
+            assert dice(decoded == LABELS[label], phantom.labels == LABELS[label]) >= minimum, (name, label)
+        assert dice(decoded > 0, phantom.labels > 0) >= 0.95, name
 
     assert _workdir_is_empty(work)
     assert progress[-1] == Progress(done=4, failed=0, total=4)
@@ -366,7 +361,7 @@ async def test_a_series_split_over_archives_is_segmented_whole_once(
     uids = [str(ds.SOPInstanceUID) for ds in split_series]
     numbers, names = read_dicom_seg(result.dicom_seg_bytes["part1.dcm"], uids)
     liver = {v: k for k, v in names.items()}["liver"]
-    assert numbers.shape[0] == 24 and _dice(numbers == liver, split.labels == 1) > MIN_DICE["liver"]
+    assert numbers.shape[0] == 24 and dice(numbers == liver, split.labels == 1) > MIN_DICE["liver"]
     assert sorted(result.label_json_bytes) == ["part1.mitklabel.json", "part2.mitklabel.json"]
     assert _workdir_is_empty(work)
 
@@ -440,7 +435,7 @@ async def test_a_series_that_grows_after_its_first_case_ended_is_unpacked_again(
     uids = [str(ds.SOPInstanceUID) for ds in split_series]
     numbers, names = read_dicom_seg(result.dicom_seg_bytes["part1.dcm"], uids)
     liver = {v: k for k, v in names.items()}["liver"]
-    assert numbers.shape[0] == 24 and _dice(numbers == liver, split.labels == 1) > MIN_DICE["liver"]
+    assert numbers.shape[0] == 24 and dice(numbers == liver, split.labels == 1) > MIN_DICE["liver"]
     assert _workdir_is_empty(work)
 
 

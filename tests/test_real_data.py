@@ -22,7 +22,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from helpers import DCIODVFY_MISSING
+from helpers import DCIODVFY_MISSING, make_tar
 
 from asyncflow.cli import main
 
@@ -35,15 +35,9 @@ STUDY = DICOMDIR_TESTS / "98892001"
 AXIAL_UID = pydicom.dcmread(STUDY / "CT5N" / "2062").SeriesInstanceUID
 
 
-def _tar(members: dict[str, Path | bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, source in members.items():
-            data = source.read_bytes() if isinstance(source, Path) else source
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
+def _archive(members: dict[str, Path | bytes]) -> bytes:
+    """An uncompressed TAR of files on disk and bytes."""
+    return make_tar({n: m.read_bytes() if isinstance(m, Path) else m for n, m in members.items()}, mode="w")
 
 
 def _tree(folder: Path, prefix: str) -> dict[str, Path | bytes]:
@@ -80,7 +74,7 @@ def test_a_whole_study_export_gives_a_seg_per_volume_and_a_reason_for_everything
         "export/DICOMDIR": DICOMDIR_TESTS / "DICOMDIR",
         "export/SR/1": PYDICOM_FILES / "test-SR.dcm",
     }
-    code, report, out = _run(tmp_path, model_dir, {"study.tar": _tar(members)})
+    code, report, out = _run(tmp_path, model_dir, {"study.tar": _archive(members)})
     assert code == 0 and report["status"] == "done" and report["error"] is None
     (case,) = report["cases"]
     assert case["status"] == "done"
@@ -120,7 +114,7 @@ def test_every_file_of_the_pydicom_corpus_is_a_case_or_a_reason(tmp_path: Path, 
     corpus = _tree(DICOMDIR_TESTS, "dicomdirtests") | {
         f"single/{p.name}": p for p in sorted(PYDICOM_FILES.glob("*.dcm"))
     }
-    code, report, _ = _run(tmp_path, model_dir, {"corpus.tar": _tar(corpus)})
+    code, report, _ = _run(tmp_path, model_dir, {"corpus.tar": _archive(corpus)})
     assert code == 1 and report["status"] == "partial"
     by_location = {c["location"]: c for c in report["cases"]}
     assert by_location["dicomdirtests/98892001/CT5N"]["status"] == "done"
@@ -146,7 +140,7 @@ def test_every_file_of_the_pydicom_corpus_is_a_case_or_a_reason(tmp_path: Path, 
 def test_a_series_of_scouts_alone_ends_with_the_report_and_exit_2(
     tmp_path: Path, model_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, report, out = _run(tmp_path, model_dir, {"scouts.tar": _tar(_tree(STUDY / "CT2N", "CT2N"))})
+    code, report, out = _run(tmp_path, model_dir, {"scouts.tar": _archive(_tree(STUDY / "CT2N", "CT2N"))})
     assert code == 2
     assert report["status"] == "error" and "no usable case" in report["error"]
     assert report["cases"] == []
@@ -156,7 +150,7 @@ def test_a_series_of_scouts_alone_ends_with_the_report_and_exit_2(
 
 
 def test_unreadable_and_refused_inputs_make_the_request_partial(tmp_path: Path, model_dir: Path) -> None:
-    good = _tar(_tree(STUDY / "CT5N", "CT5N"))
+    good = _archive(_tree(STUDY / "CT5N", "CT5N"))
     traversal = io.BytesIO()
     with tarfile.open(fileobj=traversal, mode="w") as tar:
         info = tarfile.TarInfo("../../etc/evil")
@@ -166,7 +160,7 @@ def test_unreadable_and_refused_inputs_make_the_request_partial(tmp_path: Path, 
         "good.tar": good,
         "garbage.tar": b"this is not an archive at all" * 10,
         "truncated.tar": (lambda t: t[: len(t) // 2])(
-            _tar(_tree(DICOMDIR_TESTS / "77654033" / "CT2", "CT2"))
+            _archive(_tree(DICOMDIR_TESTS / "77654033" / "CT2", "CT2"))
         ),
         "traversal.tar": traversal.getvalue(),
     }
@@ -183,7 +177,7 @@ def test_unreadable_and_refused_inputs_make_the_request_partial(tmp_path: Path, 
 
 def test_the_same_image_twice_is_one_slice_and_the_copy_is_named(tmp_path: Path, model_dir: Path) -> None:
     members = _tree(STUDY / "CT5N", "a") | {"b/copy": STUDY / "CT5N" / "2392"}
-    code, report, _ = _run(tmp_path, model_dir, {"twice.tar": _tar(members)})
+    code, report, _ = _run(tmp_path, model_dir, {"twice.tar": _archive(members)})
     assert code == 0 and report["cases"][0]["files"] == 5
     (duplicate,) = report["skipped_files"]
     assert duplicate == {
@@ -230,7 +224,9 @@ def test_real_nifti_keeps_its_grid_and_its_xform_codes(
 
 def test_a_4d_nifti2_fails_alone_with_a_reason_and_its_path(tmp_path: Path, model_dir: Path) -> None:
     nifti = (NIBABEL_DATA / "anatomical.nii").read_bytes()
-    tar = _tar({"vols/a.nii": nifti, "vols/example_nifti2.nii.gz": NIBABEL_DATA / "example_nifti2.nii.gz"})
+    tar = _archive(
+        {"vols/a.nii": nifti, "vols/example_nifti2.nii.gz": NIBABEL_DATA / "example_nifti2.nii.gz"}
+    )
     code, report, _ = _run(tmp_path, model_dir, {"mixed.tar": tar})
     assert code == 1
     failed = next(c for c in report["cases"] if c["status"] == "failed")

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from helpers import dicom_bytes, make_tar
+from helpers import dicom_bytes, make_tar, phantom_nifti
 
 from asyncflow import Settings, run_request_sync
 from asyncflow.seg import read_dicom_seg, read_nifti_seg
@@ -40,7 +40,7 @@ def test_its_predictions_go_through_the_real_export_to_seg_and_nifti(tmp_path: P
 
 def test_chosen_cases_fail_alone_and_a_wrong_shape_is_the_callers_error(tmp_path: Path) -> None:
     rng = np.random.default_rng(12)
-    volumes = [{f"v{n}.nii.gz": _volume(rng)} for n in range(3)]
+    volumes = [{f"v{n}.nii.gz": phantom_nifti(rng, (8, 12, 12))} for n in range(3)]
     result = run_request_sync(volumes, _settings(tmp_path), backend=FakeBackend(fail={"case-0002"}))
     assert [(c.case_id, c.status, c.error_stage) for c in result.cases] == [
         ("case-0001", "done", None),
@@ -50,11 +50,6 @@ def test_chosen_cases_fail_alone_and_a_wrong_shape_is_the_callers_error(tmp_path
     wrong = FakeBackend(predict=lambda case: np.zeros((2, 2, 2), np.uint8))
     (case,) = run_request_sync(volumes[:1], _settings(tmp_path / "b"), backend=wrong).cases
     assert case.status == "failed" and "predict returned a (2, 2, 2) map" in str(case.error)
-
-
-def _volume(rng: np.random.Generator) -> bytes:
-    phantom = make_phantom(rng, (8, 12, 12))
-    return nifti_bytes(phantom.image, phantom.spacing, phantom.origin)
 
 
 @pytest.mark.parametrize(
