@@ -68,3 +68,14 @@ def loaded_backend(settings_factory, tmp_path_factory) -> Iterator[Backend]:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+_MODEL_FIXTURES = {"model_dir", "loaded_backend", "settings_factory"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that runs a real nnU-Net model (through these fixtures, or marked so by hand)
+    carries the ``model`` marker: ``pytest -m "not model"`` runs the rest, in seconds."""
+    for item in items:
+        if _MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.model)

@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+@pytest.mark.model
 def test_the_speed_benchmark_smoke_run_measures_every_mode(tmp_path: Path) -> None:
     command = [sys.executable, str(BENCHMARKS / "pipeline_speed.py"), "--smoke", "--gpus", "2"]
     subprocess.run([*command, "--out", str(tmp_path)], check=True, capture_output=True, timeout=600)
@@ -24,6 +27,7 @@ def test_the_speed_benchmark_smoke_run_measures_every_mode(tmp_path: Path) -> No
     assert (tmp_path / "gantt.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.model
 def test_the_network_hold_benchmark_smoke_run_reads_its_events(tmp_path: Path) -> None:
     command = [sys.executable, str(BENCHMARKS / "network_hold.py"), "--smoke", "--out", str(tmp_path)]
     subprocess.run(command, check=True, capture_output=True, timeout=600)

@@ -27,7 +27,7 @@ from asyncflow.pipeline import run_request
 from asyncflow.seg import read_dicom_seg, read_nifti_seg
 from asyncflow.synthetic import Phantom, dicom_series_datasets, make_phantom, nifti_bytes
 
-pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.model]
 
 ANISOTROPIC = (0.8, 0.8, 2.0)  # (x, y, z) mm; the model is planned at 1 mm
 LABELS = {"liver": 1, "tumor": 2}

@@ -20,6 +20,8 @@ import pytest
 
 from asyncflow.synthetic import make_phantom, nifti_bytes
 
+pytestmark = pytest.mark.model  # runs asyncflow on the packaged tiny models
+
 MODELS = Path(__file__).parents[1] / "asyncflow" / "models"
 V1_MODEL = Path("nnUNet/3d_fullres/Task998_AsyncflowTiny/nnUNetTrainerV2__nnUNetPlansv2.1")
 
