@@ -18,7 +18,6 @@ from typing import Any
 
 import anyio
 import numpy as np
-import pytest
 import SimpleITK as sitk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -102,7 +101,6 @@ def _check(result: Result, inputs: int) -> None:
     assert all(s.reason for s in result.skipped)
 
 
-@pytest.mark.slow
 @settings(
     max_examples=200,
     deadline=None,
