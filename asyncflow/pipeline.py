@@ -492,7 +492,8 @@ async def run_request(
 
     ``entries`` is a list of ``bytes``, ``{name: bytes}`` mappings or local paths.
     Pass a loaded ``backend`` to reuse a model across requests, or several
-    (one per device): each is one prediction worker, one case at a time. ``on_finish``
+    (one per device): each is one prediction worker, one call at a time (v2: one case;
+    v1: a batch of waiting cases per ``nnUNet_predict``). ``on_finish``
     receives the result as it stands when the request ends in any way, also on
     error or cancellation (cases not reached are ``pending``). Raises
     :class:`RequestError` when the request holds no usable case, and the
