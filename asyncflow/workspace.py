@@ -41,7 +41,7 @@ class Workspace:
 
     def __init__(
         self, request_id: str, parent: Path | None, items: Sequence[InputItem], limits: ArchiveLimits
-    ):
+    ) -> None:
         if parent is not None:
             parent.mkdir(parents=True, exist_ok=True)
         self.root = Path(tempfile.mkdtemp(prefix=f"asyncflow-{request_id}-", dir=parent))
