@@ -86,11 +86,37 @@ def write_series_with_simpleitk(image, folder, *, study_uid: str, series_uid: st
 DCIODVFY_MISSING = shutil.which("dciodvfy") is None and not os.environ.get("CI")
 
 
+def dciodvfy_lines(path: Path) -> list[str]:
+    """dicom3tools' validator on one DICOM file: its Error and Warning lines."""
+    checked = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
+    return [
+        line
+        for line in (checked.stdout + checked.stderr).splitlines()
+        if line.startswith(("Error", "Warning"))
+    ]
+
+
 def dciodvfy_findings(data: bytes, folder: Path) -> list[str]:
-    """Errors and warnings of dicom3tools' validator on one DICOM object (CI installs it)."""
+    """Errors and warnings of dicom3tools' validator on one DICOM SEG (CI installs it)."""
     path = folder / "checked.dcm"
     path.write_bytes(data)
     checked = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
     output = checked.stdout + checked.stderr
     assert "Segmentation" in output, output
-    return [line for line in output.splitlines() if line.startswith(("Error", "Warning"))]
+    return dciodvfy_lines(path)
+
+
+def dcmqi_meta(seg: Path, folder: Path) -> dict | None:
+    """dcmqi's segimage2itkimage (a second SEG reader) on a SEG: its meta.json, or None when dcmqi
+    is not installed (the dev extra installs it)."""
+    import json
+    import sys
+
+    dcmqi = shutil.which("segimage2itkimage") or str(Path(sys.executable).with_name("segimage2itkimage"))
+    if not Path(dcmqi).is_file():
+        return None
+    folder.mkdir()
+    subprocess.run(
+        [dcmqi, "--inputDICOM", str(seg), "--outputDirectory", str(folder)], check=True, capture_output=True
+    )
+    return json.loads((folder / "meta.json").read_text())

@@ -4,9 +4,6 @@ carries, and in private attributes, reaches no byte of a de-identified SEG, whic
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import highdicom as hd
@@ -14,7 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 from dicomanonymizer.dicomfields_selector import dicom_anonymization_database_selector
-from helpers import DCIODVFY_MISSING
+from helpers import DCIODVFY_MISSING, dciodvfy_lines, dcmqi_meta
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataset import FileDataset
 
@@ -34,15 +31,6 @@ _TEXT = {"PN": "Planted^Name{k}Q", "LO": "PLANTLO{k}Q", "SH": "PLSH{k}Q", "LT": 
 _WHEN = {"DA": "19230405", "TM": "101112", "DT": "19230405101112", "AS": "087Y"}
 PATIENT = {"PatientName": "Doe^Jane", "PatientID": "PAT-123456", "PatientBirthDate": "19230405"}
 PRIVATE = "private-secret-Jane"
-
-
-def _dciodvfy(path: Path) -> list[str]:
-    checked = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
-    return [
-        line
-        for line in (checked.stdout + checked.stderr).splitlines()
-        if line.startswith(("Error", "Warning"))
-    ]
 
 
 def _candidates() -> dict[str, str]:
@@ -89,7 +77,7 @@ def _planted_series(folder: Path) -> tuple[list[Path], np.ndarray, dict[str, str
         plant(ds, carried)
         ds.save_as(probe, enforce_file_format=True)
         flagged = set()
-        for line in _dciodvfy(probe):
+        for line in dciodvfy_lines(probe):
             flagged.update(re.findall(r"Element=<(\w+)>", line))
             for group, element in re.findall(r"\(0x([0-9a-f]{4}),0x([0-9a-f]{4})\)", line):
                 flagged.add(keyword_for_tag((int(group, 16) << 16) | int(element, 16)))
@@ -104,7 +92,7 @@ def _planted_series(folder: Path) -> tuple[list[Path], np.ndarray, dict[str, str
         plant(ds, carried)
         paths.append(folder / f"{number}.dcm")
         ds.save_as(paths[-1], enforce_file_format=True)
-    assert _dciodvfy(paths[0]) == []  # the planted source itself is valid
+    assert dciodvfy_lines(paths[0]) == []  # the planted source itself is valid
     return paths, phantom.labels.astype(np.uint8), carried
 
 
@@ -128,23 +116,14 @@ def test_no_planted_value_reaches_a_deidentified_seg_and_it_stays_valid(tmp_path
     }
     assert referenced == {pydicom.dcmread(p).SOPInstanceUID for p in sources}
     # Valid: no error (the empty Study Date, Time and ID the profile asks for draw DICOMDIR warnings).
-    findings = _dciodvfy(seg_path)
+    findings = dciodvfy_lines(seg_path)
     assert [
         f
         for f in findings
         if not f.startswith("Warning - Missing attribute or value that would be needed to build DICOMDIR")
     ] == []
     assert hd.seg.segread(seg_path).number_of_segments == 2
-    dcmqi = shutil.which("segimage2itkimage") or str(Path(sys.executable).with_name("segimage2itkimage"))
-    if Path(dcmqi).is_file():
-        out = tmp_path / "dcmqi"
-        out.mkdir()
-        subprocess.run(
-            [dcmqi, "--inputDICOM", str(seg_path), "--outputDirectory", str(out)],
-            check=True,
-            capture_output=True,
-        )
-        assert (out / "meta.json").is_file()
+    dcmqi_meta(seg_path, tmp_path / "dcmqi")  # dcmqi reads it, where installed (raises otherwise)
 
 
 def test_without_a_profile_the_seg_keeps_the_source_identity(tmp_path: Path) -> None:

@@ -4,15 +4,12 @@ SEG carries them (laterality included) as validators and other readers expect.""
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
 import pytest
-from helpers import DCIODVFY_MISSING, dciodvfy_findings, dicom_bytes, make_tar
+from helpers import DCIODVFY_MISSING, dciodvfy_findings, dcmqi_meta, dicom_bytes, make_tar
 
 from asyncflow.assemble import CaseBuilder, scan
 from asyncflow.case import PredictedCase
@@ -95,15 +92,9 @@ def test_the_seg_carries_types_laterality_and_regions_that_readers_accept(
     }
     if not DCIODVFY_MISSING:
         assert dciodvfy_findings(exported.data, tmp_path) == []
-    dcmqi = shutil.which("segimage2itkimage") or str(Path(sys.executable).with_name("segimage2itkimage"))
-    if not Path(dcmqi).is_file():  # the dev extra installs it
+    meta = dcmqi_meta(path, tmp_path / "dcmqi")
+    if meta is None:  # the dev extra installs it
         pytest.skip("dcmqi is not installed")
-    out = tmp_path / "dcmqi"
-    out.mkdir()
-    subprocess.run(
-        [dcmqi, "--inputDICOM", str(path), "--outputDirectory", str(out)], check=True, capture_output=True
-    )
-    meta = json.loads((out / "meta.json").read_text())
     attributes = [a for group in meta["segmentAttributes"] for a in group]
     modifiers = {
         a["SegmentLabel"]: a["SegmentedPropertyTypeModifierCodeSequence"]["CodeMeaning"] for a in attributes
