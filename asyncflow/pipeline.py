@@ -36,7 +36,7 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .assemble import CaseBuilder, Scan, scan
-from .backends import Backend, ModelInfo, create_backend
+from .backends import Backend, build_backend, build_backends
 from .budget import MemoryBudget
 from .case import (
     Case,
@@ -68,30 +68,6 @@ __all__ = [
 
 log = get_logger("asyncflow.pipeline")
 R = TypeVar("R")
-
-
-def build_backend(settings: Settings, device: str | None = None) -> Backend:
-    """The prediction backend the settings describe, on ``device`` (default: ``settings.device``), not loaded."""
-    generation, folder = settings.resolve_model()
-    read = ModelInfo.from_v1_folder if generation == "v1" else ModelInfo.from_folder
-    info = read(folder, folds=settings.folds, checkpoint=settings.model_option("checkpoint", generation))
-    return create_backend(
-        info,
-        tile_step_size=settings.tile_step_size,
-        use_mirroring=settings.use_mirroring,
-        device=device or settings.device,
-        torch_threads=settings.torch_threads,
-        v1_command=settings.v1_command,
-        v1_batch_size=settings.v1_batch_size,
-        v1_case_timeout_s=settings.v1_case_timeout_s,
-        v1_preprocess_threads=settings.v1_preprocess_threads,
-        v1_export_threads=settings.v1_export_threads,
-    )
-
-
-def build_backends(settings: Settings) -> list[Backend]:
-    """One backend per prediction worker: one per device of ``settings.devices``, else one."""
-    return [build_backend(settings, device) for device in settings.devices or (settings.device,)]
 
 
 def _stream(size: int) -> tuple[MemoryObjectSendStream[Any], MemoryObjectReceiveStream[Any]]:
