@@ -38,21 +38,33 @@ def model_dir() -> Path:
     return packaged_demo_model()
 
 
+_TEST_SETTINGS: dict[str, object] = {
+    "use_mirroring": False,
+    "torch_threads": 1,
+    "device": "cpu",
+    "unpack_workers": 2,
+    "prepare_workers": 2,
+    "export_workers": 2,
+}
+
+
 @pytest.fixture(scope="session")
 def settings_factory(model_dir: Path):
+    """Settings for a request through the tiny real model (``model_dir``)."""
+
     def make(work_dir: Path, **overrides: object) -> Settings:
-        values: dict[str, object] = {
-            "model_dir": model_dir,
-            "work_dir": work_dir,
-            "use_mirroring": False,
-            "torch_threads": 1,
-            "device": "cpu",
-            "unpack_workers": 2,
-            "prepare_workers": 2,
-            "export_workers": 2,
-        }
-        values.update(overrides)
+        values = {**_TEST_SETTINGS, "model_dir": model_dir, "work_dir": work_dir, **overrides}
         return Settings(**values)  # type: ignore[arg-type]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def fake_settings():
+    """Settings for a request whose backend the test passes (a FakeBackend): no model is named."""
+
+    def make(work_dir: Path, **overrides: object) -> Settings:
+        return Settings(**{**_TEST_SETTINGS, "work_dir": work_dir, **overrides})  # type: ignore[arg-type]
 
     return make
 

@@ -120,3 +120,16 @@ def dcmqi_meta(seg: Path, folder: Path) -> dict | None:
         [dcmqi, "--inputDICOM", str(seg), "--outputDirectory", str(folder)], check=True, capture_output=True
     )
     return json.loads((folder / "meta.json").read_text())
+
+
+def phantom_backend(**options: Any) -> Any:
+    """A :class:`~asyncflow.testing.FakeBackend` with the tiny model's labels that finds a phantom's
+    liver by its intensity (above halfway from the tumour's HU to the liver's): no model, yet a slice
+    that lands in the wrong place of a SEG still shows as a low Dice against the phantom."""
+    from asyncflow.synthetic import LIVER_HU, TUMOR_HU
+    from asyncflow.testing import FakeBackend, image_array
+
+    threshold = (LIVER_HU + TUMOR_HU) / 2
+    return FakeBackend(
+        {"liver": 1, "tumor": 2}, predict=lambda case: image_array(case) > threshold, **options
+    )

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import phantom_nifti
+from helpers import phantom_backend, phantom_nifti
 
 import asyncflow.cli
 import asyncflow.export
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.anyio
 
 
 class _FailsOnCase:
-    """The real model, except that predicting one case raises, as a GPU fault would."""
+    """A backend, except that predicting one case raises, as a GPU fault would."""
 
     def __init__(self, backend: Backend, case_id: str) -> None:
         self.backend, self.case_id, self.info, self.steps = backend, case_id, backend.info, backend.steps
@@ -55,12 +55,12 @@ class _FailsOnCase:
 
 
 async def test_a_prediction_error_fails_that_case_alone(
-    tmp_path: Path, settings_factory, loaded_backend: Backend, rng: np.random.Generator
+    tmp_path: Path, fake_settings, rng: np.random.Generator
 ) -> None:
     entries = [{f"v{n}.nii.gz": phantom_nifti(rng, (24, 32, 32))} for n in range(3)]
     work = tmp_path / "work"
     result = await run_request(
-        entries, settings_factory(work), backend=_FailsOnCase(loaded_backend, "case-0002")
+        entries, fake_settings(work), backend=_FailsOnCase(phantom_backend(), "case-0002")
     )
     by_id = {c.case_id: c for c in result.cases}
     assert [(c.status, c.error_stage) for c in by_id.values()] == [
@@ -75,7 +75,7 @@ async def test_a_prediction_error_fails_that_case_alone(
 
 
 async def test_a_failed_seg_still_returns_the_prediction_as_nifti(
-    tmp_path: Path, settings_factory, loaded_backend: Backend, rng: np.random.Generator, monkeypatch
+    tmp_path: Path, fake_settings, rng: np.random.Generator, monkeypatch
 ) -> None:
     def broken_seg(*args, **kwargs):
         raise ValueError("highdicom refused the source")
@@ -86,8 +86,8 @@ async def test_a_failed_seg_still_returns_the_prediction_as_nifti(
     configure_logging(json=True, stream=logs)
     result = await run_request(
         [{"study.tar": dicom_series_tar([dicom_series_datasets(phantom)])}],
-        settings_factory(tmp_path / "work"),
-        backend=loaded_backend,
+        fake_settings(tmp_path / "work"),
+        backend=phantom_backend(),
     )
     (case,) = result.cases
     assert (case.status, case.output) == ("done", "study.nii.gz") and result.dicom_seg_bytes == {}
@@ -99,7 +99,7 @@ async def test_a_failed_seg_still_returns_the_prediction_as_nifti(
 
 
 async def test_disk_full_fails_the_case_with_a_clear_reason(
-    tmp_path: Path, settings_factory, loaded_backend: Backend, rng: np.random.Generator, monkeypatch
+    tmp_path: Path, fake_settings, rng: np.random.Generator, monkeypatch
 ) -> None:
     def no_space(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -107,7 +107,7 @@ async def test_disk_full_fails_the_case_with_a_clear_reason(
     monkeypatch.setattr(asyncflow.export, "nifti_seg_bytes", no_space)  # the segmentation's file
     work = tmp_path / "work"
     result = await run_request(
-        [phantom_nifti(rng, (24, 32, 32))], settings_factory(work), backend=loaded_backend
+        [phantom_nifti(rng, (24, 32, 32))], fake_settings(work), backend=phantom_backend()
     )
     (case,) = result.cases
     assert (
@@ -118,7 +118,7 @@ async def test_disk_full_fails_the_case_with_a_clear_reason(
 
 
 async def test_not_enough_free_disk_fails_before_any_work(
-    tmp_path: Path, settings_factory, loaded_backend: Backend, rng: np.random.Generator
+    tmp_path: Path, fake_settings, rng: np.random.Generator
 ) -> None:
     work = tmp_path / "work"
     with pytest.raises(
@@ -126,14 +126,14 @@ async def test_not_enough_free_disk_fails_before_any_work(
     ):
         await run_request(
             [phantom_nifti(rng, (24, 32, 32))],
-            settings_factory(work, disk_headroom=1e12),
-            backend=loaded_backend,
+            fake_settings(work, disk_headroom=1e12),
+            backend=phantom_backend(),
         )
     assert not work.exists() or not any(work.iterdir())
 
 
 async def test_a_request_larger_than_the_free_disk_runs_when_what_is_unpacked_at_once_fits(
-    tmp_path: Path, settings_factory, loaded_backend: Backend, rng: np.random.Generator
+    tmp_path: Path, fake_settings, rng: np.random.Generator
 ) -> None:
     import shutil
 
@@ -144,14 +144,14 @@ async def test_a_request_larger_than_the_free_disk_runs_when_what_is_unpacked_at
     one = {"unpack_workers": 1, "prepare_workers": 1, "export_workers": 1, "queue_size": 1}
     headroom = shutil.disk_usage(tmp_path).free / (14 * largest)  # the request needs 1.4x the free disk
     result = await run_request(
-        entries, settings_factory(work, disk_headroom=headroom, **one), backend=loaded_backend
+        entries, fake_settings(work, disk_headroom=headroom, **one), backend=phantom_backend()
     )
     assert result.status == "done" and len(result.nifti_seg_bytes) == 20
     with pytest.raises(
         RequestError, match=r"\(.* x the .* GB of the 9 largest inputs, as many as can be unpacked"
     ):
         await run_request(
-            entries, settings_factory(work, disk_headroom=headroom * 2, **one), backend=loaded_backend
+            entries, fake_settings(work, disk_headroom=headroom * 2, **one), backend=phantom_backend()
         )
 
 

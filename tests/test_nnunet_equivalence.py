@@ -2,7 +2,7 @@
 
 asyncflow runs nnU-Net v2's preprocessing in the prepare stage, only the network in
 the prediction worker, and the way back to the source grid in the export stage. The
-reference is the stock command line (``nnUNetv2_predict_from_modelfolder``), run as a
+reference is the stock command line's entry point (``nnUNetv2_predict``), run in a
 subprocess on NIfTI files, on inputs where every one of those steps does real work:
 anisotropic voxels that must be resampled to the model's 1 mm, mirroring on, two
 genuinely different folds ensembled, two channels, and a DICOM series (against nnU-Net
@@ -72,22 +72,42 @@ def _variant(source: Path, target: Path, *, second_fold: bool = False, second_ch
     return target
 
 
-def _nnunet_predict(
-    model: Path, inputs: Path, output: Path, *, folds: str, mirroring: bool
-) -> dict[str, np.ndarray]:
-    """nnU-Net's own command line on a folder of ``<case>_<channel>.nii.gz`` files."""
-    command = Path(sys.executable).parent / "nnUNetv2_predict_from_modelfolder"
-    argv = [str(command), "-i", str(inputs), "-o", str(output), "-m", str(model), "-f", *folds.split()]
-    argv += ["-device", "cpu", "-npp", "1", "-nps", "1", "--disable_progress_bar"]
-    if not mirroring:
-        argv.append("--disable_tta")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "nnUNet_def_n_proc": "1"}
+def _nnunet_predict(tmp: Path, *runs: tuple[Path, Path, str, bool]) -> list[dict[str, np.ndarray]]:
+    """nnU-Net's own ``nnUNetv2_predict`` on folders of ``<case>_<channel>.nii.gz`` files.
+
+    Each run is ``(model, inputs, folds, mirroring)``. The runs go through the console
+    script's own entry point, one after another in one fresh process (torch is imported
+    once), in nnU-Net's sequential mode (``-npp 0 -nps 0``: no worker processes to spawn).
+    """
+    results = tmp / "nnUNet_results"
+    argvs, outputs = [], []
+    for number, (model, inputs, folds, mirroring) in enumerate(runs):
+        dataset = f"Dataset{900 + number}_Reference"
+        (results / dataset).mkdir(parents=True)
+        (results / dataset / "Trainer__Plans__3d_fullres").symlink_to(model)
+        outputs.append(tmp / f"nnunet_out_{number}")
+        argv = ["-i", str(inputs), "-o", str(outputs[-1]), "-d", dataset, "-tr", "Trainer", "-p", "Plans"]
+        argv += ["-c", "3d_fullres", "-f", *folds.split(), "-device", "cpu", "-npp", "0", "-nps", "0"]
+        argvs.append(argv + ["--disable_progress_bar"] + ([] if mirroring else ["--disable_tta"]))
+    script = (
+        "import json, sys\n"
+        "from nnunetv2.inference.predict_from_raw_data import predict_entry_point\n"
+        "for argv in json.loads(sys.argv[1]):\n"
+        "    sys.argv = ['nnUNetv2_predict', *argv]\n"
+        "    predict_entry_point()\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "nnUNet_results": str(results)}
+    env |= {"nnUNet_raw": str(tmp), "nnUNet_preprocessed": str(tmp)}  # read by nnU-Net's imports only
+    argv = [sys.executable, "-c", script, json.dumps(argvs)]
     done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    return {
-        path.name.removesuffix(".nii.gz"): sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-        for path in output.glob("*.nii.gz")
-    }
+    return [
+        {
+            path.name.removesuffix(".nii.gz"): sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+            for path in output.glob("*.nii.gz")
+        }
+        for output in outputs
+    ]
 
 
 def _write_nifti(image: sitk.Image | Phantom, path: Path) -> None:
@@ -129,11 +149,13 @@ async def test_anisotropic_mirrored_two_fold_nifti_and_dicom_equal_nnunet_predic
     reference_inputs = tmp_path / "reference_in"
     _write_nifti(nifti, reference_inputs / "nifti_0000.nii.gz")
     _write_nifti(_series_as_nifti(series, tmp_path / "series"), reference_inputs / "dicom_0000.nii.gz")
-    expected = _nnunet_predict(model, reference_inputs, tmp_path / "ensemble", folds="0 1", mirroring=True)
-
-    # The test bites: each feature changes nnU-Net's answer on these inputs.
-    fold_0 = _nnunet_predict(model, reference_inputs, tmp_path / "fold_0", folds="0", mirroring=True)
-    plain = _nnunet_predict(model, reference_inputs, tmp_path / "plain", folds="0 1", mirroring=False)
+    # The reference, and the test bites: each feature changes nnU-Net's answer on these inputs.
+    expected, fold_0, plain = _nnunet_predict(
+        tmp_path,
+        (model, reference_inputs, "0 1", True),
+        (model, reference_inputs, "0", True),
+        (model, reference_inputs, "0 1", False),
+    )
     for name in ("nifti", "dicom"):
         assert set(np.unique(expected[name])) == {0, 1, 2}, name
         assert (fold_0[name] != expected[name]).any(), f"{name}: fold 1 changes nothing"
@@ -171,7 +193,8 @@ async def test_two_channels_equal_nnunet_predict(
     reference_inputs.mkdir()
     for number, data in enumerate(channels):
         (reference_inputs / f"case_{number:04d}.nii.gz").write_bytes(data)
-    expected = _nnunet_predict(model, reference_inputs, tmp_path / "out", folds="0", mirroring=False)["case"]
+    (reference,) = _nnunet_predict(tmp_path, (model, reference_inputs, "0", False))
+    expected = reference["case"]
     assert set(np.unique(expected)) >= {0, 1}
 
     entries = [make_tar({f"case_{number:04d}.nii.gz": data for number, data in enumerate(channels)})]

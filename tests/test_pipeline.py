@@ -13,13 +13,13 @@ import anyio
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from helpers import dice, dicom_bytes, make_tar
+from helpers import dice, dicom_bytes, make_tar, phantom_backend
 
 from asyncflow.backends import Backend, ModelError
 from asyncflow.backends.nnunet_v2 import NnUNetV2Backend
 from asyncflow.inputs import RequestError, unpack
 from asyncflow.log import configure_logging
-from asyncflow.pipeline import Progress, Result, build_backend, build_backends, run_request
+from asyncflow.pipeline import Progress, Result, build_backend, run_request
 from asyncflow.seg import read_dicom_seg, read_nifti_seg
 from asyncflow.synthetic import Phantom, dicom_series_datasets, dicom_series_tar, make_phantom, nifti_bytes
 
@@ -158,7 +158,7 @@ async def test_a_request_of_archives_and_nifti_is_segmented_exactly(
 
 
 async def test_one_bad_case_fails_alone_with_a_reason(
-    tmp_path: Path, settings_factory, loaded_backend: Backend, rng: np.random.Generator
+    tmp_path: Path, fake_settings, rng: np.random.Generator
 ) -> None:
     good = make_phantom(rng, (32, 32, 32))
     flat = sitk.GetImageFromArray(np.zeros((8, 8), np.int16))
@@ -170,7 +170,7 @@ async def test_one_bad_case_fails_alone_with_a_reason(
         {"broken.tar.gz": make_tar({"a": rng.bytes(50_000)})[:20_000]},
     ]
     work = tmp_path / "work"
-    result = await run_request(entries, settings_factory(work), backend=loaded_backend)
+    result = await run_request(entries, fake_settings(work), backend=phantom_backend())
     assert result.status == "partial"
     by_output = {c.origin: c for c in result.cases}
     assert by_output["good.nii.gz"].status == "done"
@@ -185,19 +185,19 @@ async def test_one_bad_case_fails_alone_with_a_reason(
 
 
 async def test_a_request_without_any_usable_case_raises(
-    tmp_path: Path, settings_factory, loaded_backend: Backend, rng: np.random.Generator
+    tmp_path: Path, fake_settings, rng: np.random.Generator
 ) -> None:
     series = dicom_series_datasets(make_phantom(rng, (1, 8, 8)))
     work = tmp_path / "work"
     with pytest.raises(RequestError, match=r"no usable case in the request: 2 input\(s\)"):
         await run_request(
-            [b"plain text", dicom_bytes(series[0])], settings_factory(work), backend=loaded_backend
+            [b"plain text", dicom_bytes(series[0])], fake_settings(work), backend=phantom_backend()
         )
     assert _workdir_is_empty(work)
 
 
 class _LoadWaits:
-    """The loaded tiny model behind a ``load`` that waits for the test (a large model loading)."""
+    """A backend behind a ``load`` that waits for the test (a large model loading)."""
 
     def __init__(self, inner: Backend) -> None:
         self.inner = inner
@@ -211,15 +211,15 @@ class _LoadWaits:
 
 
 async def test_no_usable_case_ends_the_request_with_its_report_before_the_model_has_loaded(
-    tmp_path: Path, settings_factory, loaded_backend: Backend
+    tmp_path: Path, fake_settings
 ) -> None:
-    backend = _LoadWaits(loaded_backend)
+    backend = _LoadWaits(phantom_backend())
     ended: list[Result] = []
     started = time.perf_counter()
     try:
         with pytest.raises(RequestError, match="no usable case"):
             await run_request(
-                [b"plain text"], settings_factory(tmp_path), backend=backend, on_finish=ended.append
+                [b"plain text"], fake_settings(tmp_path), backend=backend, on_finish=ended.append
             )
     finally:
         backend.release.set()
@@ -230,7 +230,7 @@ async def test_no_usable_case_ends_the_request_with_its_report_before_the_model_
 
 
 async def test_cancellation_removes_every_temporary_file(
-    tmp_path: Path, settings_factory, loaded_backend: Backend, rng: np.random.Generator
+    tmp_path: Path, fake_settings, rng: np.random.Generator
 ) -> None:
     entries = _small_volumes(rng, 4)
     work = tmp_path / "work"
@@ -238,7 +238,7 @@ async def test_cancellation_removes_every_temporary_file(
     configure_logging(json=True, stream=logs)
     with anyio.CancelScope() as scope:
         await run_request(
-            entries, settings_factory(work), backend=loaded_backend, on_progress=lambda _: scope.cancel()
+            entries, fake_settings(work), backend=phantom_backend(), on_progress=lambda _: scope.cancel()
         )
     assert scope.cancelled_caught
     assert _workdir_is_empty(work)
@@ -267,7 +267,7 @@ async def test_a_model_that_cannot_load_fails_the_request_cleanly(
 
 
 class _CountingBackend:
-    """The real backend, watched: how many predictions run at once."""
+    """A backend, watched: how many predictions run at once."""
 
     max_batch = 1
     needs_files = False
@@ -294,23 +294,23 @@ class _CountingBackend:
 
 
 async def test_exactly_one_prediction_runs_at_a_time(
-    tmp_path: Path, settings_factory, loaded_backend: Backend, rng: np.random.Generator
+    tmp_path: Path, fake_settings, rng: np.random.Generator
 ) -> None:
     entries = _small_volumes(rng, 6)
-    counting = _CountingBackend(loaded_backend)
-    settings = settings_factory(tmp_path / "work", prepare_workers=4, export_workers=4, queue_size=4)
+    counting = _CountingBackend(phantom_backend(delay_s=0.05))
+    settings = fake_settings(tmp_path / "work", prepare_workers=4, export_workers=4, queue_size=4)
     result = await run_request(entries, settings, backend=counting)
     assert result.status == "done"
     assert (counting.calls, counting.most_at_once) == (6, 1)
 
 
 async def test_one_prediction_worker_per_device_each_one_case_at_a_time(
-    tmp_path: Path, settings_factory, loaded_backend: Backend, rng: np.random.Generator
+    tmp_path: Path, fake_settings, rng: np.random.Generator
 ) -> None:
     entries = _small_volumes(rng, 6)
-    settings = settings_factory(tmp_path / "work", devices=("cpu", "cpu"), queue_size=4)
-    (_, second) = build_backends(settings)  # two real predictors, as two GPUs would hold
-    workers = [_CountingBackend(loaded_backend), _CountingBackend(second)]
+    settings = fake_settings(tmp_path / "work", devices=("cpu", "cpu"), queue_size=4)
+    # two predictors, as two GPUs would hold
+    workers = [_CountingBackend(phantom_backend(delay_s=0.05)) for _ in range(2)]
     logs = io.StringIO()
     configure_logging(json=True, stream=logs)
     result = await run_request(entries, settings, backend=workers)
@@ -326,13 +326,13 @@ async def test_one_prediction_worker_per_device_each_one_case_at_a_time(
 
 
 async def test_dicom_cases_start_before_the_last_archive_is_unpacked(
-    tmp_path: Path, settings_factory, loaded_backend: Backend, rng: np.random.Generator
+    tmp_path: Path, fake_settings, rng: np.random.Generator
 ) -> None:
     tars = _single_series_tars(rng, 4)
     logs = io.StringIO()
     configure_logging(json=True, stream=logs)
-    settings = settings_factory(tmp_path / "work", unpack_workers=1, queue_size=1)
-    result = await run_request(tars, settings, backend=loaded_backend)
+    settings = fake_settings(tmp_path / "work", unpack_workers=1, queue_size=1)
+    result = await run_request(tars, settings, backend=phantom_backend())
     assert result.status == "done" and len(result.dicom_seg_bytes) == 4
     events = [json.loads(line)["event"] for line in logs.getvalue().splitlines()]
     extracted = [k for k, e in enumerate(events) if e == "archive.extracted"]
@@ -340,7 +340,7 @@ async def test_dicom_cases_start_before_the_last_archive_is_unpacked(
 
 
 async def test_a_series_split_over_archives_is_segmented_whole_once(
-    tmp_path: Path, settings_factory, loaded_backend: Backend, rng: np.random.Generator
+    tmp_path: Path, fake_settings, rng: np.random.Generator
 ) -> None:
     split, other = make_phantom(rng, (24, 32, 32)), make_phantom(rng, (16, 32, 32))
     split_series = dicom_series_datasets(split, series_number=1)
@@ -350,7 +350,7 @@ async def test_a_series_split_over_archives_is_segmented_whole_once(
     configure_logging(json=True, stream=logs)
     work = tmp_path / "work"
     entries = [{"part1.tar": first}, {"part2.tar": second}]
-    result = await run_request(entries, settings_factory(work, unpack_workers=1), backend=loaded_backend)
+    result = await run_request(entries, fake_settings(work, unpack_workers=1), backend=phantom_backend())
 
     assert result.status == "done"
     assert sorted(c.output for c in result.cases) == ["part1.dcm", "part2.dcm"]
@@ -367,7 +367,7 @@ async def test_a_series_split_over_archives_is_segmented_whole_once(
 
 
 async def test_no_other_input_is_unpacked_beside_the_first(
-    tmp_path: Path, settings_factory, loaded_backend: Backend, rng: np.random.Generator, monkeypatch
+    tmp_path: Path, fake_settings, rng: np.random.Generator, monkeypatch
 ) -> None:
     import time
 
@@ -384,8 +384,8 @@ async def test_no_other_input_is_unpacked_beside_the_first(
 
     monkeypatch.setattr(asyncflow.pipeline, "unpack", timed_unpack)
     tars = _single_series_tars(rng, 4)
-    settings = settings_factory(tmp_path / "work", unpack_workers=3)
-    result = await run_request(tars, settings, backend=loaded_backend)
+    settings = fake_settings(tmp_path / "work", unpack_workers=3)
+    result = await run_request(tars, settings, backend=phantom_backend())
     assert result.status == "done" and sorted(spans) == [0, 1, 2, 3]
     assert all(spans[i][0] >= spans[0][1] for i in (1, 2, 3))  # the first input had the cores alone
 
@@ -395,16 +395,16 @@ def _unpacked_files(work: Path) -> list[Path]:
 
 
 async def test_unpacked_files_are_deleted_as_their_cases_end(
-    tmp_path: Path, settings_factory, loaded_backend: Backend, rng: np.random.Generator
+    tmp_path: Path, fake_settings, rng: np.random.Generator
 ) -> None:
     tars = _single_series_tars(rng, 4)
     work = tmp_path / "work"
     on_disk: list[int] = []  # unpacked files left each time a case ends
-    settings = settings_factory(work, unpack_workers=1, queue_size=1)
+    settings = fake_settings(work, unpack_workers=1, queue_size=1)
     result = await run_request(
         tars,
         settings,
-        backend=loaded_backend,
+        backend=phantom_backend(),
         on_progress=lambda _: on_disk.append(len(_unpacked_files(work))),
     )
     assert result.status == "done" and len(result.dicom_seg_bytes) == 4
@@ -413,7 +413,7 @@ async def test_unpacked_files_are_deleted_as_their_cases_end(
 
 
 async def test_a_series_that_grows_after_its_first_case_ended_is_unpacked_again(
-    tmp_path: Path, settings_factory, loaded_backend: Backend, rng: np.random.Generator
+    tmp_path: Path, fake_settings, rng: np.random.Generator
 ) -> None:
     split = make_phantom(rng, (24, 32, 32))
     split_series = dicom_series_datasets(split, series_number=1)
@@ -425,8 +425,8 @@ async def test_a_series_that_grows_after_its_first_case_ended_is_unpacked_again(
     logs = io.StringIO()
     configure_logging(json=True, stream=logs)
     work = tmp_path / "work"
-    settings = settings_factory(work, unpack_workers=1, prepare_workers=1, export_workers=1, queue_size=1)
-    result = await run_request(entries, settings, backend=loaded_backend)
+    settings = fake_settings(work, unpack_workers=1, prepare_workers=1, export_workers=1, queue_size=1)
+    result = await run_request(entries, settings, backend=phantom_backend())
 
     assert result.status == "done" and len(result.cases) == 13
     events = [json.loads(line) for line in logs.getvalue().splitlines()]
