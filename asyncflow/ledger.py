@@ -9,12 +9,15 @@ wrote: a partial volume is never returned.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .case import Case, CaseReport, CaseStatus, SkippedFile
 from .enums import RequestStatus, Stage
 from .log import get_logger, scrub
 from .result import Progress, Result
+
+if TYPE_CHECKING:
+    from .export import Exported
 
 __all__ = ["Ledger", "case_identity"]
 
@@ -97,8 +100,19 @@ class Ledger:
                 )
             )
 
-    def write(self, case: Case, outputs: dict[str, bytes], name: str, data: bytes) -> None:
-        """Keep one of the case's output files (``outputs``: the ledger's dicom, nifti or label_json)."""
+    def keep(self, case: Case, exported: Exported) -> None:
+        """Keep what a case's export made (its output, and a label file beside a SEG) and name it
+        in the case's report."""
+        self._write(
+            case, self.dicom if exported.format == "dicom_seg" else self.nifti, exported.name, exported.data
+        )
+        if exported.label_json is not None:
+            self._write(case, self.label_json, *exported.label_json)
+        report = self.reports[case.case_id]
+        report.output, report.fallback = exported.name, exported.fallback
+        report.labels_present, report.labels_absent = exported.labels_present, exported.labels_absent
+
+    def _write(self, case: Case, outputs: dict[str, bytes], name: str, data: bytes) -> None:
         outputs[name] = data
         self.written.setdefault(case.case_id, []).append((outputs, name))
 

@@ -15,14 +15,15 @@ are unpacked. Every case ends as done or failed with a reason; a case's working
 folder is removed as soon as the case ends, the request's folder in ``finally``
 on success, error and cancellation alike.
 
-This module owns all concurrency; the stage functions it calls are plain
-synchronous functions from the domain modules.
+This module wires the stages and owns their concurrency (the prediction workers
+are :mod:`asyncflow.prediction`'s); the stage functions it calls are plain
+synchronous functions from the domain modules, the request's temporary folder is
+a :class:`~asyncflow.workspace.Workspace` and its books a :class:`~asyncflow.ledger.Ledger`.
 """
 
 from __future__ import annotations
 
 import errno
-import math
 import resource
 import time
 import uuid
@@ -49,6 +50,7 @@ from .inputs import Entry, InputItem, RequestError, UnpackedInput, request_items
 from .labels import load_label_config
 from .ledger import Ledger
 from .log import get_logger, scrub
+from .prediction import PredictionWorker, nbytes
 from .prepare import prepare_case
 from .result import Progress, Result
 from .seg import Algorithm, SegOptions
@@ -119,9 +121,8 @@ class _Request:
             tg.start_soon(self._assemble, unpacked_recv, cases_send)
             self._fan_out(tg, self.settings.prepare_workers, self._prepare_worker, cases_recv, prepared_send)
             for number, backend in enumerate(self.backends):  # each takes the next prepared case
-                tg.start_soon(
-                    self._predict_worker, number, backend, prepared_recv.clone(), predicted_send.clone()
-                )
+                worker = PredictionWorker(number, backend, self.ledger, self._fail, self._end_case)
+                tg.start_soon(worker.run, prepared_recv.clone(), predicted_send.clone())
             prepared_recv.close()
             predicted_send.close()
             self._fan_out(tg, self.settings.export_workers, self._export_worker, predicted_recv, None)
@@ -294,7 +295,7 @@ class _Request:
                         channels=channels,
                         duration_s=round(prepare_s, 4),
                         preprocess_s=round(prepare_s - read_s, 4),
-                        model_input_bytes=_nbytes(prepared.model_input),
+                        model_input_bytes=nbytes(prepared.model_input),
                         memory_reserved_bytes=reserved,
                         memory_wait_s=round(memory_wait_s, 4),
                         predict_queue=send.statistics().current_buffer_used,
@@ -320,93 +321,6 @@ class _Request:
             return None
         prepared.images, prepared.model_input = [], model_input  # it replaces the images
         return reserved, waited
-
-    async def _predict_worker(
-        self,
-        worker: int,
-        backend: Backend,
-        receive: MemoryObjectReceiveStream[PreparedCase],
-        send: MemoryObjectSendStream[tuple[PreparedCase, Any]],
-    ) -> None:
-        async with receive, send:
-            started = time.perf_counter()
-            # Abandoned if the request ends first (no usable case): the load finishes unobserved.
-            await anyio.to_thread.run_sync(backend.load, abandon_on_cancel=True)
-            log.info(
-                "model.loaded",
-                worker=worker,
-                model=backend.info.name,
-                folds=len(backend.info.folds),
-                duration_s=round(time.perf_counter() - started, 4),
-            )
-            async for first in receive:
-                batch = [first]
-                while len(batch) < backend.max_batch:  # every case that is ready, never waiting
-                    try:
-                        batch.append(receive.receive_nowait())
-                    except (anyio.WouldBlock, anyio.EndOfStream):
-                        break
-                await self._predict(worker, backend, batch, receive, send)
-
-    async def _predict(
-        self,
-        worker: int,
-        backend: Backend,
-        batch: list[PreparedCase],
-        receive: MemoryObjectReceiveStream[PreparedCase],
-        send: MemoryObjectSendStream[tuple[PreparedCase, Any]],
-    ) -> None:
-        """One backend call for ``batch``; when the call fails as a whole, each case alone."""
-        for prepared in batch:
-            if prepared.case.case_id in self.ledger.withdrawn:
-                self._end_case(prepared.case)
-        batch = [p for p in batch if p.case.case_id not in self.ledger.withdrawn]
-        if not batch:
-            return
-        started = time.perf_counter()
-        try:
-            outcomes = await backend.predict(batch)
-            if len(outcomes) != len(batch):
-                raise RuntimeError(f"the backend returned {len(outcomes)} result(s) for {len(batch)} case(s)")
-        except Exception as exc:  # noqa: BLE001 - isolated below: no case fails for another's error
-            if len(batch) > 1:
-                log.warning(
-                    "predict.batch_failed",
-                    cases=len(batch),
-                    error_type=type(exc).__name__,
-                    reason=scrub(str(exc)),
-                    duration_s=round(time.perf_counter() - started, 4),
-                )
-                for prepared in batch:
-                    await self._predict(worker, backend, [prepared], receive, send)
-                return
-            outcomes = [exc]
-        seconds = time.perf_counter() - started  # cases predicted together share one interval
-        for prepared, outcome in zip(batch, outcomes, strict=True):
-            case = prepared.case
-            with structlog.contextvars.bound_contextvars(case_id=case.case_id):
-                if isinstance(outcome, Exception):
-                    self._fail(case, Stage.PREDICT, outcome, seconds)
-                    continue
-                self.ledger.report(case).stage_s[Stage.PREDICT] = seconds
-                # The model's input is not needed any more: export reads the sources.
-                prepared.images, prepared.model_input = [], None
-                network = getattr(outcome, "network_s", None)  # known where the backend has steps
-                log.info(
-                    "case.predicted",
-                    voxels=math.prod(prepared.geometry.size),
-                    duration_s=round(seconds, 4),
-                    **({"network_s": round(network, 4)} if network is not None else {}),
-                    output_bytes=_nbytes(outcome),
-                    batch=len(batch),
-                    worker=worker,
-                    predict_queue=receive.statistics().current_buffer_used,
-                )
-                waited = time.perf_counter()
-                await send.send((prepared, outcome))
-                waited = time.perf_counter() - waited
-                if waited >= 0.001:  # every export worker busy and the queue full: CPU shortage
-                    log.info("predict.blocked", worker=worker, duration_s=round(waited, 4))
 
     async def _export_worker(
         self, receive: MemoryObjectReceiveStream[tuple[PreparedCase, Any]], _: None
@@ -434,22 +348,13 @@ class _Request:
                     if done is None:
                         continue
                     exported, to_labels_s = done
-                    ledger = self.ledger
-                    outputs = ledger.dicom if exported.format == "dicom_seg" else ledger.nifti
-                    ledger.write(case, outputs, exported.name, exported.data)
-                    if exported.label_json is not None:
-                        ledger.write(case, ledger.label_json, *exported.label_json)
-                    report = ledger.report(case)
-                    report.output = exported.name
-                    report.labels_present = exported.labels_present
-                    report.labels_absent = exported.labels_absent
-                    report.fallback = exported.fallback
+                    self.ledger.keep(case, exported)
                     fallback = {"fallback": scrub(exported.fallback)} if exported.fallback else {}
                     log.info(
                         "case.exported",
                         format=exported.format,
                         bytes=len(exported.data),
-                        duration_s=round(report.stage_s[Stage.EXPORT], 4),
+                        duration_s=round(self.ledger.seconds(case, Stage.EXPORT), 4),
                         to_labels_s=round(to_labels_s, 4),
                         **fallback,
                     )
@@ -537,11 +442,6 @@ async def run_request(
                 duration_s=round(time.perf_counter() - started, 4),
                 peak_rss_bytes=peak_rss_bytes(),
             )
-
-
-def _nbytes(value: Any) -> int:
-    """The size of a model input or backend output, for the events (0 when it has no size)."""
-    return int(getattr(value, "nbytes", 0))
 
 
 def peak_rss_bytes() -> int:

@@ -165,7 +165,7 @@ def test_ctrl_c_in_the_cli_writes_a_partial_report(tmp_path: Path, rng, monkeypa
     pressed = threading.Event()
 
     def predict(case: PreparedCase) -> np.ndarray:
-        if case.case.case_id != "case-0001":
+        if case.case.case_id != backend.predicted[0]:
             pressed.wait(timeout=60)
             time.sleep(1.0)  # the cancel reaches the request while this case is still predicting
         return np.zeros(tuple(reversed(case.geometry.size)), np.uint8)
@@ -178,7 +178,8 @@ def test_ctrl_c_in_the_cli_writes_a_partial_report(tmp_path: Path, rng, monkeypa
                 pressed.set()
 
     monkeypatch.setattr(asyncflow.cli._ProgressBar, "__call__", interrupt)
-    monkeypatch.setattr(asyncflow.pipeline, "build_backends", lambda settings: [FakeBackend(predict=predict)])
+    backend = FakeBackend(predict=predict)
+    monkeypatch.setattr(asyncflow.pipeline, "build_backends", lambda settings: [backend])
     out, work = tmp_path / "out", tmp_path / "work"
     argv = ["run", str(inputs), "-o", str(out), "--model", str(MODEL), "--work-dir", str(work)]
     assert main(argv) == 130

@@ -22,6 +22,7 @@ from asyncflow.log import configure_logging
 from asyncflow.pipeline import Progress, Result, build_backend, run_request
 from asyncflow.seg import read_dicom_seg, read_nifti_seg
 from asyncflow.synthetic import Phantom, dicom_series_datasets, dicom_series_tar, make_phantom, nifti_bytes
+from asyncflow.testing import FakeBackend
 
 pytestmark = pytest.mark.anyio
 
@@ -232,14 +233,27 @@ async def test_no_usable_case_ends_the_request_with_its_report_before_the_model_
 async def test_cancellation_removes_every_temporary_file(
     tmp_path: Path, fake_settings, rng: np.random.Generator
 ) -> None:
+    """Deterministic: every case after the first waits in the backend until the request has been
+    cancelled, so no other case can end between the cancel and its delivery."""
     entries = _small_volumes(rng, 4)
     work = tmp_path / "work"
     logs = io.StringIO()
     configure_logging(json=True, stream=logs)
+    cancelled = threading.Event()
+
+    def predict(case):
+        if case.case.case_id != backend.predicted[0]:
+            cancelled.wait(timeout=60)
+        return np.zeros(tuple(reversed(case.geometry.size)), np.uint8)
+
+    backend = FakeBackend(predict=predict)
+
+    def cancel(_: Progress) -> None:
+        scope.cancel()
+        cancelled.set()
+
     with anyio.CancelScope() as scope:
-        await run_request(
-            entries, fake_settings(work), backend=phantom_backend(), on_progress=lambda _: scope.cancel()
-        )
+        await run_request(entries, fake_settings(work), backend=backend, on_progress=cancel)
     assert scope.cancelled_caught
     assert _workdir_is_empty(work)
     finished = json.loads(logs.getvalue().splitlines()[-1])
