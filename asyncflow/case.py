@@ -172,6 +172,8 @@ class CaseReport:
     labels_absent: list[int] = field(default_factory=list)  # declared by the model, not found
     fallback: str | None = None  # why a DICOM case was returned as NIfTI
     source: CaseSource | None = None
+    statistics: list[dict[str, Any]] | None = None  # per label (asyncflow.statistics), once exported
+    statistics_error: str | None = None  # why a done case has none
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -188,6 +190,8 @@ class CaseReport:
             "labels_present": self.labels_present,
             "labels_absent": self.labels_absent,
             "fallback": self.fallback,
+            "statistics": self.statistics,
+            **({"statistics_error": self.statistics_error} if self.statistics_error else {}),
         }
 
 

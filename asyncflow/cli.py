@@ -23,6 +23,7 @@ from .log import configure_logging
 from .pipeline import run_request_sync
 from .result import Progress, Result
 from .settings import Settings, SettingsError, packaged_demo_model
+from .statistics import statistics_csv
 
 __all__ = ["main"]
 
@@ -264,7 +265,8 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
 
 
 def write_outputs(result: Result, output: Path) -> Path:
-    """``output/dicom_seg/*.dcm`` (+ ``*.mitklabel.json``), ``output/nifti_seg/*.nii.gz``, ``output/report.json``."""
+    """``output/dicom_seg/*.dcm`` (+ ``*.mitklabel.json``), ``output/nifti_seg/*.nii.gz``,
+    ``output/report.json`` and ``output/statistics.csv`` (a line per case and label)."""
     output.mkdir(parents=True, exist_ok=True)
     outputs = (
         ("dicom_seg", result.dicom_seg_bytes),
@@ -276,8 +278,10 @@ def write_outputs(result: Result, output: Path) -> Path:
             (output / folder).mkdir(parents=True, exist_ok=True)
         for name, data in files.items():
             (output / folder / name).write_bytes(data)
+    content = result.report()
     report = output / "report.json"
-    report.write_text(json.dumps(result.report(), indent=2) + "\n")
+    report.write_text(json.dumps(content, indent=2) + "\n")
+    (output / "statistics.csv").write_text(statistics_csv(content["cases"]))
     return report
 
 

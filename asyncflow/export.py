@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import SimpleITK as sitk
 
 from .case import PredictedCase, PreparedCase, SourceKind
 from .labels import SegmentLabel, label_for, merge_labels
 from .mitk import MITK_SUFFIX, mitk_label_json, read_mitk_labels
+from .prepare import source_image
 from .seg import Algorithm, SegOptions, dicom_seg_bytes, label_values, nifti_seg_bytes, segment_values
+from .statistics import LabelStatistics, measure_labels
 
 if TYPE_CHECKING:
     from .backends.base import ModelSteps
@@ -35,6 +38,8 @@ class Exported:
     labels_absent: list[int]  # declared by the model, not found in the prediction
     label_json: tuple[str, bytes] | None = None  # <case>.mitklabel.json beside a SEG
     fallback: str | None = None  # why a DICOM case came out as NIfTI
+    statistics: list[LabelStatistics] | None = None  # None when they could not be measured
+    statistics_error: str | None = None  # why not
 
     @property
     def format(self) -> str:
@@ -72,15 +77,25 @@ def export_output(
     label_config: Mapping[int, Mapping[str, Any]],
     algorithm: Algorithm,
     options: SegOptions,
-) -> tuple[Exported, float]:
+) -> tuple[Exported, dict[str, float]]:
     """The export stage's work for one case: the backend's output to a label map on the source
-    grid (``steps.to_labels``; v2: nnU-Net's resampling and argmax), whose seconds come back
-    beside the outputs, then :func:`export_case`."""
+    grid (``steps.to_labels``; v2: nnU-Net's resampling and argmax), :func:`export_case`, then the
+    label statistics on the source voxels, read again (a failure there keeps the outputs, with the
+    reason). The seconds of the first and last step come back beside the outputs."""
     started = time.perf_counter()
     labels = output if steps is None else steps.to_labels(prepared, output)
     to_labels_s = time.perf_counter() - started
     exported = export_case(PredictedCase(prepared, labels), model_labels, label_config, algorithm, options)
-    return exported, to_labels_s
+    started = time.perf_counter()
+    try:
+        image = source_image(prepared)  # held while its voxels are read through the view
+        definitions = merge_labels(model_labels, label_config)
+        spacing = prepared.geometry.spacing
+        statistics = measure_labels(labels, sitk.GetArrayViewFromImage(image), spacing, definitions)
+        exported = replace(exported, statistics=statistics)
+    except Exception as exc:  # noqa: BLE001 - the segmentation is kept; the report says why
+        exported = replace(exported, statistics_error=f"{type(exc).__name__}: {exc}")
+    return exported, {"to_labels_s": to_labels_s, "statistics_s": time.perf_counter() - started}
 
 
 def _dicom_outputs(

@@ -80,6 +80,8 @@ class SegmentLabel:
     tracking_id: str | None = None
     tracking_uid: str | None = None
     opacity: float | None = None
+    # A plausible volume in ml (low, high): a measured volume outside it is flagged (statistics).
+    volume_ml: tuple[float, float] | None = None
 
     @property
     def rgb(self) -> RGB:
@@ -171,6 +173,16 @@ def _color(value: object, where: str) -> RGB:
     return (channels[0], channels[1], channels[2])
 
 
+def _volume_range(value: object, where: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in value)  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        raise LabelError(f"{where}: a plausible volume is [low, high] in ml") from None
+    if not 0 <= low <= high:
+        raise LabelError(f"{where}: a plausible volume needs 0 <= low <= high, not [{low}, {high}]")
+    return low, high
+
+
 def parse_label_overrides(labels: Mapping[Any, Any], source: str) -> dict[int, dict[str, Any]]:
     """``{value: {field: value}}`` from plain data, checked, with typed codes and colours."""
     result: dict[int, dict[str, Any]] = {}
@@ -195,6 +207,8 @@ def parse_label_overrides(labels: Mapping[Any, Any], source: str) -> dict[int, d
                 parsed[name] = _color(value, f"{where} color")
             elif name == "opacity":
                 parsed[name] = float(value)
+            elif name == "volume_ml":
+                parsed[name] = _volume_range(value, f"{where} volume_ml")
             else:
                 parsed[name] = str(value)
         result[int(key)] = parsed
@@ -209,6 +223,7 @@ def load_label_config(path: Path) -> dict[int, dict[str, Any]]:
         name: metastasis
         type: {value: "14799000", scheme: SCT, meaning: "Neoplasm, metastatic"}
         color: "#f5d533"
+        volume_ml: [0.5, 3000]   # outside it, a case's measured volume is flagged
     """
     try:
         text = path.read_text()

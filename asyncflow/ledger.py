@@ -111,6 +111,9 @@ class Ledger:
         report = self.reports[case.case_id]
         report.output, report.fallback = exported.name, exported.fallback
         report.labels_present, report.labels_absent = exported.labels_present, exported.labels_absent
+        if exported.statistics is not None:
+            report.statistics = [label.as_dict() for label in exported.statistics]
+        report.statistics_error = exported.statistics_error
 
     def _write(self, case: Case, outputs: dict[str, bytes], name: str, data: bytes) -> None:
         outputs[name] = data

@@ -347,16 +347,22 @@ class _Request:
                     del output  # the logits: often the largest thing a case holds
                     if done is None:
                         continue
-                    exported, to_labels_s = done
+                    exported, seconds = done
                     self.ledger.keep(case, exported)
-                    fallback = {"fallback": scrub(exported.fallback)} if exported.fallback else {}
+                    notes: dict[str, Any] = (
+                        {"fallback": scrub(exported.fallback)} if exported.fallback else {}
+                    )
+                    if exported.statistics is not None:
+                        notes["statistics"] = [label.as_dict() for label in exported.statistics]
+                    else:
+                        notes["statistics_error"] = scrub(exported.statistics_error or "")
                     log.info(
                         "case.exported",
                         format=exported.format,
                         bytes=len(exported.data),
                         duration_s=round(self.ledger.seconds(case, Stage.EXPORT), 4),
-                        to_labels_s=round(to_labels_s, 4),
-                        **fallback,
+                        **{name: round(value, 4) for name, value in seconds.items()},
+                        **notes,
                     )
                     self._end_case(case)
 

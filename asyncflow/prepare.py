@@ -19,7 +19,7 @@ import SimpleITK as sitk
 from .case import Case, DicomInstance, Geometry, PreparedCase, SourceKind
 from .dicom import frame_pixel_spacing, frame_rescale, order_positions, order_series, slice_normal
 
-__all__ = ["prepare_case"]
+__all__ = ["prepare_case", "source_image"]
 
 # Level 1 keeps most of gzip's size gain at a fraction of its time (nnU-Net v1 wants .nii.gz).
 _COMPRESSION_LEVEL = 1
@@ -110,6 +110,25 @@ def _multiframe_volume(instance: DicomInstance) -> tuple[sitk.Image, list[int]]:
     return image, order
 
 
+def _read_series(paths: list[Path]) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames([str(path) for path in paths])
+    image = reader.Execute()
+    _check_volume(image, "DICOM series")
+    if image.GetSize()[2] != len(paths):
+        raise ValueError(f"series of {len(paths)} slices read as {image.GetSize()[2]}")
+    return image
+
+
+def _read_nifti(source: Path, workdir: Path, number: int) -> sitk.Image:
+    try:
+        image = sitk.ReadImage(str(_as_nifti1(source, workdir, number)))
+    except RuntimeError as exc:
+        raise ValueError(f"NIfTI channel {number} cannot be read") from exc
+    _check_volume(image, f"NIfTI channel {number}")
+    return image
+
+
 def prepare_case(case: Case, workdir: Path, write_files: bool = True) -> PreparedCase:
     """Read the case's source as model input; with ``write_files``, also as nnU-Net's input files
     inside ``workdir``."""
@@ -118,24 +137,11 @@ def prepare_case(case: Case, workdir: Path, write_files: bool = True) -> Prepare
         image, frame_order = _multiframe_volume(case.instances[0])
         return _prepared(case, workdir, [image], [case.instances[0].path], write_files, frame_order)
     if case.kind is SourceKind.DICOM:
-        ordered = order_series(case.instances)
-        reader = sitk.ImageSeriesReader()
-        reader.SetFileNames([str(i.path) for i in ordered])
-        image = reader.Execute()
-        _check_volume(image, "DICOM series")
-        if image.GetSize()[2] != len(ordered):
-            raise ValueError(f"series of {len(ordered)} slices read as {image.GetSize()[2]}")
-        return _prepared(case, workdir, [image], [i.path for i in ordered], write_files)
+        paths = [i.path for i in order_series(case.instances)]
+        return _prepared(case, workdir, [_read_series(paths)], paths, write_files)
 
-    images = []
     sources = [_with_nifti_suffix(source, workdir, number) for number, source in enumerate(case.files)]
-    for number, source in enumerate(sources):
-        try:
-            image = sitk.ReadImage(str(_as_nifti1(source, workdir, number)))
-        except RuntimeError as exc:
-            raise ValueError(f"NIfTI channel {number} cannot be read") from exc
-        _check_volume(image, f"NIfTI channel {number}")
-        images.append(image)
+    images = [_read_nifti(source, workdir, number) for number, source in enumerate(sources)]
     reference = images[0]
     for number, image in enumerate(images[1:], start=1):
         if image.GetSize() != reference.GetSize():
@@ -143,3 +149,14 @@ def prepare_case(case: Case, workdir: Path, write_files: bool = True) -> Prepare
                 f"NIfTI channel {number} has size {image.GetSize()}, channel 0 {reference.GetSize()}"
             )
     return _prepared(case, workdir, images, sources, write_files)
+
+
+def source_image(prepared: PreparedCase) -> sitk.Image:
+    """Channel 0 of a prepared case read again from its sources, as :func:`prepare_case` read it
+    (CT in HU, the rescale applied): its voxels lie on the prediction's grid."""
+    case = prepared.case
+    if case.kind is SourceKind.DICOM and prepared.frame_order is not None:
+        return _multiframe_volume(case.instances[0])[0]
+    if case.kind is SourceKind.DICOM:
+        return _read_series(prepared.source_files)
+    return _read_nifti(prepared.source_files[0], prepared.workdir, 0)
