@@ -37,10 +37,10 @@ ARG FLAME_SDK_REF=0.6.4
 WORKDIR /opt/src
 COPY pyproject.toml README.md constraints.txt ./
 COPY asyncflow ./asyncflow
-# asyncflow's extras allow ranges; constraints.txt holds the exact torch, torchvision and nnU-Net
-# builds it is tested with. EXTRAS=v1,v2 adds nnU-Net v1 (nnUNet_predict) for v1 models such as
-# the reference's Task029_LiTS.
-ARG EXTRAS=v2
+# asyncflow's extras allow ranges; constraints.txt holds the exact torch, torchvision, nnU-Net
+# and OpenDP builds it is tested with (dp: OpenDP, for statistics results with epsilon).
+# EXTRAS=v1,v2,dp adds nnU-Net v1 (nnUNet_predict) for v1 models such as the reference's Task029_LiTS.
+ARG EXTRAS=v2,dp
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir -c constraints.txt ".[${EXTRAS}]" \
         "flame @ git+https://github.com/PrivateAIM/python-sdk-patterns.git@${FLAME_SDK_REF}" \

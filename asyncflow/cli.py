@@ -167,6 +167,32 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
 
 
+def _add_statistics_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--min-cases",
+        type=int,
+        default=5,
+        help="a node (or report) or figure with fewer cases sends only its count (default 5)",
+    )
+    parser.add_argument(
+        "--epsilon", type=float, help="differential privacy: Laplace noise on each node's numbers (OpenDP)"
+    )
+    parser.add_argument(
+        "--bounds",
+        action="append",
+        default=[],
+        metavar="[LABEL.]FIGURE=LOW,HIGH,BINS",
+        help="clip bounds and histogram bins of a figure, e.g. tumor.volume_ml=0,200,100; repeatable",
+    )
+
+
+def _bounds(args: argparse.Namespace) -> dict[str, list[str]]:
+    pairs = [item.partition("=") for item in args.bounds]
+    if any(not sep or value.count(",") != 2 for _, sep, value in pairs):
+        raise SettingsError("--bounds takes [LABEL.]FIGURE=LOW,HIGH,BINS, e.g. volume_ml=0,3000,60")
+    return {name: value.split(",") for name, _, value in pairs}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asyncflow", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"asyncflow {__version__}")
@@ -197,10 +223,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     flame.add_argument(
         "--aggregator",
-        choices=["zip", "passthrough"],
-        default="zip",
-        help="zip: one ZIP with a manifest (default); passthrough: the node results as a pickled list",
+        choices=["zip", "passthrough", "statistics"],
+        help="zip: one ZIP with a manifest (default); passthrough: the node results as a pickled list; "
+        "statistics: merged per-label statistics (with --result statistics)",
     )
+    flame.add_argument(
+        "--result",
+        choices=["segmentations", "statistics"],
+        default="segmentations",
+        help="what leaves each node: its segmentations (default), or per-label statistics only",
+    )
+    _add_statistics_options(flame)
     _add_model_argument(flame)
     _add_model_options(flame)
     _add_seg_options(flame)
@@ -221,6 +254,13 @@ def _parser() -> argparse.ArgumentParser:
     monitor.add_argument(
         "--interval", type=float, default=1.0, help="seconds between live updates (default 1)"
     )
+
+    stats = commands.add_parser(
+        "stats", help="merge the statistics in report.json files, as FLAME's statistics aggregator does"
+    )
+    stats.add_argument("reports", nargs="+", type=Path, metavar="REPORT", help="report.json of a run")
+    stats.add_argument("-o", "--output", type=Path, help="write the JSON here (default: standard output)")
+    _add_statistics_options(stats)
 
     demo = commands.add_parser("demo", help="segment synthetic CT archives with the built-in tiny model")
     demo.add_argument(
@@ -311,11 +351,40 @@ def _flame(args: argparse.Namespace) -> int:
         json=True if args.json_logs else None, level=logging.WARNING if args.quiet else logging.INFO
     )
     overrides = {**_overrides(args), "model_dir": args.model, "multi_modal": args.multi_modal}
+    if args.result == "statistics":
+        overrides |= {"min_cases": args.min_cases, "statistics_bounds": _bounds(args) or None}
     run_star_model(
         query=args.query,
         aggregator=args.aggregator,
         analyzer_kwargs={k: v for k, v in overrides.items() if v is not None},
+        result=args.result,
+        epsilon=args.epsilon,
     )
+    return EXIT_DONE
+
+
+def _stats(args: argparse.Namespace) -> int:
+    """``asyncflow stats``: each report is one node; merged as the FLAME aggregator merges."""
+    from .aggregate import merge_nodes, node_aggregates, parse_bounds
+
+    bounds = parse_bounds(_bounds(args))
+    nodes = {}
+    for number, path in enumerate(args.reports):
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise SettingsError(f"{path}: not a readable report.json ({exc})") from None
+        if not isinstance(report, dict) or not isinstance(report.get("cases"), list):
+            raise SettingsError(f"{path}: not an asyncflow report.json (it has no cases)")
+        name = str(path) if str(path) not in nodes else f"{path} ({number})"
+        nodes[name] = node_aggregates(
+            report["cases"], min_cases=args.min_cases, bounds=bounds, epsilon=args.epsilon
+        )
+    text = json.dumps(merge_nodes(nodes), indent=2) + "\n"
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        args.output.write_text(text)
     return EXIT_DONE
 
 
@@ -347,6 +416,8 @@ def _execute(args: argparse.Namespace) -> int:
         return _flame(args)
     if args.command == "monitor":
         return _monitor(args)
+    if args.command == "stats":
+        return _stats(args)
     bar = _ProgressBar(enabled=sys.stderr.isatty() and not args.json_logs and not args.quiet)
     configure_logging(
         json=True if args.json_logs else None,

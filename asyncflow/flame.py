@@ -1,4 +1,4 @@
-"""Run as a FLAME analysis: the analyzer, two aggregators and the StarModel entry point.
+"""Run as a FLAME analysis: the analyzer, three aggregators and the StarModel entry point.
 
 A thin shell over :func:`asyncflow.pipeline.run_request`, the code path the CLI
 uses. Facts about the SDK (PrivateAIM/python-sdk-patterns, ``flame.star``) that
@@ -20,9 +20,11 @@ shape it:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
+from .aggregate import merge_nodes, node_aggregates, parse_bounds
 from .backends import Backend, ModelError
 from .bundle import pack_node_results
 from .hub import HubReporter
@@ -30,6 +32,7 @@ from .inputs import RequestError
 from .labels import LabelError
 from .log import take_over_logging
 from .pipeline import build_backends, run_request_sync
+from .privacy import LaplaceNoise
 from .result import Result
 from .settings import Settings, SettingsError
 
@@ -45,12 +48,14 @@ except ImportError:  # tests, local CLI: the SDK is not on PyPI
 __all__ = [
     "FLAME_SDK",
     "PassThroughAggregator",
+    "StatisticsAggregator",
     "ZipAggregator",
     "nnUNetAnalyzer",
     "run_star_model",
 ]
 
-AggregatorKind = Literal["zip", "passthrough"]
+AggregatorKind = Literal["zip", "passthrough", "statistics"]
+ResultKind = Literal["segmentations", "statistics"]
 
 
 class nnUNetAnalyzer(StarAnalyzer):  # the reference's name, which users know
@@ -60,7 +65,10 @@ class nnUNetAnalyzer(StarAnalyzer):  # the reference's name, which users know
     ``task_name``, ``multi_modal``, ``folds``, ``device`` ...); unset fields
     come from the reference image's environment variables (``RESULTS_FOLDER``
     or ``nnUNet_results``, ``TASK_NAME``, ``MULTI_MODAL``). The model is loaded
-    on the first call and kept for later iterations.
+    on the first call and kept for later iterations. Four more say what the node
+    sends: ``result`` (``segmentations``, the default, or ``statistics``) and, for
+    statistics, ``min_cases`` (5), ``epsilon`` (none: no noise) and
+    ``statistics_bounds`` (``{"figure" or "label.figure": [low, high, bins]}``).
     """
 
     def __init__(self, flame: Any, **kwargs: Any) -> None:
@@ -68,6 +76,7 @@ class nnUNetAnalyzer(StarAnalyzer):  # the reference's name, which users know
         self.hub = HubReporter(flame)
         take_over_logging()  # the SDK has just set up its own: one scrubbed line per event
         try:
+            self.result_kind, self.statistics_options = _result_options(kwargs)
             # What leaves the node leaves the hospital: SEGs are de-identified unless asked otherwise.
             self.settings = Settings.from_env(
                 **{
@@ -86,7 +95,9 @@ class nnUNetAnalyzer(StarAnalyzer):  # the reference's name, which users know
         """The result contract (``status``, ``dicom_seg_bytes``, ``nifti_seg_bytes``) plus
         ``report`` and ``node``. A node whose data holds no usable case returns status
         ``failed`` with ``error`` so the other nodes' results still reach the analyst;
-        a model or settings error fails the analysis."""
+        a model or settings error fails the analysis. With ``result="statistics"`` the byte
+        maps are empty and ``statistics`` holds the node's aggregate (:mod:`asyncflow.aggregate`):
+        no image, SEG, label file, report or per-case row leaves the node."""
         take_over_logging()  # another node's SDK core may have set up its logging since
         if data is None:
             error = RequestError("no data: StarModel was started with query=None, which fetches nothing")
@@ -99,12 +110,23 @@ class nnUNetAnalyzer(StarAnalyzer):  # the reference's name, which users know
                 data, self.settings, backend=self._backends, on_progress=self.hub, on_finish=ended.append
             )
         except RequestError as exc:  # the report says why each file became no case
-            return self._no_usable_case(exc, ended[0].report(redact=True) if ended else None)
+            report = ended[0].report(redact=True) if ended and self.result_kind == "segmentations" else None
+            return self._no_usable_case(exc, report)
         except Exception as exc:
             # Our own errors say what to fix; anything else may quote data, so only its type goes out.
             self.hub.failed(exc, detail=isinstance(exc, ModelError | SettingsError | LabelError))
             raise
         self.hub.finished(result)
+        if self.result_kind == "statistics":  # numbers only: no image, SEG, label file or case row
+            report = result.report()
+            aggregate = node_aggregates(report["cases"], **self.statistics_options)
+            return {
+                "status": str(result.status),
+                "dicom_seg_bytes": {},
+                "nifti_seg_bytes": {},
+                "statistics": aggregate,
+                "node": self.id,
+            }
         return {**result.as_dict(redact=True), "node": self.id}  # no name from the data leaves the node
 
     def _no_usable_case(self, error: RequestError, report: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -145,23 +167,91 @@ class PassThroughAggregator(StarAggregator):
         return True
 
 
+class StatisticsAggregator(StarAggregator):
+    """Merges the nodes' statistics (``analyzer_kwargs={"result": "statistics"}``) into per-label
+    figures per node and overall, as JSON text: see :mod:`asyncflow.aggregate`. A node that sent
+    no statistics (no usable case, another result kind) is listed with its status and error."""
+
+    def __init__(self, flame: Any) -> None:
+        super().__init__(flame)
+        self.hub = HubReporter(flame)
+
+    def aggregation_method(self, analysis_results: list[Any]) -> str:
+        nodes, without = {}, []
+        for number, result in enumerate(analysis_results):
+            node = (
+                str((result or {}).get("node", f"node-{number}"))
+                if isinstance(result, dict)
+                else f"node-{number}"
+            )
+            if isinstance(result, dict) and isinstance(result.get("statistics"), dict):
+                nodes[node] = result["statistics"]
+            else:
+                status = result.get("status") if isinstance(result, dict) else None
+                error = result.get("error") if isinstance(result, dict) else None
+                without.append({"node": node, "status": status or "no result", "error": error})
+        merged = {**merge_nodes(nodes), "nodes_without_statistics": without}
+        self.hub.log(f"merged the statistics of {len(nodes)} node(s); {len(without)} sent none")
+        return json.dumps(merged, indent=2)
+
+    def has_converged(self, result: Any, last_result: Any, num_iterations: int = 0) -> bool:
+        return True
+
+
 AGGREGATORS: dict[str, tuple[type[StarAggregator], str]] = {
     "zip": (ZipAggregator, "bytes"),
     "passthrough": (PassThroughAggregator, "pickle"),
+    "statistics": (StatisticsAggregator, "str"),
 }
+
+
+def _result_options(kwargs: dict[str, Any]) -> tuple[ResultKind, dict[str, Any]]:
+    """Take the analyzer's own options out of ``kwargs`` (the rest are Settings fields): what the
+    node sends (``result``), and for statistics ``min_cases``, ``epsilon``, ``statistics_bounds``."""
+    kind = kwargs.pop("result", None) or "segmentations"
+    if kind not in ("segmentations", "statistics"):
+        raise SettingsError(f"result must be 'segmentations' or 'statistics', not {kind!r}")
+    options = {
+        "min_cases": int(kwargs.pop("min_cases", 5)),
+        "epsilon": kwargs.pop("epsilon", None),
+        "bounds": parse_bounds(kwargs.pop("statistics_bounds", None)),
+    }
+    if kind == "segmentations" and options["epsilon"] is not None:
+        raise SettingsError("epsilon applies to result='statistics' only: segmentations cannot carry noise")
+    if options["epsilon"] is not None:
+        options["epsilon"] = float(options["epsilon"])
+        LaplaceNoise(options["epsilon"], 1)  # OpenDP present and epsilon valid: fail now, not after the run
+    if options["min_cases"] < 1:
+        raise SettingsError(f"min_cases must be at least 1, not {options['min_cases']}")
+    return cast(ResultKind, kind), options
 
 
 def run_star_model(
     *,
     query: Sequence[str] | None = (),
-    aggregator: AggregatorKind = "zip",
+    aggregator: AggregatorKind | None = None,
     analyzer_kwargs: dict[str, Any] | None = None,
+    result: ResultKind = "segmentations",
+    epsilon: float | None = None,
 ) -> Any:
     """Start the analysis on this node, as the reference's ``start_nnunet.py`` did.
 
     ``query`` lists S3 object keys to fetch; empty (the default) fetches every
-    object, ``None`` none. Needs the FLAME SDK.
+    object, ``None`` none. ``result="statistics"`` sends per-label aggregates
+    instead of segmentations (aggregator ``statistics``), with Laplace noise
+    added on each node when ``epsilon`` is given. Needs the FLAME SDK.
     """
+    aggregator = aggregator or ("statistics" if result == "statistics" else "zip")
+    if (result == "statistics") != (aggregator == "statistics"):
+        raise SettingsError(
+            f"result={result!r} needs aggregator='statistics' and only it, not {aggregator!r}"
+        )
+    analyzer_kwargs = dict(analyzer_kwargs or {})
+    if result == "statistics":
+        analyzer_kwargs["result"] = "statistics"
+    if epsilon is not None:
+        analyzer_kwargs["epsilon"] = epsilon
+    _result_options(dict(analyzer_kwargs))  # a bad option fails here, before the SDK starts
     if not FLAME_SDK:
         raise SettingsError(
             "the FLAME SDK is not installed: pip install "

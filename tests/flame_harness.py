@@ -58,6 +58,7 @@ class MockFlameCore:
         self.s3_data = s3_data
         self.hub = HubRecord()
         self.final_result: bytes | None = None
+        self.sent: list[Any] = []  # what this node sent to others, as they receive it
         self._progress = 0
 
     def get_id(self) -> str:
@@ -96,6 +97,7 @@ class MockFlameCore:
 
     def send_intermediate_data(self, receivers: list[str], data: Any) -> None:
         payload = pickle.dumps(data)  # results cross nodes pickled
+        self.sent.append(pickle.loads(payload))
         for receiver in receivers:
             self.inboxes[receiver].put((self.node_id, payload))
 
@@ -127,6 +129,7 @@ class StarRun:
     final_result: bytes
     hubs: dict[str, HubRecord]  # node id -> what it sent towards the Hub
     analyzers: dict[str, Any]  # node id -> the analyzer object
+    sent: dict[str, list[Any]]  # node id -> what it sent to other nodes (an analyzer: its result)
 
 
 def run_star(
@@ -197,7 +200,9 @@ def run_star(
         raise errors[0]
     final = cores[aggregator_id].final_result
     assert final is not None, "the aggregator submitted no result"
-    return StarRun(final, {n: c.hub for n, c in cores.items()}, analyzers)
+    return StarRun(
+        final, {n: c.hub for n, c in cores.items()}, analyzers, {n: c.sent for n, c in cores.items()}
+    )
 
 
 def sdk_logging_setup() -> None:
