@@ -164,10 +164,17 @@ def _quantiles(histogram: np.ndarray, bounds: Bounds) -> dict[str, float | None]
     return {f"p{q}": float(np.interp(q / 100, cumulative, edges)) for q in QUANTILES}
 
 
+def _total(values: Iterable[Any]) -> Any:
+    """A sum that stays an int where every part is (exact counts), a float where noise is in it."""
+    return sum(values)
+
+
 def _summary(cells: list[Mapping[str, Any]]) -> dict[str, Any]:
-    """count, mean, sd, min, max and percentiles of the cells added together."""
+    """count, mean, sd, min, max and percentiles of the cells added together. Min and max exist
+    where every node sent them (none does under differential privacy); percentiles, from the
+    histogram, are kept within them."""
     full = [c for c in cells if not c.get("suppressed")]
-    suppressed = sum(max(float(c["count"]), 0.0) for c in cells if c.get("suppressed"))  # noisy: >= 0
+    suppressed = _total(max(c["count"], 0) for c in cells if c.get("suppressed"))  # noisy: >= 0
     summary: dict[str, Any] = {"count": 0, "suppressed_count": suppressed}
     if not full:
         return summary
@@ -175,19 +182,24 @@ def _summary(cells: list[Mapping[str, Any]]) -> dict[str, Any]:
     if len(shapes) > 1:
         return {**summary, "error": f"the nodes binned this figure differently: {sorted(shapes)}"}
     low, high, bins = next(iter(shapes))
-    count = sum(float(c["count"]) for c in full)
+    count = _total(c["count"] for c in full)
     total, squares = sum(float(c["sum"]) for c in full), sum(float(c["sum_sq"]) for c in full)
     histogram = np.sum([np.asarray(c["histogram"], dtype=np.float64) for c in full], axis=0)
     mean = total / count if count > 0 else None
     variance = (squares - count * mean**2) / (count - 1) if mean is not None and count > 1 else None
-    extremes = [c for c in full if c.get("min") is not None]
+    known = all(c.get("min") is not None for c in full)
+    smallest = min(c["min"] for c in full) if known else None
+    largest = max(c["max"] for c in full) if known else None
+    quantiles = _quantiles(np.clip(histogram, 0, None), Bounds(float(low), float(high), int(bins)))
+    if smallest is not None and largest is not None:
+        quantiles = {q: None if v is None else min(max(v, smallest), largest) for q, v in quantiles.items()}
     summary.update(
-        count=round(count, 6),
+        count=count,
         mean=mean,
         sd=math.sqrt(max(variance, 0.0)) if variance is not None else None,
-        min=min(c["min"] for c in extremes) if extremes else None,
-        max=max(c["max"] for c in extremes) if extremes else None,
-        **_quantiles(np.clip(histogram, 0, None), Bounds(float(low), float(high), int(bins))),
+        min=smallest,
+        max=largest,
+        **quantiles,
         bounds=[low, high, bins],
     )
     return summary
@@ -227,8 +239,8 @@ def merge_nodes(nodes: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         },
         "overall": {
             "nodes": len(nodes),
-            "cases": sum(float(a["cases"]) for a in nodes.values() if not a.get("suppressed")),
-            "suppressed_cases": sum(float(a["cases"]) for a in nodes.values() if a.get("suppressed")),
+            "cases": _total(a["cases"] for a in nodes.values() if not a.get("suppressed")),
+            "suppressed_cases": _total(max(a["cases"], 0) for a in nodes.values() if a.get("suppressed")),
             "labels": summarise(list(nodes.values())),
         },
     }

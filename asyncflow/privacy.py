@@ -40,7 +40,7 @@ def _laplace(vector: bool, scale: float) -> Any:
 
     dp.enable_features("contrib")
     try:  # OpenDP >= 0.13 asks whether NaN is allowed; 0.12 (FLAME's SDK pins it) does not
-        atom = dp.atom_domain(T=float, nan=False)
+        atom = dp.atom_domain(T=float, nan=False)  # type: ignore[call-arg,unused-ignore]
     except TypeError:
         atom = dp.atom_domain(T=float)
     if vector:

@@ -55,6 +55,10 @@ def test_merged_figures_equal_those_of_all_cases_together() -> None:
     for q in (5, 25, 50, 75, 95):  # from the merged histogram: where the cases' share crosses q, to a bin
         value = overall[f"p{q}"]
         assert (everything < value - width).mean() <= q / 100 <= (everything <= value + width).mean(), q
+    # Values that all fall into one bin: the percentiles stay between the known min and max.
+    small = merge_nodes({"a": node_aggregates([_case(v, 100, 1) for v in (6.3, 7.0, 7.2, 7.5, 7.7)])})
+    tiny = small["overall"]["labels"]["liver"]["volume_ml"]
+    assert 6.3 == tiny["min"] <= tiny["p5"] <= tiny["p50"] <= tiny["p95"] <= tiny["max"] == 7.7
     node_0 = merged["nodes"]["node_0"]["labels"]["liver"]["intensity_mean"]
     assert node_0["mean"] == pytest.approx(means[0].mean(), rel=1e-9)
     # An empty label has volume 0 in every case, and no intensity at all: that cell is suppressed.
