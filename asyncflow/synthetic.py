@@ -50,6 +50,8 @@ class Phantom:
     labels: np.ndarray  # uint8: 0 background, 1 liver, 2 tumor
     spacing: tuple[float, float, float]  # (x, y, z) in mm, SimpleITK order
     origin: tuple[float, float, float]  # (x, y, z) in mm
+    # The liver ellipsoid's (labels 1 and 2) analytic volume, 4/3 pi abc in ml, where the volume holds it whole.
+    liver_ml: float = 0.0
 
 
 def make_phantom(
@@ -96,6 +98,7 @@ def make_phantom(
         labels=labels,
         spacing=spacing,
         origin=origin,
+        liver_ml=float(4 / 3 * np.pi * np.prod(radii) / 1000),
     )
 
 
