@@ -126,7 +126,11 @@ class NnUNetV1Backend:
         return command
 
     def environment(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k != "TORCH_FORCE_WEIGHTS_ONLY_LOAD"}
+        # PYTHONUNBUFFERED goes too: v1's preprocessing workers print a case's error as two lines
+        # ("error in <file>", then the message), which unbuffered writes of other processes on the
+        # same pipe can separate; block-buffered, each worker's lines arrive together.
+        dropped = {"TORCH_FORCE_WEIGHTS_ONLY_LOAD", "PYTHONUNBUFFERED"}
+        env = {k: v for k, v in os.environ.items() if k not in dropped}
         env["RESULTS_FOLDER"] = str(self._overlay or self.info.folder.parents[3])
         env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
         threads = str(self.torch_threads or max(1, (os.cpu_count() or 2) // 2))
