@@ -12,11 +12,12 @@ budget is admitted alone.
 
 from __future__ import annotations
 
+import resource
 from pathlib import Path
 
 import anyio
 
-__all__ = ["MemoryBudget", "available_memory_bytes"]
+__all__ = ["MemoryBudget", "available_memory_bytes", "peak_rss_bytes"]
 
 
 class MemoryBudget:
@@ -78,3 +79,15 @@ def available_memory_bytes() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return max(0, min(free)) if free else None
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: Linux's VmHWM, which, unlike ``ru_maxrss``, does not
+    carry over a parent's peak through fork and exec; ``ru_maxrss`` elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -8,69 +8,29 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from . import __version__
 from .backends import ModelError, ModelInfo
 from .inputs import RequestError
+from .journal import OutputFolder
 from .labels import LabelError
 from .log import configure_logging
 from .pipeline import run_request_sync
-from .result import Progress, Result
+from .progress import ProgressDisplay
+from .result import Result
 from .settings import Settings, SettingsError, packaged_demo_model
 from .statistics import statistics_csv
 
 __all__ = ["main"]
 
 EXIT_DONE, EXIT_SOME_FAILED, EXIT_ERROR, EXIT_INTERNAL = 0, 1, 2, 3
-
-
-class _ProgressBar:
-    """A tqdm bar on a TTY; log lines are written above it instead of through it."""
-
-    def __init__(self, enabled: bool) -> None:
-        self._bar: Any = None
-        if enabled:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=None, unit="case", desc="segmenting", file=sys.stderr, leave=True)
-
-    def stream(self) -> TextIO | None:
-        if self._bar is None:
-            return None
-        bar = self._bar
-
-        class _AboveBar:
-            def write(self, text: str) -> int:
-                if text.strip():  # print() sends the newline as a write of its own
-                    bar.write(text.rstrip("\n"), file=sys.stderr)
-                return len(text)
-
-            def flush(self) -> None:
-                sys.stderr.flush()
-
-            def isatty(self) -> bool:
-                return True
-
-        return _AboveBar()  # type: ignore[return-value]
-
-    def __call__(self, progress: Progress) -> None:
-        if self._bar is None:
-            return
-        if progress.total is not None and self._bar.total != progress.total:
-            self._bar.total = progress.total
-        self._bar.n = progress.done + progress.failed
-        self._bar.set_postfix(failed=progress.failed, refresh=False)
-        self._bar.refresh()
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
 
 
 def _add_model_argument(parser: argparse.ArgumentParser) -> None:
@@ -137,8 +97,16 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--trainer", help="default: nnUNetTrainer (v2), nnUNetTrainerV2 (v1)")
     group.add_argument("--plans", help="default: nnUNetPlans (v2), nnUNetPlansv2.1 (v1)")
     group.add_argument("--configuration", help="default: 3d_fullres")
-    group.add_argument("--folds", nargs="+", help="folds to ensemble (default: every fold_N found)")
+    group.add_argument(
+        "--folds", help="folds to ensemble, comma-separated, e.g. 0,1,2 (default: every fold_N found)"
+    )
     group.add_argument("--checkpoint", help="default: checkpoint_final.pth (v2), model_final_checkpoint (v1)")
+    _add_run_options(parser)
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    """How the model runs, and the request's logs: for run, flame and demo alike."""
+    group = parser.add_argument_group("prediction")
     group.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto: cuda when available)")
     group.add_argument(
         "--devices", help="one prediction worker per device, comma-separated (e.g. cuda:0,cuda:1)"
@@ -164,7 +132,13 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         help="any other setting, e.g. --set max_archive_bytes=2e11 (README lists them)",
     )
     parser.add_argument("--json-logs", action="store_true", help="JSON lines (default when not on a TTY)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    parser.add_argument(
+        "--log-file", type=Path, help="append every event (info and above) to this file as JSON lines"
+    )
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="no log lines but errors (the progress line stays)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress line")
 
 
 def _add_statistics_options(parser: argparse.ArgumentParser) -> None:
@@ -194,7 +168,10 @@ def _bounds(args: argparse.Namespace) -> dict[str, list[str]]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="asyncflow", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="asyncflow",
+        description="nnU-Net segmentation of DICOM and NIfTI: asyncflow run, demo, flame, stats, monitor.",
+    )
     parser.add_argument("--version", action="version", version=f"asyncflow {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -208,6 +185,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "-o", "--output", type=Path, help="folder for SEG/NIfTI outputs and report (default: $nnUNet_output)"
+    )
+    output_rules = run.add_mutually_exclusive_group()
+    output_rules.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on with the output folder of an earlier run of these inputs: cases it finished "
+        "with the same content, model and settings are kept, the rest is done",
+    )
+    output_rules.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in a used output folder: what asyncflow wrote there goes, nothing else",
     )
     _add_model_argument(run)
     _add_model_options(run)
@@ -266,7 +255,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "-o", "--output", type=Path, default=Path("asyncflow-demo"), help="default: ./asyncflow-demo"
     )
-    _add_model_options(demo)
+    _add_run_options(demo)  # the demo's model is the built-in one
     _add_seg_options(demo)
     return parser
 
@@ -276,15 +265,18 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     pairs = [item.partition("=") for item in args.settings]
     if any(not sep or not name for name, sep, _ in pairs):
         raise SettingsError("--set takes NAME=VALUE, e.g. --set max_archive_depth=3")
+    model = (
+        "backend",
+        "results_folder",
+        "task_name",
+        "trainer",
+        "plans",
+        "configuration",
+        "folds",
+        "checkpoint",
+    )
     return {
-        "backend": args.backend,
-        "results_folder": args.results_folder,
-        "task_name": args.task_name,
-        "trainer": args.trainer,
-        "plans": args.plans,
-        "configuration": args.configuration,
-        "folds": args.folds,
-        "checkpoint": args.checkpoint,
+        **{name: getattr(args, name, None) for name in model},  # the demo has none of these
         "device": args.device,
         "devices": args.devices,
         "tile_step_size": args.tile_step_size,
@@ -304,25 +296,13 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
     return Settings.from_env(**_overrides(args), **extra)
 
 
-def write_outputs(result: Result, output: Path) -> Path:
-    """``output/dicom_seg/*.dcm`` (+ ``*.mitklabel.json``), ``output/nifti_seg/*.nii.gz``,
-    ``output/report.json`` and ``output/statistics.csv`` (a line per case and label)."""
-    output.mkdir(parents=True, exist_ok=True)
-    outputs = (
-        ("dicom_seg", result.dicom_seg_bytes),
-        ("dicom_seg", result.label_json_bytes),
-        ("nifti_seg", result.nifti_seg_bytes),
-    )
-    for folder, files in outputs:
-        if files:
-            (output / folder).mkdir(parents=True, exist_ok=True)
-        for name, data in files.items():
-            (output / folder / name).write_bytes(data)
+def _write_report(result: Result, folder: OutputFolder) -> Path:
+    """``report.json`` and ``statistics.csv`` (a line per case and label), each written whole or
+    not at all; the case outputs are in the folder already (written as each case ended)."""
     content = result.report()
-    report = output / "report.json"
-    report.write_text(json.dumps(content, indent=2) + "\n")
-    (output / "statistics.csv").write_text(statistics_csv(content["cases"]))
-    return report
+    folder.write("", "report.json", (json.dumps(content, indent=2) + "\n").encode())
+    folder.write("", "statistics.csv", statistics_csv(content["cases"]).encode())
+    return folder.path / "report.json"
 
 
 def _summary(result: Result, output: Path, scores: dict[str, dict[str, float]] | None = None) -> str:
@@ -333,10 +313,13 @@ def _summary(result: Result, output: Path, scores: dict[str, dict[str, float]] |
         if scores and case.output in scores:
             where += "  Dice " + " ".join(f"{k}={v:.3f}" for k, v in scores[case.output].items())
         lines.append(f"{case.case_id:<10} {case.kind!s:<6} {case.status!s:<7} {seconds:8.2f}  {where}")
-    done = sum(c.status == "done" for c in result.cases)
+    finished = [c for c in result.cases if c.status in ("done", "resumed")]
+    outputs = [c.output or "" for c in finished]
+    resumed = sum(c.status == "resumed" for c in finished)
     lines.append(
-        f"{result.status}: {done}/{len(result.cases)} cases in {result.duration_s:.1f} s, "
-        f"{len(result.dicom_seg_bytes)} DICOM SEG, {len(result.nifti_seg_bytes)} NIfTI, "
+        f"{result.status}: {len(finished)}/{len(result.cases)} cases in {result.duration_s:.1f} s"
+        f"{f' ({resumed} resumed)' if resumed else ''}, "
+        f"{sum(o.endswith('.dcm') for o in outputs)} DICOM SEG, {sum(o.endswith('.nii.gz') for o in outputs)} NIfTI, "
         f"{len(result.skipped)} file(s) skipped -> {output}"
     )
     return "\n".join(lines)
@@ -418,17 +401,19 @@ def _execute(args: argparse.Namespace) -> int:
         return _monitor(args)
     if args.command == "stats":
         return _stats(args)
-    bar = _ProgressBar(enabled=sys.stderr.isatty() and not args.json_logs and not args.quiet)
+    bar = ProgressDisplay(enabled=sys.stderr.isatty() and not args.json_logs and not args.no_progress)
+    # Above a live line only warnings (info lines go to --log-file); without one, info as well.
+    level = logging.ERROR if args.quiet else logging.WARNING if bar.enabled else logging.INFO
+    log_file = args.log_file.open("a") if args.log_file else None
     configure_logging(
-        json=True if args.json_logs else None,
-        level=logging.WARNING if args.quiet else logging.INFO,
-        stream=bar.stream(),
+        json=True if args.json_logs else None, level=level, stream=bar.stream(), json_file=log_file
     )
     try:
         if args.command == "demo":
             from .demo import score, write_demo_inputs
 
             settings = _settings(args, model_dir=packaged_demo_model())
+            folder = OutputFolder(args.output, overwrite=True)  # the demo's folder is its own
             demo_inputs = write_demo_inputs(args.output / "inputs")
             entries: Sequence[Path] = demo_inputs.paths
         else:
@@ -438,13 +423,16 @@ def _execute(args: argparse.Namespace) -> int:
             args.output = args.output or settings.output_dir
             if not entries or args.output is None:
                 raise SettingsError("name INPUT... and --output DIR (or set nnUNet_input and nnUNet_output)")
+            folder = OutputFolder(args.output, resume=args.resume, overwrite=args.overwrite)
         ended: list[Result] = []
         try:
-            result = run_request_sync(entries, settings, on_progress=bar, on_finish=ended.append)
+            result = run_request_sync(
+                entries, settings, on_progress=bar, on_stage=bar.stage, on_finish=ended.append, sink=folder
+            )
         except BaseException:
             if ended:  # interrupted, no usable case, a crash: the report says what was known by then
                 bar.close()
-                report = write_outputs(ended[0], args.output)
+                report = _write_report(ended[0], folder)
                 print(
                     f"asyncflow: report of the request as it ended ({ended[0].status}): {report}",
                     file=sys.stderr,
@@ -452,11 +440,13 @@ def _execute(args: argparse.Namespace) -> int:
             raise
     finally:
         bar.close()
-    write_outputs(result, args.output)
+        if log_file is not None:
+            log_file.close()
+    _write_report(result, folder)
     scores = None
     if args.command == "demo":
         labels = ModelInfo.from_folder(packaged_demo_model()).labels
-        scores = score(result, demo_inputs, {label.name: value for value, label in labels.items()})
+        scores = score(args.output, demo_inputs, {label.name: value for value, label in labels.items()})
     print(_summary(result, args.output, scores))
     return EXIT_DONE if result.status == "done" else EXIT_SOME_FAILED
 
@@ -472,6 +462,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"asyncflow: interrupted after {time.perf_counter() - started:.1f} s", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (| head): no traceback, and none at exit either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a command killed by it
     except Exception:  # noqa: BLE001 - a bug: the traceback is for its report
         traceback.print_exc()
         print(

@@ -15,7 +15,6 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
-from .result import Result
 from .seg import read_dicom_seg, read_nifti_seg
 from .synthetic import Phantom, dicom_series_datasets, dicom_series_tar, make_phantom, nifti_bytes
 
@@ -64,23 +63,25 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
-def score(result: Result, inputs: DemoInputs, label_values: dict[str, int]) -> dict[str, dict[str, float]]:
-    """Dice per output and label name against the phantoms' ground truth."""
+def score(output: Path, inputs: DemoInputs, label_values: dict[str, int]) -> dict[str, dict[str, float]]:
+    """Dice per output file in ``output`` (as ``asyncflow run`` writes it) and label name, against
+    the phantoms' ground truth."""
     scores: dict[str, dict[str, float]] = {}
-    for name, data in result.dicom_seg_bytes.items():
+    for path in sorted((output / "dicom_seg").glob("*.dcm")):
+        data = path.read_bytes()
         series_uid = str(pydicom.dcmread(io.BytesIO(data)).ReferencedSeriesSequence[0].SeriesInstanceUID)
         truth, sop_uids = inputs.dicom_truth[series_uid]
         numbers, names = read_dicom_seg(data, sop_uids)
         predicted = np.zeros_like(truth)
         for number, label in names.items():
             predicted[numbers == number] = label_values[label]
-        scores[name] = {
+        scores[path.name] = {
             label: _dice(predicted == value, truth == value) for label, value in label_values.items()
         }
-    for name, data in result.nifti_seg_bytes.items():
-        truth = inputs.nifti_truth[name]
-        predicted = sitk.GetArrayFromImage(read_nifti_seg(data))
-        scores[name] = {
+    for path in sorted((output / "nifti_seg").glob("*.nii.gz")):
+        truth = inputs.nifti_truth[path.name]
+        predicted = sitk.GetArrayFromImage(read_nifti_seg(path.read_bytes()))
+        scores[path.name] = {
             label: _dice(predicted == value, truth == value) for label, value in label_values.items()
         }
     return scores

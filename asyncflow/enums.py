@@ -34,6 +34,7 @@ class CaseStatus(StrEnum):
     PENDING = "pending"
     DONE = "done"
     FAILED = "failed"
+    RESUMED = "resumed"  # done by an earlier run of the same request (asyncflow.journal)
 
 
 class SourceKind(StrEnum):

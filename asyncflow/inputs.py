@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import hashlib
 import io
 import lzma
 import os
@@ -88,6 +89,9 @@ class UnpackedInput:
     files: list[Path] = field(default_factory=list)
     skipped: list[SkippedFile] = field(default_factory=list)
     bytes_written: int = 0
+    # sha256 of each file's content, taken as its bytes were written (or, for a file used in
+    # place, read once here): what names a case's content in the resume journal.
+    hashes: dict[Path, str] = field(default_factory=dict)
     error: str | None = None
     # A failed archive: the DICOM series it had begun to deliver, now incomplete elsewhere.
     broken_series: set[str] = field(default_factory=set)
@@ -246,8 +250,12 @@ class _Extraction:
             target = self._target(into, safe.name)
             source = tar.extractfile(safe)
             assert source is not None
+            digest = hashlib.sha256()
             with source, target.open("wb") as out:
-                shutil.copyfileobj(source, out, 1 << 20)
+                while chunk := source.read(1 << 20):
+                    digest.update(chunk)
+                    out.write(chunk)
+            self.result.hashes[target] = digest.hexdigest()
             self.result.bytes_written += safe.size
             self._unpack_nested(target, f"{name}/", depth)
 
@@ -269,6 +277,14 @@ class _Extraction:
             else:
                 self.extract(inner, path.parent / f"{path.name}.d", prefix, depth + 1)
         path.unlink()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def unpack(item: InputItem, dest: Path, limits: ArchiveLimits | None = None) -> UnpackedInput:
@@ -293,12 +309,16 @@ def unpack(item: InputItem, dest: Path, limits: ArchiveLimits | None = None) -> 
                 error="not a TAR archive, though its name says so: it cannot be read",
             )
         if item.path is not None:
-            return UnpackedInput(item, InputKind.FILE, item.path.parent, files=[item.path])
+            hashes = {item.path: _file_sha256(item.path)}
+            return UnpackedInput(item, InputKind.FILE, item.path.parent, files=[item.path], hashes=hashes)
         target = dest / sanitise_relpath(item.name)
         target.parent.mkdir(parents=True, exist_ok=True)
         assert item.data is not None
         target.write_bytes(item.data)
-        return UnpackedInput(item, InputKind.FILE, dest, files=[target], bytes_written=len(item.data))
+        hashes = {target: hashlib.sha256(item.data).hexdigest()}
+        return UnpackedInput(
+            item, InputKind.FILE, dest, files=[target], bytes_written=len(item.data), hashes=hashes
+        )
 
     extraction = _Extraction(item, dest, limits)
     dest.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ wrote: a partial volume is never returned.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from .case import Case, CaseReport, CaseStatus, SkippedFile
@@ -32,11 +32,22 @@ def case_identity(case: Case) -> dict[str, Any]:
 class Ledger:
     """Reports, outputs and inputs of one request, and the :class:`Result` they make."""
 
-    def __init__(self, on_progress: Callable[[Progress], None] | None) -> None:
+    def __init__(
+        self,
+        on_progress: Callable[[Progress], None] | None,
+        *,
+        keep_bytes: bool = True,
+        on_forget: Callable[[str, list[tuple[str, str]]], None] | None = None,
+        on_stage: Callable[[str, str | None, Progress], None] | None = None,
+    ) -> None:
         self.on_progress = on_progress
+        self.on_stage = on_stage  # told when a case enters a stage, and when it ends (None), with the counts
+        self.keep_bytes = keep_bytes  # False: outputs went to a sink, the Result names them only
+        self.on_forget = on_forget  # told of (folder, name) outputs a withdrawn case had written
         self.reports: dict[str, CaseReport] = {}
         self.withdrawn: set[str] = set()  # case ids whose results must not be returned
-        self.written: dict[str, list[tuple[dict[str, bytes], str]]] = {}  # case id -> its outputs
+        # case id -> its outputs: (the Result's map, folder in an output folder, name)
+        self.written: dict[str, list[tuple[dict[str, bytes], str, str]]] = {}
         self.inputs: list[dict[str, Any]] = []
         self.dicom: dict[str, bytes] = {}
         self.nifti: dict[str, bytes] = {}
@@ -51,6 +62,19 @@ class Ledger:
             kind=str(case.kind),
             files=len(case.files),
             **case_identity(case),
+        )
+
+    def enter(self, case: Case, stage: Stage) -> None:
+        """``case`` is now in ``stage`` (for a live display)."""
+        if self.on_stage is not None:
+            self.on_stage(case.case_id, str(stage), self.progress())
+
+    def progress(self) -> Progress:
+        statuses = [r.status for r in self.live_reports()]
+        return Progress(
+            done=statuses.count(CaseStatus.DONE) + statuses.count(CaseStatus.RESUMED),
+            failed=statuses.count(CaseStatus.FAILED),
+            total=self.total,
         )
 
     def add_seconds(self, case: Case, stage: Stage, seconds: float) -> None:
@@ -83,6 +107,25 @@ class Ledger:
             )
         else:
             report.status = CaseStatus.DONE
+        self._finished(case, report)
+
+    def resume(self, case: Case, earlier: Mapping[str, Any], outputs: list[tuple[str, str]]) -> None:
+        """Book a case an earlier run finished (its journal line's report): its ``outputs``
+        ((folder, name) in the output folder) are kept, and go if the case is withdrawn."""
+        self.written[case.case_id] = [({}, folder, name) for folder, name in outputs]
+        report = self.reports[case.case_id]
+        report.status = CaseStatus.RESUMED
+        report.output = earlier.get("output")
+        report.labels_present = list(earlier.get("labels_present") or [])
+        report.labels_absent = list(earlier.get("labels_absent") or [])
+        report.fallback = earlier.get("fallback")
+        report.statistics = earlier.get("statistics")
+        log.info("case.resumed", case_id=case.case_id, **case_identity(case))
+        self._finished(case, report)
+
+    def _finished(self, case: Case, report: CaseReport) -> None:
+        if self.on_stage is not None:
+            self.on_stage(case.case_id, None, self.progress())
         log.info(
             "case.finished",
             status=str(report.status),
@@ -91,33 +134,26 @@ class Ledger:
             **{f"{stage}_s": round(seconds, 4) for stage, seconds in report.stage_s.items()},
         )
         if self.on_progress is not None:
-            statuses = [r.status for r in self.live_reports()]
-            self.on_progress(
-                Progress(
-                    done=statuses.count(CaseStatus.DONE),
-                    failed=statuses.count(CaseStatus.FAILED),
-                    total=self.total,
-                )
-            )
+            self.on_progress(self.progress())
 
-    def keep(self, case: Case, exported: Exported) -> None:
-        """Keep what a case's export made (its output, and a label file beside a SEG) and name it
-        in the case's report."""
-        self._write(
-            case, self.dicom if exported.format == "dicom_seg" else self.nifti, exported.name, exported.data
-        )
+    def keep(self, case: Case, exported: Exported) -> list[tuple[str, str, bytes]]:
+        """Book what a case's export made (its output, and a label file beside a SEG), name it in
+        the case's report; the files as (output folder, name, bytes)."""
+        folder = "dicom_seg" if exported.format == "dicom_seg" else "nifti_seg"
+        files = [(self.dicom if folder == "dicom_seg" else self.nifti, folder, exported.name, exported.data)]
         if exported.label_json is not None:
-            self._write(case, self.label_json, *exported.label_json)
+            files.append((self.label_json, "dicom_seg", *exported.label_json))
+        for outputs, where, name, data in files:
+            if self.keep_bytes:
+                outputs[name] = data
+            self.written.setdefault(case.case_id, []).append((outputs, where, name))
         report = self.reports[case.case_id]
         report.output, report.fallback = exported.name, exported.fallback
         report.labels_present, report.labels_absent = exported.labels_present, exported.labels_absent
         if exported.statistics is not None:
             report.statistics = [label.as_dict() for label in exported.statistics]
         report.statistics_error = exported.statistics_error
-
-    def _write(self, case: Case, outputs: dict[str, bytes], name: str, data: bytes) -> None:
-        outputs[name] = data
-        self.written.setdefault(case.case_id, []).append((outputs, name))
+        return [(where, name, data) for _, where, name, data in files]
 
     def withdraw(self, case: Case) -> None:
         """Drop a case the assembly withdrew: now if it has ended, else when it ends."""
@@ -128,8 +164,13 @@ class Ledger:
 
     def forget(self, case_id: str) -> None:
         self.reports.pop(case_id, None)
-        for outputs, name in self.written.pop(case_id, []):
+        if self.on_stage is not None:
+            self.on_stage(case_id, None, self.progress())
+        written = self.written.pop(case_id, [])
+        for outputs, _, name in written:
             outputs.pop(name, None)
+        if written and self.on_forget is not None:
+            self.on_forget(case_id, [(where, name) for _, where, name in written])
 
     def live_reports(self) -> list[CaseReport]:
         """Reports of the cases that count: all but the withdrawn."""
@@ -146,7 +187,7 @@ class Ledger:
         """The result so far; ``status`` overrides the one the cases and inputs give (cancelled,
         error), ``error`` says why the request ended early."""
         reports = sorted(self.live_reports(), key=lambda r: r.case_id)
-        failed = sum(r.status is not CaseStatus.DONE for r in reports)
+        failed = sum(r.status not in (CaseStatus.DONE, CaseStatus.RESUMED) for r in reports)
         # An input that could not be read, or whose members were refused, is lost like a failed case.
         lost_inputs = any(i["error"] for i in self.inputs) or any(s.refused for s in skipped)
         if status is None:

@@ -14,6 +14,7 @@ WARNING and above unless the level asked for is lower.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import sys
@@ -39,9 +40,15 @@ def scrub(message: str, limit: int = 300) -> str:
 
 
 def configure_logging(
-    *, json: bool | None = None, level: int = logging.INFO, stream: TextIO | None = None
+    *,
+    json: bool | None = None,
+    level: int = logging.INFO,
+    stream: TextIO | None = None,
+    json_file: TextIO | None = None,
 ) -> None:
-    """Configure structlog once per process; ``json=None`` picks JSON when not on a TTY."""
+    """Configure structlog once per process; ``json=None`` picks JSON when not on a TTY.
+    ``json_file`` also gets every event at INFO and above as a JSON line, whatever ``level``
+    lets through to ``stream``."""
     stream = stream or sys.stderr
     if json is None:
         json = not stream.isatty()
@@ -54,15 +61,39 @@ def configure_logging(
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=stream.isatty())
     )
     processors = [*shared, structlog.processors.format_exc_info, renderer] if json else [*shared, renderer]
+    lowest = level
+    if json_file is not None:
+        processors.insert(len(shared), _Tee(json_file, level))
+        lowest = min(level, logging.INFO)
     structlog.configure(
         processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(level),
+        wrapper_class=structlog.make_filtering_bound_logger(lowest),
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
     _route_standard_logging(stream, level, shared, renderer)
     global _configured_level
     _configured_level = level
+
+
+class _Tee:
+    """A processor that writes each event to a JSON file, then lets only those at the console's
+    level go on to the console."""
+
+    def __init__(self, file: TextIO, console_level: int) -> None:
+        self.file, self.console_level = file, console_level
+        self.render = structlog.processors.JSONRenderer()
+        self.lock = threading.Lock()
+
+    def __call__(self, logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+        line = self.render(logger, method, structlog.processors.format_exc_info(logger, method, dict(event)))
+        text = line if isinstance(line, str) else line.decode()
+        with self.lock, contextlib.suppress(ValueError):  # closed at the end of a run: later lines are lost
+            self.file.write(text + "\n")
+            self.file.flush()
+        if logging.getLevelName(str(event.get("level", "info")).upper()) < self.console_level:
+            raise structlog.DropEvent
+        return event
 
 
 def take_over_logging() -> None:

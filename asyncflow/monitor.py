@@ -11,7 +11,10 @@ log replays with its true rates.
 - GPU busy share: the union of prediction intervals (``case.predicted`` and
   failed predictions) over the span from the first prediction's start to the
   last one's end, per request; the total weighs requests by their span.
-- Failures: ``case.failed`` grouped by stage, error type and reason.
+- Failures: ``case.failed`` grouped by stage, error type and reason; requests that
+  ended in error (``request.finished``) by error type and reason.
+- The prediction workers' devices (``model.loaded``): "GPU busy" where one is a
+  GPU, "predict busy" on CPU-only runs.
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ class Monitor:
         self.requests: dict[str, _Request] = {}
         self.durations: dict[str, list[float]] = {stage: [] for stage in STAGES}
         self.failures: Counter[tuple[str, str, str]] = Counter()
+        self.request_errors: Counter[tuple[str, str]] = Counter()
+        self.devices: set[str] = set()
         self.events = 0
         self.ignored = 0
         self.first_s: float | None = None
@@ -98,6 +103,11 @@ class Monitor:
             request.total = event["cases"]
         elif name == "request.finished":
             request.status = event["status"]
+            if event["status"] == "error":
+                cause = (event.get("error_type", "unknown"), event.get("reason", "no reason logged"))
+                self.request_errors[cause] += 1
+        elif name == "model.loaded":
+            self.devices.add(str(event.get("device", "unknown")))
         elif name in ("archive.extracted", "file.received"):
             self.durations["unpack"].append(event["duration_s"])
         elif case_id is None:
@@ -136,10 +146,16 @@ class Monitor:
             covered, span = covered + c, span + s
         return covered / span if span > 0 else None
 
+    def busy_label(self) -> str:
+        """What the busy share is of: a GPU, or (every known worker on the CPU) the predict worker."""
+        if self.devices and all(d == "cpu" for d in self.devices):
+            return "predict busy"
+        return "GPU busy"
+
     def snapshot(self) -> dict[str, Any]:
         """Where things stand now: for the live line."""
         counts = self._case_counts()
-        ended = counts["done"] + counts["failed"]
+        ended = counts["done"] + counts["failed"] + counts["resumed"]
         known = sum(r.total if r.total is not None else len(r.cases) for r in self.requests.values())
         elapsed_min = ((self.last_s or 0) - (self.first_s or 0)) / 60
         rate = ended / elapsed_min if elapsed_min > 0 else None
@@ -148,12 +164,13 @@ class Monitor:
         return {
             "requests_running": sum(r.status is None for r in self.requests.values()),
             "cases_known": known,
-            "cases_done": counts["done"],
+            "cases_done": counts["done"] + counts["resumed"],
             "cases_failed": counts["failed"],
             "in_stage": {stage: counts[state] for state, stage in _WAITING_FOR.items()},
             "cases_per_min": rate,
             "eta_s": eta_s,
             "gpu_busy_share": self.gpu_busy_share(),
+            "busy_label": self.busy_label(),
         }
 
     def summary(self) -> dict[str, Any]:
@@ -174,13 +191,23 @@ class Monitor:
                 "total": len(self.requests),
                 "by_status": dict(Counter(r.status or "running" for r in self.requests.values())),
             },
-            "cases": {"total": sum(counts.values()), "done": counts["done"], "failed": counts["failed"]},
+            "cases": {
+                "total": sum(counts.values()),
+                "done": counts["done"],
+                "failed": counts["failed"],
+                "resumed": counts["resumed"],
+            },
             "cases_per_min": snapshot["cases_per_min"],
             "gpu_busy_share": snapshot["gpu_busy_share"],
+            "busy_label": snapshot["busy_label"],
             "stages": stages,
             "failures": [
                 {"stage": stage, "error_type": kind, "reason": reason, "cases": n}
                 for (stage, kind, reason), n in self.failures.most_common()
+            ],
+            "request_errors": [
+                {"error_type": kind, "reason": reason, "requests": n}
+                for (kind, reason), n in self.request_errors.most_common()
             ],
             "lines": {"events": self.events, "ignored": self.ignored},
         }
@@ -198,7 +225,7 @@ def render_live(snapshot: dict[str, Any]) -> str:
         f"running {snapshot['requests_running']} | cases {snapshot['cases_done'] + snapshot['cases_failed']}"
         f"/{snapshot['cases_known']} (failed {snapshot['cases_failed']}) | waiting/in {stages} | "
         f"{'-' if rate is None else f'{rate:.1f}'} cases/min | ETA {'-' if eta is None else f'{eta:.0f} s'} | "
-        f"GPU busy {_share(snapshot['gpu_busy_share'])}"
+        f"{snapshot['busy_label']} {_share(snapshot['gpu_busy_share'])}"
     )
 
 
@@ -208,9 +235,9 @@ def render_summary(summary: dict[str, Any]) -> str:
     rate = summary["cases_per_min"]
     lines = [
         f"requests: {requests['total']} ({by_status or 'none'})",
-        f"cases: {cases['total']} (done {cases['done']}, failed {cases['failed']}); "
+        f"cases: {cases['total']} (done {cases['done']}, failed {cases['failed']}, resumed {cases['resumed']}); "
         f"{'-' if rate is None else f'{rate:.1f}'} cases/min; "
-        f"GPU busy {_share(summary['gpu_busy_share'])} between first and last prediction",
+        f"{summary['busy_label']} {_share(summary['gpu_busy_share'])} between first and last prediction",
         "",
         f"{'stage':<8} {'n':>5} {'p50 s':>9} {'p95 s':>9} {'max s':>9}",
     ]
@@ -227,6 +254,10 @@ def render_summary(summary: dict[str, Any]) -> str:
             )
     else:
         lines.append("no failures")
+    for error in summary["request_errors"]:
+        lines.append(
+            f"{error['requests']:>5}  request ended in error: {error['error_type']}: {error['reason']}"
+        )
     if summary["lines"]["ignored"]:
         lines.append(f"({summary['lines']['ignored']} line(s) that are not asyncflow events ignored)")
     return "\n".join(lines)

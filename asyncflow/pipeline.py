@@ -24,10 +24,10 @@ a :class:`~asyncflow.workspace.Workspace` and its books a :class:`~asyncflow.led
 from __future__ import annotations
 
 import errno
-import resource
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,7 +38,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from .assemble import CaseBuilder, Scan, scan
 from .backends import Backend, build_backend, build_backends
-from .budget import MemoryBudget
+from .budget import MemoryBudget, peak_rss_bytes
 from .case import (
     Case,
     CaseStatus,
@@ -47,6 +47,7 @@ from .case import (
 from .enums import InputKind, RequestStatus, Stage
 from .export import export_output
 from .inputs import Entry, InputItem, RequestError, UnpackedInput, request_items, unpack
+from .journal import CaseSink, case_key, model_key
 from .labels import load_label_config
 from .ledger import Ledger
 from .log import get_logger, scrub
@@ -55,7 +56,7 @@ from .prepare import prepare_case
 from .result import Progress, Result
 from .seg import Algorithm, SegOptions
 from .settings import Settings
-from .workspace import Workspace, check_free_space
+from .workspace import Workspace, check_free_space, inputs_on_disk_at_once, prepared_queue_size
 
 __all__ = [
     "Progress",
@@ -85,8 +86,16 @@ class _Request:
         ledger: Ledger,
         label_config: Mapping[int, Mapping[str, Any]],
         budget: MemoryBudget,
+        sink: CaseSink | None,
+        model: str,
     ) -> None:
         self.settings = settings
+        self.sink = sink  # where outputs go as cases end, and what an earlier run finished
+        self.model = model  # the model key (asyncflow.journal): resume and SEG UIDs
+        self.hashes: dict[Path, str] = {}  # unpacked file -> sha256 of its content
+        self.keys: dict[str, str | None] = {}  # case id -> case key
+        if sink is not None:
+            ledger.on_forget = lambda case_id, files: sink.withdraw(self.keys.get(case_id), files)
         self.backends = backends  # one prediction worker each
         self.needs_files = any(b.needs_files for b in backends)  # else the model input stays in memory
         self.workspace = workspace
@@ -114,7 +123,7 @@ class _Request:
         size = self.settings.queue_size
         unpacked_send, unpacked_recv = _stream(size)
         cases_send, cases_recv = _stream(size)
-        prepared_send, prepared_recv = _stream(_prepared_queue_size(self.settings, self.backends))
+        prepared_send, prepared_recv = _stream(prepared_queue_size(self.settings, self.backends))
         predicted_send, predicted_recv = _stream(size)
         async with anyio.create_task_group() as tg:
             self._fan_out(tg, self.settings.unpack_workers, self._unpack_worker, iter(items), unpacked_send)
@@ -232,6 +241,7 @@ class _Request:
                         "error": unpacked.error,
                     }
                 )
+                self.hashes.update(unpacked.hashes)
                 if scanned is None:  # the input failed
                     self.builder.broken(unpacked)
                     self._take_withdrawn()
@@ -255,6 +265,13 @@ class _Request:
 
     async def _emit(self, case: Case, send: MemoryObjectSendStream[Case]) -> None:
         self.ledger.open(case)
+        key = self.keys[case.case_id] = case_key(case, self.hashes)
+        earlier = self.sink.finished(key, self.model) if self.sink is not None and key else None
+        if earlier is not None:  # an earlier run of this request finished it: nothing to do
+            outputs = [(str(folder), str(name)) for folder, name in earlier["outputs"]]
+            self.ledger.resume(case, earlier["report"], outputs)
+            self.workspace.skip(case)
+            return
         started = time.perf_counter()
         try:
             await self.workspace.hold(case)
@@ -272,6 +289,7 @@ class _Request:
                 if case.case_id in self.ledger.withdrawn:
                     self._end_case(case)
                     continue
+                self.ledger.enter(case, Stage.PREPARE)
                 with structlog.contextvars.bound_contextvars(case_id=case.case_id):
                     prepared = await self._step(
                         case,
@@ -331,7 +349,9 @@ class _Request:
                 if case.case_id in self.ledger.withdrawn:
                     self._end_case(case)
                     continue
+                self.ledger.enter(case, Stage.EXPORT)
                 with structlog.contextvars.bound_contextvars(case_id=case.case_id):
+                    key = self.keys.get(case.case_id)
                     done = await self._step(
                         case,
                         Stage.EXPORT,
@@ -342,13 +362,21 @@ class _Request:
                         self.info.labels,
                         self.label_config,
                         self.algorithm,
-                        self.seg_options,
+                        replace(self.seg_options, uid_seed=f"{self.model}|{key}")
+                        if key
+                        else self.seg_options,
                     )
                     del output  # the logits: often the largest thing a case holds
                     if done is None:
                         continue
                     exported, seconds = done
-                    self.ledger.keep(case, exported)
+                    files = self.ledger.keep(case, exported)
+                    if self.sink is not None:
+                        report = self.ledger.report(case).as_dict()
+                        if not await self._step(
+                            case, Stage.EXPORT, _finish, self.sink, key, self.model, files, report
+                        ):
+                            continue
                     notes: dict[str, Any] = (
                         {"fallback": scrub(exported.fallback)} if exported.fallback else {}
                     )
@@ -374,15 +402,22 @@ async def run_request(
     backend: Backend | Sequence[Backend] | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     on_finish: Callable[[Result], None] | None = None,
+    sink: CaseSink | None = None,
+    on_stage: Callable[[str, str | None, Progress], None] | None = None,
 ) -> Result:
     """Segment every volume of a request.
 
     ``entries`` is a list of ``bytes``, ``{name: bytes}`` mappings or local paths.
     Pass a loaded ``backend`` to reuse a model across requests, or several
     (one per device): each is one prediction worker, one call at a time (v2: one case;
-    v1: a batch of waiting cases per ``nnUNet_predict``). ``on_finish``
+    v1: a batch of waiting cases per ``nnUNet_predict``). ``on_progress`` is called as each
+    case ends, ``on_stage`` as a case enters a stage (and with None as it ends), with the
+    progress so far. ``on_finish``
     receives the result as it stands when the request ends in any way, also on
-    error or cancellation (cases not reached are ``pending``). Raises
+    error or cancellation (cases not reached are ``pending``). With a ``sink``
+    (:class:`asyncflow.journal.OutputFolder`), each case's outputs go to it as the case
+    ends, the result's byte maps stay empty, and cases the sink's journal holds as finished
+    with the same content, model and settings are not done again (status ``resumed``). Raises
     :class:`RequestError` when the request holds no usable case, and the
     backend's :class:`ModelError` when the model cannot load.
     """
@@ -395,12 +430,13 @@ async def run_request(
         backends = build_backends(settings)
     else:
         backends = list(backend) if isinstance(backend, Sequence) else [backend]
-    at_once = _inputs_on_disk_at_once(settings, backends)
+    at_once = inputs_on_disk_at_once(settings, backends)
     check_free_space(settings.work_dir, settings.disk_headroom, [i.size for i in items], at_once)
     request_id = uuid.uuid4().hex[:12]
     started = time.perf_counter()
     workspace = Workspace(request_id, settings.work_dir, items, settings.archive_limits())
-    ledger = Ledger(on_progress)
+    ledger = Ledger(on_progress, keep_bytes=sink is None, on_stage=on_stage)
+    model = await anyio.to_thread.run_sync(model_key, backends[0].info, settings)
     with structlog.contextvars.bound_contextvars(request_id=request_id):
         budget = MemoryBudget(settings.memory_budget_bytes())
         log.info(
@@ -409,8 +445,8 @@ async def run_request(
             bytes=sum(i.size for i in items),
             memory_budget_bytes=budget.limit,
         )
-        request = _Request(settings, backends, workspace, ledger, label_config, budget)
-        status, error = RequestStatus.ERROR, None
+        request = _Request(settings, backends, workspace, ledger, label_config, budget, sink, model)
+        status, error, error_type = RequestStatus.ERROR, None, None
         try:
             try:
                 await request.run(items)
@@ -429,7 +465,7 @@ async def run_request(
             status = RequestStatus.CANCELLED
             raise
         except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
+            error, error_type = f"{type(exc).__name__}: {exc}", type(exc).__name__
             raise
         finally:
             workspace.close()
@@ -444,43 +480,17 @@ async def run_request(
                 cases=len(statuses),
                 cases_done=statuses.count(CaseStatus.DONE),
                 cases_failed=statuses.count(CaseStatus.FAILED),
+                cases_resumed=statuses.count(CaseStatus.RESUMED),
                 files_skipped=len(request.builder.skipped),
                 duration_s=round(time.perf_counter() - started, 4),
                 peak_rss_bytes=peak_rss_bytes(),
+                **({"error_type": error_type, "reason": scrub(error.partition(": ")[2])} if error else {}),
             )
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory: Linux's VmHWM, which, unlike ``ru_maxrss``, does not
-    carry over a parent's peak through fork and exec; ``ru_maxrss`` elsewhere."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _prepared_queue_size(settings: Settings, backends: Sequence[Backend]) -> int:
-    """Room for a whole batch: the prediction worker takes every prepared case that waits."""
-    return max(settings.queue_size, *(b.max_batch for b in backends))
-
-
-def _inputs_on_disk_at_once(settings: Settings, backends: Sequence[Backend]) -> int:
-    """At most how many inputs have unpacked files at once: those being unpacked, queued or
-    assembled, and one per case in flight (a file is deleted when its last case ends)."""
-    size = settings.queue_size
-    waiting = settings.unpack_workers + size + 1
-    in_flight = (
-        size  # assembled cases queued for prepare
-        + settings.prepare_workers
-        + _prepared_queue_size(settings, backends)
-        + len(backends)  # one batch per prediction worker
-        + size  # predicted cases queued for export
-        + settings.export_workers
-    )
-    return waiting + in_flight
+def _finish(sink: CaseSink, key: str | None, model: str, files: list[Any], report: dict[str, Any]) -> bool:
+    sink.finish_case(key, model, files, report)
+    return True
 
 
 def run_request_sync(entries: Iterable[Entry], settings: Settings | None = None, **kwargs: Any) -> Result:

@@ -62,6 +62,7 @@ class PredictionWorker:
                 worker=self.number,
                 model=backend.info.name,
                 folds=len(backend.info.folds),
+                device=str(getattr(backend, "device", "unknown")),
                 duration_s=round(time.perf_counter() - started, 4),
             )
             async for first in receive:
@@ -87,6 +88,8 @@ class PredictionWorker:
         batch = [p for p in batch if p.case.case_id not in withdrawn]
         if not batch:
             return
+        for prepared in batch:
+            self.ledger.enter(prepared.case, Stage.PREDICT)
         started = time.perf_counter()
         try:
             outcomes = await self.backend.predict(batch)

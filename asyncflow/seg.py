@@ -22,6 +22,7 @@ from .case import Geometry
 from .deidentify import deidentify
 from .dicom import slice_normal
 from .errors import SegCheckError
+from .journal import derived_uid
 from .labels import Code, SegmentLabel, label_for
 
 __all__ = [
@@ -91,6 +92,9 @@ class SegOptions:
     keep_empty_frames: bool = False
     compression: str = "none"
     deidentify: str = "none"  # a profile of asyncflow.deidentify, applied before the SEG is written
+    # Names the case and the model (asyncflow.journal): the SEG's UIDs derive from it, so the same
+    # case through the same model and settings gets the same SEG identity. None: fresh UIDs.
+    uid_seed: str | None = None
 
 
 _TRANSFER_SYNTAXES = {
@@ -148,8 +152,13 @@ def dicom_seg_bytes(
         version=algorithm.version[:64],
         parameters=dict(algorithm.parameters) or None,
     )
+    seed = options.uid_seed
+
+    def uid(role: str) -> str:
+        return derived_uid(seed, role) if seed is not None else str(hd.UID())
+
     descriptions = [
-        _description(number, label_for(declared, value), identification)
+        _description(number, label_for(declared, value), identification, uid(f"tracking {number}"))
         for number, value in enumerate(values, start=1)
     ]
     source_series = sources[0].get("SeriesNumber")
@@ -158,9 +167,9 @@ def dicom_seg_bytes(
         pixel_array=pixel_array,
         segmentation_type=kind,
         segment_descriptions=descriptions,
-        series_instance_uid=hd.UID(),
+        series_instance_uid=uid("series"),
         series_number=int(source_series) + 1000 if source_series not in (None, "") else 1000,
-        sop_instance_uid=hd.UID(),
+        sop_instance_uid=uid("instance"),
         instance_number=1,
         manufacturer="asyncflow",
         manufacturer_model_name=algorithm.name[:64],
@@ -200,7 +209,7 @@ def _segment_numbers(labels: np.ndarray, values: Sequence[int]) -> np.ndarray:
 
 
 def _description(
-    number: int, label: SegmentLabel, identification: hd.AlgorithmIdentificationSequence
+    number: int, label: SegmentLabel, identification: hd.AlgorithmIdentificationSequence, tracking_uid: str
 ) -> hd.seg.SegmentDescription:
     tracking_id = label.tracking_id or (label.name[:64] if label.tracking_uid else None)
     description = hd.seg.SegmentDescription(
@@ -210,9 +219,9 @@ def _description(
         segmented_property_type=_coded(label.type),
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=identification,
-        # TrackingID and TrackingUID come together: a given id gets a fresh UID.
+        # TrackingID and TrackingUID come together: a given id gets a UID of its own.
         tracking_id=tracking_id,
-        tracking_uid=label.tracking_uid or (hd.UID() if tracking_id else None),
+        tracking_uid=label.tracking_uid or (tracking_uid if tracking_id else None),
         anatomic_regions=[_coded(label.anatomic_region)] if label.anatomic_region else None,
         display_color=hd.color.CIELabColor.from_rgb(*(round(255 * c) for c in label.rgb)),
     )

@@ -1,5 +1,5 @@
 """One request's temporary folder: where inputs unpack and cases work, which unpacked files
-cases still read, and its removal.
+cases still read, how many inputs it may hold at once, and its removal.
 
 ::
 
@@ -9,9 +9,10 @@ cases still read, and its removal.
         restore/<index>-<n>/    scratch while files a grown series needs are unpacked again
 
 Unpacked files are counted per case that reads them (:meth:`Workspace.hold` when a
-case leaves assembly, :meth:`Workspace.release` when it ends) and deleted when
-the last reader ends, so the folder holds the inputs being unpacked and the cases
-in flight, not the whole request. A case that needs a file deleted since (its
+case leaves assembly, :meth:`Workspace.end_case` when it ends; a case an earlier run
+finished holds none, :meth:`Workspace.skip`) and deleted when the last reader ends,
+so the folder holds the inputs being unpacked and the cases in flight, not the
+whole request. A case that needs a file deleted since (its
 series grew in a later archive) gets it unpacked again from its input.
 """
 
@@ -23,6 +24,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -31,7 +33,11 @@ from .errors import RequestError
 from .inputs import ArchiveLimits, InputItem, restore_files
 from .log import get_logger
 
-__all__ = ["Workspace", "check_free_space"]
+if TYPE_CHECKING:
+    from .backends import Backend
+    from .settings import Settings
+
+__all__ = ["Workspace", "check_free_space", "inputs_on_disk_at_once", "prepared_queue_size"]
 
 log = get_logger("asyncflow.workspace")
 
@@ -97,6 +103,14 @@ class Workspace:
                 path.unlink(missing_ok=True)
                 self.released.add(path)
 
+    def skip(self, case: Case) -> None:
+        """``case`` needs no work (an earlier run finished it): its unpacked files that no case
+        holds go now."""
+        for path in self._unpacked(case):
+            if self.holds[path] <= 0 and path not in self.released:
+                path.unlink(missing_ok=True)
+                self.released.add(path)
+
     def close(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
 
@@ -122,3 +136,24 @@ def check_free_space(parent: Path | None, headroom: float, sizes: Sequence[int],
             f"({headroom:g} x the {sum(largest) / 1e9:.1f} GB of {which}), "
             f"{free / 1e9:.1f} GB free; free some space, choose another --work-dir, or lower disk_headroom"
         )
+
+
+def prepared_queue_size(settings: Settings, backends: Sequence[Backend]) -> int:
+    """Room for a whole batch: the prediction worker takes every prepared case that waits."""
+    return max(settings.queue_size, *(b.max_batch for b in backends))
+
+
+def inputs_on_disk_at_once(settings: Settings, backends: Sequence[Backend]) -> int:
+    """At most how many inputs have unpacked files at once: those being unpacked, queued or
+    assembled, and one per case in flight (a file is deleted when its last case ends)."""
+    size = settings.queue_size
+    waiting = settings.unpack_workers + size + 1
+    in_flight = (
+        size  # assembled cases queued for prepare
+        + settings.prepare_workers
+        + prepared_queue_size(settings, backends)
+        + len(backends)  # one batch per prediction worker
+        + size  # predicted cases queued for export
+        + settings.export_workers
+    )
+    return waiting + in_flight

@@ -19,6 +19,7 @@ from helpers import phantom_backend, phantom_nifti
 import asyncflow.cli
 import asyncflow.export
 import asyncflow.pipeline
+import asyncflow.progress
 from asyncflow.backends import Backend
 from asyncflow.case import PreparedCase
 from asyncflow.cli import main
@@ -177,7 +178,7 @@ def test_ctrl_c_in_the_cli_writes_a_partial_report(tmp_path: Path, rng, monkeypa
             finally:
                 pressed.set()
 
-    monkeypatch.setattr(asyncflow.cli._ProgressBar, "__call__", interrupt)
+    monkeypatch.setattr(asyncflow.progress.ProgressDisplay, "__call__", interrupt)
     backend = FakeBackend(predict=predict)
     monkeypatch.setattr(asyncflow.pipeline, "build_backends", lambda settings: [backend])
     out, work = tmp_path / "out", tmp_path / "work"

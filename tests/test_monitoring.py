@@ -128,6 +128,7 @@ def test_monitor_summary_matches_the_reports(two_interleaved_runs, tmp_path: Pat
         "total": len(cases),
         "done": sum(c.status == "done" for c in cases),
         "failed": sum(c.status == "failed" for c in cases),
+        "resumed": 0,
     }
     for stage in ("prepare", "predict", "export"):
         seconds = [round(c.stage_s[stage], 4) for c in cases if stage in c.stage_s]
@@ -139,6 +140,7 @@ def test_monitor_summary_matches_the_reports(two_interleaved_runs, tmp_path: Pat
     reasons = [f"{f['stage']}: {f['error_type']}: {f['reason']}" for f in summary["failures"]]
     assert reasons == [c.error for c in cases if c.error]
     assert 0 < summary["gpu_busy_share"] <= 1
+    assert summary["busy_label"] == "predict busy"  # the tiny model ran on the CPU: no GPU to speak of
 
     # The command prints the same, as text or JSON.
     log = tmp_path / "run.log"
