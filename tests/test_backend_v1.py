@@ -273,15 +273,20 @@ class _HeldUntilPrepared(NnUNetV1Backend):
 async def test_when_a_v1_batch_fails_its_cases_are_retried_alone(
     tmp_path: Path, rng: np.random.Generator
 ) -> None:
-    # A process that dies when given more than one case (as on a GPU out of memory)
-    # and runs the real nnUNet_predict for one.
+    # A process that dies when given more than one case (as on a GPU out of memory) and, for
+    # one, writes the label map nnUNet_predict would (the liver by its intensity): what is checked
+    # is the batching and the retry; the real nnUNet_predict runs in the tests around this one.
+    one_case = (
+        "import sys, SimpleITK as s; i = s.ReadImage(sys.argv[1] + '/b0000_0000.nii.gz'); "
+        "s.WriteImage(s.Cast(i > 85, s.sitkUInt8), sys.argv[2] + '/b0000.nii.gz')"
+    )
     command = _wrapper(
         tmp_path,
         f"""\
         if [ "$(ls "$2" | wc -l)" -gt 1 ]; then
           echo "RuntimeError: CUDA out of memory" >&2; exit 3
         fi
-        exec {NNUNET_PREDICT} "$@"
+        mkdir -p "$4" && exec {sys.executable} -c "{one_case}" "$2" "$4"
         """,
     )
     phantoms = [make_phantom(rng, (24, 32, 32)) for _ in range(2)]
