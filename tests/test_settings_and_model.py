@@ -3,6 +3,7 @@ from __future__ import annotations
 import shutil
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,7 @@ def test_models_loading_at_once_leave_stdout_to_the_caller(
     seen = set()
     while any(thread.is_alive() for thread in threads):  # what every other thread sees meanwhile
         seen.add(id(sys.stdout))
+        time.sleep(0.001)  # sampled, not spun: a spinning loop holds the GIL the loads need
     for thread in threads:
         thread.join()
     assert seen <= {id(before)} and sys.stdout is before

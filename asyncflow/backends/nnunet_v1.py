@@ -126,11 +126,11 @@ class NnUNetV1Backend:
         return command
 
     def environment(self) -> dict[str, str]:
-        # PYTHONUNBUFFERED goes too: v1's preprocessing workers print a case's error as two lines
-        # ("error in <file>", then the message), which unbuffered writes of other processes on the
-        # same pipe can separate; block-buffered, each worker's lines arrive together.
-        dropped = {"TORCH_FORCE_WEIGHTS_ONLY_LOAD", "PYTHONUNBUFFERED"}
-        env = {k: v for k, v in os.environ.items() if k not in dropped}
+        env = {k: v for k, v in os.environ.items() if k != "TORCH_FORCE_WEIGHTS_ONLY_LOAD"}
+        # v1's preprocessing workers print a case's error ("error in <file>", then the message)
+        # and may end without flushing: unbuffered, their lines reach the pipe (block-buffered,
+        # the message was lost).
+        env["PYTHONUNBUFFERED"] = "1"
         env["RESULTS_FOLDER"] = str(self._overlay or self.info.folder.parents[3])
         env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
         threads = str(self.torch_threads or max(1, (os.cpu_count() or 2) // 2))
@@ -263,11 +263,14 @@ def _read_prediction(
     if not written.is_file():
         # v1 prints a case's preprocessing error, skips the case and still exits 0.
         marker = f"{_name(number)}_0000"
+        # The message is the next line; another worker's line may come between (one process
+        # per case prints on the same pipe), so the next line that is not an "error in" one.
         printed = [
-            stdout[k + 1].strip()
+            next((later.strip() for later in stdout[k + 1 : k + 4] if not later.startswith("error in")), "")
             for k, line in enumerate(stdout[:-1])
             if line.startswith("error in") and marker in line
         ]
+        printed = [line for line in printed if line]
         detail = f": {printed[0]}" if printed else ""
         return RuntimeError(f"nnUNet_predict wrote no prediction for the case{detail}")
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(written)))
