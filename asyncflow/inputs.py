@@ -41,6 +41,7 @@ __all__ = [
     "request_items",
     "restore_files",
     "sanitise_relpath",
+    "sha256_file",
     "unpack",
 ]
 
@@ -279,7 +280,8 @@ class _Extraction:
         path.unlink()
 
 
-def _file_sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file's content, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(1 << 20):
@@ -309,7 +311,7 @@ def unpack(item: InputItem, dest: Path, limits: ArchiveLimits | None = None) -> 
                 error="not a TAR archive, though its name says so: it cannot be read",
             )
         if item.path is not None:
-            hashes = {item.path: _file_sha256(item.path)}
+            hashes = {item.path: sha256_file(item.path)}
             return UnpackedInput(item, InputKind.FILE, item.path.parent, files=[item.path], hashes=hashes)
         target = dest / sanitise_relpath(item.name)
         target.parent.mkdir(parents=True, exist_ok=True)

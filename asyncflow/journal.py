@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import SettingsError
+from .inputs import sha256_file
 
 if TYPE_CHECKING:
     from .backends.base import ModelInfo
@@ -71,14 +72,6 @@ class CaseSink(Protocol):
         """A finished case was withdrawn (its series grew): its (folder, name) files go."""
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def case_key(case: Case, hashes: Mapping[Path, str]) -> str | None:
     """The case's key, or None when a source file's content hash is unknown."""
     try:
@@ -91,7 +84,7 @@ def case_key(case: Case, hashes: Mapping[Path, str]) -> str | None:
         if source and source.series_instance_uid
         else [case.origin, source.location if source else case.output_name]
     )
-    label_file = _sha256_file(case.label_file) if case.label_file is not None else None
+    label_file = sha256_file(case.label_file) if case.label_file is not None else None
     text = json.dumps([str(case.kind), place, contents, label_file, case.output_name])
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -106,7 +99,7 @@ def _checkpoint_sha256(path: Path) -> str:
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     with _checkpoint_lock:
         if key not in _checkpoint_hashes:
-            _checkpoint_hashes[key] = _sha256_file(path)
+            _checkpoint_hashes[key] = sha256_file(path)
         return _checkpoint_hashes[key]
 
 
@@ -117,7 +110,7 @@ def model_key(info: ModelInfo, settings: Settings) -> str:
         folder = info.folder / f"fold_{fold}"
         for path in sorted(folder.glob(f"{info.checkpoint}*")) if folder.is_dir() else []:
             checkpoints[f"fold_{fold}/{path.name}"] = _checkpoint_sha256(path)
-    label_config = _sha256_file(settings.label_config) if settings.label_config else None
+    label_config = sha256_file(settings.label_config) if settings.label_config else None
     identity = {
         "folder": str(info.folder.resolve()) if info.folder.exists() else str(info.folder),
         "model": [info.name, info.configuration, info.trainer, info.plans, info.generation],

@@ -6,6 +6,7 @@ import io
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -133,3 +134,19 @@ def phantom_backend(**options: Any) -> Any:
     return FakeBackend(
         {"liver": 1, "tumor": 2}, predict=lambda case: image_array(case) > threshold, **options
     )
+
+
+def cli_run_argv(script: Path, inputs: Path, out: Path) -> list[str]:
+    """``python SCRIPT run INPUTS -o OUT --model <the tiny model>``: a test's wrapper around the CLI."""
+    from asyncflow.settings import packaged_demo_model
+
+    return [
+        sys.executable,
+        str(script),
+        "run",
+        str(inputs),
+        "-o",
+        str(out),
+        "--model",
+        str(packaged_demo_model()),
+    ]

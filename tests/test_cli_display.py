@@ -17,14 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import phantom_nifti
+from helpers import cli_run_argv, phantom_nifti
 
 from asyncflow.cli import _parser, main
 from asyncflow.inputs import RequestError
 from asyncflow.log import configure_logging
 from asyncflow.monitor import Monitor
 from asyncflow.pipeline import run_request
-from asyncflow.settings import packaged_demo_model
 
 # The CLI with a FakeBackend that holds each case for DELAY seconds (a long prediction).
 FAKE_CLI = textwrap.dedent(
@@ -49,16 +48,7 @@ def _in_a_terminal(tmp_path: Path, *extra: str, delay: float) -> tuple[int, str]
     inputs.mkdir(exist_ok=True)
     (inputs / "scan.nii.gz").write_bytes(phantom_nifti(np.random.default_rng(1), (16, 24, 24)))
     out = tmp_path / f"out{len(list(tmp_path.glob('out*')))}"
-    argv = [
-        sys.executable,
-        str(script),
-        "run",
-        str(inputs),
-        "-o",
-        str(out),
-        "--model",
-        str(packaged_demo_model()),
-    ]
+    argv = cli_run_argv(script, inputs, out)
     master, slave = pty.openpty()
     env = {**os.environ, "TEST_PREDICT_DELAY": str(delay), "COLUMNS": "150"}
     process = subprocess.Popen([*argv, *extra], stdin=slave, stdout=slave, stderr=slave, env=env)

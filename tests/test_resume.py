@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from helpers import dciodvfy_lines, dicom_bytes, make_tar
+from helpers import cli_run_argv, dciodvfy_lines, dicom_bytes, make_tar
 
 from asyncflow.cli import main
 from asyncflow.journal import JOURNAL, OutputFolder
@@ -60,16 +59,7 @@ ONE_AT_A_TIME = ["--set", "unpack_workers=1", "--set", "prepare_workers=1", "--s
 def _cli(tmp_path: Path, inputs: Path, out: Path, *extra: str, delay: float = 0.0) -> subprocess.Popen:
     script = tmp_path / "slow_cli.py"
     script.write_text(SLOW_CLI)
-    argv = [
-        sys.executable,
-        str(script),
-        "run",
-        str(inputs),
-        "-o",
-        str(out),
-        "--model",
-        str(packaged_demo_model()),
-    ]
+    argv = cli_run_argv(script, inputs, out)
     argv += ["--device", "cpu", "--no-mirroring", "--threads", "1", "--json-logs", *ONE_AT_A_TIME, *extra]
     env = {**os.environ, "TEST_PREDICT_DELAY": str(delay), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
