@@ -192,3 +192,25 @@ def test_the_output_folder_is_refused_overwritten_or_resumed_as_asked(tmp_path: 
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["notes.txt"]
     with pytest.raises(SettingsError, match="holds no asyncflow journal"):
         OutputFolder(out, resume=True)
+
+
+def test_the_model_key_changes_with_the_model_and_every_result_changing_setting(tmp_path: Path) -> None:
+    from asyncflow.backends import ModelInfo
+    from asyncflow.journal import model_key
+    from asyncflow.settings import Settings
+
+    model = tmp_path / "model"
+    shutil.copytree(packaged_demo_model(), model)
+    info = ModelInfo.from_folder(model)
+    base = model_key(info, Settings(model_dir=model))
+    assert model_key(info, Settings(model_dir=model, unpack_workers=7, queue_size=9)) == base  # pace only
+    for change in (
+        {"use_mirroring": False},
+        {"seg_type": "LABELMAP"},
+        {"deidentify": "basic"},
+        {"tile_step_size": 0.7},
+    ):
+        assert model_key(info, Settings(model_dir=model, **change)) != base, change
+    checkpoint = model / "fold_0" / "checkpoint_final.pth"
+    checkpoint.write_bytes(checkpoint.read_bytes() + b"\0")  # other weights, same folder
+    assert model_key(info, Settings(model_dir=model)) != base
