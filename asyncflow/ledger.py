@@ -167,6 +167,9 @@ class Ledger:
         if self.on_stage is not None:
             self.on_stage(case_id, None, self.progress())
         written = self.written.pop(case_id, [])
+        # A file of the same name another case wrote since (the grown series' case) stays.
+        claimed = {(where, name) for files in self.written.values() for _, where, name in files}
+        written = [entry for entry in written if (entry[1], entry[2]) not in claimed]
         for outputs, _, name in written:
             outputs.pop(name, None)
         if written and self.on_forget is not None:
