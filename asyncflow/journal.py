@@ -4,8 +4,8 @@ A case is named by its *key*: its kind, its place (series UID and part, or its
 input and path), the sha256 of every source file (taken as the bytes were
 unpacked) and of a label file supplied with it. A model and everything that
 changes a result is named by the *model key*: the model folder, configuration,
-trainer, plans, folds, the checkpoints' sha256, and the settings that change
-what a case's outputs hold. A case whose key and model key match a journal line
+trainer, plans, folds, the sha256 of the checkpoints and of the folder's plans and
+dataset files, and the settings that change what a case's outputs hold. A case whose key and model key match a journal line
 of a finished case, and whose outputs are still there, is not done again.
 
 :class:`OutputFolder` is the command line's output folder. It writes each case's
@@ -111,8 +111,12 @@ def model_key(info: ModelInfo, settings: Settings) -> str:
         for path in sorted(folder.glob(f"{info.checkpoint}*")) if folder.is_dir() else []:
             checkpoints[f"fold_{fold}/{path.name}"] = _checkpoint_sha256(path)
     label_config = sha256_file(settings.label_config) if settings.label_config else None
+    # plans.json and dataset.json (v2), plans.pkl (v1): spacing, normalisation, labels
+    plans = {path.name: sha256_file(path) for path in sorted(info.folder.glob("*.json"))}
+    plans |= {path.name: sha256_file(path) for path in sorted(info.folder.glob("*.pkl"))}
     identity = {
         "folder": str(info.folder.resolve()) if info.folder.exists() else str(info.folder),
+        "plans": plans,
         "model": [info.name, info.configuration, info.trainer, info.plans, info.generation],
         "folds": [str(f) for f in info.folds],
         "checkpoints": checkpoints,

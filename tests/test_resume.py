@@ -211,6 +211,10 @@ def test_the_model_key_changes_with_the_model_and_every_result_changing_setting(
         {"tile_step_size": 0.7},
     ):
         assert model_key(info, Settings(model_dir=model, **change)) != base, change
+    plans = model / "plans.json"
+    plans.write_text(plans.read_text() + "\n")  # another plan, same folder
+    replanned = model_key(info, Settings(model_dir=model))
+    assert replanned != base
     checkpoint = model / "fold_0" / "checkpoint_final.pth"
     checkpoint.write_bytes(checkpoint.read_bytes() + b"\0")  # other weights, same folder
-    assert model_key(info, Settings(model_dir=model)) != base
+    assert model_key(info, Settings(model_dir=model)) not in (base, replanned)
