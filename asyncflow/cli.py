@@ -1,6 +1,8 @@
-"""Command line: ``asyncflow run`` and ``asyncflow demo`` over the same pipeline.
+"""Command line: ``asyncflow run``, ``demo`` and ``flame`` over the same pipeline, ``stats`` and
+``monitor`` over what runs leave.
 
-Exit codes: 0 every case done, 1 some cases failed, 2 usage or request error.
+Exit codes: 0 every case done, 1 some cases failed, 2 usage or request error, 3 internal error,
+130 interrupted, 141 the reader of the output went away.
 """
 
 from __future__ import annotations
@@ -330,8 +332,11 @@ def _flame(args: argparse.Namespace) -> int:
     from .flame import run_star_model
 
     # JSON when asked, or when stderr is not a terminal (a pod's is not)
+    log_file = args.log_file.open("a") if args.log_file else None  # open while the node runs
     configure_logging(
-        json=True if args.json_logs else None, level=logging.WARNING if args.quiet else logging.INFO
+        json=True if args.json_logs else None,
+        level=logging.WARNING if args.quiet else logging.INFO,
+        json_file=log_file,
     )
     overrides = {**_overrides(args), "model_dir": args.model, "multi_modal": args.multi_modal}
     if args.result == "statistics":
