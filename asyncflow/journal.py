@@ -153,6 +153,8 @@ class OutputFolder:
     """
 
     def __init__(self, path: Path, *, resume: bool = False, overwrite: bool = False) -> None:
+        if path.exists() and not path.is_dir():
+            raise SettingsError(f"output {path} is a file: name a folder")
         self.path = path
         self._lock = threading.Lock()
         self._entries: dict[str, dict[str, Any]] = {}

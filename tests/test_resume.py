@@ -192,6 +192,8 @@ def test_the_output_folder_is_refused_overwritten_or_resumed_as_asked(tmp_path: 
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["notes.txt"]
     with pytest.raises(SettingsError, match="holds no asyncflow journal"):
         OutputFolder(out, resume=True)
+    with pytest.raises(SettingsError, match="is a file: name a folder"):
+        OutputFolder(out / "notes.txt")
 
 
 def test_the_model_key_changes_with_the_model_and_every_result_changing_setting(tmp_path: Path) -> None:
