@@ -176,7 +176,13 @@ class OutputFolder:
                 f"output folder {path} is not empty (an earlier run?): --resume goes on with it, "
                 "--overwrite replaces what asyncflow wrote there, or name another folder"
             )
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / f"{_TEMP_PREFIX}probe"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise SettingsError(f"output folder {path} cannot be written: {exc.strerror}") from None
 
     # -- the journal ------------------------------------------------------------------
 

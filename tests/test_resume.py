@@ -194,6 +194,8 @@ def test_the_output_folder_is_refused_overwritten_or_resumed_as_asked(tmp_path: 
         OutputFolder(out, resume=True)
     with pytest.raises(SettingsError, match="is a file: name a folder"):
         OutputFolder(out / "notes.txt")
+    with pytest.raises(SettingsError, match="cannot be written"):
+        OutputFolder(Path("/proc/asyncflow-out"))  # a folder that cannot be made: a usage error
 
 
 def test_the_model_key_changes_with_the_model_and_every_result_changing_setting(tmp_path: Path) -> None:
