@@ -164,17 +164,12 @@ def _quantiles(histogram: np.ndarray, bounds: Bounds) -> dict[str, float | None]
     return {f"p{q}": float(np.interp(q / 100, cumulative, edges)) for q in QUANTILES}
 
 
-def _total(values: Iterable[Any]) -> Any:
-    """A sum that stays an int where every part is (exact counts), a float where noise is in it."""
-    return sum(values)
-
-
 def _summary(cells: list[Mapping[str, Any]]) -> dict[str, Any]:
     """count, mean, sd, min, max and percentiles of the cells added together. Min and max exist
     where every node sent them (none does under differential privacy); percentiles, from the
     histogram, are kept within them."""
     full = [c for c in cells if not c.get("suppressed")]
-    suppressed = _total(max(c["count"], 0) for c in cells if c.get("suppressed"))  # noisy: >= 0
+    suppressed = sum(max(c["count"], 0) for c in cells if c.get("suppressed"))  # noisy: >= 0
     summary: dict[str, Any] = {"count": 0, "suppressed_count": suppressed}
     if not full:
         return summary
@@ -182,7 +177,7 @@ def _summary(cells: list[Mapping[str, Any]]) -> dict[str, Any]:
     if len(shapes) > 1:
         return {**summary, "error": f"the nodes binned this figure differently: {sorted(shapes)}"}
     low, high, bins = next(iter(shapes))
-    count = _total(c["count"] for c in full)
+    count = sum(c["count"] for c in full)
     total, squares = sum(float(c["sum"]) for c in full), sum(float(c["sum_sq"]) for c in full)
     histogram = np.sum([np.asarray(c["histogram"], dtype=np.float64) for c in full], axis=0)
     mean = total / count if count > 0 else None
@@ -239,8 +234,8 @@ def merge_nodes(nodes: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         },
         "overall": {
             "nodes": len(nodes),
-            "cases": _total(a["cases"] for a in nodes.values() if not a.get("suppressed")),
-            "suppressed_cases": _total(max(a["cases"], 0) for a in nodes.values() if a.get("suppressed")),
+            "cases": sum(a["cases"] for a in nodes.values() if not a.get("suppressed")),
+            "suppressed_cases": sum(max(a["cases"], 0) for a in nodes.values() if a.get("suppressed")),
             "labels": summarise(list(nodes.values())),
         },
     }
