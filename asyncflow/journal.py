@@ -76,6 +76,9 @@ def case_key(case: Case, hashes: Mapping[Path, str]) -> str | None:
     """The case's key, or None when a source file's content hash is unknown."""
     try:
         contents = sorted(hashes[path] for path in case.files)
+        # From the hashes, not the file: a label file shared by an input's cases may be gone by
+        # now (deleted when another of them was found finished).
+        label_file = hashes[case.label_file] if case.label_file is not None else None
     except KeyError:
         return None
     source = case.source
@@ -84,7 +87,6 @@ def case_key(case: Case, hashes: Mapping[Path, str]) -> str | None:
         if source and source.series_instance_uid
         else [case.origin, source.location if source else case.output_name]
     )
-    label_file = sha256_file(case.label_file) if case.label_file is not None else None
     text = json.dumps([str(case.kind), place, contents, label_file, case.output_name])
     return hashlib.sha256(text.encode()).hexdigest()
 
