@@ -16,16 +16,19 @@ returned.
 from __future__ import annotations
 
 import gzip
+import io
 import re
 import struct
 import zlib
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 import numpy as np
 
-from .case import Case, CaseSource, DicomInstance, SkippedFile, SourceKind
+from .case import Case, CaseSource, DicomInstance, Found, SkippedFile, SourceKind
 from .dicom import NotAnImage, has_dicom_preamble, read_instance
 from .enums import InputKind
 from .inputs import UnpackedInput
@@ -33,7 +36,7 @@ from .log import get_logger, scrub
 from .mitk import MITK_SUFFIX, is_mitk_label_json
 from .series import split_series
 
-__all__ = ["CaseBuilder", "Scan", "is_nifti_header", "scan"]
+__all__ = ["CaseBuilder", "Scan", "classify", "is_nifti_header", "scan"]
 
 _CHANNEL = re.compile(r"^(?P<id>.+)_(?P<channel>\d{4})$")
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -51,12 +54,19 @@ def is_nifti_header(head: bytes) -> bool:
     return False
 
 
-def _head(path: Path) -> bytes:
-    with path.open("rb") as f:
+def _opener(path: Path, data: bytes | None) -> Callable[[], BinaryIO]:
+    """Opens the file's content: ``data`` when given (a member held in memory), else the file."""
+    if data is not None:
+        return lambda: io.BytesIO(data)
+    return lambda: path.open("rb")
+
+
+def _head(open_: Callable[[], BinaryIO]) -> bytes:
+    with open_() as f:
         head = f.read(544)
     if head[:2] == b"\x1f\x8b":
         try:
-            with gzip.open(path, "rb") as f:
+            with open_() as raw, gzip.open(raw, "rb") as f:
                 return f.read(544)
         except (OSError, EOFError, zlib.error):
             return b""
@@ -91,7 +101,7 @@ def nifti_sizes(head: bytes) -> tuple[int, int]:
     return offset, int(voxels * max(bitpix, 1) // 8)
 
 
-def _nifti_problem(path: Path, head: bytes, max_file_bytes: int) -> str | None:
+def _nifti_problem(open_: Callable[[], BinaryIO], head: bytes, max_file_bytes: int) -> str | None:
     """Why a NIfTI file must not be read: a decompression bomb, or fewer bytes than declared.
 
     Checked from the header and the file's size (a .gz trailer holds the size of
@@ -102,58 +112,67 @@ def _nifti_problem(path: Path, head: bytes, max_file_bytes: int) -> str | None:
     if declared > max_file_bytes:
         return f"NIfTI declares {declared / (1 << 30):.1f} GiB of voxels, over the {max_file_bytes / (1 << 30):.1f} GiB limit"
     needed = offset + declared
-    with path.open("rb") as f:
+    with open_() as f:
         if f.read(2) == b"\x1f\x8b":
             f.seek(-4, 2)
             held = int.from_bytes(f.read(4), "little")
             if needed >= 1 << 32:
                 return None
         else:
-            held = path.stat().st_size
+            held = f.seek(0, 2)
     if held < needed:
         return f"NIfTI is truncated: {held} bytes, its header declares {needed}"
     return None
 
 
 def scan(unpacked: UnpackedInput, max_file_bytes: int = 16 << 30) -> Scan:
-    """Classify every file of an input by content, never by name.
+    """Classify every file of an input by content, never by name (a member unpack withheld
+    was classified from its bytes then: :attr:`UnpackedInput.withheld`).
 
     The one exception: MITK label JSON is known by its ``.mitklabel.json`` suffix
     (and a JSON start), as MITK itself knows it.
     """
     result = Scan(unpacked, skipped=list(unpacked.skipped))
     for path in unpacked.files:
-        try:
-            reason = _classify(result, path, max_file_bytes)
-        except OSError as exc:
-            reason = f"unreadable: {exc.strerror}"
-        except Exception as exc:  # noqa: BLE001 - one odd file is skipped, never the request
-            reason = f"could not be classified ({type(exc).__name__})"
-        if reason is not None:
+        found = unpacked.withheld.get(path) or classify(path, max_file_bytes=max_file_bytes)
+        if found.kind == "label":
+            result.label_files.append(path)
+        elif found.kind == "dicom":
+            assert found.instance is not None
+            result.dicom.append(found.instance)
+        elif found.kind == "nifti":
+            result.nifti.append(path)
+        else:
+            reason = found.reason or "could not be classified"
             result.skipped.append(SkippedFile(unpacked.item.name, unpacked.relative(path), reason))
     return result
 
 
-def _classify(result: Scan, path: Path, max_file_bytes: int) -> str | None:
-    """File ``path`` into ``result``; the reason it is skipped, or None."""
-    head = _head(path)
+def classify(path: Path, data: bytes | None = None, *, max_file_bytes: int = 16 << 30) -> Found:
+    """What file ``path`` is, by its content (``data`` when given, else the file's)."""
+    try:
+        return _classify(path, _opener(path, data), data, max_file_bytes)
+    except OSError as exc:
+        return Found(None, reason=f"unreadable: {exc.strerror}")
+    except Exception as exc:  # noqa: BLE001 - one odd file is skipped, never the request
+        return Found(None, reason=f"could not be classified ({type(exc).__name__})")
+
+
+def _classify(path: Path, open_: Callable[[], BinaryIO], data: bytes | None, max_file_bytes: int) -> Found:
+    head = _head(open_)
     if is_mitk_label_json(path.name, head):
-        result.label_files.append(path)
-    elif has_dicom_preamble(head):
+        return Found("label")
+    if has_dicom_preamble(head):
         try:
-            result.dicom.append(read_instance(path))
+            return Found("dicom", read_instance(path, data))
         except NotAnImage as exc:
-            return str(exc)
+            return Found(None, reason=str(exc))
         except Exception as exc:  # noqa: BLE001 - a malformed header skips its file, not the request
-            return f"malformed DICOM header ({type(exc).__name__})"
-    elif is_nifti_header(head):
-        problem = _nifti_problem(path, head, max_file_bytes)
-        if problem:
-            return problem
-        result.nifti.append(path)
-    else:
-        return "neither DICOM nor NIfTI"
-    return None
+            return Found(None, reason=f"malformed DICOM header ({type(exc).__name__})")
+    if is_nifti_header(head):
+        problem = _nifti_problem(open_, head, max_file_bytes)
+        return Found(None, reason=problem) if problem else Found("nifti")
+    return Found(None, reason="neither DICOM nor NIfTI")
 
 
 def _series_label(unpacked: UnpackedInput) -> str:

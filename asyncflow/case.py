@@ -17,6 +17,7 @@ __all__ = [
     "CaseSource",
     "CaseStatus",
     "DicomInstance",
+    "Found",
     "Geometry",
     "PredictedCase",
     "PreparedCase",
@@ -45,6 +46,16 @@ class DicomInstance:
     frames: int = 1
     # Multi-frame (enhanced) images: ImagePositionPatient of each frame, in frame order.
     frame_positions: tuple[tuple[float, float, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Found:
+    """What scanning found one file to be: ``kind`` "dicom" (with its ``instance``), "nifti"
+    or "label" (MITK label JSON); None when it is skipped, with the ``reason``."""
+
+    kind: str | None
+    instance: DicomInstance | None = None
+    reason: str | None = None
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -42,10 +43,11 @@ def has_dicom_preamble(head: bytes) -> bool:
     return len(head) >= 132 and head[128:132] == b"DICM"
 
 
-def read_instance(path: Path) -> DicomInstance:
-    """Header facts of one image instance; :class:`NotAnImage` says why a file is skipped."""
+def read_instance(path: Path, data: bytes | None = None) -> DicomInstance:
+    """Header facts of one image instance (read from ``data`` when given, the file's content);
+    :class:`NotAnImage` says why a file is skipped."""
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ds = pydicom.dcmread(io.BytesIO(data) if data is not None else path, stop_before_pixels=True)
     except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
         raise NotAnImage(f"unreadable DICOM header ({type(exc).__name__})") from exc
     sop_class = UID(str(ds.get("SOPClassUID", "")))

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
-from .case import SkippedFile
+from .case import Found, SkippedFile
 from .dicom import series_uid
 from .enums import InputKind
 from .errors import RequestError
@@ -38,6 +38,7 @@ __all__ = [
     "InputItem",
     "RequestError",
     "UnpackedInput",
+    "Withhold",
     "request_items",
     "restore_files",
     "sanitise_relpath",
@@ -93,6 +94,10 @@ class UnpackedInput:
     # sha256 of each file's content, taken as its bytes were written (or, for a file used in
     # place, read once here): what names a case's content in the resume journal.
     hashes: dict[Path, str] = field(default_factory=dict)
+    # Files not written because a finished case already used their content (:class:`Withhold`),
+    # with what their bytes were found to be; they are in ``files`` and ``hashes`` too.
+    withheld: dict[Path, Found] = field(default_factory=dict)
+    bytes_withheld: int = 0
     error: str | None = None
     # A failed archive: the DICOM series it had begun to deliver, now incomplete elsewhere.
     broken_series: set[str] = field(default_factory=set)
@@ -203,6 +208,22 @@ class ArchiveLimits:
         return min(self.max_bytes, max(int(self.max_ratio * input_bytes), self.ratio_floor_bytes))
 
 
+@dataclass(frozen=True)
+class Withhold:
+    """What a resumed request need not write: the content of files a finished case used.
+
+    A member (or a single-file input held in memory) of at most ``max_bytes`` is read
+    into memory and hashed there; when its sha256 is one of ``hashes`` it is classified
+    from those bytes by ``inspect`` and not written (:attr:`UnpackedInput.withheld`).
+    Should a case need it after all, the workspace unpacks it again
+    (:func:`restore_files`). Larger members are written as always.
+    """
+
+    hashes: frozenset[str]
+    inspect: Callable[[Path, bytes], Found]
+    max_bytes: int = 64 << 20
+
+
 class _LimitExceeded(Exception):
     pass
 
@@ -214,8 +235,8 @@ def _size(value: int) -> str:
 class _Extraction:
     """One input's archive (and the archives inside it), member by member, within the limits."""
 
-    def __init__(self, item: InputItem, dest: Path, limits: ArchiveLimits) -> None:
-        self.item, self.limits = item, limits
+    def __init__(self, item: InputItem, dest: Path, limits: ArchiveLimits, withhold: Withhold | None) -> None:
+        self.item, self.limits, self.withhold = item, limits, withhold
         self.allowed = limits.allowed_bytes(item.size)
         self.result = UnpackedInput(item, InputKind.ARCHIVE, dest)
         self.members = 0
@@ -243,7 +264,7 @@ class _Extraction:
                 raise _LimitExceeded(
                     f"member of {_size(safe.size)}, over {_size(self.limits.max_file_bytes)}"
                 )
-            if self.result.bytes_written + safe.size > self.allowed:
+            if self.result.bytes_written + self.result.bytes_withheld + safe.size > self.allowed:
                 raise _LimitExceeded(
                     f"expands to more than {_size(self.allowed)} "
                     f"(from {_size(self.item.size)}: an archive bomb?)"
@@ -251,12 +272,20 @@ class _Extraction:
             target = self._target(into, safe.name)
             source = tar.extractfile(safe)
             assert source is not None
-            digest = hashlib.sha256()
-            with source, target.open("wb") as out:
-                while chunk := source.read(1 << 20):
-                    digest.update(chunk)
-                    out.write(chunk)
-            self.result.hashes[target] = digest.hexdigest()
+            with source:
+                if self.withhold is not None and safe.size <= self.withhold.max_bytes:
+                    data = source.read()
+                    if _withheld(self.result, self.withhold, target, data):
+                        continue
+                    self.result.hashes[target] = _write(target, data)
+                else:
+                    digest = hashlib.sha256()
+                    with target.open("wb") as out:
+                        while chunk := source.read(1 << 20):
+                            digest.update(chunk)
+                            out.write(chunk)
+                    self.result.hashes[target] = digest.hexdigest()
+            self.result.withheld.pop(target, None)  # a repeated name: the last member wins
             self.result.bytes_written += safe.size
             self._unpack_nested(target, f"{name}/", depth)
 
@@ -280,6 +309,26 @@ class _Extraction:
         path.unlink()
 
 
+def _write(target: Path, data: bytes) -> str:
+    """Write ``data`` to ``target``; its sha256."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _withheld(result: UnpackedInput, withhold: Withhold, target: Path, data: bytes) -> bool:
+    """Book ``data`` as withheld when a finished case used its content (True), else nothing."""
+    digest = hashlib.sha256(data).hexdigest()
+    if digest not in withhold.hashes:
+        return False
+    target.unlink(missing_ok=True)  # a repeated name: the last member wins
+    result.withheld[target] = withhold.inspect(target, data)
+    result.hashes[target] = digest
+    result.files.append(target)
+    result.bytes_withheld += len(data)
+    return True
+
+
 def sha256_file(path: Path) -> str:
     """The sha256 of a file's content, read in 1 MiB chunks."""
     digest = hashlib.sha256()
@@ -289,8 +338,11 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def unpack(item: InputItem, dest: Path, limits: ArchiveLimits | None = None) -> UnpackedInput:
-    """Extract an archive into ``dest``, or place a single file there (bytes) or in place (path).
+def unpack(
+    item: InputItem, dest: Path, limits: ArchiveLimits | None = None, withhold: Withhold | None = None
+) -> UnpackedInput:
+    """Extract an archive into ``dest``, or place a single file there (bytes) or in place (path);
+    with ``withhold``, files a finished case used are classified in memory, not written.
 
     A failure leaves no files of this input behind: a half-extracted archive could
     otherwise turn into a silently incomplete DICOM series.
@@ -314,15 +366,15 @@ def unpack(item: InputItem, dest: Path, limits: ArchiveLimits | None = None) -> 
             hashes = {item.path: sha256_file(item.path)}
             return UnpackedInput(item, InputKind.FILE, item.path.parent, files=[item.path], hashes=hashes)
         target = dest / sanitise_relpath(item.name)
-        target.parent.mkdir(parents=True, exist_ok=True)
         assert item.data is not None
-        target.write_bytes(item.data)
-        hashes = {target: hashlib.sha256(item.data).hexdigest()}
-        return UnpackedInput(
-            item, InputKind.FILE, dest, files=[target], bytes_written=len(item.data), hashes=hashes
-        )
+        single = UnpackedInput(item, InputKind.FILE, dest)
+        if withhold is None or not _withheld(single, withhold, target, item.data):
+            single.hashes[target] = _write(target, item.data)
+            single.files.append(target)
+            single.bytes_written = len(item.data)
+        return single
 
-    extraction = _Extraction(item, dest, limits)
+    extraction = _Extraction(item, dest, limits, withhold)
     dest.mkdir(parents=True, exist_ok=True)
     try:
         with tar:
@@ -331,7 +383,9 @@ def unpack(item: InputItem, dest: Path, limits: ArchiveLimits | None = None) -> 
         shutil.rmtree(dest, ignore_errors=True)
         return UnpackedInput(item, InputKind.ARCHIVE, dest, error=f"archive refused: {exc}")
     except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error, lzma.LZMAError) as exc:
+        withheld = extraction.result.withheld.values()
         broken = {uid for uid in map(series_uid, extraction.result.files) if uid}
+        broken |= {found.instance.series_instance_uid for found in withheld if found.instance}
         shutil.rmtree(dest, ignore_errors=True)
         return UnpackedInput(
             item,

@@ -11,8 +11,10 @@ of a finished case, and whose outputs are still there, is not done again.
 :class:`OutputFolder` is the command line's output folder. It writes each case's
 outputs as the case ends (to a temporary name in the same folder, fsync'd, then
 renamed: a killed run leaves no partial file), then appends the case's journal
-line (``journal.jsonl``, fsync'd). A line that cannot be read, or names outputs
-that are gone, is ignored: the case is done again, never resumed wrongly.
+line (``journal.jsonl``, fsync'd). The line also lists the sha256 of the case's
+source files: a resumed request does not write an archive member with one of
+those hashes (:class:`asyncflow.inputs.Withhold`). A line that cannot be read, or
+names outputs that are gone, is ignored: the case is done again, never resumed wrongly.
 """
 
 from __future__ import annotations
@@ -63,10 +65,20 @@ class CaseSink(Protocol):
     def finished(self, case: str, model: str) -> Mapping[str, Any] | None:
         """The journal line of a case finished with this model (``report``, ``outputs``), or None."""
 
+    def finished_sources(self, model: str) -> frozenset[str]:
+        """The sha256 of every source file of the cases finished with this model: a resumed
+        request does not write those files again (:class:`asyncflow.inputs.Withhold`)."""
+
     def finish_case(
-        self, case: str | None, model: str, files: Iterable[tuple[str, str, bytes]], report: Mapping[str, Any]
+        self,
+        case: str | None,
+        model: str,
+        files: Iterable[tuple[str, str, bytes]],
+        report: Mapping[str, Any],
+        sources: Iterable[str] = (),
     ) -> None:
-        """A finished case's (folder, name, bytes) files and its report; called in a worker thread."""
+        """A finished case's (folder, name, bytes) files, its report and the sha256 of its
+        source files; called in a worker thread."""
 
     def withdraw(self, case: str | None, files: Iterable[tuple[str, str]]) -> None:
         """A finished case was withdrawn (its series grew): its (folder, name) files go."""
@@ -217,6 +229,16 @@ class OutputFolder:
         entry = self._entries.get(case)
         return entry if entry is not None and entry["model"] == model else None
 
+    def finished_sources(self, model: str) -> frozenset[str]:
+        """The sha256 of every source file of the cases finished with this model (lines of
+        an earlier version name none: their files are written, and the cases still resume)."""
+        return frozenset(
+            str(digest)
+            for entry in self._entries.values()
+            if entry["model"] == model and isinstance(entry.get("sources"), list)
+            for digest in entry["sources"]
+        )
+
     def _append(self, entry: Mapping[str, Any]) -> None:
         line = json.dumps(entry, separators=(",", ":")) + "\n"
         with self._lock, (self.path / JOURNAL).open("a") as journal:
@@ -248,6 +270,7 @@ class OutputFolder:
         model: str,
         files: Iterable[tuple[str, str, bytes]],
         report: Mapping[str, Any],
+        sources: Iterable[str] = (),
     ) -> None:
         """A finished case: its files, then its journal line (not for a case without a key)."""
         written = []
@@ -262,6 +285,7 @@ class OutputFolder:
                     "model": model,
                     "status": "done",
                     "outputs": written,
+                    "sources": sorted(sources),
                     "report": dict(report),
                 }
             )

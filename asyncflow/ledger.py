@@ -19,7 +19,10 @@ from .result import Progress, Result
 if TYPE_CHECKING:
     from .export import Exported
 
-__all__ = ["Ledger", "case_identity"]
+__all__ = ["Fail", "Ledger", "case_identity"]
+
+# How a stage ends a case as failed: (case, stage, error, seconds the step took).
+Fail = Callable[[Case, Stage, Exception, float], None]
 
 log = get_logger("asyncflow.pipeline")  # the events keep the logger name they always had
 

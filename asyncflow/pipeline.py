@@ -15,8 +15,9 @@ are unpacked. Every case ends as done or failed with a reason; a case's working
 folder is removed as soon as the case ends, the request's folder in ``finally``
 on success, error and cancellation alike.
 
-This module wires the stages and owns their concurrency (the prediction workers
-are :mod:`asyncflow.prediction`'s); the stage functions it calls are plain
+This module wires the stages and owns their concurrency (the unpack workers and
+the assembly are :mod:`asyncflow.intake`'s, the prediction workers
+:mod:`asyncflow.prediction`'s); the stage functions it calls are plain
 synchronous functions from the domain modules, the request's temporary folder is
 a :class:`~asyncflow.workspace.Workspace` and its books a :class:`~asyncflow.ledger.Ledger`.
 """
@@ -26,9 +27,8 @@ from __future__ import annotations
 import errno
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
@@ -36,7 +36,6 @@ import structlog
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from .assemble import CaseBuilder, Scan, scan
 from .backends import Backend, build_backend, build_backends
 from .budget import MemoryBudget, peak_rss_bytes
 from .case import (
@@ -44,10 +43,11 @@ from .case import (
     CaseStatus,
     PreparedCase,
 )
-from .enums import InputKind, RequestStatus, Stage
+from .enums import RequestStatus, Stage
 from .export import export_output
-from .inputs import Entry, InputItem, RequestError, UnpackedInput, request_items, unpack
-from .journal import CaseSink, case_key, model_key
+from .inputs import Entry, InputItem, RequestError, request_items
+from .intake import Intake
+from .journal import CaseSink, model_key
 from .labels import load_label_config
 from .ledger import Ledger
 from .log import get_logger, scrub
@@ -92,20 +92,13 @@ class _Request:
         self.settings = settings
         self.sink = sink  # where outputs go as cases end, and what an earlier run finished
         self.model = model  # the model key (asyncflow.journal): resume and SEG UIDs
-        self.hashes: dict[Path, str] = {}  # unpacked file -> sha256 of its content
-        self.keys: dict[str, str | None] = {}  # case id -> case key
-        if sink is not None:
-            ledger.on_forget = lambda case_id, files: sink.withdraw(self.keys.get(case_id), files)
         self.backends = backends  # one prediction worker each
         self.needs_files = any(b.needs_files for b in backends)  # else the model input stays in memory
         self.workspace = workspace
         self.ledger = ledger
-        self.builder = CaseBuilder(multi_modal=settings.multi_modal, opaque_names=settings.opaque_names)
-        # The first input is unpacked and scanned alone: its cases reach the GPU sooner when the
-        # other unpack workers do not share the cores with it. Set once its cases are sent on.
-        self.first_input_assembled = anyio.Event()
-        self.unpack_leader_taken = False
-        self.limits = settings.archive_limits()
+        self.intake = intake = Intake(settings, workspace, ledger, sink, model, self._fail)
+        if sink is not None:
+            ledger.on_forget = lambda case_id, files: sink.withdraw(intake.keys.get(case_id), files)
         self.label_config = label_config
         self.seg_options = SegOptions(
             settings.seg_type, settings.seg_keep_empty_frames, settings.seg_compression, settings.deidentify
@@ -126,8 +119,10 @@ class _Request:
         prepared_send, prepared_recv = _stream(prepared_queue_size(self.settings, self.backends))
         predicted_send, predicted_recv = _stream(size)
         async with anyio.create_task_group() as tg:
-            self._fan_out(tg, self.settings.unpack_workers, self._unpack_worker, iter(items), unpacked_send)
-            tg.start_soon(self._assemble, unpacked_recv, cases_send)
+            self._fan_out(
+                tg, self.settings.unpack_workers, self.intake.unpack_worker, iter(items), unpacked_send
+            )
+            tg.start_soon(self.intake.assemble, unpacked_recv, cases_send)
             self._fan_out(tg, self.settings.prepare_workers, self._prepare_worker, cases_recv, prepared_send)
             for number, backend in enumerate(self.backends):  # each takes the next prepared case
                 worker = PredictionWorker(number, backend, self.ledger, self._fail, self._end_case)
@@ -181,105 +176,7 @@ class _Request:
         self.budget.release(case.case_id)
         self.ledger.end(case, stage=stage, error=error)
 
-    def _take_withdrawn(self) -> None:
-        """The builder withdrew cases (their series grew or lost an input): drop what they made."""
-        for case in self.builder.withdrawn:
-            self.ledger.withdraw(case)
-        self.builder.withdrawn.clear()
-
     # -- stages --------------------------------------------------------------------
-
-    async def _unpack_worker(
-        self, items: Iterator[InputItem], send: MemoryObjectSendStream[tuple[UnpackedInput, Scan | None]]
-    ) -> None:
-        """Unpack and scan inputs (scanning here, not in ``assemble``, spreads it over the workers)."""
-        leader = not self.unpack_leader_taken
-        self.unpack_leader_taken = True
-        if not leader:
-            await self.first_input_assembled.wait()
-        async with send:
-            for item in items:  # shared iterator: each worker takes the next item
-                started = time.perf_counter()
-                unpacked = await anyio.to_thread.run_sync(
-                    unpack, item, self.workspace.input_dir(item.index), self.limits
-                )
-                duration = round(time.perf_counter() - started, 4)
-                if unpacked.error:
-                    log.warning("input.failed", input_index=item.index, reason=scrub(unpacked.error))
-                elif unpacked.kind is InputKind.ARCHIVE:
-                    log.info(
-                        "archive.extracted",
-                        input_index=item.index,
-                        files=len(unpacked.files),
-                        members_skipped=len(unpacked.skipped),
-                        bytes=unpacked.bytes_written,
-                        duration_s=duration,
-                    )
-                else:
-                    log.info("file.received", input_index=item.index, bytes=item.size, duration_s=duration)
-                scanned = None
-                if not unpacked.error:
-                    scanned = await anyio.to_thread.run_sync(scan, unpacked, self.limits.max_file_bytes)
-                    if scanned.skipped:
-                        log.info("files.skipped", input_index=item.index, files=len(scanned.skipped))
-                await send.send((unpacked, scanned))
-
-    async def _assemble(
-        self,
-        receive: MemoryObjectReceiveStream[tuple[UnpackedInput, Scan | None]],
-        send: MemoryObjectSendStream[Case],
-    ) -> None:
-        async with receive, send:
-            async for unpacked, scanned in receive:
-                self.ledger.inputs.append(
-                    {
-                        "index": unpacked.item.index,
-                        "name": unpacked.item.name,
-                        "kind": unpacked.kind,
-                        "files": len(unpacked.files),
-                        "bytes": unpacked.item.size,
-                        "error": unpacked.error,
-                    }
-                )
-                self.hashes.update(unpacked.hashes)
-                if scanned is None:  # the input failed
-                    self.builder.broken(unpacked)
-                    self._take_withdrawn()
-                else:
-                    cases = self.builder.add(scanned)
-                    self._take_withdrawn()
-                    for case in cases:
-                        await self._emit(case, send)
-                self.first_input_assembled.set()
-            for case in self.builder.finish():
-                await self._emit(case, send)
-            total = self.ledger.total = len(self.ledger.live_reports())
-            log.info("request.assembled", cases=total, files_skipped=len(self.builder.skipped))
-            if not total:  # end now, with the report, not once the model has loaded
-                inputs = self.ledger.inputs
-                failed_inputs = sum(1 for i in inputs if i["error"])
-                raise RequestError(
-                    f"no usable case in the request: {len(inputs)} input(s), {failed_inputs} unreadable, "
-                    f"{len(self.builder.skipped)} file(s) skipped (the report gives each file's reason)"
-                )
-
-    async def _emit(self, case: Case, send: MemoryObjectSendStream[Case]) -> None:
-        self.ledger.open(case)
-        key = self.keys[case.case_id] = case_key(case, self.hashes)
-        earlier = self.sink.finished(key, self.model) if self.sink is not None and key else None
-        if earlier is not None:  # an earlier run of this request finished it: nothing to do
-            outputs = [(str(folder), str(name)) for folder, name in earlier["outputs"]]
-            self.ledger.resume(case, earlier["report"], outputs)
-            self.workspace.skip(case)
-            return
-        started = time.perf_counter()
-        try:
-            await self.workspace.hold(case)
-        except OSError as exc:  # its input changed or vanished since it was first unpacked
-            with structlog.contextvars.bound_contextvars(case_id=case.case_id):
-                self._fail(case, Stage.PREPARE, exc, time.perf_counter() - started)
-            return
-        await send.send(case)
 
     async def _prepare_worker(
         self, receive: MemoryObjectReceiveStream[Case], send: MemoryObjectSendStream[PreparedCase]
@@ -351,7 +248,7 @@ class _Request:
                     continue
                 self.ledger.enter(case, Stage.EXPORT)
                 with structlog.contextvars.bound_contextvars(case_id=case.case_id):
-                    key = self.keys.get(case.case_id)
+                    key = self.intake.keys.get(case.case_id)
                     done = await self._step(
                         case,
                         Stage.EXPORT,
@@ -374,7 +271,15 @@ class _Request:
                     if self.sink is not None:
                         report = self.ledger.report(case).as_dict()
                         if not await self._step(
-                            case, Stage.EXPORT, _finish, self.sink, key, self.model, files, report
+                            case,
+                            Stage.EXPORT,
+                            _finish,
+                            self.sink,
+                            key,
+                            self.model,
+                            files,
+                            report,
+                            self.intake.sources(case),
                         ):
                             continue
                     notes: dict[str, Any] = (
@@ -458,7 +363,7 @@ async def run_request(
                 if len(errors) == 1 and isinstance(errors[0], Exception):
                     raise errors[0] from None
                 raise
-            result = ledger.result(request_id, time.perf_counter() - started, request.builder.skipped)
+            result = ledger.result(request_id, time.perf_counter() - started, request.intake.builder.skipped)
             status = result.status
             return result
         except (anyio.get_cancelled_exc_class(), KeyboardInterrupt):
@@ -472,7 +377,7 @@ async def run_request(
             if on_finish is not None:
                 final = status if status in (RequestStatus.ERROR, RequestStatus.CANCELLED) else None
                 elapsed = time.perf_counter() - started
-                on_finish(ledger.result(request_id, elapsed, request.builder.skipped, final, error))
+                on_finish(ledger.result(request_id, elapsed, request.intake.builder.skipped, final, error))
             statuses = [r.status for r in ledger.live_reports()]
             log.info(
                 "request.finished",
@@ -481,15 +386,17 @@ async def run_request(
                 cases_done=statuses.count(CaseStatus.DONE),
                 cases_failed=statuses.count(CaseStatus.FAILED),
                 cases_resumed=statuses.count(CaseStatus.RESUMED),
-                files_skipped=len(request.builder.skipped),
+                files_skipped=len(request.intake.builder.skipped),
                 duration_s=round(time.perf_counter() - started, 4),
                 peak_rss_bytes=peak_rss_bytes(),
                 **({"error_type": error_type, "reason": scrub(error.partition(": ")[2])} if error else {}),
             )
 
 
-def _finish(sink: CaseSink, key: str | None, model: str, files: list[Any], report: dict[str, Any]) -> bool:
-    sink.finish_case(key, model, files, report)
+def _finish(
+    sink: CaseSink, key: str | None, model: str, files: list[Any], report: dict[str, Any], sources: list[str]
+) -> bool:
+    sink.finish_case(key, model, files, report, sources)
     return True
 
 

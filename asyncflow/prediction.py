@@ -22,14 +22,12 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from .backends import Backend
 from .case import Case, PreparedCase
 from .enums import Stage
-from .ledger import Ledger
+from .ledger import Fail, Ledger
 from .log import get_logger, scrub
 
 __all__ = ["PredictionWorker", "nbytes"]
 
 log = get_logger("asyncflow.pipeline")  # the events keep the logger name they always had
-
-Fail = Callable[[Case, Stage, Exception, float], None]
 
 
 def nbytes(value: Any) -> int:

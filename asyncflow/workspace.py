@@ -13,7 +13,8 @@ case leaves assembly, :meth:`Workspace.end_case` when it ends; a case an earlier
 finished holds none, :meth:`Workspace.skip`) and deleted when the last reader ends,
 so the folder holds the inputs being unpacked and the cases in flight, not the
 whole request. A case that needs a file deleted since (its
-series grew in a later archive) gets it unpacked again from its input.
+series grew in a later archive), or one a resumed request never wrote
+(:meth:`Workspace.withhold`), gets it unpacked again from its input.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -54,7 +55,9 @@ class Workspace:
         self.items = {item.index: item for item in items}
         self.limits = limits
         self.holds: Counter[Path] = Counter()  # unpacked file -> cases that still read it
-        self.released: set[Path] = set()  # unpacked files deleted since
+        self.released: set[Path] = set()  # unpacked files deleted since (or never written)
+        # Files a resumed request did not write (inputs.Withhold), for cases not yet found finished.
+        self.withheld: set[Path] = set()
         self._restores = 0
 
     def input_dir(self, index: int) -> Path:
@@ -69,16 +72,28 @@ class Workspace:
         sources = [*case.files, *([case.label_file] if case.label_file else [])]
         return [p for p in dict.fromkeys(sources) if p.is_relative_to(inputs)]
 
+    def withhold(self, files: Iterable[Path]) -> None:
+        """Files unpack did not write, as a finished case used their content: held as deleted."""
+        self.withheld.update(files)
+        self.released.update(files)
+
     async def hold(self, case: Case) -> None:
         """Count ``case`` as a reader of its unpacked files; unpack again those already deleted
-        (:class:`OSError` when its input no longer holds them)."""
+        (:class:`OSError` when its input no longer holds them).
+
+        When one of them was withheld, every file withheld from that input and not yet known
+        to be unneeded comes back in the same pass: its other cases (a label file added to
+        an archive changes them all) then cost no further pass over the input."""
         sources = self._unpacked(case)
         self.holds.update(sources)
-        missing: dict[int, list[Path]] = defaultdict(list)
+        missing: dict[int, set[Path]] = defaultdict(set)
         for path in sources:
             if path in self.released:
-                missing[int(path.relative_to(self.root / "inputs").parts[0])].append(path)
+                missing[self._input_index(path)].add(path)
         for index, files in missing.items():
+            if files & self.withheld:
+                files |= {p for p in self.withheld if self._input_index(p) == index}
+                self.withheld -= files
             started = time.perf_counter()
             scratch = self.root / "restore" / f"{index:04d}-{self._restores}"
             self._restores += 1
@@ -92,6 +107,9 @@ class Workspace:
                 files=len(files),
                 duration_s=round(time.perf_counter() - started, 4),
             )
+
+    def _input_index(self, path: Path) -> int:
+        return int(path.relative_to(self.root / "inputs").parts[0])
 
     def end_case(self, case: Case) -> None:
         """``case`` has ended: remove its working folder and the unpacked files no other case reads."""
@@ -107,6 +125,7 @@ class Workspace:
         """``case`` needs no work (an earlier run finished it): its unpacked files that no case
         holds go now."""
         for path in self._unpacked(case):
+            self.withheld.discard(path)
             if self.holds[path] <= 0 and path not in self.released:
                 path.unlink(missing_ok=True)
                 self.released.add(path)

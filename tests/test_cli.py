@@ -141,12 +141,12 @@ def test_run_without_inputs_or_output_is_a_usage_error(
 def test_an_internal_error_exits_3_and_still_writes_the_report(
     tmp_path: Path, model_dir: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from asyncflow import pipeline
+    from asyncflow import intake
 
     def crash(self: object) -> None:
         raise RuntimeError("a bug in the book-keeping")
 
-    monkeypatch.setattr(pipeline._Request, "_take_withdrawn", crash)
+    monkeypatch.setattr(intake.Intake, "_take_withdrawn", crash)
     inputs = tmp_path / "in"
     inputs.mkdir()
     phantom = make_phantom(rng, (16, 16, 16))

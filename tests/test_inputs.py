@@ -1,15 +1,31 @@
 from __future__ import annotations
 
 import bz2
+import functools
+import gzip
+import hashlib
 import io
 import lzma
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
-from helpers import make_tar
+from helpers import dicom_bytes, make_tar
 
-from asyncflow.inputs import InputItem, RequestError, request_items, restore_files, sanitise_relpath, unpack
+from asyncflow.assemble import classify, scan
+from asyncflow.inputs import (
+    InputItem,
+    RequestError,
+    UnpackedInput,
+    Withhold,
+    request_items,
+    restore_files,
+    sanitise_relpath,
+    unpack,
+)
+from asyncflow.synthetic import dicom_series_datasets, make_phantom, nifti_bytes
 
 
 def test_request_items_accepts_bytes_mappings_and_paths(tmp_path: Path) -> None:
@@ -175,3 +191,106 @@ def test_a_name_that_says_tar_on_bytes_that_are_none_is_an_input_error(tmp_path:
     unpacked = unpack(InputItem(0, "study.tar", data=b"plain text, not an archive"), tmp_path / "in")
     assert unpacked.error == "not a TAR archive, though its name says so: it cannot be read"
     assert unpack(InputItem(1, "notes.txt", data=b"plain text"), tmp_path / "in2").error is None
+
+
+def _tar_of(members: list[tuple[str, bytes]]) -> bytes:
+    """A plain TAR of (name, bytes) members, in order; a name may repeat."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def test_withheld_members_are_not_written_yet_scan_and_restore_as_written_ones(
+    tmp_path: Path, rng: np.random.Generator
+) -> None:
+    phantom = make_phantom(rng, (4, 16, 16))
+    slices = [dicom_bytes(ds) for ds in dicom_series_datasets(phantom)]
+    volume = nifti_bytes(phantom.image, phantom.spacing, phantom.origin)
+    limit = max(len(volume), *map(len, slices))
+    members = [
+        ("s/0.dcm", slices[0]),
+        ("s/1.dcm", slices[1]),
+        ("v.nii.gz", volume),
+        ("cut.nii", gzip.decompress(volume)[:400]),  # truncated: skipped with its reason
+        ("notes.txt", b"neither"),
+        ("s/2.dcm", slices[2]),  # not known: written
+        ("big.bin", b"x" * (limit + 1)),  # known, but over max_bytes: written
+    ]
+    item = InputItem(0, "study.tar", data=_tar_of(members))
+    known = frozenset(hashlib.sha256(data).hexdigest() for name, data in members if name != "s/2.dcm")
+    withhold = Withhold(known, functools.partial(classify, max_file_bytes=1 << 30), max_bytes=limit)
+
+    plain = unpack(item, tmp_path / "plain")
+    held = unpack(item, tmp_path / "held", withhold=withhold)
+    relative = {p.relative_to(tmp_path / "held").as_posix() for p in held.withheld}
+    assert relative == {"s/0.dcm", "s/1.dcm", "v.nii.gz", "cut.nii", "notes.txt"}
+    on_disk = sorted(
+        p.relative_to(tmp_path / "held").as_posix() for p in (tmp_path / "held").rglob("*") if p.is_file()
+    )
+    assert on_disk == ["big.bin", "s/2.dcm"]
+    assert held.bytes_written == len(slices[2]) + limit + 1
+    assert held.bytes_withheld == sum(len(d) for name, d in members) - held.bytes_written
+    # What scan finds is the same, file for file, whether a member was written or withheld.
+    assert [p.relative_to(tmp_path / "held") for p in held.files] == [
+        p.relative_to(tmp_path / "plain") for p in plain.files
+    ]
+    assert {p.relative_to(tmp_path / "held"): h for p, h in held.hashes.items()} == {
+        p.relative_to(tmp_path / "plain"): h for p, h in plain.hashes.items()
+    }
+
+    def summary(result: UnpackedInput) -> tuple:
+        found = scan(result)
+        rel = lambda p: p.relative_to(result.root).as_posix()  # noqa: E731
+        return (
+            sorted((rel(i.path), replace(i, path=Path())) for i in found.dicom),
+            sorted(map(rel, found.nifti)),
+            sorted((s.path, s.reason) for s in found.skipped),
+        )
+
+    assert summary(held) == summary(plain)
+    assert "NIfTI is truncated" in dict(summary(held)[2])["cut.nii"]
+    # A case that needs a withheld file gets it back, byte for byte.
+    restore_files(item, tmp_path / "held", list(held.withheld), tmp_path / "scratch")
+    for path in held.withheld:
+        assert path.read_bytes() == (tmp_path / "plain" / path.relative_to(tmp_path / "held")).read_bytes()
+
+
+def test_withholding_follows_the_last_member_of_a_repeated_name_and_keeps_a_broken_archives_series(
+    tmp_path: Path, rng: np.random.Generator
+) -> None:
+    datasets = dicom_series_datasets(make_phantom(rng, (2, 16, 16)))
+    known, other = dicom_bytes(datasets[0]), dicom_bytes(datasets[1])
+    withhold = Withhold(frozenset({hashlib.sha256(known).hexdigest()}), functools.partial(classify))
+
+    written_last = unpack(
+        InputItem(0, "a.tar", data=_tar_of([("x.dcm", known), ("x.dcm", other)])),
+        tmp_path / "a",
+        withhold=withhold,
+    )
+    assert not written_last.withheld and (tmp_path / "a" / "x.dcm").read_bytes() == other
+    withheld_last = unpack(
+        InputItem(1, "b.tar", data=_tar_of([("x.dcm", other), ("x.dcm", known)])),
+        tmp_path / "b",
+        withhold=withhold,
+    )
+    assert (
+        list(withheld_last.withheld) == [tmp_path / "b" / "x.dcm"] and not (tmp_path / "b" / "x.dcm").exists()
+    )
+    assert withheld_last.files == [tmp_path / "b" / "x.dcm"]
+    assert withheld_last.hashes[tmp_path / "b" / "x.dcm"] == hashlib.sha256(known).hexdigest()
+
+    # An archive that breaks after a withheld member: its series is still named as broken.
+    whole = make_tar({"first.dcm": known, "filler.bin": rng.bytes(200_000)}, mode="w:gz")
+    broken = unpack(
+        InputItem(2, "cut.tar.gz", data=whole[: len(whole) // 2]), tmp_path / "c", withhold=withhold
+    )
+    assert broken.error is not None and broken.broken_series == {str(datasets[0].SeriesInstanceUID)}
+
+    # A single file held in memory is withheld too.
+    single = unpack(InputItem(3, "one.dcm", data=known), tmp_path / "d", withhold=withhold)
+    assert single.files == [tmp_path / "d" / "one.dcm"] and not single.files[0].exists()
+    assert single.withheld[single.files[0]].kind == "dicom" and single.bytes_written == 0

@@ -385,18 +385,18 @@ async def test_no_other_input_is_unpacked_beside_the_first(
 ) -> None:
     import time
 
-    import asyncflow.pipeline
+    import asyncflow.intake
 
     spans: dict[int, tuple[float, float]] = {}
 
-    def timed_unpack(item, dest, limits):
+    def timed_unpack(item, dest, limits, withhold):
         started = time.perf_counter()
         try:
-            return unpack(item, dest, limits)
+            return unpack(item, dest, limits, withhold)
         finally:
             spans[item.index] = (started, time.perf_counter())
 
-    monkeypatch.setattr(asyncflow.pipeline, "unpack", timed_unpack)
+    monkeypatch.setattr(asyncflow.intake, "unpack", timed_unpack)
     tars = _single_series_tars(rng, 4)
     settings = fake_settings(tmp_path / "work", unpack_workers=3)
     result = await run_request(tars, settings, backend=phantom_backend())

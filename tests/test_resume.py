@@ -3,11 +3,13 @@ outputs reach the disk whole as each case ends; the output folder's rules."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import signal
 import subprocess
+import tarfile
 import textwrap
 import time
 from pathlib import Path
@@ -16,14 +18,16 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from helpers import cli_run_argv, dciodvfy_lines, dicom_bytes, make_tar
+from helpers import cli_run_argv, dciodvfy_lines, dicom_bytes, make_tar, phantom_backend
 
 from asyncflow.cli import main
 from asyncflow.journal import JOURNAL, OutputFolder
+from asyncflow.log import configure_logging
 from asyncflow.mitk import MITK_TYPE
+from asyncflow.pipeline import run_request
 from asyncflow.seg import read_dicom_seg
 from asyncflow.settings import SettingsError, packaged_demo_model
-from asyncflow.synthetic import dicom_series_datasets, make_phantom, nifti_bytes
+from asyncflow.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom, nifti_bytes
 
 # The CLI with the real tiny model, each prediction held DELAY seconds longer, so that a test can
 # kill the run between cases.
@@ -72,6 +76,18 @@ def _series_tar(datasets: list, label_json: bytes | None = None) -> bytes:
     if label_json is not None:
         members["DICOM/study.mitklabel.json"] = label_json
     return make_tar(members, mode="w")
+
+
+def _with_member(tar: Path, name: str, text: str) -> bytes:
+    """The TAR's members and one more."""
+    buffer = io.BytesIO()
+    with tarfile.open(tar) as source, tarfile.open(fileobj=buffer, mode="w") as copy:
+        for member in source:
+            copy.addfile(member, source.extractfile(member))
+        info = tarfile.TarInfo(name)
+        info.size = len(text.encode())
+        copy.addfile(info, io.BytesIO(text.encode()))
+    return buffer.getvalue()
 
 
 def _events(stderr: str, name: str) -> list[dict]:
@@ -143,6 +159,12 @@ def test_a_killed_run_resumes_and_redoes_exactly_what_changed(
     assert set(statuses) == {"a.dcm", "b.dcm", "c.nii.gz", "d.nii.gz", "e.dcm"}
     assert len(_events(stderr, "case.predicted")) == 5 - len(expected_resumed)  # nothing else predicted
     assert len(_events(stderr, "case.resumed")) == len(expected_resumed)
+    # The finished series' files were not written again; b's came back when its label file changed it.
+    extracted = {e["input_index"]: e for e in _events(stderr, "archive.extracted")}
+    e_done = "e.dcm" in finished
+    assert [extracted[i]["files"] for i in (0, 1, 4)] == [0, 1, 0 if e_done else 24]
+    assert [extracted[i].get("files_withheld") for i in (0, 1, 4)] == [24, 24, 24 if e_done else None]
+    assert [(e["input_index"], e["files"]) for e in _events(stderr, "input.restored")] == [(1, 24)]
     assert report["status"] == "done" and not list(out.rglob(".asyncflow-partial-*"))
     b_seg = pydicom.dcmread(out / "dicom_seg" / "b.dcm")
     assert b_seg.SegmentSequence[0].SegmentLabel == "Leber"
@@ -222,3 +244,70 @@ def test_the_model_key_changes_with_the_model_and_every_result_changing_setting(
     checkpoint = model / "fold_0" / "checkpoint_final.pth"
     checkpoint.write_bytes(checkpoint.read_bytes() + b"\0")  # other weights, same folder
     assert model_key(info, Settings(model_dir=model)) not in (base, replanned)
+
+
+@pytest.mark.anyio
+async def test_a_resumed_request_writes_no_file_of_a_finished_case_and_unpacks_again_what_a_redo_needs(
+    tmp_path: Path, fake_settings, rng: np.random.Generator
+) -> None:
+    """Resume with the FakeBackend: what is written, withheld and unpacked again, run by run."""
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    x, y = (dicom_series_datasets(make_phantom(rng, (12, 32, 32)), series_number=n) for n in (1, 2))
+    z = dicom_series_datasets(make_phantom(rng, (20, 32, 32)), series_number=3)
+    (inputs / "t1.tar").write_bytes(dicom_series_tar([x, y]))
+    (inputs / "t2.tar").write_bytes(dicom_series_tar([z[:12]]))
+    settings = fake_settings(tmp_path / "work", unpack_workers=1)
+
+    async def run(**folder: bool) -> tuple[dict[str, str], list[dict], list[str]]:
+        backend = phantom_backend()
+        logs = io.StringIO()
+        configure_logging(json=True, stream=logs)
+        result = await run_request([inputs], settings, backend=backend, sink=OutputFolder(out, **folder))
+        assert result.status == "done", result.error
+        events = [json.loads(line) for line in logs.getvalue().splitlines()]
+        return {c.output: c.status for c in result.cases}, events, backend.predicted
+
+    def by_input(events: list[dict], name: str) -> dict[int, dict]:
+        return {e["input_index"]: e for e in events if e["event"] == name}
+
+    statuses, events, predicted = await run()
+    assert statuses == {"t1_S1.dcm": "done", "t1_S2.dcm": "done", "t2.dcm": "done"} and len(predicted) == 3
+    assert not any("files_withheld" in e for e in events)  # a first run withholds nothing
+
+    # Nothing changed: every case resumes, and not one of their files is written.
+    statuses, events, predicted = await run(resume=True)
+    assert set(statuses.values()) == {"resumed"} and not predicted
+    extracted = by_input(events, "archive.extracted")
+    assert [(e["files"], e["bytes"], e["files_withheld"]) for e in extracted.values()] == [
+        (0, 0, 24),
+        (0, 0, 12),
+    ]
+    assert not by_input(events, "input.restored")
+
+    # A label file joins t1: both its series change. Their files come back in one pass over t1.
+    mitk = {"version": 3, "type": MITK_TYPE, "groups": [{"labels": [{"name": "Leber", "value": 1}]}]}
+    (inputs / "t1.tar").write_bytes(
+        _with_member(inputs / "t1.tar", "DICOM/t1.mitklabel.json", json.dumps(mitk))
+    )
+    statuses, events, predicted = await run(resume=True)
+    assert statuses == {"t1_S1.dcm": "done", "t1_S2.dcm": "done", "t2.dcm": "resumed"} and len(predicted) == 2
+    assert by_input(events, "archive.extracted")[0]["files"] == 1  # the label file
+    restored = by_input(events, "input.restored")
+    assert list(restored) == [0] and restored[0]["files"] == 24
+    for name in ("t1_S1.dcm", "t1_S2.dcm"):
+        assert pydicom.dcmread(out / "dicom_seg" / name).SegmentSequence[0].SegmentLabel == "Leber"
+
+    # t2's series grows in a new archive: the case an earlier run finished is withdrawn, and the
+    # grown series is segmented whole, from t2's files unpacked again and t3's.
+    (inputs / "t3.tar").write_bytes(dicom_series_tar([z[12:]]))
+    statuses, events, predicted = await run(resume=True)
+    assert (
+        statuses == {"t1_S1.dcm": "resumed", "t1_S2.dcm": "resumed", "t2.dcm": "done"} and len(predicted) == 1
+    )
+    assert list(by_input(events, "input.restored")) == [1]
+    grown = pydicom.dcmread(out / "dicom_seg" / "t2.dcm")
+    referenced = {
+        item.ReferencedSOPInstanceUID for item in grown.ReferencedSeriesSequence[0].ReferencedInstanceSequence
+    }
+    assert referenced == {str(ds.SOPInstanceUID) for ds in z}
