@@ -171,10 +171,10 @@ class Intake:
             self.workspace.skip(case)
             return
         started = time.perf_counter()
-        try:
-            await self.workspace.hold(case)
-        except OSError as exc:  # its input changed or vanished since it was first unpacked
-            with structlog.contextvars.bound_contextvars(case_id=case.case_id):
+        with structlog.contextvars.bound_contextvars(case_id=case.case_id):  # input.restored's case
+            try:
+                await self.workspace.hold(case)
+            except OSError as exc:  # its input changed or vanished since it was first unpacked
                 self.fail(case, Stage.PREPARE, exc, time.perf_counter() - started)
-            return
+                return
         await send.send(case)

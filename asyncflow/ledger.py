@@ -131,6 +131,7 @@ class Ledger:
             self.on_stage(case.case_id, None, self.progress())
         log.info(
             "case.finished",
+            case_id=case.case_id,  # not bound for a resumed case: it never entered a stage
             status=str(report.status),
             kind=str(report.kind),
             **case_identity(case),

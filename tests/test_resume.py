@@ -14,6 +14,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pydicom
 import pytest
@@ -56,6 +57,9 @@ SLOW_CLI = textwrap.dedent(
     pipeline.build_backends = lambda settings: [Slow(b) for b in build(settings)]
     sys.exit(main(sys.argv[1:]))
     """
+)
+SCHEMA = jsonschema.Draft202012Validator(
+    json.loads((Path(__file__).resolve().parents[1] / "ops" / "events.schema.json").read_text())
 )
 ONE_AT_A_TIME = ["--set", "unpack_workers=1", "--set", "prepare_workers=1", "--set", "export_workers=1"]
 
@@ -266,6 +270,7 @@ async def test_a_resumed_request_writes_no_file_of_a_finished_case_and_unpacks_a
         result = await run_request([inputs], settings, backend=backend, sink=OutputFolder(out, **folder))
         assert result.status == "done", result.error
         events = [json.loads(line) for line in logs.getvalue().splitlines()]
+        assert not [error.message for e in events for error in SCHEMA.iter_errors(e)]  # the runbook's fields
         return {c.output: c.status for c in result.cases}, events, backend.predicted
 
     def by_input(events: list[dict], name: str) -> dict[int, dict]:
