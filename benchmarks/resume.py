@@ -18,8 +18,10 @@ resumed, what unpacking wrote into the work dir (``archive.extracted`` bytes and
 files), what it withheld (``files_withheld``, ``bytes_withheld``: members a
 finished case was made of, classified in memory, never written), files unpacked
 again (``input.restored``), unpack seconds, and the peak of the work dir's size
-and of the process tree's RSS, sampled every 0.05 s. Writes ``results.json`` and
-``RESULTS.md`` into ``--out``. Not a test: it prints what it measured.
+and of the process tree's RSS, sampled every 0.05 s. Then the ``resume`` request
+alone, ``--repeat`` times in this process (no process start, no model load: a
+FakeBackend finishes a first run into a second folder). Writes ``results.json``
+and ``RESULTS.md`` into ``--out``. Not a test: it prints what it measured.
 """
 
 from __future__ import annotations
@@ -90,6 +92,28 @@ def run(inputs: Path, model: Path, out: Path, work: Path, log: Path, *extra: str
     }
 
 
+def request_seconds(inputs: Path, scratch: Path, repeats: int) -> list[float]:
+    """The resume request alone, in this process: no process start, no model (a FakeBackend
+    that labels everything 1 finishes the first run), ``repeats`` resumes, each one's seconds."""
+    from asyncflow.journal import OutputFolder
+    from asyncflow.pipeline import run_request_sync
+    from asyncflow.settings import Settings
+    from asyncflow.testing import FakeBackend
+
+    settings = Settings(work_dir=scratch / "work-fake", disk_headroom=0)
+    out = scratch / "out-fake"
+    run_request_sync([inputs], settings, backend=FakeBackend(), sink=OutputFolder(out))
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        result = run_request_sync(
+            [inputs], settings, backend=FakeBackend(), sink=OutputFolder(out, resume=True)
+        )
+        seconds.append(round(time.perf_counter() - started, 3))
+        assert {case.status for case in result.cases} == {"resumed"}, result.cases
+    return seconds
+
+
 def report(results: dict[str, Any]) -> str:
     request = results["request"]
     lines = [
@@ -113,6 +137,12 @@ def report(results: dict[str, Any]) -> str:
             f"| {r['bytes_withheld'] / 1e6:.0f} ({r['files_withheld']}) | {r['files_restored']} "
             f"| {r['peak_work_dir_bytes'] / 1e6:.0f} | {r['peak_rss_bytes'] / 1e6:.0f} |"
         )
+    only = results["request_only_resume_s"]
+    lines += [
+        "",
+        f"The `resume` request alone, in one process (no process start, no model: a FakeBackend "
+        f"finished the first run): median {only['median']} s of {len(only['each'])} runs ({only['each']}).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -155,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
             }
             results["runs"][name]["wall_s_each"] = [r["wall_s"] for r in runs]
             print(name, json.dumps(results["runs"][name]), flush=True)
+        shutil.move(inputs / "added.tar", extra)  # the request as the first run saw it
+        seconds = request_seconds(inputs, scratch, args.repeat)
+        results["request_only_resume_s"] = {"median": round(float(np.median(seconds)), 3), "each": seconds}
+        print("request only", json.dumps(results["request_only_resume_s"]), flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

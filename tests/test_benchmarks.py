@@ -38,3 +38,16 @@ def test_the_network_hold_benchmark_smoke_run_reads_its_events(tmp_path: Path) -
     assert 1 <= run["hold_over_network"]["max"] < 1.5
     assert run["step_s_per_case"]["preprocess"] > 0 and run["step_s_per_case"]["to_labels"] > 0
     assert run["logits_mb_max"] > 0 and run["peak_rss_bytes"] > 0
+
+
+@pytest.mark.model
+def test_the_resume_benchmark_reads_what_each_run_wrote_and_withheld(tmp_path: Path) -> None:
+    command = [sys.executable, str(BENCHMARKS / "resume.py"), "--tars", "1", "--series", "1"]
+    command += ["--matrix", "32", "--repeat", "1", "--out", str(tmp_path)]
+    subprocess.run(command, check=True, capture_output=True, timeout=600)
+    results = json.loads((tmp_path / "results.json").read_text())
+    first, resume, grown = (results["runs"][name] for name in ("first", "resume", "grown"))
+    assert (first["cases_predicted"], resume["cases_resumed"], grown["cases_predicted"]) == (1, 1, 1)
+    assert resume["bytes_written"] == 0 and resume["files_withheld"] == first["files_written"] > 0
+    assert grown["files_withheld"] == first["files_written"] and grown["files_written"] > 0
+    assert results["request_only_resume_s"]["median"] > 0
