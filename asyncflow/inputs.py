@@ -302,6 +302,11 @@ class _Extraction:
             self.result.files.append(path)
             return
         with inner:
+            # No member: an empty TAR, or a run of zero bytes (which opens as one). Kept as a
+            # file like any other, for scan to judge and the report to list.
+            if inner.next() is None:
+                self.result.files.append(path)
+                return
             if depth >= self.limits.max_depth:
                 self.refuse(prefix.rstrip("/"), f"archive nested deeper than {self.limits.max_depth} levels")
             else:

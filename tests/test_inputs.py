@@ -294,3 +294,19 @@ def test_withholding_follows_the_last_member_of_a_repeated_name_and_keeps_a_brok
     single = unpack(InputItem(3, "one.dcm", data=known), tmp_path / "d", withhold=withhold)
     assert single.files == [tmp_path / "d" / "one.dcm"] and not single.files[0].exists()
     assert single.withheld[single.files[0]].kind == "dicom" and single.bytes_written == 0
+
+
+def test_a_member_that_opens_as_a_tar_with_no_members_is_kept_and_accounted_for(tmp_path: Path) -> None:
+    empty_tar = io.BytesIO()
+    tarfile.open(fileobj=empty_tar, mode="w").close()
+    members = {
+        "zeros.bin": bytes(4096),
+        "empty.tar": empty_tar.getvalue(),
+        "inner.tar": make_tar({"a.txt": b"a"}),
+    }
+    result = unpack(InputItem(0, "x.tar", data=make_tar(members, mode="w")), tmp_path / "in")
+    assert sorted(result.relative(p) for p in result.files) == ["empty.tar", "inner.tar.d/a.txt", "zeros.bin"]
+    reasons = {s.path: s.reason for s in scan(result).skipped}
+    assert reasons == dict.fromkeys(
+        ["empty.tar", "inner.tar.d/a.txt", "zeros.bin"], "neither DICOM nor NIfTI"
+    )
