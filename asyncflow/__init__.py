@@ -3,36 +3,28 @@
 The public face::
 
     from asyncflow import run_request, run_request_sync, Settings, Result, Progress
+    from asyncflow import OutputFolder, build_backends
     from asyncflow import RequestError, ModelError, SettingsError, LabelError
 
-Names are imported when first used, so ``import asyncflow`` stays cheap and the
-modules can import ``asyncflow.__version__`` without a cycle.
+The package's folders follow the data flow: ``reading`` (inputs -> cases),
+``backends`` (the model), ``writing`` (a case's outputs), ``labels`` and ``stats``
+(what the outputs say), ``pipeline`` (the async runtime that joins them), and the
+two shells over it, ``cli`` and ``flame``. See docs/explanation/pipeline.md.
 """
 
-from __future__ import annotations
-
-from typing import TYPE_CHECKING, Any
-
-__version__ = "0.1.0"
-
-# public name -> the module that defines it
-_PUBLIC = {
-    "run_request": "pipeline",
-    "run_request_sync": "pipeline",
-    "build_backend": "pipeline",
-    "build_backends": "pipeline",
-    "Settings": "settings",
-    "Result": "result",
-    "Progress": "result",
-    "RequestError": "errors",
-    "ModelError": "errors",
-    "SettingsError": "errors",
-    "LabelError": "errors",
-}
+from asyncflow._version import __version__
+from asyncflow.backends.build import build_backend, build_backends
+from asyncflow.errors import LabelError, ModelError, RequestError, SettingsError
+from asyncflow.pipeline.journal import CaseSink, OutputFolder
+from asyncflow.pipeline.run import run_request, run_request_sync
+from asyncflow.result import Progress, Result
+from asyncflow.settings import Settings
 
 __all__ = [
+    "CaseSink",
     "LabelError",
     "ModelError",
+    "OutputFolder",
     "Progress",
     "RequestError",
     "Result",
@@ -44,17 +36,3 @@ __all__ = [
     "run_request",
     "run_request_sync",
 ]
-
-if TYPE_CHECKING:
-    from .errors import LabelError, ModelError, RequestError, SettingsError
-    from .pipeline import build_backend, build_backends, run_request, run_request_sync
-    from .result import Progress, Result
-    from .settings import Settings
-
-
-def __getattr__(name: str) -> Any:
-    if name in _PUBLIC:
-        from importlib import import_module
-
-        return getattr(import_module(f".{_PUBLIC[name]}", __name__), name)
-    raise AttributeError(f"module 'asyncflow' has no attribute {name!r}")

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from .enums import CaseStatus, SourceKind
+from asyncflow.enums import CaseStatus, SourceKind
 
 __all__ = [
     "Case",
@@ -183,7 +183,7 @@ class CaseReport:
     labels_absent: list[int] = field(default_factory=list)  # declared by the model, not found
     fallback: str | None = None  # why a DICOM case was returned as NIfTI
     source: CaseSource | None = None
-    statistics: list[dict[str, Any]] | None = None  # per label (asyncflow.statistics), once exported
+    statistics: list[dict[str, Any]] | None = None  # per label (asyncflow.stats.measure), once exported
     statistics_error: str | None = None  # why a done case has none
 
     def as_dict(self) -> dict[str, Any]:

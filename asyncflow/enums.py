@@ -34,7 +34,7 @@ class CaseStatus(StrEnum):
     PENDING = "pending"
     DONE = "done"
     FAILED = "failed"
-    RESUMED = "resumed"  # done by an earlier run of the same request (asyncflow.journal)
+    RESUMED = "resumed"  # done by an earlier run of the same request (asyncflow.pipeline.journal)
 
 
 class SourceKind(StrEnum):
@@ -77,7 +77,7 @@ class SegCompression(StrEnum):
 
 
 class DeidentifyProfile(StrEnum):
-    """What is done to a SEG before it leaves (asyncflow.deidentify)."""
+    """What is done to a SEG before it leaves (asyncflow.writing.deidentify)."""
 
     NONE = "none"
     BASIC = "basic"  # PS3.15 Basic Application Level Confidentiality Profile, Retain UIDs Option

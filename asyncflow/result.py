@@ -1,6 +1,6 @@
 """What a request gives back: the result contract, the per-case report, progress.
 
-Kept apart from the orchestrator (:mod:`asyncflow.pipeline`) so that the CLI,
+Kept apart from the orchestrator (:mod:`asyncflow.pipeline.run`) so that the CLI,
 the demo, the FLAME shell and the Hub reporter read results without importing it.
 """
 
@@ -9,9 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .case import CaseReport, SkippedFile
-from .enums import RequestStatus
-from .redact import redact_report
+from asyncflow.case import CaseReport, SkippedFile
+from asyncflow.enums import RequestStatus
 
 __all__ = ["Progress", "Result"]
 
@@ -38,10 +37,10 @@ class Result:
     duration_s: float
     error: str | None = None  # why the request ended before its cases did (status error)
 
-    def report(self, *, redact: bool = False) -> dict[str, Any]:
-        """JSON-serialisable account of every input, case and skipped file; ``redact`` (what
-        leaves a FLAME node) names none by a name from the data (:func:`redact_report`)."""
-        report = {
+    def report(self) -> dict[str, Any]:
+        """JSON-serialisable account of every input, case and skipped file (what of it may leave
+        a FLAME node: :func:`asyncflow.flame.redact.redact_report`)."""
+        return {
             "request_id": self.request_id,
             "status": self.status,
             "duration_s": round(self.duration_s, 3),
@@ -50,14 +49,13 @@ class Result:
             "inputs": self.inputs,
             "skipped_files": [s.as_dict() for s in self.skipped],
         }
-        return redact_report(report) if redact else report
 
-    def as_dict(self, *, redact: bool = False) -> dict[str, Any]:
+    def as_dict(self) -> dict[str, Any]:
         """The reference result contract plus the report (see :meth:`report`)."""
         return {
             "status": self.status,
             "dicom_seg_bytes": self.dicom_seg_bytes,
             "nifti_seg_bytes": self.nifti_seg_bytes,
             "label_json_bytes": self.label_json_bytes,
-            "report": self.report(redact=redact),
+            "report": self.report(),
         }

@@ -14,10 +14,10 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, cast
 
-from .budget import available_memory_bytes
-from .enums import DeidentifyProfile, SegCompression, SegType
-from .errors import SettingsError
-from .inputs import ArchiveLimits
+from asyncflow.enums import DeidentifyProfile, SegCompression, SegType
+from asyncflow.errors import SettingsError
+from asyncflow.pipeline.budget import available_memory_bytes
+from asyncflow.reading.archives import ArchiveLimits
 
 __all__ = [
     "ModelLocation",
@@ -154,12 +154,12 @@ class Settings:
     opaque_names: bool = False
 
     # Outputs: DICOM SEG
-    label_config: Path | None = None  # JSON/YAML label names, codes, colours (asyncflow.labels)
+    label_config: Path | None = None  # JSON/YAML label names, codes, colours (asyncflow.labels.segment)
     seg_type: str = "BINARY"  # BINARY, FRACTIONAL or LABELMAP (readers may not know LABELMAP yet)
     seg_keep_empty_frames: bool = False  # a frame for every slice and segment, even empty ones
     seg_compression: str = "none"  # none, rle, jpeg2000, jpegls (FRACTIONAL and LABELMAP only)
     # none, or basic: PS3.15's Basic Profile with the Retain UIDs Option on every SEG (the FLAME
-    # analyzer's default; asyncflow.deidentify)
+    # analyzer's default; asyncflow.writing.deidentify)
     deidentify: str = "none"
 
     # Pipeline
@@ -169,7 +169,7 @@ class Settings:
     export_workers: int = field(default_factory=default_export_workers)
     queue_size: int = 2  # items waiting between two stages
     # GB the cases in flight may hold at once in the model's CPU steps (v2: nnU-Net's
-    # preprocessing, model input, logits, resampling; asyncflow.budget); 0: three quarters of
+    # preprocessing, model input, logits, resampling; asyncflow.pipeline.budget); 0: three quarters of
     # the memory available (container limit included) when the request starts.
     memory_budget_gb: float = 0.0
 

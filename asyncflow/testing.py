@@ -28,9 +28,9 @@ import anyio
 import numpy as np
 import SimpleITK as sitk
 
-from .backends.base import ModelInfo
-from .case import PreparedCase
-from .labels import labels_from_dataset_json
+from asyncflow.backends.base import ModelInfo
+from asyncflow.case import PreparedCase
+from asyncflow.labels.segment import labels_from_dataset_json
 
 __all__ = ["FakeBackend", "image_array"]
 

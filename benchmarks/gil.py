@@ -35,16 +35,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fixed_service import block_logits
 
-from asyncflow.assemble import CaseBuilder, scan
 from asyncflow.backends.base import ModelInfo
 from asyncflow.backends.nnunet_v2 import Logits, NnUNetV2Steps
 from asyncflow.case import PredictedCase
-from asyncflow.export import export_case
-from asyncflow.inputs import request_items, unpack
-from asyncflow.prepare import prepare_case
-from asyncflow.seg import Algorithm, SegOptions
+from asyncflow.cli.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom, replanned_model
+from asyncflow.reading.archives import request_items, unpack
+from asyncflow.reading.assemble import CaseBuilder, scan
+from asyncflow.reading.prepare import prepare_case
 from asyncflow.settings import Settings
-from asyncflow.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom, replanned_model
+from asyncflow.writing.export import export_case
+from asyncflow.writing.seg import Algorithm, SegOptions
 
 
 def _twice(step: Callable[[], Any]) -> tuple[float, float, float]:

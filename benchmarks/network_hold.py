@@ -53,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from asyncflow.synthetic import replanned_model
+from asyncflow.cli.synthetic import replanned_model
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -67,7 +67,7 @@ MODEL_SPACING = (1.0, 0.8, 0.8)  # z, y, x mm
 
 def write_request(folder: Path, tars: int, series: int, matrix: int, rng: np.random.Generator) -> list[Path]:
     """``tars`` TARs of ``series`` CT series with realistic, varied geometry."""
-    from asyncflow.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom
+    from asyncflow.cli.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -115,7 +115,7 @@ def child_main(kind: str, service_s: float, argv: list[str]) -> int:
 
     patch_nnunet_network(service_s)
     if kind == "asyncflow":
-        from asyncflow.cli import main
+        from asyncflow.cli.main import main
 
         return main(argv)
     from nnunetv2.inference.predict_from_raw_data import predict_entry_point_modelfolder

@@ -49,17 +49,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fixed_service import FixedServiceBackend, block_labels
 from measure import PeakSampler, event_seconds, folder_bytes, union_seconds
 
-from asyncflow.assemble import CaseBuilder, scan
+from asyncflow import build_backend, run_request
 from asyncflow.backends import Backend, ModelSteps
 from asyncflow.case import Case, PredictedCase, PreparedCase
-from asyncflow.export import export_case, export_output
-from asyncflow.inputs import request_items, unpack
+from asyncflow.cli.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom
 from asyncflow.log import configure_logging
-from asyncflow.pipeline import build_backend, peak_rss_bytes, run_request
-from asyncflow.prepare import prepare_case
-from asyncflow.seg import Algorithm, SegOptions
+from asyncflow.pipeline.budget import peak_rss_bytes
+from asyncflow.reading.archives import request_items, unpack
+from asyncflow.reading.assemble import CaseBuilder, scan
+from asyncflow.reading.prepare import prepare_case
 from asyncflow.settings import Settings, packaged_demo_model
-from asyncflow.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom
+from asyncflow.writing.export import export_case, export_output
+from asyncflow.writing.seg import Algorithm, SegOptions
 
 STAGES = ("unpack", "prepare", "predict", "export")
 COLOURS = {"unpack": "#9e9e9e", "prepare": "#4e79a7", "predict": "#e15759", "export": "#59a14f"}

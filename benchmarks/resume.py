@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from asyncflow.synthetic import replanned_model
+from asyncflow.cli.synthetic import replanned_model
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -95,8 +95,8 @@ def run(inputs: Path, model: Path, out: Path, work: Path, log: Path, *extra: str
 def request_seconds(inputs: Path, scratch: Path, repeats: int) -> list[float]:
     """The resume request alone, in this process: no process start, no model (a FakeBackend
     that labels everything 1 finishes the first run), ``repeats`` resumes, each one's seconds."""
-    from asyncflow.journal import OutputFolder
-    from asyncflow.pipeline import run_request_sync
+    from asyncflow import run_request_sync
+    from asyncflow.pipeline.journal import OutputFolder
     from asyncflow.settings import Settings
     from asyncflow.testing import FakeBackend
 

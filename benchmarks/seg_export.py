@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-import asyncflow.seg as seg
-from asyncflow.labels import labels_from_dataset_json
-from asyncflow.synthetic import dicom_series_datasets, make_phantom
+import asyncflow.writing.seg as seg
+from asyncflow.cli.synthetic import dicom_series_datasets, make_phantom
+from asyncflow.labels.segment import labels_from_dataset_json
 
 
 def main() -> None:

@@ -23,10 +23,10 @@ from pathlib import Path
 import anyio
 import numpy as np
 
+from asyncflow import run_request
+from asyncflow.cli.synthetic import make_phantom, nifti_bytes
 from asyncflow.log import configure_logging
-from asyncflow.pipeline import run_request
 from asyncflow.settings import Settings
-from asyncflow.synthetic import make_phantom, nifti_bytes
 
 RESULTS = Path(__file__).resolve().parents[1] / "asyncflow" / "models" / "tiny_v1"
 

@@ -1,7 +1,7 @@
 """Train the tiny real nnU-Net v2 model that ships with asyncflow.
 
 The model is small on purpose (a 3-stage U-Net with 8/16/32 features), trained
-on synthetic phantoms from :mod:`asyncflow.synthetic` on the CPU in about a
+on synthetic phantoms from :mod:`asyncflow.cli.synthetic` on the CPU in about a
 minute. It is the demo model and the test model: everything around it is stock
 nnU-Net v2, so ``nnUNetPredictor`` loads and runs it like any other model.
 
@@ -174,7 +174,7 @@ def train(output: Path) -> dict:
         from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-        from asyncflow.synthetic import make_phantom
+        from asyncflow.cli.synthetic import make_phantom
 
         torch.set_num_threads(torch_threads)
         torch.manual_seed(SEED)

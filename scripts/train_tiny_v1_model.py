@@ -147,7 +147,7 @@ def train(output: Path) -> dict:
         from batchgenerators.utilities.file_and_folder_operations import load_pickle, write_pickle
         from nnunet.training.network_training.nnUNetTrainerV2 import nnUNetTrainerV2
 
-        from asyncflow.synthetic import make_phantom
+        from asyncflow.cli.synthetic import make_phantom
 
         torch.set_num_threads(torch_threads)
         torch.manual_seed(SEED)

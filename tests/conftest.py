@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from asyncflow import build_backend
 from asyncflow.backends import Backend
 from asyncflow.log import configure_logging
-from asyncflow.pipeline import build_backend
 from asyncflow.settings import Settings, packaged_demo_model
 
 

@@ -25,8 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from asyncflow.flame import StarAggregator, StarAnalyzer
-from asyncflow.hub import FLAME_LOG_TYPES
+from asyncflow.flame.hub import FLAME_LOG_TYPES
+from asyncflow.flame.standin import StarAggregator, StarAnalyzer
 
 TIMEOUT_S = 600
 

@@ -26,8 +26,8 @@ def make_tar(members: dict[str, bytes], mode: str = "w:gz") -> bytes:
 
 
 def phantom_nifti(rng: Any, shape: tuple[int, int, int] = (32, 40, 40)) -> bytes:
-    """A synthetic phantom volume (asyncflow.synthetic) as .nii.gz bytes."""
-    from asyncflow.synthetic import make_phantom, nifti_bytes
+    """A synthetic phantom volume (asyncflow.cli.synthetic) as .nii.gz bytes."""
+    from asyncflow.cli.synthetic import make_phantom, nifti_bytes
 
     phantom = make_phantom(rng, shape)
     return nifti_bytes(phantom.image, phantom.spacing, phantom.origin)
@@ -48,7 +48,7 @@ def dicom_bytes(ds: FileDataset) -> bytes:
 def write_series_with_simpleitk(image, folder, *, study_uid: str, series_uid: str) -> list:
     """A CT series written by SimpleITK/GDCM, as in SimpleITK's 'DICOM series from array' example.
 
-    Another generator than asyncflow.synthetic: GDCM picks its own attributes
+    Another generator than asyncflow.cli.synthetic: GDCM picks its own attributes
     (signed pixels, no rescale, no SliceThickness, no SeriesNumber).
     """
     import SimpleITK as sitk
@@ -127,7 +127,7 @@ def phantom_backend(**options: Any) -> Any:
     """A :class:`~asyncflow.testing.FakeBackend` with the tiny model's labels that finds a phantom's
     liver by its intensity (above halfway from the tumour's HU to the liver's): no model, yet a slice
     that lands in the wrong place of a SEG still shows as a low Dice against the phantom."""
-    from asyncflow.synthetic import LIVER_HU, TUMOR_HU
+    from asyncflow.cli.synthetic import LIVER_HU, TUMOR_HU
     from asyncflow.testing import FakeBackend, image_array
 
     threshold = (LIVER_HU + TUMOR_HU) / 2

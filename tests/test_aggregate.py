@@ -13,11 +13,11 @@ import pytest
 from flame_harness import run_star
 from helpers import make_tar
 
-from asyncflow.aggregate import DEFAULT_BOUNDS, FORMAT, merge_nodes, node_aggregates, parse_bounds
+from asyncflow import SettingsError
 from asyncflow.cli import main
-from asyncflow.flame import StatisticsAggregator, nnUNetAnalyzer, run_star_model
-from asyncflow.settings import SettingsError
-from asyncflow.synthetic import make_phantom, nifti_bytes
+from asyncflow.cli.synthetic import make_phantom, nifti_bytes
+from asyncflow.flame.analysis import StatisticsAggregator, nnUNetAnalyzer, run_star_model
+from asyncflow.stats.aggregate import DEFAULT_BOUNDS, FORMAT, merge_nodes, node_aggregates, parse_bounds
 
 
 def _case(volume: float, mean: float | None, components: int, status: str = "done") -> dict[str, Any]:
@@ -100,7 +100,7 @@ def test_values_are_clipped_to_their_bounds_and_bounds_can_be_set_per_label() ->
 
 def test_the_noise_has_the_scale_its_sensitivity_and_epsilon_give() -> None:
     pytest.importorskip("opendp")
-    from asyncflow.privacy import LaplaceNoise
+    from asyncflow.stats.privacy import LaplaceNoise
 
     noise = LaplaceNoise(2.0, releases=4)  # epsilon 0.5 per release
     assert (noise.epsilon_each, noise.scale(3.0)) == (0.5, 6.0)

@@ -7,11 +7,11 @@ import pytest
 from helpers import dicom_bytes, make_tar
 from pydicom.uid import BasicTextSRStorage, SegmentationStorage
 
-from asyncflow.assemble import CaseBuilder, scan
-from asyncflow.case import SourceKind
-from asyncflow.dicom import order_series, read_instance
-from asyncflow.inputs import InputItem, unpack
-from asyncflow.synthetic import dicom_series_datasets, make_phantom, nifti_bytes
+from asyncflow.cli.synthetic import dicom_series_datasets, make_phantom, nifti_bytes
+from asyncflow.enums import SourceKind
+from asyncflow.reading.archives import InputItem, unpack
+from asyncflow.reading.assemble import CaseBuilder, scan
+from asyncflow.reading.dicom import order_series, read_instance
 
 
 def _series(rng: np.random.Generator, slices: int = 6, **kwargs: object):

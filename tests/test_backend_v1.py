@@ -21,15 +21,15 @@ import pytest
 import SimpleITK as sitk
 from helpers import dice
 
-from asyncflow.backends import ModelError, ModelInfo
+from asyncflow import ModelError, SettingsError, build_backend, run_request
+from asyncflow.backends import ModelInfo
 from asyncflow.backends.nnunet_v1 import NnUNetV1Backend, _read_prediction
 from asyncflow.case import Geometry
 from asyncflow.cli import main
+from asyncflow.cli.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom, nifti_bytes
 from asyncflow.log import configure_logging
-from asyncflow.pipeline import build_backend, run_request
-from asyncflow.seg import read_dicom_seg
-from asyncflow.settings import Settings, SettingsError
-from asyncflow.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom, nifti_bytes
+from asyncflow.settings import Settings
+from asyncflow.writing.seg import read_dicom_seg
 
 pytestmark = pytest.mark.anyio
 

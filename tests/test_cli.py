@@ -15,8 +15,8 @@ import SimpleITK as sitk
 from helpers import write_series_with_simpleitk
 
 from asyncflow.cli import main
-from asyncflow.seg import read_dicom_seg
-from asyncflow.synthetic import make_phantom, nifti_bytes
+from asyncflow.cli.synthetic import make_phantom, nifti_bytes
+from asyncflow.writing.seg import read_dicom_seg
 
 FAST = ["--no-mirroring", "--threads", "1", "--device", "cpu"]
 
@@ -141,7 +141,7 @@ def test_run_without_inputs_or_output_is_a_usage_error(
 def test_an_internal_error_exits_3_and_still_writes_the_report(
     tmp_path: Path, model_dir: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from asyncflow import intake
+    from asyncflow.pipeline import intake
 
     def crash(self: object) -> None:
         raise RuntimeError("a bug in the book-keeping")

@@ -19,23 +19,21 @@ import numpy as np
 import pytest
 from helpers import cli_run_argv, phantom_nifti
 
-from asyncflow.cli import _parser, main
-from asyncflow.inputs import RequestError
+from asyncflow import RequestError, run_request
+from asyncflow.cli import main
+from asyncflow.cli.monitor import Monitor
+from asyncflow.cli.parser import build_parser
 from asyncflow.log import configure_logging
-from asyncflow.monitor import Monitor
-from asyncflow.pipeline import run_request
 
 # The CLI with a FakeBackend that holds each case for DELAY seconds (a long prediction).
 FAKE_CLI = textwrap.dedent(
     """
     import os, sys
-    import asyncflow.pipeline as pipeline
     from asyncflow.cli import main
     from asyncflow.testing import FakeBackend
 
     backend = FakeBackend(delay_s=float(os.environ["TEST_PREDICT_DELAY"]))
-    pipeline.build_backends = lambda settings: [backend]
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:], backend=backend))
     """
 )
 
@@ -111,7 +109,7 @@ def test_a_reader_that_goes_away_ends_the_monitor_quietly(tmp_path: Path) -> Non
 
 
 def test_list_options_take_one_value_and_the_demo_lists_only_what_it_uses(capsys) -> None:
-    args = _parser().parse_args(["run", "--folds", "0,1", "in.tar", "-o", "out"])
+    args = build_parser().parse_args(["run", "--folds", "0,1", "in.tar", "-o", "out"])
     assert (args.folds, args.inputs) == ("0,1", [Path("in.tar")])
     with pytest.raises(SystemExit):
         main(["demo", "--help"])

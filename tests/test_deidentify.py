@@ -15,10 +15,10 @@ from helpers import DCIODVFY_MISSING, dciodvfy_lines, dcmqi_meta
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataset import FileDataset
 
-from asyncflow.deidentify import deidentify
-from asyncflow.labels import labels_from_dataset_json
-from asyncflow.seg import Algorithm, SegOptions, dicom_seg_bytes
-from asyncflow.synthetic import dicom_series_datasets, make_phantom
+from asyncflow.cli.synthetic import dicom_series_datasets, make_phantom
+from asyncflow.labels.segment import labels_from_dataset_json
+from asyncflow.writing.deidentify import deidentify
+from asyncflow.writing.seg import Algorithm, SegOptions, dicom_seg_bytes
 
 pytestmark = pytest.mark.skipif(DCIODVFY_MISSING, reason="dicom3tools (dciodvfy) is not installed")
 
@@ -144,7 +144,7 @@ def test_nifti_outputs_carry_no_text_of_their_source(tmp_path: Path) -> None:
     import nibabel
 
     from asyncflow.case import Geometry
-    from asyncflow.seg import nifti_seg_bytes
+    from asyncflow.writing.seg import nifti_seg_bytes
 
     source = nibabel.Nifti1Image(np.zeros((8, 9, 10), np.int16), np.diag([0.8, 0.8, 2.0, 1.0]))
     source.header["descrip"] = b"Doe^Jane 19230405"

@@ -16,22 +16,18 @@ import numpy as np
 import pytest
 from helpers import phantom_backend, phantom_nifti
 
-import asyncflow.cli
-import asyncflow.export
-import asyncflow.pipeline
-import asyncflow.progress
+import asyncflow.cli.main
+import asyncflow.cli.progress
+import asyncflow.pipeline.run
+import asyncflow.writing.export
+from asyncflow import RequestError, run_request
 from asyncflow.backends import Backend
 from asyncflow.case import PreparedCase
 from asyncflow.cli import main
-from asyncflow.inputs import RequestError
+from asyncflow.cli.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom
 from asyncflow.log import configure_logging
-from asyncflow.pipeline import run_request
-from asyncflow.seg import read_nifti_seg
-from asyncflow.settings import packaged_demo_model
-from asyncflow.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom
 from asyncflow.testing import FakeBackend
-
-MODEL = packaged_demo_model()  # named for the CLI's model check; the FakeBackend predicts
+from asyncflow.writing.seg import read_nifti_seg
 
 pytestmark = pytest.mark.anyio
 
@@ -81,7 +77,7 @@ async def test_a_failed_seg_still_returns_the_prediction_as_nifti(
     def broken_seg(*args, **kwargs):
         raise ValueError("highdicom refused the source")
 
-    monkeypatch.setattr(asyncflow.export, "dicom_seg_bytes", broken_seg)
+    monkeypatch.setattr(asyncflow.writing.export, "dicom_seg_bytes", broken_seg)
     phantom = make_phantom(rng, (24, 32, 32))
     logs = io.StringIO()
     configure_logging(json=True, stream=logs)
@@ -105,7 +101,7 @@ async def test_disk_full_fails_the_case_with_a_clear_reason(
     def no_space(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(asyncflow.export, "nifti_seg_bytes", no_space)  # the segmentation's file
+    monkeypatch.setattr(asyncflow.writing.export, "nifti_seg_bytes", no_space)  # the segmentation's file
     work = tmp_path / "work"
     result = await run_request(
         [phantom_nifti(rng, (24, 32, 32))], fake_settings(work), backend=phantom_backend()
@@ -178,12 +174,11 @@ def test_ctrl_c_in_the_cli_writes_a_partial_report(tmp_path: Path, rng, monkeypa
             finally:
                 pressed.set()
 
-    monkeypatch.setattr(asyncflow.progress.ProgressDisplay, "__call__", interrupt)
+    monkeypatch.setattr(asyncflow.cli.progress.ProgressDisplay, "__call__", interrupt)
     backend = FakeBackend(predict=predict)
-    monkeypatch.setattr(asyncflow.pipeline, "build_backends", lambda settings: [backend])
     out, work = tmp_path / "out", tmp_path / "work"
-    argv = ["run", str(inputs), "-o", str(out), "--model", str(MODEL), "--work-dir", str(work)]
-    assert main(argv) == 130
+    argv = ["run", str(inputs), "-o", str(out), "--work-dir", str(work)]
+    assert main(argv, backend=backend) == 130
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "cancelled"
     statuses = [c["status"] for c in report["cases"]]

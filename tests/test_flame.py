@@ -18,14 +18,13 @@ import pytest
 from flame_harness import MockFlameCore, run_star
 from helpers import make_tar, phantom_nifti
 
-from asyncflow.bundle import BUNDLE_FORMAT, MANIFEST, pack_node_results
+from asyncflow import Progress, SettingsError
 from asyncflow.cli import main
-from asyncflow.flame import PassThroughAggregator, ZipAggregator, nnUNetAnalyzer
-from asyncflow.hub import HubReporter, hub_text
+from asyncflow.cli.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom
+from asyncflow.flame.analysis import PassThroughAggregator, ZipAggregator, nnUNetAnalyzer
+from asyncflow.flame.bundle import BUNDLE_FORMAT, MANIFEST, pack_node_results
+from asyncflow.flame.hub import HubReporter, hub_text
 from asyncflow.log import configure_logging
-from asyncflow.pipeline import Progress
-from asyncflow.settings import SettingsError
-from asyncflow.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom
 
 # Planted in node data: none of it may reach the Hub or the logs.
 PATIENT_NAME, PATIENT_ID = "Mustermann^Erika", "PID-998877"
@@ -53,7 +52,7 @@ def _series(rng: np.random.Generator, **kwargs: Any) -> list[pydicom.Dataset]:
 
 def test_module_imports_and_subclasses_the_stand_ins_without_the_sdk() -> None:
     code = (
-        "import importlib.util, asyncflow.flame as f, asyncflow.star_standin as s;"
+        "import importlib.util, asyncflow.flame.analysis as f, asyncflow.flame.standin as s;"
         "assert importlib.util.find_spec('flame') is None;"
         "assert not f.FLAME_SDK and issubclass(f.nnUNetAnalyzer, s.StarAnalyzer);"
         "assert issubclass(f.ZipAggregator, s.StarAggregator)"

@@ -20,14 +20,14 @@ from helpers import DCIODVFY_MISSING, dciodvfy_findings, dicom_bytes
 from pydicom.dataset import FileDataset
 from pydicom.uid import generate_uid
 
-from asyncflow.assemble import CaseBuilder, scan
 from asyncflow.case import PredictedCase
-from asyncflow.export import export_case
-from asyncflow.inputs import request_items, unpack
-from asyncflow.labels import labels_from_dataset_json
-from asyncflow.prepare import prepare_case
-from asyncflow.seg import Algorithm, SegOptions, dicom_seg_bytes, read_dicom_seg
-from asyncflow.synthetic import Phantom, dicom_series_datasets, make_phantom
+from asyncflow.cli.synthetic import Phantom, dicom_series_datasets, make_phantom
+from asyncflow.labels.segment import labels_from_dataset_json
+from asyncflow.reading.archives import request_items, unpack
+from asyncflow.reading.assemble import CaseBuilder, scan
+from asyncflow.reading.prepare import prepare_case
+from asyncflow.writing.export import export_case
+from asyncflow.writing.seg import Algorithm, SegOptions, dicom_seg_bytes, read_dicom_seg
 
 LABELS = labels_from_dataset_json({"labels": {"background": 0, "liver": 1, "tumor": 2}})
 ALGORITHM = Algorithm("nnU-Net Dataset999_Test", "nnunetv2 2.8.1", {"folds": "0"})

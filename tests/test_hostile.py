@@ -23,13 +23,14 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from asyncflow.assemble import CaseBuilder, scan
-from asyncflow.case import Case, SourceKind
-from asyncflow.inputs import ArchiveLimits, InputItem, request_items, unpack
+from asyncflow import run_request
+from asyncflow.case import Case
+from asyncflow.cli.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom, nifti_bytes
+from asyncflow.enums import SourceKind
 from asyncflow.log import configure_logging
-from asyncflow.pipeline import run_request
-from asyncflow.prepare import prepare_case
-from asyncflow.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom, nifti_bytes
+from asyncflow.reading.archives import ArchiveLimits, InputItem, request_items, unpack
+from asyncflow.reading.assemble import CaseBuilder, scan
+from asyncflow.reading.prepare import prepare_case
 
 
 def _member(name: str, data: bytes = b"x", kind: bytes = tarfile.REGTYPE, link: str = "") -> tuple:

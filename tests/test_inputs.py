@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from helpers import dicom_bytes, make_tar
 
-from asyncflow.assemble import classify, scan
-from asyncflow.inputs import (
+from asyncflow import RequestError
+from asyncflow.cli.synthetic import dicom_series_datasets, make_phantom, nifti_bytes
+from asyncflow.reading.archives import (
     InputItem,
-    RequestError,
     UnpackedInput,
     Withhold,
     request_items,
@@ -25,7 +25,7 @@ from asyncflow.inputs import (
     sanitise_relpath,
     unpack,
 )
-from asyncflow.synthetic import dicom_series_datasets, make_phantom, nifti_bytes
+from asyncflow.reading.assemble import classify, scan
 
 
 def test_request_items_accepts_bytes_mappings_and_paths(tmp_path: Path) -> None:

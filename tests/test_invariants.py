@@ -22,10 +22,9 @@ import SimpleITK as sitk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from asyncflow.inputs import RequestError
-from asyncflow.pipeline import Result, run_request
+from asyncflow import RequestError, Result, run_request
+from asyncflow.cli.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom, nifti_bytes
 from asyncflow.settings import Settings
-from asyncflow.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom, nifti_bytes
 from asyncflow.testing import FakeBackend
 
 

@@ -13,21 +13,21 @@ import pydicom
 import pytest
 from helpers import DCIODVFY_MISSING, dciodvfy_findings
 
+from asyncflow import LabelError, run_request
 from asyncflow.backends import Backend
-from asyncflow.case import Case, Geometry, PredictedCase, PreparedCase, SourceKind
-from asyncflow.export import export_case
-from asyncflow.labels import (
+from asyncflow.case import Case, Geometry, PredictedCase, PreparedCase
+from asyncflow.cli.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom, nifti_bytes
+from asyncflow.enums import SourceKind
+from asyncflow.labels.mitk import MITK_TYPE, mitk_label_json, read_mitk_labels
+from asyncflow.labels.segment import (
     Code,
-    LabelError,
     color_for,
     labels_from_dataset_json,
     load_label_config,
     merge_labels,
 )
-from asyncflow.mitk import MITK_TYPE, mitk_label_json, read_mitk_labels
-from asyncflow.pipeline import run_request
-from asyncflow.seg import Algorithm, SegOptions
-from asyncflow.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom, nifti_bytes
+from asyncflow.writing.export import export_case
+from asyncflow.writing.seg import Algorithm, SegOptions
 
 LIVER = Code("10200004", "SCT", "Liver")
 LITS_V1 = {"labels": {"0": "background", "1": "liver", "2": "tumor"}}  # Task029_LiTS, nnU-Net v1

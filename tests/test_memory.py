@@ -16,13 +16,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from asyncflow import run_request
 from asyncflow.backends.base import ModelInfo
 from asyncflow.backends.nnunet_v2 import Logits, NnUNetV2Steps
-from asyncflow.budget import MemoryBudget
-from asyncflow.case import Case, Geometry, PreparedCase, SourceKind
+from asyncflow.case import Case, Geometry, PreparedCase
+from asyncflow.cli.synthetic import make_phantom, nifti_bytes, replanned_model
+from asyncflow.enums import SourceKind
 from asyncflow.log import configure_logging
-from asyncflow.pipeline import run_request
-from asyncflow.synthetic import make_phantom, nifti_bytes, replanned_model
+from asyncflow.pipeline.budget import MemoryBudget
 
 
 def _case(image: sitk.Image, folder: Path) -> PreparedCase:

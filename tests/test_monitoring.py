@@ -19,12 +19,12 @@ import SimpleITK as sitk
 import yaml
 from helpers import phantom_nifti
 
+from asyncflow import Result, run_request
 from asyncflow.backends import Backend
 from asyncflow.cli import main
+from asyncflow.cli.monitor import Monitor
+from asyncflow.cli.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom
 from asyncflow.log import configure_logging
-from asyncflow.monitor import Monitor
-from asyncflow.pipeline import Result, run_request
-from asyncflow.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom
 
 ROOT = Path(__file__).resolve().parents[1]
 OPS = ROOT / "ops"

@@ -23,9 +23,9 @@ import pytest
 import SimpleITK as sitk
 from helpers import dicom_bytes, make_tar
 
-from asyncflow.pipeline import run_request
-from asyncflow.seg import read_dicom_seg, read_nifti_seg
-from asyncflow.synthetic import Phantom, dicom_series_datasets, make_phantom, nifti_bytes
+from asyncflow import run_request
+from asyncflow.cli.synthetic import Phantom, dicom_series_datasets, make_phantom, nifti_bytes
+from asyncflow.writing.seg import read_dicom_seg, read_nifti_seg
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.model]
 

@@ -15,14 +15,20 @@ import pytest
 import SimpleITK as sitk
 from helpers import dice, dicom_bytes, make_tar, phantom_backend
 
-from asyncflow.backends import Backend, ModelError
+from asyncflow import ModelError, Progress, RequestError, Result, build_backend, run_request
+from asyncflow.backends import Backend
 from asyncflow.backends.nnunet_v2 import NnUNetV2Backend
-from asyncflow.inputs import RequestError, unpack
+from asyncflow.cli.synthetic import (
+    Phantom,
+    dicom_series_datasets,
+    dicom_series_tar,
+    make_phantom,
+    nifti_bytes,
+)
 from asyncflow.log import configure_logging
-from asyncflow.pipeline import Progress, Result, build_backend, run_request
-from asyncflow.seg import read_dicom_seg, read_nifti_seg
-from asyncflow.synthetic import Phantom, dicom_series_datasets, dicom_series_tar, make_phantom, nifti_bytes
+from asyncflow.reading.archives import unpack
 from asyncflow.testing import FakeBackend
+from asyncflow.writing.seg import read_dicom_seg, read_nifti_seg
 
 pytestmark = pytest.mark.anyio
 
@@ -385,7 +391,7 @@ async def test_no_other_input_is_unpacked_beside_the_first(
 ) -> None:
     import time
 
-    import asyncflow.intake
+    import asyncflow.pipeline.intake
 
     spans: dict[int, tuple[float, float]] = {}
 
@@ -396,7 +402,7 @@ async def test_no_other_input_is_unpacked_beside_the_first(
         finally:
             spans[item.index] = (started, time.perf_counter())
 
-    monkeypatch.setattr(asyncflow.intake, "unpack", timed_unpack)
+    monkeypatch.setattr(asyncflow.pipeline.intake, "unpack", timed_unpack)
     tars = _single_series_tars(rng, 4)
     settings = fake_settings(tmp_path / "work", unpack_workers=3)
     result = await run_request(tars, settings, backend=phantom_backend())

@@ -12,13 +12,15 @@ import SimpleITK as sitk
 from helpers import DCIODVFY_MISSING, dciodvfy_findings, dicom_bytes
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
-from asyncflow.case import Case, Geometry, SourceKind
-from asyncflow.dicom import read_instance
-from asyncflow.labels import labels_from_dataset_json
-from asyncflow.prepare import prepare_case
-from asyncflow.seg import (
+from asyncflow.case import Case, Geometry
+from asyncflow.cli.synthetic import dicom_series_datasets, make_phantom, nifti_bytes
+from asyncflow.enums import SourceKind
+from asyncflow.errors import SegCheckError
+from asyncflow.labels.segment import labels_from_dataset_json
+from asyncflow.reading.dicom import read_instance
+from asyncflow.reading.prepare import prepare_case
+from asyncflow.writing.seg import (
     Algorithm,
-    SegCheckError,
     SegOptions,
     check_dicom_seg,
     dicom_seg_bytes,
@@ -27,7 +29,6 @@ from asyncflow.seg import (
     read_dicom_seg,
     read_nifti_seg,
 )
-from asyncflow.synthetic import dicom_series_datasets, make_phantom, nifti_bytes
 
 LABELS = labels_from_dataset_json({"labels": {"background": 0, "liver": 1, "tumor": 2, "vessel": 3}})
 ALGORITHM = Algorithm(

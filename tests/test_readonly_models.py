@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from asyncflow.synthetic import make_phantom, nifti_bytes
+from asyncflow.cli.synthetic import make_phantom, nifti_bytes
 
 pytestmark = pytest.mark.model  # runs asyncflow on the packaged tiny models
 

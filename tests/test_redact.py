@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from asyncflow.redact import redact_report
+from asyncflow.flame.redact import redact_report
 
 REPORT = {
     "request_id": "0123456789ab",

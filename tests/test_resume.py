@@ -21,25 +21,25 @@ import pytest
 import SimpleITK as sitk
 from helpers import cli_run_argv, dciodvfy_lines, dicom_bytes, make_tar, phantom_backend
 
+from asyncflow import SettingsError, run_request
 from asyncflow.cli import main
-from asyncflow.journal import JOURNAL, OutputFolder
+from asyncflow.cli.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom, nifti_bytes
+from asyncflow.labels.mitk import MITK_TYPE
 from asyncflow.log import configure_logging
-from asyncflow.mitk import MITK_TYPE
-from asyncflow.pipeline import run_request
-from asyncflow.seg import read_dicom_seg
-from asyncflow.settings import SettingsError, packaged_demo_model
-from asyncflow.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom, nifti_bytes
+from asyncflow.pipeline.journal import JOURNAL, OutputFolder
+from asyncflow.settings import packaged_demo_model
+from asyncflow.writing.seg import read_dicom_seg
 
 # The CLI with the real tiny model, each prediction held DELAY seconds longer, so that a test can
 # kill the run between cases.
 SLOW_CLI = textwrap.dedent(
     """
     import os, sys, anyio
-    import asyncflow.pipeline as pipeline
+    from asyncflow import Settings, build_backends
     from asyncflow.cli import main
+    from asyncflow.settings import packaged_demo_model
 
     DELAY = float(os.environ.get("TEST_PREDICT_DELAY", "0"))
-    build = pipeline.build_backends
 
     class Slow:
         def __init__(self, inner):
@@ -54,8 +54,11 @@ SLOW_CLI = textwrap.dedent(
             await anyio.sleep(DELAY)
             return outcome
 
-    pipeline.build_backends = lambda settings: [Slow(b) for b in build(settings)]
-    sys.exit(main(sys.argv[1:]))
+    # The model _cli names, as its options run it.
+    settings = Settings.from_env(
+        model_dir=packaged_demo_model(), device="cpu", use_mirroring=False, torch_threads=1
+    )
+    sys.exit(main(sys.argv[1:], backend=[Slow(b) for b in build_backends(settings)]))
     """
 )
 SCHEMA = jsonschema.Draft202012Validator(
@@ -226,7 +229,7 @@ def test_the_output_folder_is_refused_overwritten_or_resumed_as_asked(tmp_path: 
 
 def test_the_model_key_changes_with_the_model_and_every_result_changing_setting(tmp_path: Path) -> None:
     from asyncflow.backends import ModelInfo
-    from asyncflow.journal import model_key
+    from asyncflow.pipeline.journal import model_key
     from asyncflow.settings import Settings
 
     model = tmp_path / "model"

@@ -17,13 +17,13 @@ from hypothesis import strategies as st
 from pydicom.dataset import FileDataset
 from pydicom.uid import generate_uid
 
-from asyncflow import assemble
-from asyncflow.assemble import CaseBuilder, scan
-from asyncflow.inputs import InputItem, RequestError, unpack
-from asyncflow.pipeline import Result, run_request
-from asyncflow.prepare import prepare_case
+from asyncflow import RequestError, Result, run_request
+from asyncflow.cli.synthetic import dicom_series_datasets, make_phantom
+from asyncflow.reading import assemble
+from asyncflow.reading.archives import InputItem, unpack
+from asyncflow.reading.assemble import CaseBuilder, scan
+from asyncflow.reading.prepare import prepare_case
 from asyncflow.settings import Settings
-from asyncflow.synthetic import dicom_series_datasets, make_phantom
 from asyncflow.testing import FakeBackend
 
 SAGITTAL = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)

@@ -15,14 +15,14 @@ import pytest
 import SimpleITK as sitk
 from helpers import dicom_bytes, make_tar
 
-import asyncflow.export
+import asyncflow.writing.export
+from asyncflow import LabelError, run_request
 from asyncflow.cli import main
-from asyncflow.labels import LabelError, labels_from_dataset_json, merge_labels, parse_label_overrides
+from asyncflow.cli.synthetic import dicom_series_datasets, make_phantom, nifti_bytes
+from asyncflow.labels.segment import labels_from_dataset_json, merge_labels, parse_label_overrides
 from asyncflow.log import configure_logging
-from asyncflow.pipeline import run_request
-from asyncflow.seg import read_dicom_seg, read_nifti_seg
-from asyncflow.statistics import CSV_FIELDS, measure_labels
-from asyncflow.synthetic import dicom_series_datasets, make_phantom, nifti_bytes
+from asyncflow.stats.measure import CSV_FIELDS, measure_labels
+from asyncflow.writing.seg import read_dicom_seg, read_nifti_seg
 
 pytestmark = pytest.mark.anyio
 
@@ -154,7 +154,7 @@ async def test_a_failed_measurement_keeps_the_segmentation_and_says_why(
     def vanished(prepared):
         raise FileNotFoundError("the source went away")
 
-    monkeypatch.setattr(asyncflow.export, "source_image", vanished)
+    monkeypatch.setattr(asyncflow.writing.export, "source_image", vanished)
     phantom = make_phantom(rng, (16, 24, 24))
     result = await run_request(
         [nifti_bytes(phantom.image, phantom.spacing, phantom.origin)],
@@ -172,17 +172,14 @@ def test_the_cli_writes_a_line_per_case_and_label(
 ) -> None:
     from helpers import phantom_backend
 
-    import asyncflow.pipeline
-
     inputs = tmp_path / "in"
     inputs.mkdir()
     for n in range(2):
         phantom = make_phantom(rng, (16, 32, 32))
         (inputs / f"v{n}.nii.gz").write_bytes(nifti_bytes(phantom.image, phantom.spacing, phantom.origin))
-    monkeypatch.setattr(asyncflow.pipeline, "build_backends", lambda settings: [phantom_backend()])
     out = tmp_path / "out"
-    model = asyncflow.settings.packaged_demo_model()  # named for the CLI's model check
-    assert main(["run", str(inputs), "-o", str(out), "--model", str(model), "--work-dir", str(tmp_path)]) == 0
+    argv = ["run", str(inputs), "-o", str(out), "--work-dir", str(tmp_path)]
+    assert main(argv, backend=phantom_backend()) == 0
     rows = list(csv.DictReader((out / "statistics.csv").open()))
     assert list(rows[0]) == CSV_FIELDS
     assert [(r["output"], r["name"]) for r in rows] == [

@@ -10,9 +10,9 @@ import SimpleITK as sitk
 from helpers import dicom_bytes, make_tar, phantom_nifti
 
 from asyncflow import Settings, run_request_sync
-from asyncflow.seg import read_dicom_seg, read_nifti_seg
-from asyncflow.synthetic import dicom_series_datasets, make_phantom, nifti_bytes
+from asyncflow.cli.synthetic import dicom_series_datasets, make_phantom, nifti_bytes
 from asyncflow.testing import FakeBackend, image_array
+from asyncflow.writing.seg import read_dicom_seg, read_nifti_seg
 
 
 def _settings(tmp_path: Path) -> Settings:

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 from helpers import DCIODVFY_MISSING, dciodvfy_findings, dcmqi_meta, dicom_bytes, make_tar
 
-from asyncflow.assemble import CaseBuilder, scan
 from asyncflow.case import PredictedCase
-from asyncflow.export import export_case
-from asyncflow.inputs import InputItem, unpack
-from asyncflow.labels import TISSUE, labels_from_dataset_json
-from asyncflow.prepare import prepare_case
-from asyncflow.seg import Algorithm, SegOptions
-from asyncflow.synthetic import dicom_series_datasets, make_phantom
-from asyncflow.vocabulary import concept_for
+from asyncflow.cli.synthetic import dicom_series_datasets, make_phantom
+from asyncflow.labels.segment import TISSUE, labels_from_dataset_json
+from asyncflow.labels.vocabulary import concept_for
+from asyncflow.reading.archives import InputItem, unpack
+from asyncflow.reading.assemble import CaseBuilder, scan
+from asyncflow.reading.prepare import prepare_case
+from asyncflow.writing.export import export_case
+from asyncflow.writing.seg import Algorithm, SegOptions
 
 PUBLIC = json.loads((Path(__file__).parent / "data" / "public_label_names.json").read_text())
 NAMES = [(model, name, codes) for model, names in PUBLIC["models"].items() for name, codes in names.items()]

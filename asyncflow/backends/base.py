@@ -12,9 +12,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from ..case import PreparedCase
-from ..errors import ModelError
-from ..labels import SegmentLabel, labels_from_dataset_json
+from asyncflow.case import PreparedCase
+from asyncflow.errors import ModelError
+from asyncflow.labels.segment import SegmentLabel, labels_from_dataset_json
 
 __all__ = ["Backend", "ModelError", "ModelInfo", "ModelSteps"]
 

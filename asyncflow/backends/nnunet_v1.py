@@ -45,10 +45,10 @@ import numpy as np
 import SimpleITK as sitk
 from anyio.abc import ByteReceiveStream, Process
 
-from ..case import Geometry, PreparedCase
-from ..errors import ModelError, V1RunError
-from ..log import get_logger, scrub
-from .base import ModelInfo
+from asyncflow.backends.base import ModelInfo
+from asyncflow.case import Geometry, PreparedCase
+from asyncflow.errors import ModelError, V1RunError
+from asyncflow.log import get_logger, scrub
 
 __all__ = ["NnUNetV1Backend", "V1RunError"]
 

@@ -33,9 +33,10 @@ import anyio
 import numpy as np
 import SimpleITK as sitk
 
-from ..case import PreparedCase
-from ..log import get_logger
-from .base import ModelError, ModelInfo
+from asyncflow.backends.base import ModelInfo
+from asyncflow.case import PreparedCase
+from asyncflow.errors import ModelError
+from asyncflow.log import get_logger
 
 __all__ = ["Logits", "ModelInput", "NnUNetV2Backend", "NnUNetV2Steps"]
 

@@ -1,0 +1,278 @@
+"""Run as a FLAME analysis: the analyzer, three aggregators and the StarModel entry point.
+
+A thin shell over :func:`asyncflow.pipeline.run.run_request`, the code path the CLI
+uses. Facts about the SDK (PrivateAIM/python-sdk-patterns, ``flame.star``) that
+shape it:
+
+- ``StarModel`` checks ``issubclass`` against ``flame.star.StarAnalyzer`` and
+  ``StarAggregator``, so the classes below subclass the real ones when the SDK
+  is installed and :mod:`asyncflow.flame.standin` otherwise.
+- With ``data_type="s3"`` the analyzer's ``data`` is a list with one
+  ``{object_key: bytes}`` dict per data source; ``query=[]`` fetches every
+  object, ``query=None`` none.
+- The analyzer's result travels to the aggregator pickled; the aggregator's
+  result goes through ``bytes(result)`` with ``output_type="bytes"`` (the SDK
+  falls back to pickle when that fails).
+- In FLAME's local test mode each node is a thread of one process:
+  ``analysis_method`` installs no signal handler and runs the pipeline with
+  :func:`anyio.run` in the calling thread.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any, Literal, cast
+
+from asyncflow.backends.base import Backend
+from asyncflow.backends.build import build_backends
+from asyncflow.errors import LabelError, ModelError, RequestError, SettingsError
+from asyncflow.flame.bundle import pack_node_results
+from asyncflow.flame.hub import HubReporter
+from asyncflow.flame.redact import redact_report
+from asyncflow.log import take_over_logging
+from asyncflow.pipeline.run import run_request_sync
+from asyncflow.result import Result
+from asyncflow.settings import Settings
+from asyncflow.stats.aggregate import merge_nodes, node_aggregates, parse_bounds
+from asyncflow.stats.privacy import LaplaceNoise
+
+try:
+    from flame.star import StarAggregator, StarAnalyzer
+
+    FLAME_SDK = True
+except ImportError:  # tests, local CLI: the SDK is not on PyPI
+    from asyncflow.flame.standin import StarAggregator, StarAnalyzer
+
+    FLAME_SDK = False
+
+__all__ = [
+    "FLAME_SDK",
+    "PassThroughAggregator",
+    "StatisticsAggregator",
+    "ZipAggregator",
+    "nnUNetAnalyzer",
+    "run_star_model",
+]
+
+AggregatorKind = Literal["zip", "passthrough", "statistics"]
+ResultKind = Literal["segmentations", "statistics"]
+
+
+class nnUNetAnalyzer(StarAnalyzer):  # the reference's name, which users know
+    """Segments the node's S3 objects (TARs of DICOM/NIfTI, single files).
+
+    ``kwargs`` are :class:`~asyncflow.settings.Settings` fields (``model_dir``,
+    ``task_name``, ``multi_modal``, ``folds``, ``device`` ...); unset fields
+    come from the reference image's environment variables (``RESULTS_FOLDER``
+    or ``nnUNet_results``, ``TASK_NAME``, ``MULTI_MODAL``). The model is loaded
+    on the first call and kept for later iterations. Four more say what the node
+    sends: ``result`` (``segmentations``, the default, or ``statistics``) and, for
+    statistics, ``min_cases`` (5), ``epsilon`` (none: no noise) and
+    ``statistics_bounds`` (``{"figure" or "label.figure": [low, high, bins]}``).
+    """
+
+    def __init__(self, flame: Any, **kwargs: Any) -> None:
+        super().__init__(flame)
+        self.hub = HubReporter(flame)
+        take_over_logging()  # the SDK has just set up its own: one scrubbed line per event
+        try:
+            self.result_kind, self.statistics_options = _result_options(kwargs)
+            # What leaves the node leaves the hospital: SEGs are de-identified unless asked otherwise.
+            self.settings = Settings.from_env(
+                **{
+                    **kwargs,
+                    "deidentify": kwargs.get("deidentify") or "basic",
+                    "opaque_names": True if kwargs.get("opaque_names") is None else kwargs["opaque_names"],
+                }
+            )
+            self.settings.resolve_model()
+        except SettingsError as exc:
+            self.hub.failed(exc)
+            raise
+        self._backends: list[Backend] | None = None
+
+    def analysis_method(self, data: list[Any] | None, aggregator_results: Any) -> dict[str, Any]:
+        """The result contract (``status``, ``dicom_seg_bytes``, ``nifti_seg_bytes``) plus
+        ``report`` and ``node``. A node whose data holds no usable case returns status
+        ``failed`` with ``error`` so the other nodes' results still reach the analyst;
+        a model or settings error fails the analysis. With ``result="statistics"`` the byte
+        maps are empty and ``statistics`` holds the node's aggregate (:mod:`asyncflow.stats.aggregate`):
+        no image, SEG, label file, report or per-case row leaves the node."""
+        take_over_logging()  # another node's SDK core may have set up its logging since
+        if data is None:
+            error = RequestError("no data: StarModel was started with query=None, which fetches nothing")
+            return self._no_usable_case(error)
+        self.hub.started(sum(len(d) if isinstance(d, dict) else 1 for d in data))
+        ended: list[Result] = []
+        try:
+            self._backends = self._backends or build_backends(self.settings)
+            result = run_request_sync(
+                data, self.settings, backend=self._backends, on_progress=self.hub, on_finish=ended.append
+            )
+        except RequestError as exc:  # the report says why each file became no case
+            report = (
+                redact_report(ended[0].report()) if ended and self.result_kind == "segmentations" else None
+            )
+            return self._no_usable_case(exc, report)
+        except Exception as exc:
+            # Our own errors say what to fix; anything else may quote data, so only its type goes out.
+            self.hub.failed(exc, detail=isinstance(exc, ModelError | SettingsError | LabelError))
+            raise
+        self.hub.finished(result)
+        if self.result_kind == "statistics":  # numbers only: no image, SEG, label file or case row
+            report = result.report()
+            aggregate = node_aggregates(report["cases"], **self.statistics_options)
+            return {
+                "status": str(result.status),
+                "dicom_seg_bytes": {},
+                "nifti_seg_bytes": {},
+                "statistics": aggregate,
+                "node": self.id,
+            }
+        return {
+            **result.as_dict(),
+            "report": redact_report(result.report()),
+            "node": self.id,
+        }  # no name from the data leaves the node
+
+    def _no_usable_case(self, error: RequestError, report: dict[str, Any] | None = None) -> dict[str, Any]:
+        self.hub.no_usable_case(error)
+        return {
+            "status": "failed",
+            "error": str(error),
+            "dicom_seg_bytes": {},
+            "nifti_seg_bytes": {},
+            "report": report,
+            "node": self.id,
+        }
+
+
+class ZipAggregator(StarAggregator):
+    """Packs every node's result into one ZIP (bytes) with a manifest: see :mod:`asyncflow.flame.bundle`."""
+
+    def __init__(self, flame: Any) -> None:
+        super().__init__(flame)
+        self.hub = HubReporter(flame)
+
+    def aggregation_method(self, analysis_results: list[Any]) -> bytes:
+        bundle = pack_node_results(analysis_results)
+        self.hub.log(f"bundled the results of {len(analysis_results)} node(s): {len(bundle)} bytes")
+        return bundle
+
+    def has_converged(self, result: Any, last_result: Any, num_iterations: int = 0) -> bool:
+        return True  # one round: segmentation needs no iterations
+
+
+class PassThroughAggregator(StarAggregator):
+    """The reference's aggregator: the list of node results, unchanged (the analyst gets a pickle)."""
+
+    def aggregation_method(self, analysis_results: list[Any]) -> list[Any]:
+        return analysis_results
+
+    def has_converged(self, result: Any, last_result: Any, num_iterations: int = 0) -> bool:
+        return True
+
+
+class StatisticsAggregator(StarAggregator):
+    """Merges the nodes' statistics (``analyzer_kwargs={"result": "statistics"}``) into per-label
+    figures per node and overall, as JSON text: see :mod:`asyncflow.stats.aggregate`. A node that sent
+    no statistics (no usable case, another result kind) is listed with its status and error."""
+
+    def __init__(self, flame: Any) -> None:
+        super().__init__(flame)
+        self.hub = HubReporter(flame)
+
+    def aggregation_method(self, analysis_results: list[Any]) -> str:
+        nodes, without = {}, []
+        for number, result in enumerate(analysis_results):
+            node = (
+                str((result or {}).get("node", f"node-{number}"))
+                if isinstance(result, dict)
+                else f"node-{number}"
+            )
+            if isinstance(result, dict) and isinstance(result.get("statistics"), dict):
+                nodes[node] = result["statistics"]
+            else:
+                status = result.get("status") if isinstance(result, dict) else None
+                error = result.get("error") if isinstance(result, dict) else None
+                without.append({"node": node, "status": status or "no result", "error": error})
+        merged = {**merge_nodes(nodes), "nodes_without_statistics": without}
+        self.hub.log(f"merged the statistics of {len(nodes)} node(s); {len(without)} sent none")
+        return json.dumps(merged, indent=2)
+
+    def has_converged(self, result: Any, last_result: Any, num_iterations: int = 0) -> bool:
+        return True
+
+
+AGGREGATORS: dict[str, tuple[type[StarAggregator], str]] = {
+    "zip": (ZipAggregator, "bytes"),
+    "passthrough": (PassThroughAggregator, "pickle"),
+    "statistics": (StatisticsAggregator, "str"),
+}
+
+
+def _result_options(kwargs: dict[str, Any]) -> tuple[ResultKind, dict[str, Any]]:
+    """Take the analyzer's own options out of ``kwargs`` (the rest are Settings fields): what the
+    node sends (``result``), and for statistics ``min_cases``, ``epsilon``, ``statistics_bounds``."""
+    kind = kwargs.pop("result", None) or "segmentations"
+    if kind not in ("segmentations", "statistics"):
+        raise SettingsError(f"result must be 'segmentations' or 'statistics', not {kind!r}")
+    options = {
+        "min_cases": int(kwargs.pop("min_cases", 5)),
+        "epsilon": kwargs.pop("epsilon", None),
+        "bounds": parse_bounds(kwargs.pop("statistics_bounds", None)),
+    }
+    if kind == "segmentations" and options["epsilon"] is not None:
+        raise SettingsError("epsilon applies to result='statistics' only: segmentations cannot carry noise")
+    if options["epsilon"] is not None:
+        options["epsilon"] = float(options["epsilon"])
+        LaplaceNoise(options["epsilon"], 1)  # OpenDP present and epsilon valid: fail now, not after the run
+    if options["min_cases"] < 1:
+        raise SettingsError(f"min_cases must be at least 1, not {options['min_cases']}")
+    return cast(ResultKind, kind), options
+
+
+def run_star_model(
+    *,
+    query: Sequence[str] | None = (),
+    aggregator: AggregatorKind | None = None,
+    analyzer_kwargs: dict[str, Any] | None = None,
+    result: ResultKind = "segmentations",
+    epsilon: float | None = None,
+) -> Any:
+    """Start the analysis on this node, as the reference's ``start_nnunet.py`` did.
+
+    ``query`` lists S3 object keys to fetch; empty (the default) fetches every
+    object, ``None`` none. ``result="statistics"`` sends per-label aggregates
+    instead of segmentations (aggregator ``statistics``), with Laplace noise
+    added on each node when ``epsilon`` is given. Needs the FLAME SDK.
+    """
+    aggregator = aggregator or ("statistics" if result == "statistics" else "zip")
+    if (result == "statistics") != (aggregator == "statistics"):
+        raise SettingsError(
+            f"result={result!r} needs aggregator='statistics' and only it, not {aggregator!r}"
+        )
+    analyzer_kwargs = dict(analyzer_kwargs or {})
+    if result == "statistics":
+        analyzer_kwargs["result"] = "statistics"
+    if epsilon is not None:
+        analyzer_kwargs["epsilon"] = epsilon
+    _result_options(dict(analyzer_kwargs))  # a bad option fails here, before the SDK starts
+    if not FLAME_SDK:
+        raise SettingsError(
+            "the FLAME SDK is not installed: pip install "
+            "'git+https://github.com/PrivateAIM/python-sdk-patterns.git@1.0.0'"
+        )
+    from flame.star import StarModel
+
+    aggregator_class, output_type = AGGREGATORS[aggregator]
+    return StarModel(
+        analyzer=nnUNetAnalyzer,
+        aggregator=aggregator_class,
+        data_type="s3",
+        query=None if query is None else list(query),
+        simple_analysis=True,
+        output_type=output_type,
+        analyzer_kwargs=analyzer_kwargs or None,
+    )

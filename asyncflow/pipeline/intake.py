@@ -1,0 +1,181 @@
+"""The request's intake: inputs -> cases. Unpack and scan inputs (N workers), assemble their
+files into cases (one task), and send on the cases that need work.
+
+The first input is unpacked and scanned alone: its cases reach the prediction
+worker sooner when the other unpack workers do not share the cores with it. A
+case's key (:func:`asyncflow.pipeline.journal.case_key`) is computed as it leaves
+assembly; a case the sink's journal holds as finished with the same model is
+booked ``resumed`` there and goes no further. On ``--resume`` the members those
+finished cases were made of are not even written (:class:`asyncflow.reading.archives.Withhold`);
+the workspace unpacks them again should a case need them after all. The pipeline
+(:mod:`asyncflow.pipeline.run`) wires :meth:`Intake.unpack_worker` and
+:meth:`Intake.assemble` between its streams.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import structlog
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from asyncflow.case import Case
+from asyncflow.enums import InputKind, Stage
+from asyncflow.errors import RequestError
+from asyncflow.log import get_logger, scrub
+from asyncflow.pipeline.journal import CaseSink, case_key
+from asyncflow.pipeline.ledger import Fail, Ledger
+from asyncflow.pipeline.workspace import Workspace
+from asyncflow.reading.archives import InputItem, UnpackedInput, Withhold, unpack
+from asyncflow.reading.assemble import CaseBuilder, Scan, classify, scan
+from asyncflow.settings import Settings
+
+__all__ = ["Intake"]
+
+log = get_logger("asyncflow.pipeline.run")  # the events keep the logger name they always had
+
+
+class Intake:
+    """Turns a request's inputs into cases on a stream; keeps each case's key."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        workspace: Workspace,
+        ledger: Ledger,
+        sink: CaseSink | None,
+        model: str,
+        fail: Fail,
+    ) -> None:
+        self.workspace, self.ledger, self.fail = workspace, ledger, fail
+        self.sink = sink  # what an earlier run finished
+        self.model = model  # the model key (asyncflow.pipeline.journal)
+        self.builder = CaseBuilder(multi_modal=settings.multi_modal, opaque_names=settings.opaque_names)
+        self.hashes: dict[Path, str] = {}  # unpacked file -> sha256 of its content
+        self.keys: dict[str, str | None] = {}  # case id -> case key
+        self.limits = settings.archive_limits()
+        sources = sink.finished_sources(model) if sink is not None else frozenset()
+        inspect = functools.partial(classify, max_file_bytes=self.limits.max_file_bytes)
+        self.withhold = Withhold(sources, inspect) if sources else None
+        # Set once the first input's cases are sent on: the other unpack workers wait for it.
+        self.first_input_assembled = anyio.Event()
+        self.unpack_leader_taken = False
+
+    def sources(self, case: Case) -> list[str]:
+        """The sha256 of each of the case's files (its journal line keeps them)."""
+        return sorted(self.hashes[path] for path in case.files if path in self.hashes)
+
+    async def unpack_worker(
+        self, items: Iterator[InputItem], send: MemoryObjectSendStream[tuple[UnpackedInput, Scan | None]]
+    ) -> None:
+        """Unpack and scan inputs (scanning here, not in ``assemble``, spreads it over the workers)."""
+        leader = not self.unpack_leader_taken
+        self.unpack_leader_taken = True
+        if not leader:
+            await self.first_input_assembled.wait()
+        async with send:
+            for item in items:  # shared iterator: each worker takes the next item
+                started = time.perf_counter()
+                unpacked = await anyio.to_thread.run_sync(
+                    unpack, item, self.workspace.input_dir(item.index), self.limits, self.withhold
+                )
+                duration = round(time.perf_counter() - started, 4)
+                withheld = (
+                    {"files_withheld": len(unpacked.withheld), "bytes_withheld": unpacked.bytes_withheld}
+                    if unpacked.withheld
+                    else {}
+                )
+                if unpacked.error:
+                    log.warning("input.failed", input_index=item.index, reason=scrub(unpacked.error))
+                elif unpacked.kind is InputKind.ARCHIVE:
+                    log.info(
+                        "archive.extracted",
+                        input_index=item.index,
+                        files=len(unpacked.files) - len(unpacked.withheld),
+                        members_skipped=len(unpacked.skipped),
+                        bytes=unpacked.bytes_written,
+                        duration_s=duration,
+                        **withheld,
+                    )
+                else:
+                    log.info(
+                        "file.received",
+                        input_index=item.index,
+                        bytes=item.size,
+                        duration_s=duration,
+                        **withheld,
+                    )
+                scanned = None
+                if not unpacked.error:
+                    scanned = await anyio.to_thread.run_sync(scan, unpacked, self.limits.max_file_bytes)
+                    if scanned.skipped:
+                        log.info("files.skipped", input_index=item.index, files=len(scanned.skipped))
+                await send.send((unpacked, scanned))
+
+    async def assemble(
+        self,
+        receive: MemoryObjectReceiveStream[tuple[UnpackedInput, Scan | None]],
+        send: MemoryObjectSendStream[Case],
+    ) -> None:
+        async with receive, send:
+            async for unpacked, scanned in receive:
+                self.ledger.inputs.append(
+                    {
+                        "index": unpacked.item.index,
+                        "name": unpacked.item.name,
+                        "kind": unpacked.kind,
+                        "files": len(unpacked.files),
+                        "bytes": unpacked.item.size,
+                        "error": unpacked.error,
+                    }
+                )
+                self.hashes.update(unpacked.hashes)
+                self.workspace.withhold(unpacked.withheld)
+                if scanned is None:  # the input failed
+                    self.builder.broken(unpacked)
+                    self._take_withdrawn()
+                else:
+                    cases = self.builder.add(scanned)
+                    self._take_withdrawn()
+                    for case in cases:
+                        await self._emit(case, send)
+                self.first_input_assembled.set()
+            for case in self.builder.finish():
+                await self._emit(case, send)
+            total = self.ledger.total = len(self.ledger.live_reports())
+            log.info("request.assembled", cases=total, files_skipped=len(self.builder.skipped))
+            if not total:  # end now, with the report, not once the model has loaded
+                inputs = self.ledger.inputs
+                failed_inputs = sum(1 for i in inputs if i["error"])
+                raise RequestError(
+                    f"no usable case in the request: {len(inputs)} input(s), {failed_inputs} unreadable, "
+                    f"{len(self.builder.skipped)} file(s) skipped (the report gives each file's reason)"
+                )
+
+    def _take_withdrawn(self) -> None:
+        """The builder withdrew cases (their series grew or lost an input): drop what they made."""
+        for case in self.builder.withdrawn:
+            self.ledger.withdraw(case)
+        self.builder.withdrawn.clear()
+
+    async def _emit(self, case: Case, send: MemoryObjectSendStream[Case]) -> None:
+        self.ledger.open(case)
+        key = self.keys[case.case_id] = case_key(case, self.hashes)
+        earlier = self.sink.finished(key, self.model) if self.sink is not None and key else None
+        if earlier is not None:  # an earlier run of this request finished it: nothing to do
+            outputs = [(str(folder), str(name)) for folder, name in earlier["outputs"]]
+            self.ledger.resume(case, earlier["report"], outputs)
+            self.workspace.skip(case)
+            return
+        started = time.perf_counter()
+        with structlog.contextvars.bound_contextvars(case_id=case.case_id):  # input.restored's case
+            try:
+                await self.workspace.hold(case)
+            except OSError as exc:  # its input changed or vanished since it was first unpacked
+                self.fail(case, Stage.PREPARE, exc, time.perf_counter() - started)
+                return
+        await send.send(case)

@@ -1,0 +1,178 @@
+"""One request's temporary folder: where inputs unpack and cases work, which unpacked files
+cases still read, how many inputs it may hold at once, and its removal.
+
+::
+
+    asyncflow-<request_id>-XXXX/
+        inputs/<index>/...      what unpack wrote for input <index>
+        cases/<case_id>/...     a case's working files, removed as the case ends
+        restore/<index>-<n>/    scratch while files a grown series needs are unpacked again
+
+Unpacked files are counted per case that reads them (:meth:`Workspace.hold` when a
+case leaves assembly, :meth:`Workspace.end_case` when it ends; a case an earlier run
+finished holds none, :meth:`Workspace.skip`) and deleted when the last reader ends,
+so the folder holds the inputs being unpacked and the cases in flight, not the
+whole request. A case that needs a file deleted since (its
+series grew in a later archive), or one a resumed request never wrote
+(:meth:`Workspace.withhold`), gets it unpacked again from its input.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anyio
+
+from asyncflow.case import Case
+from asyncflow.errors import RequestError
+from asyncflow.log import get_logger
+from asyncflow.reading.archives import ArchiveLimits, InputItem, restore_files
+
+if TYPE_CHECKING:
+    from asyncflow.backends.base import Backend
+    from asyncflow.settings import Settings
+
+__all__ = ["Workspace", "check_free_space", "inputs_on_disk_at_once", "prepared_queue_size"]
+
+log = get_logger("asyncflow.pipeline.workspace")
+
+
+class Workspace:
+    """The temporary folder of one request; :meth:`close` removes it, whatever happened."""
+
+    def __init__(
+        self, request_id: str, parent: Path | None, items: Sequence[InputItem], limits: ArchiveLimits
+    ) -> None:
+        if parent is not None:
+            parent.mkdir(parents=True, exist_ok=True)
+        self.root = Path(tempfile.mkdtemp(prefix=f"asyncflow-{request_id}-", dir=parent))
+        self.items = {item.index: item for item in items}
+        self.limits = limits
+        self.holds: Counter[Path] = Counter()  # unpacked file -> cases that still read it
+        self.released: set[Path] = set()  # unpacked files deleted since (or never written)
+        # Files a resumed request did not write (inputs.Withhold), for cases not yet found finished.
+        self.withheld: set[Path] = set()
+        self._restores = 0
+
+    def input_dir(self, index: int) -> Path:
+        return self.root / "inputs" / f"{index:04d}"
+
+    def case_dir(self, case: Case) -> Path:
+        return self.root / "cases" / case.case_id
+
+    def _unpacked(self, case: Case) -> list[Path]:
+        """The files of ``case`` unpacked into this folder (not inputs used in place)."""
+        inputs = self.root / "inputs"
+        sources = [*case.files, *([case.label_file] if case.label_file else [])]
+        return [p for p in dict.fromkeys(sources) if p.is_relative_to(inputs)]
+
+    def withhold(self, files: Iterable[Path]) -> None:
+        """Files unpack did not write, as a finished case used their content: held as deleted."""
+        self.withheld.update(files)
+        self.released.update(files)
+
+    async def hold(self, case: Case) -> None:
+        """Count ``case`` as a reader of its unpacked files; unpack again those already deleted
+        (:class:`OSError` when its input no longer holds them).
+
+        When one of them was withheld, every file withheld from that input and not yet known
+        to be unneeded comes back in the same pass: its other cases (a label file added to
+        an archive changes them all) then cost no further pass over the input."""
+        sources = self._unpacked(case)
+        self.holds.update(sources)
+        missing: dict[int, set[Path]] = defaultdict(set)
+        for path in sources:
+            if path in self.released:
+                missing[self._input_index(path)].add(path)
+        for index, files in missing.items():
+            if files & self.withheld:
+                files |= {p for p in self.withheld if self._input_index(p) == index}
+                self.withheld -= files
+            started = time.perf_counter()
+            scratch = self.root / "restore" / f"{index:04d}-{self._restores}"
+            self._restores += 1
+            await anyio.to_thread.run_sync(
+                restore_files, self.items[index], self.input_dir(index), files, scratch, self.limits
+            )
+            self.released.difference_update(files)
+            log.info(
+                "input.restored",
+                input_index=index,
+                files=len(files),
+                duration_s=round(time.perf_counter() - started, 4),
+            )
+
+    def _input_index(self, path: Path) -> int:
+        return int(path.relative_to(self.root / "inputs").parts[0])
+
+    def end_case(self, case: Case) -> None:
+        """``case`` has ended: remove its working folder and the unpacked files no other case reads."""
+        shutil.rmtree(self.case_dir(case), ignore_errors=True)
+        for path in self._unpacked(case):
+            self.holds[path] -= 1
+            if self.holds[path] <= 0:
+                del self.holds[path]
+                path.unlink(missing_ok=True)
+                self.released.add(path)
+
+    def skip(self, case: Case) -> None:
+        """``case`` needs no work (an earlier run finished it): its unpacked files that no case
+        holds go now."""
+        for path in self._unpacked(case):
+            self.withheld.discard(path)
+            if self.holds[path] <= 0 and path not in self.released:
+                path.unlink(missing_ok=True)
+                self.released.add(path)
+
+    def close(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def check_free_space(parent: Path | None, headroom: float, sizes: Sequence[int], at_once: int) -> None:
+    """Fail before any work when the disk under ``parent`` (default: the system temp) cannot hold
+    ``headroom`` x the largest ``at_once`` inputs (all of them for a small request)."""
+    if not headroom:
+        return
+    parent = parent or Path(tempfile.gettempdir())
+    largest = sorted(sizes, reverse=True)[:at_once]
+    need = int(headroom * sum(largest))
+    existing = next(p for p in (parent, *parent.parents) if p.exists())  # it may not exist yet
+    free = shutil.disk_usage(existing).free
+    if free < need:
+        which = (
+            "input"
+            if len(largest) == len(sizes)
+            else f"the {len(largest)} largest inputs, as many as can be unpacked at once"
+        )
+        raise RequestError(
+            f"not enough free disk space in {parent}: about {need / 1e9:.1f} GB needed "
+            f"({headroom:g} x the {sum(largest) / 1e9:.1f} GB of {which}), "
+            f"{free / 1e9:.1f} GB free; free some space, choose another --work-dir, or lower disk_headroom"
+        )
+
+
+def prepared_queue_size(settings: Settings, backends: Sequence[Backend]) -> int:
+    """Room for a whole batch: the prediction worker takes every prepared case that waits."""
+    return max(settings.queue_size, *(b.max_batch for b in backends))
+
+
+def inputs_on_disk_at_once(settings: Settings, backends: Sequence[Backend]) -> int:
+    """At most how many inputs have unpacked files at once: those being unpacked, queued or
+    assembled, and one per case in flight (a file is deleted when its last case ends)."""
+    size = settings.queue_size
+    waiting = settings.unpack_workers + size + 1
+    in_flight = (
+        size  # assembled cases queued for prepare
+        + settings.prepare_workers
+        + prepared_queue_size(settings, backends)
+        + len(backends)  # one batch per prediction worker
+        + size  # predicted cases queued for export
+        + settings.export_workers
+    )
+    return waiting + in_flight

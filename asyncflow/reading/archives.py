@@ -1,0 +1,429 @@
+"""Request inputs: normalise entries, recognise archives by content, unpack safely.
+
+Plain synchronous functions; the pipeline runs them off the event loop.
+
+An entry is ``bytes`` (an archive or a single file), a ``{name: bytes}`` mapping
+(FLAME's s3 shape: names are full object keys and may contain ``/``), or a local
+path (a file or a folder, from the CLI). Archives are TAR, plain or gz/bz2/xz
+compressed, recognised by content and never by name. Every archive member goes
+through Python's ``tarfile`` data filter (PEP 706): nothing is written outside
+the input's own folder, and links and special files are not extracted.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import hashlib
+import io
+import lzma
+import os
+import re
+import shutil
+import tarfile
+import zlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO
+
+from asyncflow.case import Found, SkippedFile
+from asyncflow.enums import InputKind
+from asyncflow.errors import RequestError
+from asyncflow.reading.dicom import series_uid
+
+__all__ = [
+    "ArchiveLimits",
+    "Entry",
+    "InputItem",
+    "RequestError",
+    "UnpackedInput",
+    "Withhold",
+    "request_items",
+    "restore_files",
+    "sanitise_relpath",
+    "sha256_file",
+    "unpack",
+]
+
+Entry = bytes | bytearray | memoryview | Mapping[str, bytes] | str | os.PathLike[str]
+
+_COMPRESSED: dict[bytes, Callable[..., Any]] = {
+    b"\x1f\x8b": gzip.open,
+    b"BZh": bz2.open,
+    b"\xfd7zXZ": lzma.open,
+}
+_PROBE_BYTES = 1 << 20  # how much of a compressed non-archive input is test-decompressed
+_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._+\- ]+")
+_MAX_COMPONENT = 120
+# Names that promise an archive: such an input whose content is none is an error, not a loose file.
+_TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One request input: bytes held in memory or a local file used in place."""
+
+    index: int
+    name: str  # object key, file path or ``input-N``: for the report, never logged
+    data: bytes | None = None
+    path: Path | None = None
+
+    @property
+    def size(self) -> int:
+        if self.data is not None:
+            return len(self.data)
+        assert self.path is not None
+        return self.path.stat().st_size
+
+    def open(self) -> BinaryIO:
+        if self.data is not None:
+            return io.BytesIO(self.data)  # shares the bytes, no copy
+        assert self.path is not None
+        return self.path.open("rb")
+
+
+@dataclass
+class UnpackedInput:
+    item: InputItem
+    kind: InputKind
+    root: Path  # files are reported relative to this folder
+    files: list[Path] = field(default_factory=list)
+    skipped: list[SkippedFile] = field(default_factory=list)
+    bytes_written: int = 0
+    # sha256 of each file's content, taken as its bytes were written (or, for a file used in
+    # place, read once here): what names a case's content in the resume journal.
+    hashes: dict[Path, str] = field(default_factory=dict)
+    # Files not written because a finished case already used their content (:class:`Withhold`),
+    # with what their bytes were found to be; they are in ``files`` and ``hashes`` too.
+    withheld: dict[Path, Found] = field(default_factory=dict)
+    bytes_withheld: int = 0
+    error: str | None = None
+    # A failed archive: the DICOM series it had begun to deliver, now incomplete elsewhere.
+    broken_series: set[str] = field(default_factory=set)
+
+    def relative(self, path: Path) -> str:
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            return path.name
+
+
+def request_items(entries: Iterable[Entry]) -> list[InputItem]:
+    """Flatten a request into numbered inputs; folders become one input per file."""
+    if isinstance(entries, bytes | bytearray | memoryview | Mapping | str | os.PathLike):
+        raise RequestError("a request is a list of entries, not a single entry: wrap it in a list")
+    items: list[InputItem] = []
+
+    def add(name: str, data: bytes | None = None, path: Path | None = None) -> None:
+        items.append(InputItem(index=len(items), name=name, data=data, path=path))
+
+    for position, entry in enumerate(entries):
+        if isinstance(entry, bytes | bytearray | memoryview):
+            add(f"input-{position}", data=bytes(entry))
+        elif isinstance(entry, Mapping):
+            for key, value in entry.items():
+                if not isinstance(value, bytes | bytearray | memoryview):
+                    raise RequestError(
+                        f"entry {position}: value of {key!r} is {type(value).__name__}, expected bytes"
+                    )
+                add(str(key), data=bytes(value))
+        elif isinstance(entry, str | os.PathLike):
+            path = Path(entry)
+            if path.is_dir():
+                for file in sorted(p for p in path.rglob("*") if p.is_file()):
+                    add((path.name / file.relative_to(path)).as_posix(), path=file)
+            elif path.is_file():
+                add(path.name, path=path)
+            else:
+                raise RequestError(f"input {str(path)!r} does not exist")
+        else:
+            raise RequestError(
+                f"entry {position} is {type(entry).__name__}; expected bytes, "
+                "a {name: bytes} mapping or a path"
+            )
+    return items
+
+
+def sanitise_relpath(name: str, fallback: str = "input") -> PurePosixPath:
+    """A safe relative path from an untrusted name: no '..', no root, tame characters."""
+    parts = []
+    for part in re.split(r"[\\/]+", name):
+        if part in ("", ".", ".."):
+            continue
+        clean = _UNSAFE_CHARS.sub("_", part).strip(" ")
+        clean = clean.lstrip(".") or "_"
+        parts.append(clean[:_MAX_COMPONENT])
+    return PurePosixPath(*parts) if parts else PurePosixPath(fallback)
+
+
+def _open_tar(item: InputItem) -> tarfile.TarFile | None:
+    """The archive, or None when the content is not a TAR (plain, gz, bz2 or xz)."""
+    stream = item.open()
+    try:
+        return tarfile.open(fileobj=stream, mode="r:*")
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError):
+        # Not a TAR; a compressed stream cut short (a 2-byte gzip) raises EOFError here, which
+        # _corrupt_compression then names.
+        stream.close()
+        return None
+
+
+def _corrupt_compression(item: InputItem) -> str | None:
+    """Why a gz/bz2/xz input cannot be decompressed, or None when it can (or is not compressed).
+
+    Only the start is probed: enough to tell a truncated archive from a .nii.gz.
+    """
+    with item.open() as stream:
+        head = stream.read(6)
+        stream.seek(0)
+        opener = next((o for magic, o in _COMPRESSED.items() if head.startswith(magic)), None)
+        if opener is None:
+            return None
+        try:
+            with opener(stream) as decompressed:
+                decompressed.read(_PROBE_BYTES)
+        except (OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
+            return f"compressed input is truncated or corrupt: {type(exc).__name__}"
+    return None
+
+
+@dataclass(frozen=True)
+class ArchiveLimits:
+    """What one input may expand to; an archive over any limit fails as a whole, with the reason.
+
+    ``max_ratio`` caps the extracted bytes at that multiple of the input's size,
+    but never below ``ratio_floor_bytes``, so small archives of well-compressible
+    files pass.
+    """
+
+    max_bytes: int = 100 << 30
+    max_members: int = 200_000
+    max_file_bytes: int = 16 << 30
+    max_ratio: float = 100.0
+    ratio_floor_bytes: int = 1 << 30
+    max_depth: int = 2  # an archive inside an archive is unpacked; one level deeper is not
+
+    def allowed_bytes(self, input_bytes: int) -> int:
+        return min(self.max_bytes, max(int(self.max_ratio * input_bytes), self.ratio_floor_bytes))
+
+
+@dataclass(frozen=True)
+class Withhold:
+    """What a resumed request need not write: the content of files a finished case used.
+
+    A member (or a single-file input held in memory) of at most ``max_bytes`` is read
+    into memory and hashed there; when its sha256 is one of ``hashes`` it is classified
+    from those bytes by ``inspect`` and not written (:attr:`UnpackedInput.withheld`).
+    Should a case need it after all, the workspace unpacks it again
+    (:func:`restore_files`). Larger members are written as always.
+    """
+
+    hashes: frozenset[str]
+    inspect: Callable[[Path, bytes], Found]
+    max_bytes: int = 64 << 20
+
+
+class _LimitExceeded(Exception):
+    pass
+
+
+def _size(value: int) -> str:
+    return f"{value / (1 << 30):.1f} GiB" if value >= 1 << 30 else f"{value / (1 << 20):.1f} MiB"
+
+
+class _Extraction:
+    """One input's archive (and the archives inside it), member by member, within the limits."""
+
+    def __init__(self, item: InputItem, dest: Path, limits: ArchiveLimits, withhold: Withhold | None) -> None:
+        self.item, self.limits, self.withhold = item, limits, withhold
+        self.allowed = limits.allowed_bytes(item.size)
+        self.result = UnpackedInput(item, InputKind.ARCHIVE, dest)
+        self.members = 0
+
+    def refuse(self, name: str, reason: str) -> None:
+        self.result.skipped.append(SkippedFile(self.item.name, name, reason, refused=True))
+
+    def extract(self, tar: tarfile.TarFile, into: Path, prefix: str, depth: int) -> None:
+        for member in tar:
+            name = f"{prefix}{member.name}"
+            try:
+                safe = tarfile.data_filter(member, str(into))
+            except tarfile.FilterError as exc:
+                self.refuse(name, f"refused by the tar data filter: {exc}")
+                continue
+            if safe.isdir():
+                continue
+            if not safe.isfile():
+                self.refuse(name, "links and special files are not extracted")
+                continue
+            self.members += 1
+            if self.members > self.limits.max_members:
+                raise _LimitExceeded(f"more than {self.limits.max_members} members")
+            if safe.size > self.limits.max_file_bytes:
+                raise _LimitExceeded(
+                    f"member of {_size(safe.size)}, over {_size(self.limits.max_file_bytes)}"
+                )
+            if self.result.bytes_written + self.result.bytes_withheld + safe.size > self.allowed:
+                raise _LimitExceeded(
+                    f"expands to more than {_size(self.allowed)} "
+                    f"(from {_size(self.item.size)}: an archive bomb?)"
+                )
+            target = self._target(into, safe.name)
+            source = tar.extractfile(safe)
+            assert source is not None
+            with source:
+                if self.withhold is not None and safe.size <= self.withhold.max_bytes:
+                    data = source.read()
+                    if _withheld(self.result, self.withhold, target, data):
+                        continue
+                    self.result.hashes[target] = _write(target, data)
+                else:
+                    digest = hashlib.sha256()
+                    with target.open("wb") as out:
+                        while chunk := source.read(1 << 20):
+                            digest.update(chunk)
+                            out.write(chunk)
+                    self.result.hashes[target] = digest.hexdigest()
+            self.result.withheld.pop(target, None)  # a repeated name: the last member wins
+            self.result.bytes_written += safe.size
+            self._unpack_nested(target, f"{name}/", depth)
+
+    def _target(self, into: Path, name: str) -> Path:
+        """A safe, short path for a member (names sanitised; a repeated name: the last one wins)."""
+        target = into / sanitise_relpath(name, "member")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target
+
+    def _unpack_nested(self, path: Path, prefix: str, depth: int) -> None:
+        try:
+            inner = tarfile.open(path, mode="r:*")  # noqa: SIM115 - closed by the with below
+        except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError):
+            self.result.files.append(path)
+            return
+        with inner:
+            # No member: an empty TAR, or a run of zero bytes (which opens as one). Kept as a
+            # file like any other, for scan to judge and the report to list.
+            if inner.next() is None:
+                self.result.files.append(path)
+                return
+            if depth >= self.limits.max_depth:
+                self.refuse(prefix.rstrip("/"), f"archive nested deeper than {self.limits.max_depth} levels")
+            else:
+                self.extract(inner, path.parent / f"{path.name}.d", prefix, depth + 1)
+        path.unlink()
+
+
+def _write(target: Path, data: bytes) -> str:
+    """Write ``data`` to ``target``; its sha256."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _withheld(result: UnpackedInput, withhold: Withhold, target: Path, data: bytes) -> bool:
+    """Book ``data`` as withheld when a finished case used its content (True), else nothing."""
+    digest = hashlib.sha256(data).hexdigest()
+    if digest not in withhold.hashes:
+        return False
+    target.unlink(missing_ok=True)  # a repeated name: the last member wins
+    result.withheld[target] = withhold.inspect(target, data)
+    result.hashes[target] = digest
+    result.files.append(target)
+    result.bytes_withheld += len(data)
+    return True
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file's content, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def unpack(
+    item: InputItem, dest: Path, limits: ArchiveLimits | None = None, withhold: Withhold | None = None
+) -> UnpackedInput:
+    """Extract an archive into ``dest``, or place a single file there (bytes) or in place (path);
+    with ``withhold``, files a finished case used are classified in memory, not written.
+
+    A failure leaves no files of this input behind: a half-extracted archive could
+    otherwise turn into a silently incomplete DICOM series.
+    """
+    limits = limits or ArchiveLimits()
+    if item.size == 0:
+        return UnpackedInput(item, InputKind.FILE, dest, error="empty input (0 bytes)")
+    tar = _open_tar(item)
+    if tar is None:
+        reason = _corrupt_compression(item)
+        if reason:
+            return UnpackedInput(item, InputKind.FILE, dest, error=reason)
+        if item.name.lower().endswith(_TAR_SUFFIXES):
+            return UnpackedInput(
+                item,
+                InputKind.FILE,
+                dest,
+                error="not a TAR archive, though its name says so: it cannot be read",
+            )
+        if item.path is not None:
+            hashes = {item.path: sha256_file(item.path)}
+            return UnpackedInput(item, InputKind.FILE, item.path.parent, files=[item.path], hashes=hashes)
+        target = dest / sanitise_relpath(item.name)
+        assert item.data is not None
+        single = UnpackedInput(item, InputKind.FILE, dest)
+        if withhold is None or not _withheld(single, withhold, target, item.data):
+            single.hashes[target] = _write(target, item.data)
+            single.files.append(target)
+            single.bytes_written = len(item.data)
+        return single
+
+    extraction = _Extraction(item, dest, limits, withhold)
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        with tar:
+            extraction.extract(tar, dest, "", 1)
+    except _LimitExceeded as exc:
+        shutil.rmtree(dest, ignore_errors=True)
+        return UnpackedInput(item, InputKind.ARCHIVE, dest, error=f"archive refused: {exc}")
+    except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error, lzma.LZMAError) as exc:
+        withheld = extraction.result.withheld.values()
+        broken = {uid for uid in map(series_uid, extraction.result.files) if uid}
+        broken |= {found.instance.series_instance_uid for found in withheld if found.instance}
+        shutil.rmtree(dest, ignore_errors=True)
+        return UnpackedInput(
+            item,
+            InputKind.ARCHIVE,
+            dest,
+            error=f"archive could not be read: {type(exc).__name__}: {exc}",
+            broken_series=broken,
+        )
+    result = extraction.result
+    # Several members may share a name; the last one wins, as in any extraction.
+    result.files = list(dict.fromkeys(result.files))
+    return result
+
+
+def restore_files(
+    item: InputItem, dest: Path, files: Iterable[Path], scratch: Path, limits: ArchiveLimits | None = None
+) -> None:
+    """Put back files that :func:`unpack` once wrote into ``dest`` and that were deleted since.
+
+    The input is unpacked again into ``scratch`` (extraction is deterministic: a
+    member always lands on the same path) and the wanted files are moved into
+    place; nothing else in ``dest`` is touched. Raises :class:`FileNotFoundError`
+    when the input no longer holds one of them.
+    """
+    try:
+        again = unpack(item, scratch, limits)
+        if again.error:
+            raise FileNotFoundError(f"input {item.index} cannot be unpacked again: {again.error}")
+        for file in files:
+            fresh = scratch / file.relative_to(dest)
+            if not fresh.is_file():
+                raise FileNotFoundError(f"input {item.index} no longer holds {file.relative_to(dest)}")
+            file.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(fresh, file)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

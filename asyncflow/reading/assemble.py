@@ -1,0 +1,414 @@
+"""Files -> cases: NIfTI volumes (or modality sets) and DICOM series.
+
+:func:`scan` classifies the files of one unpacked input by content (run off the
+event loop); :class:`CaseBuilder` turns scans into cases with opaque ids and
+unique output names. NIfTI cases are complete as soon as their input is
+scanned. A DICOM series becomes a case as soon as the archive that delivered it
+is scanned, so prediction starts before the last archive is unpacked (series of
+loose files, one input per file, wait for :meth:`CaseBuilder.finish`). A series
+may span inputs, though: when a later input adds slices to a series that is
+already a case, or turns out unreadable after delivering part of one, that case
+is *withdrawn* (:attr:`CaseBuilder.withdrawn`; the pipeline drops whatever it
+produced) and the grown series becomes a new case. No partial volume is ever
+returned.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import re
+import struct
+import zlib
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+import numpy as np
+
+from asyncflow.case import Case, CaseSource, DicomInstance, Found, SkippedFile
+from asyncflow.enums import InputKind, SourceKind
+from asyncflow.labels.mitk import MITK_SUFFIX, is_mitk_label_json
+from asyncflow.log import get_logger, scrub
+from asyncflow.reading.archives import UnpackedInput
+from asyncflow.reading.dicom import NotAnImage, has_dicom_preamble, read_instance
+from asyncflow.reading.series import split_series
+
+__all__ = ["CaseBuilder", "Scan", "classify", "is_nifti_header", "scan"]
+
+_CHANNEL = re.compile(r"^(?P<id>.+)_(?P<channel>\d{4})$")
+_NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_STEM_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tbz2", ".txz", ".tar", *_NIFTI_SUFFIXES, ".dcm")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+\-]+")
+log = get_logger("asyncflow.reading.assemble")
+
+
+def is_nifti_header(head: bytes) -> bool:
+    """NIfTI-1 (single file, 'n+1') or NIfTI-2 ('n+2') header at the start of ``head``."""
+    if len(head) >= 348 and head[344:348] == b"n+1\0":
+        return int.from_bytes(head[:4], "little") == 348 or int.from_bytes(head[:4], "big") == 348
+    if len(head) >= 8 and head[4:8] == b"n+2\0":
+        return int.from_bytes(head[:4], "little") == 540 or int.from_bytes(head[:4], "big") == 540
+    return False
+
+
+def _opener(path: Path, data: bytes | None) -> Callable[[], BinaryIO]:
+    """Opens the file's content: ``data`` when given (a member held in memory), else the file."""
+    if data is not None:
+        return lambda: io.BytesIO(data)
+    return lambda: path.open("rb")
+
+
+def _head(open_: Callable[[], BinaryIO]) -> bytes:
+    with open_() as f:
+        head = f.read(544)
+    if head[:2] == b"\x1f\x8b":
+        try:
+            with open_() as raw, gzip.open(raw, "rb") as f:
+                return f.read(544)
+        except (OSError, EOFError, zlib.error):
+            return b""
+    return head
+
+
+@dataclass
+class Scan:
+    """What one unpacked input holds."""
+
+    unpacked: UnpackedInput
+    nifti: list[Path] = field(default_factory=list)
+    dicom: list[DicomInstance] = field(default_factory=list)
+    label_files: list[Path] = field(default_factory=list)  # *.mitklabel.json
+    skipped: list[SkippedFile] = field(default_factory=list)
+
+
+def nifti_sizes(head: bytes) -> tuple[int, int]:
+    """(voxel data offset, voxel bytes) a NIfTI-1/2 header declares."""
+    little = int.from_bytes(head[:4], "little") in (348, 540)
+    order = "<" if little else ">"
+    if head[344:348] == b"n+1\0":
+        dims = struct.unpack(f"{order}8h", head[40:56])
+        bitpix = struct.unpack(f"{order}h", head[72:74])[0]
+        offset = int(struct.unpack(f"{order}f", head[108:112])[0])
+    else:
+        bitpix = struct.unpack(f"{order}h", head[14:16])[0]
+        dims = struct.unpack(f"{order}8q", head[16:80])
+        offset = struct.unpack(f"{order}q", head[168:176])[0]
+    count = max(1, min(int(dims[0]), 7))
+    voxels = np.prod([max(1, int(d)) for d in dims[1 : count + 1]], dtype=np.float64)
+    return offset, int(voxels * max(bitpix, 1) // 8)
+
+
+def _nifti_problem(open_: Callable[[], BinaryIO], head: bytes, max_file_bytes: int) -> str | None:
+    """Why a NIfTI file must not be read: a decompression bomb, or fewer bytes than declared.
+
+    Checked from the header and the file's size (a .gz trailer holds the size of
+    the data mod 2**32), without decompressing: SimpleITK reads a truncated
+    volume without complaint.
+    """
+    offset, declared = nifti_sizes(head)
+    if declared > max_file_bytes:
+        return f"NIfTI declares {declared / (1 << 30):.1f} GiB of voxels, over the {max_file_bytes / (1 << 30):.1f} GiB limit"
+    needed = offset + declared
+    with open_() as f:
+        if f.read(2) == b"\x1f\x8b":
+            f.seek(-4, 2)
+            held = int.from_bytes(f.read(4), "little")
+            if needed >= 1 << 32:
+                return None
+        else:
+            held = f.seek(0, 2)
+    if held < needed:
+        return f"NIfTI is truncated: {held} bytes, its header declares {needed}"
+    return None
+
+
+def scan(unpacked: UnpackedInput, max_file_bytes: int = 16 << 30) -> Scan:
+    """Classify every file of an input by content, never by name (a member unpack withheld
+    was classified from its bytes then: :attr:`UnpackedInput.withheld`).
+
+    The one exception: MITK label JSON is known by its ``.mitklabel.json`` suffix
+    (and a JSON start), as MITK itself knows it.
+    """
+    result = Scan(unpacked, skipped=list(unpacked.skipped))
+    for path in unpacked.files:
+        found = unpacked.withheld.get(path) or classify(path, max_file_bytes=max_file_bytes)
+        if found.kind == "label":
+            result.label_files.append(path)
+        elif found.kind == "dicom":
+            assert found.instance is not None
+            result.dicom.append(found.instance)
+        elif found.kind == "nifti":
+            result.nifti.append(path)
+        else:
+            reason = found.reason or "could not be classified"
+            result.skipped.append(SkippedFile(unpacked.item.name, unpacked.relative(path), reason))
+    return result
+
+
+def classify(path: Path, data: bytes | None = None, *, max_file_bytes: int = 16 << 30) -> Found:
+    """What file ``path`` is, by its content (``data`` when given, else the file's)."""
+    try:
+        return _classify(path, _opener(path, data), data, max_file_bytes)
+    except OSError as exc:
+        return Found(None, reason=f"unreadable: {exc.strerror}")
+    except Exception as exc:  # noqa: BLE001 - one odd file is skipped, never the request
+        return Found(None, reason=f"could not be classified ({type(exc).__name__})")
+
+
+def _classify(path: Path, open_: Callable[[], BinaryIO], data: bytes | None, max_file_bytes: int) -> Found:
+    head = _head(open_)
+    if is_mitk_label_json(path.name, head):
+        return Found("label")
+    if has_dicom_preamble(head):
+        try:
+            return Found("dicom", read_instance(path, data))
+        except NotAnImage as exc:
+            return Found(None, reason=str(exc))
+        except Exception as exc:  # noqa: BLE001 - a malformed header skips its file, not the request
+            return Found(None, reason=f"malformed DICOM header ({type(exc).__name__})")
+    if is_nifti_header(head):
+        problem = _nifti_problem(open_, head, max_file_bytes)
+        return Found(None, reason=problem) if problem else Found("nifti")
+    return Found(None, reason="neither DICOM nor NIfTI")
+
+
+def _series_label(unpacked: UnpackedInput) -> str:
+    """A series is named after its archive, or after the folder of a loose file."""
+    if unpacked.kind is InputKind.ARCHIVE:
+        return unpacked.item.name
+    return PurePosixPath(unpacked.item.name.replace("\\", "/")).parent.name or unpacked.item.name
+
+
+def _opaque(unpacked: UnpackedInput) -> str:
+    """The name of an input's cases when names from the data must not be used."""
+    return f"input{unpacked.item.index:03d}"
+
+
+def _stem(name: str) -> str:
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    for suffix in _STEM_SUFFIXES:
+        if base.lower().endswith(suffix) and len(base) > len(suffix):
+            base = base[: -len(suffix)]
+            break
+    return _UNSAFE.sub("_", base).strip("._") or "case"
+
+
+def _label_file_for(stem: str, label_files: list[Path]) -> Path | None:
+    """The input's label JSON named after the case, else its only one."""
+    for path in label_files:
+        if path.name[: -len(MITK_SUFFIX)].lower() == stem.lower():
+            return path
+    return label_files[0] if len(label_files) == 1 else None
+
+
+@dataclass
+class _Series:
+    uid: str  # SeriesInstanceUID
+    origin: str  # the input the first instance came from (report)
+    label: str  # what the series is named after
+    instances: dict[str, DicomInstance] = field(default_factory=dict)  # by SOPInstanceUID
+    cases: list[Case] = field(default_factory=list)  # the cases made of it as it stands
+
+
+class CaseBuilder:
+    """Turns scans into cases: opaque ids, unique output names, series across inputs."""
+
+    def __init__(self, *, multi_modal: bool = False, opaque_names: bool = False) -> None:
+        self.multi_modal = multi_modal
+        self.opaque_names = opaque_names  # name outputs by input index, not by archive or file name
+        self._count = 0
+        self._names: set[str] = set()
+        self._series: dict[str, _Series] = {}
+        self._label_files: dict[str, list[Path]] = {}  # input name -> its *.mitklabel.json
+        self._broken: dict[str, int] = {}  # SeriesInstanceUID -> the unreadable input that held part of it
+        self._where: dict[Path, tuple[str, str]] = {}  # DICOM file -> (its input, its path there)
+        self.skipped: list[SkippedFile] = []
+        # Cases made of a series that then grew or lost an input: their results must not be returned.
+        self.withdrawn: list[Case] = []
+
+    def _new_case(
+        self, kind: SourceKind, stem: str, origin: str, files: list[Path], source: CaseSource
+    ) -> Case:
+        self._count += 1
+        name, n = stem, 1
+        while name.lower() in self._names:
+            n += 1
+            name = f"{stem}-{n}"
+        self._names.add(name.lower())
+        return Case(
+            case_id=f"case-{self._count:04d}",
+            kind=kind,
+            output_name=name,
+            origin=origin,
+            files=files,
+            source=source,
+        )
+
+    def _withdraw(self, series: _Series) -> None:
+        for case in series.cases:
+            self.withdrawn.append(case)
+            self._names.discard(case.output_name.lower())
+        series.cases = []
+
+    def _skip(self, instance: DicomInstance, reason: str, kept: DicomInstance | None = None) -> None:
+        origin, path = self._where[instance.path]
+        self.skipped.append(SkippedFile(origin, path, reason, kept=self._where[kept.path] if kept else None))
+
+    def _dicom_source(self, instances: list[DicomInstance], part: str | None = None) -> CaseSource:
+        first = instances[0]
+        location = PurePosixPath(self._where[first.path][1])
+        return CaseSource(
+            location=(location if first.frames > 1 else location.parent).as_posix(),
+            series_instance_uid=first.series_instance_uid,
+            series_number=first.series_number,
+            modality=first.modality,
+            part=part,
+            files=len(instances),
+        )
+
+    def broken(self, unpacked: UnpackedInput) -> None:
+        """An input that failed: series it had begun to deliver are refused, not segmented partially."""
+        for uid in unpacked.broken_series:
+            self._broken[uid] = unpacked.item.index
+            if uid in self._series:
+                self._withdraw(self._series[uid])
+
+    def add(self, result: Scan) -> list[Case]:
+        """The cases this scan completes: its NIfTI volumes, multi-frame images and the series
+        it delivered slices of (a series it grew replaces that series' earlier cases)."""
+        origin = result.unpacked.item.name
+        self.skipped.extend(result.skipped)
+        label = _opaque(result.unpacked) if self.opaque_names else _series_label(result.unpacked)
+        cases = []
+        grown: dict[str, _Series] = {}
+        for instance in result.dicom:
+            self._where[instance.path] = (origin, result.unpacked.relative(instance.path))
+            if instance.frames > 1:  # an enhanced multi-frame image is a volume of its own
+                source = self._dicom_source([instance])
+                case = self._new_case(SourceKind.DICOM, _stem(label), origin, [instance.path], source)
+                case.instances = [instance]
+                case.label_file = _label_file_for(case.output_name, result.label_files)
+                cases.append(case)
+                continue
+            uid = instance.series_instance_uid
+            series = self._series.setdefault(uid, _Series(uid, origin, label))
+            kept = series.instances.get(instance.sop_instance_uid)
+            if kept is None:
+                series.instances[instance.sop_instance_uid] = instance
+                grown[uid] = series
+            else:  # the same image twice (two exports of one study, or two encodings): one slice
+                self._skip(instance, "same SOPInstanceUID as another file, which was kept (see kept)", kept)
+        self._label_files[origin] = result.label_files
+        for number, (stem, files) in enumerate(self._nifti_groups(result), start=1):
+            if self.opaque_names:
+                stem = f"{label}_{number}"
+            source = CaseSource(location=result.unpacked.relative(files[0]), files=len(files))
+            case = self._new_case(SourceKind.NIFTI, stem, origin, files, source)
+            case.label_file = _label_file_for(stem, result.label_files)
+            cases.append(case)
+        for series in grown.values():
+            self._withdraw(series)
+        if result.unpacked.kind is not InputKind.ARCHIVE:
+            # Loose files come one input per file: their series wait for finish(), else a folder
+            # of 200 slices would make and withdraw 199 growing cases.
+            return cases
+        return cases + self._series_cases(list(grown.values()), final=False)
+
+    def _nifti_groups(self, result: Scan) -> list[tuple[str, list[Path]]]:
+        unpacked = result.unpacked
+        singles: list[tuple[str, list[Path]]] = []
+        sets: dict[tuple[Path, str], dict[int, Path]] = defaultdict(dict)
+        for path in result.nifti:
+            stem = _stem(path.name)
+            match = _CHANNEL.match(stem)
+            if self.multi_modal and match:
+                sets[(path.parent, match["id"])][int(match["channel"])] = path
+            else:
+                # nnU-Net names its single-channel inputs <case>_0000: the case is <case>.
+                singles.append((match["id"] if match and match["channel"] == "0000" else stem, [path]))
+        for (_, case_id), channels in sets.items():
+            if sorted(channels) != list(range(len(channels))):
+                for path in channels.values():
+                    self.skipped.append(
+                        SkippedFile(
+                            unpacked.item.name,
+                            unpacked.relative(path),
+                            f"the channels of its set are {sorted(channels)}, not 0..{len(channels) - 1}",
+                        )
+                    )
+                continue
+            singles.append((case_id, [channels[c] for c in sorted(channels)]))
+        return singles
+
+    def finish(self) -> list[Case]:
+        """Every input is scanned: the series not yet cases become cases or are skipped, with reasons."""
+        cases = self._series_cases(list(self._series.values()), final=True)
+        self._series.clear()
+        return cases
+
+    def _series_cases(self, candidates: list[_Series], *, final: bool) -> list[Case]:
+        """Cases for ``candidates`` (series without current cases), named after their archive
+        or folder; with ``final``, skip reasons for what cannot become a case. Whatever goes
+        wrong with one series skips that series, with the reason."""
+        several = {label for label, n in Counter(s.label for s in self._series.values()).items() if n > 1}
+        ordered = sorted(
+            candidates, key=lambda s: (s.label, next(iter(s.instances.values())).series_number or 0)
+        )
+        cases = []
+        for series in ordered:
+            try:
+                cases += self._cases_of(series, series.label in several, final=final)
+            except Exception as exc:  # noqa: BLE001 - one series' surprise is that series' failure
+                log.warning(
+                    "series.failed",
+                    series_instance_uid=series.uid,
+                    error_type=type(exc).__name__,
+                    reason=scrub(str(exc)),
+                )
+                if final and not series.cases:  # a series made into cases keeps them
+                    reason = f"series could not be assembled: {type(exc).__name__}: {exc}"
+                    for instance in series.instances.values():
+                        self._skip(instance, reason)
+        return cases
+
+    def _cases_of(self, series: _Series, shares_label: bool, *, final: bool) -> list[Case]:
+        if series.uid in self._broken:
+            if final:
+                reason = (
+                    f"part of this series was in input {self._broken[series.uid]}, which could not be "
+                    "read: not segmented as a partial volume"
+                )
+                for instance in series.instances.values():
+                    self._skip(instance, reason)
+            return []
+        split = split_series(list(series.instances.values()))
+        if final:
+            for instance, reason in split.skipped:
+                self._skip(instance, reason)
+        if series.cases or not split.stacks:
+            return []
+        stem = _stem(series.label)
+        if shares_label:
+            number = split.stacks[0].instances[0].series_number
+            stem = f"{stem}_S{number if number is not None else self._position(series)}"
+        cases = []
+        for number, stack in enumerate(split.stacks, start=1):
+            name = stem if len(split.stacks) == 1 else f"{stem}_p{number}"
+            source = self._dicom_source(stack.instances, stack.part)
+            case = self._new_case(
+                SourceKind.DICOM, name, series.origin, [i.path for i in stack.instances], source
+            )
+            case.instances = stack.instances
+            case.label_file = _label_file_for(case.output_name, self._label_files.get(series.origin, []))
+            cases.append(case)
+        series.cases = cases
+        return cases
+
+    def _position(self, series: _Series) -> int:
+        """1-based place of a series without SeriesNumber among the series of its label."""
+        same = [s for s in self._series.values() if s.label == series.label]
+        same.sort(key=lambda s: next(iter(s.instances.values())).series_number or 0)
+        return same.index(series) + 1

@@ -1,0 +1,137 @@
+"""One predicted case to its outputs: DICOM SEG (+ MITK label JSON) or NIfTI.
+
+A plain synchronous function the pipeline runs in a worker thread. Label
+metadata is merged here, per case: the model's labels, the user's label
+configuration, then a ``*.mitklabel.json`` supplied with the case's input.
+When the SEG of a DICOM case cannot be written (or fails its self-check), the
+prediction is still returned, as NIfTI in the series' geometry, with the reason.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from asyncflow.case import PredictedCase, PreparedCase
+from asyncflow.enums import SourceKind
+from asyncflow.labels.mitk import MITK_SUFFIX, mitk_label_json, read_mitk_labels
+from asyncflow.labels.segment import SegmentLabel, label_for, merge_labels
+from asyncflow.reading.prepare import source_image
+from asyncflow.stats.measure import LabelStatistics, measure_labels
+from asyncflow.writing.seg import (
+    Algorithm,
+    SegOptions,
+    dicom_seg_bytes,
+    label_values,
+    nifti_seg_bytes,
+    segment_values,
+)
+
+if TYPE_CHECKING:
+    from asyncflow.backends.base import ModelSteps
+
+__all__ = ["Exported", "export_case", "export_output"]
+
+
+@dataclass(frozen=True)
+class Exported:
+    name: str  # <case>.dcm or <case>.nii.gz
+    data: bytes
+    labels_present: list[int]
+    labels_absent: list[int]  # declared by the model, not found in the prediction
+    label_json: tuple[str, bytes] | None = None  # <case>.mitklabel.json beside a SEG
+    fallback: str | None = None  # why a DICOM case came out as NIfTI
+    statistics: list[LabelStatistics] | None = None  # None when they could not be measured
+    statistics_error: str | None = None  # why not
+
+    @property
+    def format(self) -> str:
+        return "dicom_seg" if self.name.endswith(".dcm") else "nifti"
+
+
+def export_case(
+    predicted: PredictedCase,
+    model_labels: Mapping[int, SegmentLabel],
+    label_config: Mapping[int, Mapping[str, Any]],
+    algorithm: Algorithm,
+    options: SegOptions,
+) -> Exported:
+    prepared = predicted.prepared
+    case = prepared.case
+    present = label_values(predicted.labels)
+    absent = sorted(set(model_labels) - set(present))
+    if case.kind is not SourceKind.DICOM:
+        data = nifti_seg_bytes(predicted.labels, prepared.geometry, prepared.workdir / "seg.nii.gz")
+        return Exported(f"{case.output_name}.nii.gz", data, present, absent)
+    try:
+        return _dicom_outputs(predicted, model_labels, label_config, algorithm, options, present, absent)
+    except Exception as exc:  # noqa: BLE001 - the prediction is kept as NIfTI, with the reason
+        # The nnU-Net input has the series' geometry in slice order, as the prediction.
+        data = nifti_seg_bytes(predicted.labels, prepared.geometry, prepared.workdir / "seg.nii.gz")
+        reason = f"DICOM SEG failed ({type(exc).__name__}: {exc}); written as NIfTI"
+        return Exported(f"{case.output_name}.nii.gz", data, present, absent, fallback=reason)
+
+
+def export_output(
+    prepared: PreparedCase,
+    output: Any,
+    steps: ModelSteps | None,
+    model_labels: Mapping[int, SegmentLabel],
+    label_config: Mapping[int, Mapping[str, Any]],
+    algorithm: Algorithm,
+    options: SegOptions,
+) -> tuple[Exported, dict[str, float]]:
+    """The export stage's work for one case: the backend's output to a label map on the source
+    grid (``steps.to_labels``; v2: nnU-Net's resampling and argmax), :func:`export_case`, then the
+    label statistics on the source voxels, read again (a failure there keeps the outputs, with the
+    reason). The seconds of the first and last step come back beside the outputs."""
+    started = time.perf_counter()
+    labels = output if steps is None else steps.to_labels(prepared, output)
+    to_labels_s = time.perf_counter() - started
+    exported = export_case(PredictedCase(prepared, labels), model_labels, label_config, algorithm, options)
+    started = time.perf_counter()
+    try:
+        image = source_image(prepared)  # held while its voxels are read through the view
+        definitions = merge_labels(model_labels, label_config)
+        spacing = prepared.geometry.spacing
+        statistics = measure_labels(labels, sitk.GetArrayViewFromImage(image), spacing, definitions)
+        exported = replace(exported, statistics=statistics)
+    except Exception as exc:  # noqa: BLE001 - the segmentation is kept; the report says why
+        exported = replace(exported, statistics_error=f"{type(exc).__name__}: {exc}")
+    return exported, {"to_labels_s": to_labels_s, "statistics_s": time.perf_counter() - started}
+
+
+def _dicom_outputs(
+    predicted: PredictedCase,
+    model_labels: Mapping[int, SegmentLabel],
+    label_config: Mapping[int, Mapping[str, Any]],
+    algorithm: Algorithm,
+    options: SegOptions,
+    present: list[int],
+    absent: list[int],
+) -> Exported:
+    prepared = predicted.prepared
+    case = prepared.case
+    sources: list[Mapping[int, Mapping[str, Any]]] = [label_config]
+    if case.label_file is not None:
+        sources.append(read_mitk_labels(case.label_file.read_bytes(), case.label_file.name))
+    labels = merge_labels(model_labels, *sources)
+    in_source_order = predicted.labels
+    if prepared.frame_order is not None:  # a multi-frame source: its frames in their own order
+        in_source_order = np.empty_like(predicted.labels)
+        in_source_order[prepared.frame_order] = predicted.labels
+    data = dicom_seg_bytes(prepared.source_files, in_source_order, labels, algorithm, options, present)
+    described = [label_for(labels, v) for v in segment_values(present, labels)]
+    label_json = mitk_label_json(
+        described,
+        [path.name for path in prepared.source_files],
+        series_description=algorithm.series_description,
+    )
+    return Exported(
+        f"{case.output_name}.dcm", data, present, absent, (f"{case.output_name}{MITK_SUFFIX}", label_json)
+    )

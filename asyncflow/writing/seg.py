@@ -1,0 +1,357 @@
+"""Write predictions: DICOM SEG (highdicom) for DICOM sources, NIfTI otherwise."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import struct
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+from pydicom.sr.coding import Code as PydicomCode
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
+
+from asyncflow._version import __version__
+from asyncflow.case import Geometry
+from asyncflow.errors import SegCheckError
+from asyncflow.labels.segment import Code, SegmentLabel, label_for
+from asyncflow.pipeline.journal import derived_uid
+from asyncflow.reading.dicom import slice_normal
+from asyncflow.writing.deidentify import deidentify
+
+__all__ = [
+    "Algorithm",
+    "SegCheckError",
+    "SegOptions",
+    "check_dicom_seg",
+    "dicom_seg_bytes",
+    "label_values",
+    "nifti_seg_bytes",
+    "read_dicom_seg",
+    "read_nifti_seg",
+    "segment_values",
+]
+
+_NIFTI1_HEADER_BYTES = 348
+_NIFTI1_XFORM_CODES = 252  # byte offset of qform_code, sform_code (two int16) in a NIfTI-1 header
+_ITK_XFORM_CODES = (1, 1)  # what SimpleITK writes
+_AI_FAMILY = PydicomCode("123110", "DCM", "Artificial Intelligence")
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """AlgorithmIdentification of the segments: what produced them."""
+
+    name: str  # e.g. "nnU-Net Dataset029_LiTS"
+    version: str  # e.g. "nnunetv2 2.8.1"
+    parameters: Mapping[str, str] = field(default_factory=dict)  # trainer, plans, folds...
+
+    @property
+    def series_description(self) -> str:
+        """SeriesDescription of its SEGs (and of the MITK label JSON beside them)."""
+        return f"{self.name} segmentation"[:64]
+
+
+def _coded(code: Code) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
+
+
+def label_values(labels: np.ndarray) -> list[int]:
+    """The foreground values (not 0) of a label map, ascending.
+
+    Non-negative integer maps are counted one slice at a time (np.bincount): three
+    times faster than ``np.unique`` on a 512x512x200 map, without a full-size copy.
+    """
+    if labels.size == 0:
+        return []
+    countable = labels.dtype.kind in "ui" and labels.dtype.itemsize <= 4  # bincount casts to int64
+    if countable and int(labels.min()) >= 0 and (top := int(labels.max())) < 1 << 16:
+        counts = np.zeros(top + 1, np.int64)
+        for plane in labels.reshape(labels.shape[0], -1):
+            counts += np.bincount(plane, minlength=counts.size)
+        return [int(v) for v in np.flatnonzero(counts) if v]
+    return [int(v) for v in np.unique(labels) if v != 0]
+
+
+def segment_values(present: Sequence[int], declared: Mapping[int, SegmentLabel]) -> list[int]:
+    """Label values that become segments: those ``present``, or every declared one when none is."""
+    return list(present) or sorted(declared)
+
+
+@dataclass(frozen=True)
+class SegOptions:
+    """How a DICOM SEG is encoded (see :class:`asyncflow.settings.Settings`)."""
+
+    segmentation_type: str = "BINARY"
+    keep_empty_frames: bool = False
+    compression: str = "none"
+    deidentify: str = "none"  # a profile of asyncflow.writing.deidentify, applied before the SEG is written
+    # Names the case and the model (asyncflow.pipeline.journal): the SEG's UIDs derive from it, so the same
+    # case through the same model and settings gets the same SEG identity. None: fresh UIDs.
+    uid_seed: str | None = None
+
+
+_TRANSFER_SYNTAXES = {
+    "none": ExplicitVRLittleEndian,
+    "rle": RLELossless,
+    "jpeg2000": JPEG2000Lossless,
+    "jpegls": JPEGLSLossless,
+}
+# Clinical Trial Subject and Study modules (and patient de-identification), copied from the
+# source; the Clinical Trial Series attributes (0012,0060/0071/0072) describe the source series.
+_SERIES_LEVEL_TRIAL_TAGS = {0x00120060, 0x00120071, 0x00120072}
+
+
+def dicom_seg_bytes(
+    source_files: Sequence[Path],
+    labels: np.ndarray,
+    declared: Mapping[int, SegmentLabel],
+    algorithm: Algorithm,
+    options: SegOptions | None = None,
+    present: Sequence[int] | None = None,
+) -> bytes:
+    """A DICOM SEG whose frames lie on the source instances, read back and checked.
+
+    ``labels`` is (z, y, x) with z in the order of ``source_files`` (sorted along
+    the slice normal), or of the frames of one multi-frame source, y along rows and
+    x along columns: exactly the source pixel grid, so the SEG decoded on its sources equals the prediction voxel for voxel
+    (checked before the bytes are returned, :class:`SegCheckError` otherwise).
+    Segment numbers are 1..n over the label values present, in ascending order;
+    when none is present, one empty segment per declared label says so.
+    ``present`` is :func:`label_values` of ``labels``, when the caller has it already.
+    """
+    options = options or SegOptions()
+    sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in source_files]
+    rows, columns = int(sources[0].Rows), int(sources[0].Columns)
+    frames = int(sources[0].get("NumberOfFrames", 1) or 1)
+    slices = frames if len(sources) == 1 and frames > 1 else len(sources)
+    if labels.shape != (slices, rows, columns):
+        raise ValueError(
+            f"prediction shape {labels.shape} does not match the source grid {(slices, rows, columns)}"
+        )
+    if frames == 1:
+        _fill_slice_thickness(sources)
+    values = segment_values(label_values(labels) if present is None else present, declared)
+    if not values:
+        raise ValueError("the model declares no foreground label and none was predicted")
+    numbers = _segment_numbers(labels, values)
+    kind = hd.seg.SegmentationTypeValues(options.segmentation_type)
+    pixel_array: np.ndarray = numbers
+    if kind is hd.seg.SegmentationTypeValues.FRACTIONAL:
+        # One probability plane per segment: 1.0 inside, 0.0 outside.
+        pixel_array = (numbers[..., None] == np.arange(1, len(values) + 1)).astype(np.float32)
+    identification = hd.AlgorithmIdentificationSequence(
+        name=algorithm.name[:64],
+        family=_AI_FAMILY,
+        version=algorithm.version[:64],
+        parameters=dict(algorithm.parameters) or None,
+    )
+    seed = options.uid_seed
+
+    def uid(role: str) -> str:
+        return derived_uid(seed, role) if seed is not None else str(hd.UID())
+
+    descriptions = [
+        _description(number, label_for(declared, value), identification, uid(f"tracking {number}"))
+        for number, value in enumerate(values, start=1)
+    ]
+    source_series = sources[0].get("SeriesNumber")
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=pixel_array,
+        segmentation_type=kind,
+        segment_descriptions=descriptions,
+        series_instance_uid=uid("series"),
+        series_number=int(source_series) + 1000 if source_series not in (None, "") else 1000,
+        sop_instance_uid=uid("instance"),
+        instance_number=1,
+        manufacturer="asyncflow",
+        manufacturer_model_name=algorithm.name[:64],
+        software_versions=f"asyncflow {__version__}",
+        device_serial_number="0",
+        series_description=algorithm.series_description,
+        content_label="NNUNET",
+        content_description=(
+            f"{algorithm.name} automatic segmentation"
+            if labels.any()
+            else f"{algorithm.name}: no segment found"
+        )[:64],
+        content_creator_name="asyncflow^",  # software, not a person: one component
+        transfer_syntax_uid=_TRANSFER_SYNTAXES[options.compression],
+        omit_empty_frames=not options.keep_empty_frames,
+    )
+    for element in sources[0]:
+        if element.tag.group == 0x0012 and int(element.tag) not in _SERIES_LEVEL_TRIAL_TAGS:
+            seg[element.tag] = element
+    deidentify(seg, options.deidentify)
+    buffer = io.BytesIO()
+    seg.save_as(buffer)
+    data = buffer.getvalue()
+    check_dicom_seg(data, [str(ds.SOPInstanceUID) for ds in sources], numbers, options)
+    return data
+
+
+def _segment_numbers(labels: np.ndarray, values: Sequence[int]) -> np.ndarray:
+    """``labels`` with each value in ``values`` replaced by its segment number 1..n."""
+    dtype = np.uint8 if len(values) < 256 else np.uint16
+    if list(values) == list(range(1, len(values) + 1)):  # labels 1..n already are the numbers
+        return labels if labels.dtype == dtype else labels.astype(dtype)
+    lookup = np.zeros(max(int(labels.max()), max(values)) + 1, dtype=dtype)
+    for number, value in enumerate(values, start=1):
+        lookup[value] = number
+    return lookup[labels]
+
+
+def _description(
+    number: int, label: SegmentLabel, identification: hd.AlgorithmIdentificationSequence, tracking_uid: str
+) -> hd.seg.SegmentDescription:
+    tracking_id = label.tracking_id or (label.name[:64] if label.tracking_uid else None)
+    description = hd.seg.SegmentDescription(
+        segment_number=number,
+        segment_label=label.name[:64],
+        segmented_property_category=_coded(label.category),
+        segmented_property_type=_coded(label.type),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=identification,
+        # TrackingID and TrackingUID come together: a given id gets a UID of its own.
+        tracking_id=tracking_id,
+        tracking_uid=label.tracking_uid or (tracking_uid if tracking_id else None),
+        anatomic_regions=[_coded(label.anatomic_region)] if label.anatomic_region else None,
+        display_color=hd.color.CIELabColor.from_rgb(*(round(255 * c) for c in label.rgb)),
+    )
+    if label.type_modifier is not None:  # highdicom takes no modifier: it goes into the type's item
+        item = description.SegmentedPropertyTypeCodeSequence[0]
+        item.SegmentedPropertyTypeModifierCodeSequence = [_coded(label.type_modifier)]
+    return description
+
+
+def _expected_frames(numbers: np.ndarray, segments: int, options: SegOptions) -> int:
+    """Frames highdicom writes: one per slice (LABELMAP) or per slice and segment, empty ones
+    omitted unless asked for, or unless everything is empty (a SEG needs a frame)."""
+    per_slice = 1 if options.segmentation_type == "LABELMAP" else segments
+    if options.keep_empty_frames or not numbers.any():
+        return numbers.shape[0] * per_slice
+    if options.segmentation_type == "LABELMAP":
+        return int(numbers.any(axis=(1, 2)).sum())
+    return sum(int((numbers == n).any(axis=(1, 2)).sum()) for n in range(1, segments + 1))
+
+
+def check_dicom_seg(
+    data: bytes, source_sop_instance_uids: Sequence[str], numbers: np.ndarray, options: SegOptions
+) -> None:
+    """Read a SEG back: its sources, frame count and voxels must be what was meant."""
+    seg = hd.seg.segread(io.BytesIO(data))
+    referenced = {
+        str(instance.ReferencedSOPInstanceUID)
+        for series in seg.ReferencedSeriesSequence
+        for instance in series.ReferencedInstanceSequence
+    }
+    if referenced != set(source_sop_instance_uids):
+        raise SegCheckError(
+            f"SEG references {len(referenced)} instances, the source series has {len(source_sop_instance_uids)}"
+        )
+    frames = int(seg.NumberOfFrames)
+    expected = _expected_frames(numbers, len(seg.SegmentSequence), options)
+    if frames != expected:
+        raise SegCheckError(f"SEG has {frames} frames, {expected} expected")
+    decoded, _ = _decode(seg, source_sop_instance_uids, numbers.shape[0])
+    if not np.array_equal(decoded, numbers):
+        raise SegCheckError(
+            f"SEG decodes to other voxels than the prediction ({int((decoded != numbers).sum())} differ)"
+        )
+
+
+def _decode(
+    seg: hd.seg.Segmentation, source_sop_instance_uids: Sequence[str], slices: int
+) -> tuple[np.ndarray, dict[int, str]]:
+    """Segment numbers (z, y, x) on the given source instances (or on the ``slices`` frames of
+    one multi-frame source), and each segment's label."""
+    fractional = seg.segmentation_type is hd.seg.SegmentationTypeValues.FRACTIONAL
+    if len(source_sop_instance_uids) == 1 and slices > 1:
+        pixels = seg.get_pixels_by_source_frame(
+            source_sop_instance_uid=source_sop_instance_uids[0],
+            source_frame_numbers=list(range(1, slices + 1)),
+            combine_segments=not fractional,
+            assert_missing_frames_are_empty=True,  # empty frames may be omitted
+        )
+    else:
+        pixels = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=list(source_sop_instance_uids),
+            combine_segments=not fractional,
+            assert_missing_frames_are_empty=True,
+        )
+    pixels = np.asarray(pixels)
+    if fractional:  # (z, y, x, segment) probabilities: the segment that holds the voxel
+        numbers = np.where(pixels.max(axis=-1) > 0.5, pixels.argmax(axis=-1) + 1, 0)
+        pixels = numbers.astype(np.uint16)
+    names = {int(d.SegmentNumber): str(d.SegmentLabel) for d in seg.SegmentSequence}
+    return pixels, names
+
+
+def _fill_slice_thickness(sources: Sequence[pydicom.Dataset]) -> None:
+    """Give in-memory sources without SliceThickness (Type 2, often empty) the slice gap.
+
+    highdicom copies the pixel measures of the first source; the files are untouched.
+    """
+    if sources[0].get("SliceThickness") or len(sources) < 2:
+        return
+    normal = slice_normal(sources[0].ImageOrientationPatient)
+    first, second = (np.asarray(ds.ImagePositionPatient, dtype=float) for ds in sources[:2])
+    gap = round(abs(float(np.dot(normal, second - first))), 6)
+    for ds in sources:
+        ds.SliceThickness = gap
+
+
+def nifti_seg_bytes(labels: np.ndarray, geometry: Geometry, scratch: Path) -> bytes:
+    """The label map as .nii.gz bytes on ``geometry`` (the model input's grid), keeping a NIfTI
+    source's qform and sform codes; ``scratch`` is a file name to write through.
+
+    SimpleITK writes both codes as 1 ("scanner") whatever the source said, and no metadata
+    changes that: other codes are set in the header bytes and the file compressed here
+    (ITK's own compression is faster and smaller, so it stays where the codes are 1).
+    """
+    if tuple(reversed(labels.shape)) != tuple(geometry.size):
+        raise ValueError(f"prediction shape {labels.shape} does not match the input size {geometry.size}")
+    image = geometry.apply(
+        sitk.GetImageFromArray(labels.astype(np.uint8 if labels.max() < 256 else np.uint16))
+    )
+    codes = geometry.xform_codes
+    compress_here = codes is not None and codes != _ITK_XFORM_CODES
+    path = scratch.with_name(scratch.name.removesuffix(".gz").removesuffix(".nii") + ".nii")
+    if not compress_here:
+        path = path.with_name(path.name + ".gz")
+    sitk.WriteImage(image, str(path), useCompression=not compress_here)
+    data = path.read_bytes()
+    path.unlink()
+    if not compress_here:
+        return data
+    header = bytearray(data[:_NIFTI1_HEADER_BYTES])
+    order = "<" if int.from_bytes(header[:4], "little") == _NIFTI1_HEADER_BYTES else ">"
+    struct.pack_into(f"{order}hh", header, _NIFTI1_XFORM_CODES, *codes)  # type: ignore[misc]
+    return gzip.compress(bytes(header) + data[_NIFTI1_HEADER_BYTES:], compresslevel=6, mtime=0)
+
+
+def read_dicom_seg(
+    data: bytes, source_sop_instance_uids: Sequence[str], source_frames: int = 1
+) -> tuple[np.ndarray, dict[int, str]]:
+    """Decode a SEG onto its source instances, in the order given, or onto the frames
+    1..``source_frames`` of its one multi-frame source.
+
+    Returns a (z, y, x) array of segment numbers (0 where no segment) and each
+    segment number's label.
+    """
+    return _decode(hd.seg.segread(io.BytesIO(data)), source_sop_instance_uids, source_frames)
+
+
+def read_nifti_seg(data: bytes) -> sitk.Image:
+    """Decode .nii.gz bytes (SimpleITK reads only from files)."""
+    with tempfile.TemporaryDirectory(prefix="asyncflow-read-") as tmp:
+        path = Path(tmp) / "seg.nii.gz"
+        path.write_bytes(data)
+        return sitk.ReadImage(str(path))
