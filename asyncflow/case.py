@@ -9,20 +9,18 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from asyncflow.enums import CaseStatus, SourceKind
+from asyncflow.enums import CaseStatus, FileKind, SourceKind
 
 __all__ = [
     "Case",
     "CaseReport",
     "CaseSource",
-    "CaseStatus",
     "DicomInstance",
     "Found",
     "Geometry",
     "PredictedCase",
     "PreparedCase",
     "SkippedFile",
-    "SourceKind",
 ]
 
 
@@ -50,10 +48,10 @@ class DicomInstance:
 
 @dataclass(frozen=True)
 class Found:
-    """What scanning found one file to be: ``kind`` "dicom" (with its ``instance``), "nifti"
-    or "label" (MITK label JSON); None when it is skipped, with the ``reason``."""
+    """What scanning found one file to be: its ``kind`` (DICOM with its ``instance``), or None
+    when it is skipped, with the ``reason``."""
 
-    kind: str | None
+    kind: FileKind | None
     instance: DicomInstance | None = None
     reason: str | None = None
 

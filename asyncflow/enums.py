@@ -1,7 +1,7 @@
 """The values asyncflow's statuses, kinds and options take, as string enums.
 
 A ``StrEnum`` member is its string: JSON, logs, reports and comparisons with plain
-strings (``status == "done"``) stay as they were; code names the value it means.
+strings (``status == "done"``) work; code names the value it means.
 """
 
 from __future__ import annotations
@@ -11,7 +11,10 @@ from enum import StrEnum
 __all__ = [
     "CaseStatus",
     "DeidentifyProfile",
+    "FileKind",
+    "InputFailure",
     "InputKind",
+    "OutputFormat",
     "RequestStatus",
     "SegCompression",
     "SegType",
@@ -49,6 +52,37 @@ class InputKind(StrEnum):
 
     ARCHIVE = "archive"
     FILE = "file"
+
+
+class InputFailure(StrEnum):
+    """Why a request input could not be used (the report's input ``failure``, beside its
+    ``error`` message); the FLAME Hub counts lost inputs by it, never by their messages."""
+
+    EMPTY = "empty input"
+    TRUNCATED = "truncated compressed input"  # a gz/bz2/xz stream that does not decompress
+    NOT_AN_ARCHIVE = "not an archive"  # named like a TAR, holds none
+    UNREADABLE_ARCHIVE = "unreadable archive"  # a TAR that breaks while it is read
+    OVER_A_LIMIT = "archive over a limit"  # members, bytes, ratio (Settings' max_archive_*)
+
+
+class FileKind(StrEnum):
+    """What a file of an input is, by its content."""
+
+    DICOM = "dicom"
+    NIFTI = "nifti"
+    LABEL = "label"  # MITK label stack JSON (*.mitklabel.json)
+
+
+class OutputFormat(StrEnum):
+    """What a case's output is (``case.exported`` ``format``); :attr:`folder` is where it goes in an
+    output folder and in the FLAME bundle."""
+
+    DICOM_SEG = "dicom_seg"  # a DICOM SEG, its MITK label JSON beside it
+    NIFTI = "nifti"
+
+    @property
+    def folder(self) -> str:
+        return "dicom_seg" if self is OutputFormat.DICOM_SEG else "nifti_seg"
 
 
 class Stage(StrEnum):

@@ -19,6 +19,7 @@ import logging
 import re
 import sys
 import threading
+import time
 import traceback
 from collections.abc import MutableMapping
 from types import TracebackType
@@ -26,7 +27,7 @@ from typing import Any, TextIO
 
 import structlog
 
-__all__ = ["configure_logging", "get_logger", "scrub", "take_over_logging"]
+__all__ = ["Stopwatch", "bound_case", "configure_logging", "get_logger", "scrub", "take_over_logging"]
 
 _HANDLER_NAME = "asyncflow"
 _QUIET_LIBRARIES = ("httpx", "httpcore")  # a line per HTTP request at DEBUG/INFO (the FLAME SDK's)
@@ -134,7 +135,7 @@ def _log_unhandled(kind: type[BaseException], error: BaseException, tb: Tracebac
         sys.__excepthook__(kind, error, tb)
         return
     frames = "".join(traceback.format_exception(kind, error, tb))
-    log = get_logger("asyncflow.log")
+    log = get_logger(__name__)
     log.error(
         "exception.unhandled",
         error_type=kind.__name__,
@@ -175,5 +176,31 @@ def _route_standard_logging(stream: TextIO, level: int, shared: list[Any], rende
     logging.captureWarnings(True)  # warnings.warn (torch, nnU-Net) as records of "py.warnings"
 
 
-def get_logger(name: str = "asyncflow") -> Any:
+def get_logger(name: str) -> Any:
+    """A module's logger, named by its ``__name__``. The name is not part of the log contract:
+    asyncflow's events carry no logger field (``library.logged`` names the library's)."""
     return structlog.get_logger(name)
+
+
+def bound_case(case_id: str) -> contextlib.AbstractContextManager[None]:
+    """Every event logged inside carries ``case_id`` (a contextvar: the worker threads that
+    ``anyio.to_thread`` starts from inside see it too)."""
+    return structlog.contextvars.bound_contextvars(case_id=case_id)
+
+
+class Stopwatch:
+    """Seconds since it was made (``time.perf_counter``); :attr:`duration_s` is what an event
+    carries (rounded to 0.1 ms)."""
+
+    __slots__ = ("started",)
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+    @property
+    def duration_s(self) -> float:
+        return round(self.seconds, 4)

@@ -16,13 +16,12 @@ from typing import Any, Literal, NamedTuple, cast
 
 from asyncflow.enums import DeidentifyProfile, SegCompression, SegType
 from asyncflow.errors import SettingsError
-from asyncflow.pipeline.budget import available_memory_bytes
+from asyncflow.machine import available_memory_bytes, cores, half_the_cores
 from asyncflow.reading.archives import ArchiveLimits
 
 __all__ = [
     "ModelLocation",
     "Settings",
-    "SettingsError",
     "default_export_workers",
     "default_python_workers",
     "default_workers",
@@ -57,7 +56,7 @@ def default_workers() -> int:
     release the GIL (benchmarks/gil.py), so they scale with the cores that feed a GPU;
     the memory budget, not the worker count, keeps them within memory.
     """
-    return max(1, min(16, os.cpu_count() or 1))
+    return min(16, cores())
 
 
 def default_python_workers() -> int:
@@ -67,13 +66,13 @@ def default_python_workers() -> int:
     more threads than that only take turns, and on 2 cores two of them starved the
     prediction worker (benchmarks/RESULTS.md).
     """
-    return max(1, min(4, (os.cpu_count() or 1) // 2))
+    return min(4, half_the_cores())
 
 
 def default_export_workers() -> int:
     """Export workers: one per two cores, at least one, at most eight. nnU-Net's resampling of
     the logits (most of their time) partly releases the GIL; the SEG build holds it."""
-    return max(1, min(8, (os.cpu_count() or 1) // 2))
+    return min(8, half_the_cores())
 
 
 def packaged_demo_model() -> Path:
@@ -154,7 +153,7 @@ class Settings:
     opaque_names: bool = False
 
     # Outputs: DICOM SEG
-    label_config: Path | None = None  # JSON/YAML label names, codes, colours (asyncflow.labels.segment)
+    label_config: Path | None = None  # JSON/YAML label names, codes, colours (asyncflow.labels.config)
     seg_type: str = "BINARY"  # BINARY, FRACTIONAL or LABELMAP (readers may not know LABELMAP yet)
     seg_keep_empty_frames: bool = False  # a frame for every slice and segment, even empty ones
     seg_compression: str = "none"  # none, rle, jpeg2000, jpegls (FRACTIONAL and LABELMAP only)

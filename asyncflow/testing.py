@@ -51,6 +51,7 @@ class FakeBackend:
 
     needs_files = False
     steps = None  # predict returns label maps on the cases' grids
+    device = "cpu"  # it runs no network
 
     def __init__(
         self,

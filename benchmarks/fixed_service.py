@@ -29,6 +29,7 @@ class FixedServiceBackend:
     max_batch = 1
     needs_files = False
     steps = None  # it returns label maps: no model CPU work around it
+    device = "stand-in"  # for a GPU
 
     def __init__(self, info: ModelInfo, service_s: float) -> None:
         self.info = info

@@ -39,9 +39,11 @@ from asyncflow.backends.base import ModelInfo
 from asyncflow.backends.nnunet_v2 import Logits, NnUNetV2Steps
 from asyncflow.case import PredictedCase
 from asyncflow.cli.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom, replanned_model
-from asyncflow.reading.archives import request_items, unpack
-from asyncflow.reading.assemble import CaseBuilder, scan
+from asyncflow.reading.archives import unpack
+from asyncflow.reading.assemble import CaseBuilder
 from asyncflow.reading.prepare import prepare_case
+from asyncflow.reading.request import request_items
+from asyncflow.reading.scan import scan
 from asyncflow.settings import Settings
 from asyncflow.writing.export import export_case
 from asyncflow.writing.seg import Algorithm, SegOptions

@@ -54,10 +54,12 @@ from asyncflow.backends import Backend, ModelSteps
 from asyncflow.case import Case, PredictedCase, PreparedCase
 from asyncflow.cli.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom
 from asyncflow.log import configure_logging
-from asyncflow.pipeline.budget import peak_rss_bytes
-from asyncflow.reading.archives import request_items, unpack
-from asyncflow.reading.assemble import CaseBuilder, scan
+from asyncflow.machine import peak_rss_bytes
+from asyncflow.reading.archives import unpack
+from asyncflow.reading.assemble import CaseBuilder
 from asyncflow.reading.prepare import prepare_case
+from asyncflow.reading.request import request_items
+from asyncflow.reading.scan import scan
 from asyncflow.settings import Settings, packaged_demo_model
 from asyncflow.writing.export import export_case, export_output
 from asyncflow.writing.seg import Algorithm, SegOptions

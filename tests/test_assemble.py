@@ -9,9 +9,11 @@ from pydicom.uid import BasicTextSRStorage, SegmentationStorage
 
 from asyncflow.cli.synthetic import dicom_series_datasets, make_phantom, nifti_bytes
 from asyncflow.enums import SourceKind
-from asyncflow.reading.archives import InputItem, unpack
-from asyncflow.reading.assemble import CaseBuilder, scan
+from asyncflow.reading.archives import unpack
+from asyncflow.reading.assemble import CaseBuilder
 from asyncflow.reading.dicom import order_series, read_instance
+from asyncflow.reading.request import InputItem
+from asyncflow.reading.scan import scan
 
 
 def _series(rng: np.random.Generator, slices: int = 6, **kwargs: object):

@@ -144,7 +144,7 @@ def test_nifti_outputs_carry_no_text_of_their_source(tmp_path: Path) -> None:
     import nibabel
 
     from asyncflow.case import Geometry
-    from asyncflow.writing.seg import nifti_seg_bytes
+    from asyncflow.writing.nifti import nifti_seg_bytes
 
     source = nibabel.Nifti1Image(np.zeros((8, 9, 10), np.int16), np.diag([0.8, 0.8, 2.0, 1.0]))
     source.header["descrip"] = b"Doe^Jane 19230405"

@@ -27,7 +27,7 @@ from asyncflow.cli import main
 from asyncflow.cli.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom
 from asyncflow.log import configure_logging
 from asyncflow.testing import FakeBackend
-from asyncflow.writing.seg import read_nifti_seg
+from asyncflow.writing.nifti import read_nifti_seg
 
 pytestmark = pytest.mark.anyio
 
@@ -37,6 +37,7 @@ class _FailsOnCase:
 
     def __init__(self, backend: Backend, case_id: str) -> None:
         self.backend, self.case_id, self.info, self.steps = backend, case_id, backend.info, backend.steps
+        self.device = backend.device
 
     max_batch = 1
 

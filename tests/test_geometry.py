@@ -23,9 +23,11 @@ from pydicom.uid import generate_uid
 from asyncflow.case import PredictedCase
 from asyncflow.cli.synthetic import Phantom, dicom_series_datasets, make_phantom
 from asyncflow.labels.segment import labels_from_dataset_json
-from asyncflow.reading.archives import request_items, unpack
-from asyncflow.reading.assemble import CaseBuilder, scan
+from asyncflow.reading.archives import unpack
+from asyncflow.reading.assemble import CaseBuilder
 from asyncflow.reading.prepare import prepare_case
+from asyncflow.reading.request import request_items
+from asyncflow.reading.scan import scan
 from asyncflow.writing.export import export_case
 from asyncflow.writing.seg import Algorithm, SegOptions, dicom_seg_bytes, read_dicom_seg
 

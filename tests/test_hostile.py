@@ -28,9 +28,11 @@ from asyncflow.case import Case
 from asyncflow.cli.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom, nifti_bytes
 from asyncflow.enums import SourceKind
 from asyncflow.log import configure_logging
-from asyncflow.reading.archives import ArchiveLimits, InputItem, request_items, unpack
-from asyncflow.reading.assemble import CaseBuilder, scan
+from asyncflow.reading.archives import ArchiveLimits, unpack
+from asyncflow.reading.assemble import CaseBuilder
 from asyncflow.reading.prepare import prepare_case
+from asyncflow.reading.request import InputItem, request_items
+from asyncflow.reading.scan import scan
 
 
 def _member(name: str, data: bytes = b"x", kind: bytes = tarfile.REGTYPE, link: str = "") -> tuple:

@@ -16,16 +16,10 @@ from helpers import dicom_bytes, make_tar
 
 from asyncflow import RequestError
 from asyncflow.cli.synthetic import dicom_series_datasets, make_phantom, nifti_bytes
-from asyncflow.reading.archives import (
-    InputItem,
-    UnpackedInput,
-    Withhold,
-    request_items,
-    restore_files,
-    sanitise_relpath,
-    unpack,
-)
-from asyncflow.reading.assemble import classify, scan
+from asyncflow.reading.archives import UnpackedInput, Withhold, restore_files, unpack
+from asyncflow.reading.names import sanitise_relpath
+from asyncflow.reading.request import InputItem, request_items
+from asyncflow.reading.scan import classify, scan
 
 
 def test_request_items_accepts_bytes_mappings_and_paths(tmp_path: Path) -> None:

@@ -18,14 +18,9 @@ from asyncflow.backends import Backend
 from asyncflow.case import Case, Geometry, PredictedCase, PreparedCase
 from asyncflow.cli.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom, nifti_bytes
 from asyncflow.enums import SourceKind
+from asyncflow.labels.config import load_label_config, merge_labels
 from asyncflow.labels.mitk import MITK_TYPE, mitk_label_json, read_mitk_labels
-from asyncflow.labels.segment import (
-    Code,
-    color_for,
-    labels_from_dataset_json,
-    load_label_config,
-    merge_labels,
-)
+from asyncflow.labels.segment import Code, color_for, labels_from_dataset_json
 from asyncflow.writing.export import export_case
 from asyncflow.writing.seg import Algorithm, SegOptions
 

@@ -25,7 +25,8 @@ from helpers import dicom_bytes, make_tar
 
 from asyncflow import run_request
 from asyncflow.cli.synthetic import Phantom, dicom_series_datasets, make_phantom, nifti_bytes
-from asyncflow.writing.seg import read_dicom_seg, read_nifti_seg
+from asyncflow.writing.nifti import read_nifti_seg
+from asyncflow.writing.seg import read_dicom_seg
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.model]
 

@@ -28,7 +28,8 @@ from asyncflow.cli.synthetic import (
 from asyncflow.log import configure_logging
 from asyncflow.reading.archives import unpack
 from asyncflow.testing import FakeBackend
-from asyncflow.writing.seg import read_dicom_seg, read_nifti_seg
+from asyncflow.writing.nifti import read_nifti_seg
+from asyncflow.writing.seg import read_dicom_seg
 
 pytestmark = pytest.mark.anyio
 
@@ -295,6 +296,7 @@ class _CountingBackend:
     def __init__(self, inner: Backend) -> None:
         self.info = inner.info
         self.steps = inner.steps
+        self.device = inner.device
         self._inner = inner
         self.running = 0
         self.most_at_once = 0

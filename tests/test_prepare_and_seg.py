@@ -19,15 +19,14 @@ from asyncflow.errors import SegCheckError
 from asyncflow.labels.segment import labels_from_dataset_json
 from asyncflow.reading.dicom import read_instance
 from asyncflow.reading.prepare import prepare_case
+from asyncflow.writing.nifti import nifti_seg_bytes, read_nifti_seg
 from asyncflow.writing.seg import (
     Algorithm,
     SegOptions,
     check_dicom_seg,
     dicom_seg_bytes,
     label_values,
-    nifti_seg_bytes,
     read_dicom_seg,
-    read_nifti_seg,
 )
 
 LABELS = labels_from_dataset_json({"labels": {"background": 0, "liver": 1, "tumor": 2, "vessel": 3}})

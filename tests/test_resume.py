@@ -229,7 +229,7 @@ def test_the_output_folder_is_refused_overwritten_or_resumed_as_asked(tmp_path: 
 
 def test_the_model_key_changes_with_the_model_and_every_result_changing_setting(tmp_path: Path) -> None:
     from asyncflow.backends import ModelInfo
-    from asyncflow.pipeline.journal import model_key
+    from asyncflow.pipeline.keys import model_key
     from asyncflow.settings import Settings
 
     model = tmp_path / "model"

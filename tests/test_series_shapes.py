@@ -20,9 +20,11 @@ from pydicom.uid import generate_uid
 from asyncflow import RequestError, Result, run_request
 from asyncflow.cli.synthetic import dicom_series_datasets, make_phantom
 from asyncflow.reading import assemble
-from asyncflow.reading.archives import InputItem, unpack
-from asyncflow.reading.assemble import CaseBuilder, scan
+from asyncflow.reading.archives import unpack
+from asyncflow.reading.assemble import CaseBuilder
 from asyncflow.reading.prepare import prepare_case
+from asyncflow.reading.request import InputItem
+from asyncflow.reading.scan import scan
 from asyncflow.settings import Settings
 from asyncflow.testing import FakeBackend
 

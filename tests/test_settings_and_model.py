@@ -139,14 +139,3 @@ def test_the_public_face_is_importable_from_the_package() -> None:
     }
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         asyncflow.nothing  # noqa: B018
-
-
-def test_each_module_keeps_to_one_job_and_the_shells_do_not_import_the_orchestrator() -> None:
-    """No module of the package over 500 lines (one that grows past it has taken a second job),
-    and what the CLI, demo, FLAME shell and Hub reporter return comes without the pipeline."""
-
-    import asyncflow
-
-    package = Path(asyncflow.__file__).parent
-    sizes = {str(p.relative_to(package)): len(p.read_text().splitlines()) for p in package.rglob("*.py")}
-    assert {name: lines for name, lines in sizes.items() if lines > 500} == {}

@@ -19,10 +19,12 @@ import asyncflow.writing.export
 from asyncflow import LabelError, run_request
 from asyncflow.cli import main
 from asyncflow.cli.synthetic import dicom_series_datasets, make_phantom, nifti_bytes
-from asyncflow.labels.segment import labels_from_dataset_json, merge_labels, parse_label_overrides
+from asyncflow.labels.config import merge_labels, parse_label_overrides
+from asyncflow.labels.segment import labels_from_dataset_json
 from asyncflow.log import configure_logging
 from asyncflow.stats.measure import CSV_FIELDS, measure_labels
-from asyncflow.writing.seg import read_dicom_seg, read_nifti_seg
+from asyncflow.writing.nifti import read_nifti_seg
+from asyncflow.writing.seg import read_dicom_seg
 
 pytestmark = pytest.mark.anyio
 

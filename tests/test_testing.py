@@ -12,7 +12,8 @@ from helpers import dicom_bytes, make_tar, phantom_nifti
 from asyncflow import Settings, run_request_sync
 from asyncflow.cli.synthetic import dicom_series_datasets, make_phantom, nifti_bytes
 from asyncflow.testing import FakeBackend, image_array
-from asyncflow.writing.seg import read_dicom_seg, read_nifti_seg
+from asyncflow.writing.nifti import read_nifti_seg
+from asyncflow.writing.seg import read_dicom_seg
 
 
 def _settings(tmp_path: Path) -> Settings:

@@ -15,9 +15,11 @@ from asyncflow.case import PredictedCase
 from asyncflow.cli.synthetic import dicom_series_datasets, make_phantom
 from asyncflow.labels.segment import TISSUE, labels_from_dataset_json
 from asyncflow.labels.vocabulary import concept_for
-from asyncflow.reading.archives import InputItem, unpack
-from asyncflow.reading.assemble import CaseBuilder, scan
+from asyncflow.reading.archives import unpack
+from asyncflow.reading.assemble import CaseBuilder
 from asyncflow.reading.prepare import prepare_case
+from asyncflow.reading.request import InputItem
+from asyncflow.reading.scan import scan
 from asyncflow.writing.export import export_case
 from asyncflow.writing.seg import Algorithm, SegOptions
 

@@ -15,8 +15,9 @@ import numpy as np
 from asyncflow.case import PreparedCase
 from asyncflow.errors import ModelError
 from asyncflow.labels.segment import SegmentLabel, labels_from_dataset_json
+from asyncflow.settings import MODEL_DEFAULTS
 
-__all__ = ["Backend", "ModelError", "ModelInfo", "ModelSteps"]
+__all__ = ["Backend", "ModelInfo", "ModelSteps", "NetworkTimed"]
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class ModelInfo:
         folder: Path,
         *,
         folds: Sequence[int | str] | None = None,
-        checkpoint: str = "checkpoint_final.pth",
+        checkpoint: str = MODEL_DEFAULTS["v2"]["checkpoint"],
     ) -> ModelInfo:
         try:
             dataset = json.loads((folder / "dataset.json").read_text())
@@ -63,8 +64,8 @@ class ModelInfo:
             trainer, plans_name, configuration = parts
         else:
             configs = list(plans.get("configurations", {}))
-            trainer = "nnUNetTrainer"
-            plans_name = str(plans.get("plans_name", "nnUNetPlans"))
+            trainer = MODEL_DEFAULTS["v2"]["trainer"]
+            plans_name = str(plans.get("plans_name", MODEL_DEFAULTS["v2"]["plans"]))
             configuration = configs[0] if len(configs) == 1 else "unknown"
         return cls(
             folder=folder,
@@ -85,7 +86,7 @@ class ModelInfo:
         folder: Path,
         *,
         folds: Sequence[int | str] | None = None,
-        checkpoint: str = "model_final_checkpoint",
+        checkpoint: str = MODEL_DEFAULTS["v1"]["checkpoint"],
     ) -> ModelInfo:
         """An nnU-Net v1 model: ``RESULTS_FOLDER/nnUNet/<configuration>/<task>/<trainer>__<plans>``.
 
@@ -202,6 +203,14 @@ class ModelSteps(Protocol):
 
 
 @runtime_checkable
+class NetworkTimed(Protocol):
+    """A backend output that knows the seconds its case spent in the network (v2's logits):
+    ``case.predicted`` then tells them apart from the worker's whole hold."""
+
+    network_s: float
+
+
+@runtime_checkable
 class Backend(Protocol):
     """Predicts prepared cases, up to ``max_batch`` cases per call.
 
@@ -215,12 +224,14 @@ class Backend(Protocol):
     after it), or None when ``predict`` itself returns (z, y, x) integer label
     maps on the cases' ``geometry`` (v1: ``nnUNet_predict`` does it all).
     ``needs_files``: the backend reads ``channel_files`` (else the in-memory
-    ``images`` suffice and no input file is written).
+    ``images`` suffice and no input file is written). ``device``: where the network runs
+    (``cpu``, ``cuda``, ``cuda:N``; ``model.loaded`` names it once ``load`` has run).
     """
 
     info: ModelInfo
     max_batch: int
     needs_files: bool
+    device: str
 
     @property
     def steps(self) -> ModelSteps | None: ...

@@ -34,7 +34,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import time
 import weakref
 from collections import deque
 from collections.abc import Sequence
@@ -48,11 +47,12 @@ from anyio.abc import ByteReceiveStream, Process
 from asyncflow.backends.base import ModelInfo
 from asyncflow.case import Geometry, PreparedCase
 from asyncflow.errors import ModelError, V1RunError
-from asyncflow.log import get_logger, scrub
+from asyncflow.log import Stopwatch, get_logger, scrub
+from asyncflow.machine import half_the_cores
 
-__all__ = ["NnUNetV1Backend", "V1RunError"]
+__all__ = ["NnUNetV1Backend"]
 
-log = get_logger("asyncflow.backends.nnunet_v1")
+log = get_logger(__name__)
 
 _STDERR_TAIL_LINES = 15
 
@@ -133,7 +133,7 @@ class NnUNetV1Backend:
         env["PYTHONUNBUFFERED"] = "1"
         env["RESULTS_FOLDER"] = str(self._overlay or self.info.folder.parents[3])
         env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
-        threads = str(self.torch_threads or max(1, (os.cpu_count() or 2) // 2))
+        threads = str(self.torch_threads or half_the_cores())
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = threads
         if self.device == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""
@@ -179,7 +179,7 @@ class NnUNetV1Backend:
         limit = self.case_timeout_s * cases
         stdout: deque[str] = deque(maxlen=400)
         stderr: deque[str] = deque(maxlen=_STDERR_TAIL_LINES)
-        started = time.perf_counter()
+        watch = Stopwatch()
         try:
             process = await anyio.open_process(command, env=self.environment(), start_new_session=True)
         except OSError as exc:
@@ -198,13 +198,12 @@ class NnUNetV1Backend:
                     _kill_session(process)
                     await process.wait()
                 await process.aclose()
-        duration = time.perf_counter() - started
         log.info(
             "nnunet_v1.finished",
             cases=cases,
             returncode=returncode,
             timed_out=returncode is None,
-            duration_s=round(duration, 4),
+            duration_s=watch.duration_s,
         )
         for line in stdout:
             log.debug("model.notice", text=scrub(line[:300]))

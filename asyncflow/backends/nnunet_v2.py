@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,11 +34,12 @@ import SimpleITK as sitk
 from asyncflow.backends.base import ModelInfo
 from asyncflow.case import PreparedCase
 from asyncflow.errors import ModelError
-from asyncflow.log import get_logger
+from asyncflow.log import Stopwatch, get_logger
+from asyncflow.machine import half_the_cores
 
 __all__ = ["Logits", "ModelInput", "NnUNetV2Backend", "NnUNetV2Steps"]
 
-log = get_logger("asyncflow.backends.nnunet_v2")
+log = get_logger(__name__)
 
 
 @dataclass
@@ -238,7 +237,7 @@ class NnUNetV2Backend:
         elif name == "cpu":
             # Prepare and export threads run beside prediction: leave them half the cores.
             # (Measured here: 2 torch threads on a busy 2-core machine run up to 20x slower.)
-            torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+            torch.set_num_threads(half_the_cores())
         device = torch.device(name)
         predictor = self._initialise(nnUNetPredictor, device)
         if predictor.configuration_manager.configuration != self.steps.configuration_manager.configuration:
@@ -292,9 +291,9 @@ class NnUNetV2Backend:
         model_input = prepared.model_input
         if not isinstance(model_input, ModelInput):
             raise TypeError("predict() needs the case as NnUNetV2Steps.preprocess() left it")
-        started = time.perf_counter()
+        watch = Stopwatch()
         array = self._predictor.predict_logits_from_preprocessed_data(torch.from_numpy(model_input.data))
-        return Logits(array.cpu(), model_input.properties, time.perf_counter() - started)
+        return Logits(array.cpu(), model_input.properties, watch.seconds)
 
 
 def _write(image: sitk.Image, path: Path) -> Path:

@@ -1,5 +1,13 @@
 """The command line: ``asyncflow run``, ``demo`` and ``flame`` over the pipeline, ``stats`` and
-``monitor`` over what runs leave (:func:`main`)."""
+``monitor`` over what runs leave.
+
+- :mod:`~asyncflow.cli.main`: :func:`main`, each command, exit codes
+- :mod:`~asyncflow.cli.parser`: the commands' options, and the settings they name
+- :mod:`~asyncflow.cli.progress`: the live progress line on a terminal
+- :mod:`~asyncflow.cli.monitor`: ``asyncflow monitor``, reading the JSON logs back
+- :mod:`~asyncflow.cli.demo`: ``asyncflow demo``'s inputs and its Dice scores
+- :mod:`~asyncflow.cli.synthetic`: synthetic CT phantoms (the demo, the tiny model's training, tests)
+"""
 
 from asyncflow.cli.main import main
 

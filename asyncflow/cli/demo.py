@@ -22,7 +22,8 @@ from asyncflow.cli.synthetic import (
     make_phantom,
     nifti_bytes,
 )
-from asyncflow.writing.seg import read_dicom_seg, read_nifti_seg
+from asyncflow.writing.nifti import read_nifti_seg
+from asyncflow.writing.seg import read_dicom_seg
 
 __all__ = ["DemoInputs", "score", "write_demo_inputs"]
 

@@ -22,7 +22,7 @@ from asyncflow.backends.base import Backend, ModelInfo
 from asyncflow.cli.parser import build_parser, overrides, statistics_bounds
 from asyncflow.cli.progress import ProgressDisplay
 from asyncflow.errors import LabelError, ModelError, RequestError, SettingsError
-from asyncflow.log import configure_logging
+from asyncflow.log import Stopwatch, configure_logging
 from asyncflow.pipeline.journal import OutputFolder
 from asyncflow.pipeline.run import run_request_sync
 from asyncflow.result import Result
@@ -218,7 +218,7 @@ def main(argv: Sequence[str] | None = None, *, backend: Backend | Sequence[Backe
     a backend (or one per device) for ``run`` and ``demo`` to predict with instead of the one the
     model options name, as ``run_request(backend=...)`` takes it."""
     args = build_parser().parse_args(argv)
-    started = time.perf_counter()
+    watch = Stopwatch()
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
         "flame": _flame,
         "monitor": _monitor,
@@ -231,7 +231,7 @@ def main(argv: Sequence[str] | None = None, *, backend: Backend | Sequence[Backe
         print(f"asyncflow: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        print(f"asyncflow: interrupted after {time.perf_counter() - started:.1f} s", file=sys.stderr)
+        print(f"asyncflow: interrupted after {watch.seconds:.1f} s", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader went away (| head): no traceback, and none at exit either
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

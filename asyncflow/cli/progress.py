@@ -2,7 +2,7 @@
 
 On a terminal it shows cases done, failed and known, the stage each running case
 is in, the time elapsed and an ETA from the rate observed so far, redrawn twice a
-second by a thread of its own (a long prediction no longer freezes it). Log lines
+second by a thread of its own, so it moves during a long prediction. Log lines
 are written above it. The line is rendered by tqdm's ``format_meter``: tqdm is
 already a dependency (nnU-Net uses it), so the bar, rate and time formats are the
 familiar ones, and one more library (rich) for a single line was not worth it.

@@ -148,40 +148,37 @@ class nnUNetAnalyzer(StarAnalyzer):  # the reference's name, which users know
         }
 
 
-class ZipAggregator(StarAggregator):
-    """Packs every node's result into one ZIP (bytes) with a manifest: see :mod:`asyncflow.flame.bundle`."""
+class _OneRound(StarAggregator):
+    """An aggregator of one round (segmentation needs no iterations) that reports to the Hub."""
 
     def __init__(self, flame: Any) -> None:
         super().__init__(flame)
         self.hub = HubReporter(flame)
+
+    def has_converged(self, result: Any, last_result: Any, num_iterations: int = 0) -> bool:
+        return True
+
+
+class ZipAggregator(_OneRound):
+    """Packs every node's result into one ZIP (bytes) with a manifest: see :mod:`asyncflow.flame.bundle`."""
 
     def aggregation_method(self, analysis_results: list[Any]) -> bytes:
         bundle = pack_node_results(analysis_results)
         self.hub.log(f"bundled the results of {len(analysis_results)} node(s): {len(bundle)} bytes")
         return bundle
 
-    def has_converged(self, result: Any, last_result: Any, num_iterations: int = 0) -> bool:
-        return True  # one round: segmentation needs no iterations
 
-
-class PassThroughAggregator(StarAggregator):
+class PassThroughAggregator(_OneRound):
     """The reference's aggregator: the list of node results, unchanged (the analyst gets a pickle)."""
 
     def aggregation_method(self, analysis_results: list[Any]) -> list[Any]:
         return analysis_results
 
-    def has_converged(self, result: Any, last_result: Any, num_iterations: int = 0) -> bool:
-        return True
 
-
-class StatisticsAggregator(StarAggregator):
+class StatisticsAggregator(_OneRound):
     """Merges the nodes' statistics (``analyzer_kwargs={"result": "statistics"}``) into per-label
     figures per node and overall, as JSON text: see :mod:`asyncflow.stats.aggregate`. A node that sent
     no statistics (no usable case, another result kind) is listed with its status and error."""
-
-    def __init__(self, flame: Any) -> None:
-        super().__init__(flame)
-        self.hub = HubReporter(flame)
 
     def aggregation_method(self, analysis_results: list[Any]) -> str:
         nodes, without = {}, []
@@ -200,9 +197,6 @@ class StatisticsAggregator(StarAggregator):
         merged = {**merge_nodes(nodes), "nodes_without_statistics": without}
         self.hub.log(f"merged the statistics of {len(nodes)} node(s); {len(without)} sent none")
         return json.dumps(merged, indent=2)
-
-    def has_converged(self, result: Any, last_result: Any, num_iterations: int = 0) -> bool:
-        return True
 
 
 AGGREGATORS: dict[str, tuple[type[StarAggregator], str]] = {

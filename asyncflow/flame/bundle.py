@@ -25,11 +25,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from asyncflow._version import __version__
-from asyncflow.reading.archives import sanitise_relpath
+from asyncflow.reading.names import sanitise_relpath
 
 __all__ = ["BUNDLE_FORMAT", "MANIFEST", "pack_node_results"]
 
-BUNDLE_FORMAT = "asyncflow.flame.analysis-bundle/1"
+BUNDLE_FORMAT = "asyncflow.flame-bundle/1"
 MANIFEST = "manifest.json"
 _CONTRACT = ("dicom_seg_bytes", "nifti_seg_bytes")
 # result key -> folder in the ZIP; label_json_bytes (MITK label JSON beside each SEG) is optional

@@ -22,7 +22,7 @@ from asyncflow.result import Progress, Result
 
 __all__ = ["FLAME_LOG_TYPES", "FlameLike", "HubReporter", "hub_text"]
 
-log = get_logger("asyncflow.flame.hub")
+log = get_logger(__name__)
 
 #: The only log types ``flame.flame_log`` accepts; ``error`` marks the analysis failed.
 FLAME_LOG_TYPES = frozenset({"debug", "info", "notice", "warn", "alert", "emerg", "error", "crit"})
@@ -48,25 +48,9 @@ def _failures(result: Result) -> str:
     return ", ".join(f"{what} x{n}" for what, n in counts.most_common())
 
 
-# The start of asyncflow's own input errors (inputs.unpack) -> the class a Hub line names.
-_INPUT_ERRORS = {
-    "archive could not be read": "unreadable archive",
-    "archive refused": "archive over a limit",
-    "compressed input is truncated": "truncated compressed input",
-    "not a TAR archive": "not an archive",
-    "empty input": "empty input",
-}
-
-
 def _lost(result: Result) -> str:
     """Inputs that could not be read and archive members refused, by reason class."""
-    counts: Counter[str] = Counter()
-    for entry in result.inputs:
-        if entry["error"]:
-            error = str(entry["error"])
-            counts[
-                next((c for p, c in _INPUT_ERRORS.items() if error.startswith(p)), "unreadable input")
-            ] += 1
+    counts = Counter(str(entry["failure"]) for entry in result.inputs if entry["failure"])
     counts["refused archive member"] += sum(s.refused for s in result.skipped)
     return ", ".join(f"{what} x{n}" for what, n in counts.most_common() if n)
 

@@ -16,7 +16,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from asyncflow.errors import LabelError
-from asyncflow.labels.segment import SegmentLabel, parse_label_overrides
+from asyncflow.labels.config import parse_label_overrides
+from asyncflow.labels.segment import SegmentLabel
 
 __all__ = ["MITK_SUFFIX", "MITK_TYPE", "is_mitk_label_json", "mitk_label_json", "read_mitk_labels"]
 

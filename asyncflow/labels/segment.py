@@ -1,42 +1,35 @@
-"""Label metadata for segments: names, coded concepts, colours, tracking ids.
+"""A segment's label: its name, coded concepts, colour and tracking ids, and the labels a model
+declares.
 
-Sources, merged in this order (later wins, field by field):
-
-1. the model's ``dataset.json`` (names; nnU-Net v2 ``{name: value}`` or v1
-   ``{"value": name}``), with the standard codes :mod:`asyncflow.labels.vocabulary` finds
-   for the names in DICOM's code dictionaries;
-2. a label configuration file given by the user (JSON or YAML), see
-   :func:`load_label_config`;
-3. a ``*.mitklabel.json`` supplied with the case's input (:mod:`asyncflow.labels.mitk`).
-
+A model's ``dataset.json`` names its labels (nnU-Net v2 ``{name: value}`` or v1
+``{"value": name}``); :func:`labels_from_dataset_json` gives each the standard codes
+:mod:`asyncflow.labels.vocabulary` finds for its name in DICOM's code dictionaries.
 Unknown labels keep their name and get a generic but valid concept (Tissue).
 Colours are deterministic: a fixed colour for known structures, otherwise one
-derived from the label's name, so a structure looks the same in every SEG.
+derived from the label's name, so a structure looks the same in every SEG. A
+user's label configuration and a supplied MITK label file change them field by
+field (:mod:`asyncflow.labels.config`).
 """
 
 from __future__ import annotations
 
 import colorsys
 import hashlib
-import json
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any
 
-from asyncflow.errors import LabelError
 from asyncflow.labels.vocabulary import concept_for
 
 __all__ = [
+    "RGB",
+    "TISSUE",
     "Code",
-    "LabelError",
     "SegmentLabel",
     "color_for",
     "label_for",
     "labels_from_dataset_json",
-    "load_label_config",
-    "merge_labels",
-    "parse_label_overrides",
+    "named_label",
 ]
 
 RGB = tuple[float, float, float]
@@ -98,7 +91,7 @@ def color_for(name: str) -> RGB:
     return (round(r, 3), round(g, 3), round(b, 3))
 
 
-def _named(value: int, name: str) -> SegmentLabel:
+def named_label(value: int, name: str) -> SegmentLabel:
     """A label with the standard concept its name stands for, else the generic Tissue."""
     concept = concept_for(name)
     if concept is None:
@@ -130,7 +123,7 @@ def labels_from_dataset_json(dataset: Mapping[str, Any]) -> dict[int, SegmentLab
             continue
         if int(value) == 0 or name == "ignore":
             continue
-        result[int(value)] = _named(int(value), name)
+        result[int(value)] = named_label(int(value), name)
     organs = {label.type for label in result.values() if label.category == ANATOMICAL_STRUCTURE}
     if len(organs) == 1:
         (organ,) = organs
@@ -143,129 +136,3 @@ def labels_from_dataset_json(dataset: Mapping[str, Any]) -> dict[int, SegmentLab
 def label_for(labels: Mapping[int, SegmentLabel], value: int) -> SegmentLabel:
     """The label of a value, or a generic one named after the value."""
     return labels.get(value) or SegmentLabel(value, f"Label {value}", TISSUE, TISSUE)
-
-
-# -- overrides ------------------------------------------------------------------------
-
-_OVERRIDABLE = {f.name for f in fields(SegmentLabel)} - {"value"}
-
-
-def _code(value: object, where: str) -> Code:
-    if isinstance(value, Mapping):
-        try:
-            return Code(str(value["value"]), str(value["scheme"]), str(value["meaning"]))
-        except KeyError as exc:
-            raise LabelError(f"{where}: a code needs value, scheme and meaning (missing {exc})") from None
-    if isinstance(value, list | tuple) and len(value) == 3:
-        return Code(*(str(v) for v in value))
-    raise LabelError(f"{where}: a code is {{value, scheme, meaning}} or [value, scheme, meaning]")
-
-
-def _color(value: object, where: str) -> RGB:
-    if isinstance(value, str) and value.startswith("#") and len(value) == 7:
-        channels = [int(value[i : i + 2], 16) / 255 for i in (1, 3, 5)]
-    elif isinstance(value, list | tuple) and len(value) == 3:
-        channels = [float(v) for v in value]
-    else:
-        raise LabelError(f"{where}: a colour is [r, g, b] with values 0..1, or '#rrggbb'")
-    if not all(0 <= c <= 1 for c in channels):
-        raise LabelError(f"{where}: colour values must lie in 0..1")
-    return (channels[0], channels[1], channels[2])
-
-
-def _volume_range(value: object, where: str) -> tuple[float, float]:
-    try:
-        low, high = (float(v) for v in value)  # type: ignore[attr-defined]
-    except (TypeError, ValueError):
-        raise LabelError(f"{where}: a plausible volume is [low, high] in ml") from None
-    if not 0 <= low <= high:
-        raise LabelError(f"{where}: a plausible volume needs 0 <= low <= high, not [{low}, {high}]")
-    return low, high
-
-
-def parse_label_overrides(labels: Mapping[Any, Any], source: str) -> dict[int, dict[str, Any]]:
-    """``{value: {field: value}}`` from plain data, checked, with typed codes and colours."""
-    result: dict[int, dict[str, Any]] = {}
-    for key, entry in labels.items():
-        where = f"{source}: label {key}"
-        if not str(key).lstrip("-").isdigit() or int(key) <= 0:
-            raise LabelError(f"{where}: label values are positive integers")
-        if not isinstance(entry, Mapping):
-            raise LabelError(f"{where}: expected a mapping of fields")
-        unknown = sorted(set(entry) - _OVERRIDABLE)
-        if unknown:
-            raise LabelError(
-                f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(_OVERRIDABLE))}"
-            )
-        parsed: dict[str, Any] = {}
-        for name, value in entry.items():
-            if value is None:
-                continue
-            if name in ("category", "type", "anatomic_region", "type_modifier"):
-                parsed[name] = _code(value, f"{where} {name}")
-            elif name == "color":
-                parsed[name] = _color(value, f"{where} color")
-            elif name == "opacity":
-                parsed[name] = float(value)
-            elif name == "volume_ml":
-                parsed[name] = _volume_range(value, f"{where} volume_ml")
-            else:
-                parsed[name] = str(value)
-        result[int(key)] = parsed
-    return result
-
-
-def load_label_config(path: Path) -> dict[int, dict[str, Any]]:
-    """A user's label configuration (JSON, or YAML when PyYAML is installed)::
-
-    labels:
-      2:
-        name: metastasis
-        type: {value: "14799000", scheme: SCT, meaning: "Neoplasm, metastatic"}
-        color: "#f5d533"
-        volume_ml: [0.5, 3000]   # outside it, a case's measured volume is flagged
-    """
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise LabelError(f"label configuration {path}: {exc.strerror}") from None
-    try:
-        data = json.loads(text)
-    except ValueError:
-        try:
-            import yaml
-        except ImportError:
-            raise LabelError(f"label configuration {path} is not JSON (install PyYAML for YAML)") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise LabelError(f"label configuration {path} is neither JSON nor YAML: {exc}") from None
-    if not isinstance(data, Mapping) or not isinstance(data.get("labels"), Mapping):
-        raise LabelError(f"label configuration {path} needs a 'labels' mapping of value -> fields")
-    return parse_label_overrides(data["labels"], str(path.name))
-
-
-def merge_labels(
-    base: Mapping[int, SegmentLabel], *overrides: Mapping[int, Mapping[str, Any]]
-) -> dict[int, SegmentLabel]:
-    """``base`` with each override applied in turn, field by field.
-
-    A label renamed without codes takes the built-in codes of its new name when
-    there are some, and keeps its previous codes otherwise.
-    """
-    merged = dict(base)
-    for override in overrides:
-        for value, changes in override.items():
-            label = label_for(merged, value)
-            name = changes.get("name")
-            if name and name != label.name and "type" not in changes and concept_for(name):
-                known = _named(value, name)
-                label = replace(
-                    label,
-                    category=known.category,
-                    type=known.type,
-                    anatomic_region=known.anatomic_region or label.anatomic_region,
-                    type_modifier=known.type_modifier,
-                )
-            merged[value] = replace(label, **dict(changes))
-    return merged

@@ -12,12 +12,9 @@ budget is admitted alone.
 
 from __future__ import annotations
 
-import resource
-from pathlib import Path
-
 import anyio
 
-__all__ = ["MemoryBudget", "available_memory_bytes", "peak_rss_bytes"]
+__all__ = ["MemoryBudget"]
 
 
 class MemoryBudget:
@@ -51,43 +48,3 @@ class MemoryBudget:
             self.used -= nbytes
             freed, self._freed = self._freed, anyio.Event()
             freed.set()
-
-
-def available_memory_bytes() -> int | None:
-    """Memory this process may still use: the cgroup's limit less its usage where a container
-    sets one (cgroup v2, then v1), else the kernel's MemAvailable; None where neither is known."""
-    limits = [
-        (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory.current")),
-        (
-            Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"),
-            Path("/sys/fs/cgroup/memory/memory.usage_in_bytes"),
-        ),
-    ]
-    free: list[int] = []
-    for limit_file, usage_file in limits:
-        try:
-            limit = limit_file.read_text().strip()
-            if limit != "max" and int(limit) < 1 << 60:  # cgroup v1 says "no limit" with a huge number
-                free.append(int(limit) - int(usage_file.read_text()))
-                break
-        except (OSError, ValueError):
-            continue
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                free.append(int(line.split()[1]) * 1024)
-    except (OSError, ValueError, IndexError):
-        pass
-    return max(0, min(free)) if free else None
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory: Linux's VmHWM, which, unlike ``ru_maxrss``, does not
-    carry over a parent's peak through fork and exec; ``ru_maxrss`` elsewhere."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

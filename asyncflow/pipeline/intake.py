@@ -3,60 +3,51 @@ files into cases (one task), and send on the cases that need work.
 
 The first input is unpacked and scanned alone: its cases reach the prediction
 worker sooner when the other unpack workers do not share the cores with it. A
-case's key (:func:`asyncflow.pipeline.journal.case_key`) is computed as it leaves
+case's key (:func:`asyncflow.pipeline.keys.case_key`) is computed as it leaves
 assembly; a case the sink's journal holds as finished with the same model is
 booked ``resumed`` there and goes no further. On ``--resume`` the members those
-finished cases were made of are not even written (:class:`asyncflow.reading.archives.Withhold`);
-the workspace unpacks them again should a case need them after all. The pipeline
-(:mod:`asyncflow.pipeline.run`) wires :meth:`Intake.unpack_worker` and
-:meth:`Intake.assemble` between its streams.
+finished cases were made of are not even written
+(:class:`asyncflow.reading.archives.Withhold`); the workspace unpacks them again
+should a case need them after all. The pipeline (:mod:`asyncflow.pipeline.run`)
+wires :meth:`Intake.unpack_worker` and :meth:`Intake.assemble` between its streams.
 """
 
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
-import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from asyncflow.case import Case
+from asyncflow.case import Case, SkippedFile
 from asyncflow.enums import InputKind, Stage
 from asyncflow.errors import RequestError
-from asyncflow.log import get_logger, scrub
-from asyncflow.pipeline.journal import CaseSink, case_key
-from asyncflow.pipeline.ledger import Fail, Ledger
-from asyncflow.pipeline.workspace import Workspace
-from asyncflow.reading.archives import InputItem, UnpackedInput, Withhold, unpack
-from asyncflow.reading.assemble import CaseBuilder, Scan, classify, scan
+from asyncflow.log import Stopwatch, bound_case, get_logger, scrub
+from asyncflow.pipeline.flow import CaseFlow
+from asyncflow.pipeline.journal import CaseSink
+from asyncflow.pipeline.keys import case_key
+from asyncflow.reading.archives import UnpackedInput, Withhold, unpack
+from asyncflow.reading.assemble import CaseBuilder
+from asyncflow.reading.request import InputItem
+from asyncflow.reading.scan import Scan, classify, scan
 from asyncflow.settings import Settings
 
 __all__ = ["Intake"]
 
-log = get_logger("asyncflow.pipeline.run")  # the events keep the logger name they always had
+log = get_logger(__name__)
 
 
 class Intake:
-    """Turns a request's inputs into cases on a stream; keeps each case's key."""
+    """Turns a request's inputs into cases on a stream."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        workspace: Workspace,
-        ledger: Ledger,
-        sink: CaseSink | None,
-        model: str,
-        fail: Fail,
-    ) -> None:
-        self.workspace, self.ledger, self.fail = workspace, ledger, fail
+    def __init__(self, settings: Settings, flow: CaseFlow, sink: CaseSink | None, model: str) -> None:
+        self.flow, self.ledger, self.workspace = flow, flow.ledger, flow.workspace
         self.sink = sink  # what an earlier run finished
-        self.model = model  # the model key (asyncflow.pipeline.journal)
+        self.model = model  # the model key (asyncflow.pipeline.keys)
         self.builder = CaseBuilder(multi_modal=settings.multi_modal, opaque_names=settings.opaque_names)
         self.hashes: dict[Path, str] = {}  # unpacked file -> sha256 of its content
-        self.keys: dict[str, str | None] = {}  # case id -> case key
         self.limits = settings.archive_limits()
         sources = sink.finished_sources(model) if sink is not None else frozenset()
         inspect = functools.partial(classify, max_file_bytes=self.limits.max_file_bytes)
@@ -64,6 +55,11 @@ class Intake:
         # Set once the first input's cases are sent on: the other unpack workers wait for it.
         self.first_input_assembled = anyio.Event()
         self.unpack_leader_taken = False
+
+    @property
+    def skipped(self) -> list[SkippedFile]:
+        """The files of the request that became no case, with their reasons."""
+        return self.builder.skipped
 
     def sources(self, case: Case) -> list[str]:
         """The sha256 of each of the case's files (its journal line keeps them)."""
@@ -79,36 +75,11 @@ class Intake:
             await self.first_input_assembled.wait()
         async with send:
             for item in items:  # shared iterator: each worker takes the next item
-                started = time.perf_counter()
+                watch = Stopwatch()
                 unpacked = await anyio.to_thread.run_sync(
                     unpack, item, self.workspace.input_dir(item.index), self.limits, self.withhold
                 )
-                duration = round(time.perf_counter() - started, 4)
-                withheld = (
-                    {"files_withheld": len(unpacked.withheld), "bytes_withheld": unpacked.bytes_withheld}
-                    if unpacked.withheld
-                    else {}
-                )
-                if unpacked.error:
-                    log.warning("input.failed", input_index=item.index, reason=scrub(unpacked.error))
-                elif unpacked.kind is InputKind.ARCHIVE:
-                    log.info(
-                        "archive.extracted",
-                        input_index=item.index,
-                        files=len(unpacked.files) - len(unpacked.withheld),
-                        members_skipped=len(unpacked.skipped),
-                        bytes=unpacked.bytes_written,
-                        duration_s=duration,
-                        **withheld,
-                    )
-                else:
-                    log.info(
-                        "file.received",
-                        input_index=item.index,
-                        bytes=item.size,
-                        duration_s=duration,
-                        **withheld,
-                    )
+                _log_unpacked(unpacked, watch.duration_s)
                 scanned = None
                 if not unpacked.error:
                     scanned = await anyio.to_thread.run_sync(scan, unpacked, self.limits.max_file_bytes)
@@ -123,16 +94,7 @@ class Intake:
     ) -> None:
         async with receive, send:
             async for unpacked, scanned in receive:
-                self.ledger.inputs.append(
-                    {
-                        "index": unpacked.item.index,
-                        "name": unpacked.item.name,
-                        "kind": unpacked.kind,
-                        "files": len(unpacked.files),
-                        "bytes": unpacked.item.size,
-                        "error": unpacked.error,
-                    }
-                )
+                self.ledger.add_input(unpacked)
                 self.hashes.update(unpacked.hashes)
                 self.workspace.withhold(unpacked.withheld)
                 if scanned is None:  # the input failed
@@ -146,14 +108,14 @@ class Intake:
                 self.first_input_assembled.set()
             for case in self.builder.finish():
                 await self._emit(case, send)
-            total = self.ledger.total = len(self.ledger.live_reports())
-            log.info("request.assembled", cases=total, files_skipped=len(self.builder.skipped))
+            total = self.ledger.assembled()
+            log.info("request.assembled", cases=total, files_skipped=len(self.skipped))
             if not total:  # end now, with the report, not once the model has loaded
                 inputs = self.ledger.inputs
                 failed_inputs = sum(1 for i in inputs if i["error"])
                 raise RequestError(
                     f"no usable case in the request: {len(inputs)} input(s), {failed_inputs} unreadable, "
-                    f"{len(self.builder.skipped)} file(s) skipped (the report gives each file's reason)"
+                    f"{len(self.skipped)} file(s) skipped (the report gives each file's reason)"
                 )
 
     def _take_withdrawn(self) -> None:
@@ -163,19 +125,45 @@ class Intake:
         self.builder.withdrawn.clear()
 
     async def _emit(self, case: Case, send: MemoryObjectSendStream[Case]) -> None:
-        self.ledger.open(case)
-        key = self.keys[case.case_id] = case_key(case, self.hashes)
+        key = case_key(case, self.hashes)
+        self.ledger.open(case, key)
         earlier = self.sink.finished(key, self.model) if self.sink is not None and key else None
         if earlier is not None:  # an earlier run of this request finished it: nothing to do
             outputs = [(str(folder), str(name)) for folder, name in earlier["outputs"]]
             self.ledger.resume(case, earlier["report"], outputs)
             self.workspace.skip(case)
             return
-        started = time.perf_counter()
-        with structlog.contextvars.bound_contextvars(case_id=case.case_id):  # input.restored's case
+        watch = Stopwatch()
+        with bound_case(case.case_id):  # input.restored's case
             try:
                 await self.workspace.hold(case)
             except OSError as exc:  # its input changed or vanished since it was first unpacked
-                self.fail(case, Stage.PREPARE, exc, time.perf_counter() - started)
+                self.flow.fail(case, Stage.PREPARE, exc, watch.seconds)
                 return
         await send.send(case)
+
+
+def _log_unpacked(unpacked: UnpackedInput, duration_s: float) -> None:
+    """``input.failed``, ``archive.extracted`` or ``file.received`` for one input."""
+    index = unpacked.item.index
+    withheld = (
+        {"files_withheld": len(unpacked.withheld), "bytes_withheld": unpacked.bytes_withheld}
+        if unpacked.withheld
+        else {}
+    )
+    if unpacked.error:
+        log.warning("input.failed", input_index=index, reason=scrub(unpacked.error))
+    elif unpacked.kind is InputKind.ARCHIVE:
+        log.info(
+            "archive.extracted",
+            input_index=index,
+            files=len(unpacked.files) - len(unpacked.withheld),
+            members_skipped=len(unpacked.skipped),
+            bytes=unpacked.bytes_written,
+            duration_s=duration_s,
+            **withheld,
+        )
+    else:
+        log.info(
+            "file.received", input_index=index, bytes=unpacked.item.size, duration_s=duration_s, **withheld
+        )

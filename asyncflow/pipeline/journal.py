@@ -1,26 +1,19 @@
-"""Resume a request: what names a case and a model, and the output folder that keeps both.
+"""The output folder a request writes case by case, and the journal a later ``--resume`` reads.
 
-A case is named by its *key*: its kind, its place (series UID and part, or its
-input and path), the sha256 of every source file (taken as the bytes were
-unpacked) and of a label file supplied with it. A model and everything that
-changes a result is named by the *model key*: the model folder, configuration,
-trainer, plans, folds, the sha256 of the checkpoints and of the folder's plans and
-dataset files, and the settings that change what a case's outputs hold. A case whose key and model key match a journal line
-of a finished case, and whose outputs are still there, is not done again.
-
-:class:`OutputFolder` is the command line's output folder. It writes each case's
-outputs as the case ends (to a temporary name in the same folder, fsync'd, then
-renamed: a killed run leaves no partial file), then appends the case's journal
-line (``journal.jsonl``, fsync'd). The line also lists the sha256 of the case's
-source files: a resumed request does not write an archive member with one of
-those hashes (:class:`asyncflow.reading.archives.Withhold`). A line that cannot be read, or
-names outputs that are gone, is ignored: the case is done again, never resumed wrongly.
+:class:`OutputFolder` (the command line's; ``run_request(sink=...)``) writes each
+case's outputs as the case ends (to a temporary name in the same folder, fsync'd,
+then renamed: a killed run leaves no partial file), then appends the case's journal
+line (``journal.jsonl``, fsync'd): its key and the model key
+(:mod:`asyncflow.pipeline.keys`), its outputs, its report and the sha256 of its
+source files. A resumed request does not write an archive member with one of those
+hashes (:class:`asyncflow.reading.archives.Withhold`). A line that cannot be read,
+or names outputs that are gone, is ignored: the case is done again, never resumed
+wrongly.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import threading
@@ -29,33 +22,19 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from asyncflow.enums import OutputFormat
 from asyncflow.errors import SettingsError
-from asyncflow.reading.archives import sha256_file
 
 if TYPE_CHECKING:
-    from asyncflow.backends.base import ModelInfo
-    from asyncflow.case import Case
-    from asyncflow.settings import Settings
+    pass
 
-__all__ = ["JOURNAL", "CaseSink", "OutputFolder", "case_key", "derived_uid", "model_key"]
+__all__ = ["JOURNAL", "CaseSink", "OutputFolder"]
 
 JOURNAL = "journal.jsonl"
 JOURNAL_VERSION = 1
 _TEMP_PREFIX = ".asyncflow-partial-"
 # Files asyncflow writes into an output folder besides the case outputs.
 _OWN_FILES = ("report.json", "statistics.csv", JOURNAL)
-# Settings that change what a case's outputs hold (the model's identity covers the rest).
-_RESULT_SETTINGS = (
-    "use_mirroring",
-    "tile_step_size",
-    "multi_modal",
-    "seg_type",
-    "seg_keep_empty_frames",
-    "seg_compression",
-    "deidentify",
-    "opaque_names",
-)
-_UID_NAMESPACE = uuid.UUID("3f1b7c1e-9a0e-4d55-9d0c-5a9f1f1e2b61")  # asyncflow's, fixed
 
 
 class CaseSink(Protocol):
@@ -84,72 +63,6 @@ class CaseSink(Protocol):
         """A finished case was withdrawn (its series grew): its (folder, name) files go."""
 
 
-def case_key(case: Case, hashes: Mapping[Path, str]) -> str | None:
-    """The case's key, or None when a source file's content hash is unknown."""
-    try:
-        contents = sorted(hashes[path] for path in case.files)
-        # From the hashes, not the file: a label file shared by an input's cases may be gone by
-        # now (deleted when another of them was found finished).
-        label_file = hashes[case.label_file] if case.label_file is not None else None
-    except KeyError:
-        return None
-    source = case.source
-    place = (
-        [source.series_instance_uid, source.part]
-        if source and source.series_instance_uid
-        else [case.origin, source.location if source else case.output_name]
-    )
-    text = json.dumps([str(case.kind), place, contents, label_file, case.output_name])
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-_checkpoint_hashes: dict[tuple[str, int, int], str] = {}
-_checkpoint_lock = threading.Lock()
-
-
-def _checkpoint_sha256(path: Path) -> str:
-    """A checkpoint's sha256, read once per process while its size and mtime stay the same."""
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    with _checkpoint_lock:
-        if key not in _checkpoint_hashes:
-            _checkpoint_hashes[key] = sha256_file(path)
-        return _checkpoint_hashes[key]
-
-
-def model_key(info: ModelInfo, settings: Settings) -> str:
-    """The model's identity and every setting that changes a result, as one hex digest."""
-    checkpoints = {}
-    for fold in info.folds:
-        folder = info.folder / f"fold_{fold}"
-        for path in sorted(folder.glob(f"{info.checkpoint}*")) if folder.is_dir() else []:
-            checkpoints[f"fold_{fold}/{path.name}"] = _checkpoint_sha256(path)
-    label_config = sha256_file(settings.label_config) if settings.label_config else None
-    # plans.json and dataset.json (v2), plans.pkl (v1): spacing, normalisation, labels
-    plans = {path.name: sha256_file(path) for path in sorted(info.folder.glob("*.json"))}
-    plans |= {path.name: sha256_file(path) for path in sorted(info.folder.glob("*.pkl"))}
-    identity = {
-        "folder": str(info.folder.resolve()) if info.folder.exists() else str(info.folder),
-        "plans": plans,
-        "model": [info.name, info.configuration, info.trainer, info.plans, info.generation],
-        "folds": [str(f) for f in info.folds],
-        "checkpoints": checkpoints,
-        "settings": {name: _plain(getattr(settings, name)) for name in _RESULT_SETTINGS},
-        "label_config": label_config,
-    }
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-
-
-def _plain(value: Any) -> Any:
-    return value if isinstance(value, bool | int | float | str | type(None)) else str(value)
-
-
-def derived_uid(*parts: str) -> str:
-    """A DICOM UID under 2.25 from a name-based (SHA-1) UUID of ``parts``: the same parts give
-    the same UID, so a repeated or resumed run writes the same SEG identity."""
-    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, '|'.join(parts)).int}"
-
-
 def _fsync_folder(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -175,7 +88,7 @@ class OutputFolder:
         existing = list(path.iterdir()) if path.is_dir() else []
         for partial in [p for p in existing if p.name.startswith(_TEMP_PREFIX)]:
             partial.unlink()  # a killed run's file half written: never an output
-        for folder in ("dicom_seg", "nifti_seg"):
+        for folder in (f.folder for f in OutputFormat):
             for partial in (path / folder).glob(f"{_TEMP_PREFIX}*"):
                 partial.unlink()
         existing = list(path.iterdir()) if path.is_dir() else []
@@ -230,8 +143,8 @@ class OutputFolder:
         return entry if entry is not None and entry["model"] == model else None
 
     def finished_sources(self, model: str) -> frozenset[str]:
-        """The sha256 of every source file of the cases finished with this model (lines of
-        an earlier version name none: their files are written, and the cases still resume)."""
+        """The sha256 of every source file of the cases finished with this model (a line without
+        ``sources`` names none: its case still resumes, its files are written)."""
         return frozenset(
             str(digest)
             for entry in self._entries.values()
@@ -308,6 +221,6 @@ class OutputFolder:
         for path in named:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-        for folder in ("dicom_seg", "nifti_seg"):
+        for folder in (f.folder for f in OutputFormat):
             with contextlib.suppress(OSError):
                 (self.path / folder).rmdir()  # only when empty: nothing of the user's goes

@@ -12,19 +12,20 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from asyncflow.case import Case, CaseReport, SkippedFile
-from asyncflow.enums import CaseStatus, RequestStatus, Stage
+from asyncflow.enums import CaseStatus, OutputFormat, RequestStatus, Stage
 from asyncflow.log import get_logger, scrub
 from asyncflow.result import Progress, Result
 
 if TYPE_CHECKING:
+    from asyncflow.reading.archives import UnpackedInput
     from asyncflow.writing.export import Exported
 
-__all__ = ["Fail", "Ledger", "case_identity"]
+__all__ = ["Ledger", "case_identity"]
 
-# How a stage ends a case as failed: (case, stage, error, seconds the step took).
-Fail = Callable[[Case, Stage, Exception, float], None]
+# Told of a withdrawn case's key and the (folder, name) outputs it had written.
+OnWithdraw = Callable[[str | None, list[tuple[str, str]]], None]
 
-log = get_logger("asyncflow.pipeline.run")  # the events keep the logger name they always had
+log = get_logger(__name__)
 
 
 def case_identity(case: Case) -> dict[str, Any]:
@@ -40,25 +41,48 @@ class Ledger:
         on_progress: Callable[[Progress], None] | None,
         *,
         keep_bytes: bool = True,
-        on_forget: Callable[[str, list[tuple[str, str]]], None] | None = None,
+        on_withdraw: OnWithdraw | None = None,
         on_stage: Callable[[str, str | None, Progress], None] | None = None,
     ) -> None:
         self.on_progress = on_progress
         self.on_stage = on_stage  # told when a case enters a stage, and when it ends (None), with the counts
         self.keep_bytes = keep_bytes  # False: outputs went to a sink, the Result names them only
-        self.on_forget = on_forget  # told of (folder, name) outputs a withdrawn case had written
+        self.on_withdraw = on_withdraw  # told of the outputs a withdrawn case had written
         self.reports: dict[str, CaseReport] = {}
+        self.keys: dict[str, str | None] = {}  # case id -> its key (asyncflow.pipeline.keys)
         self.withdrawn: set[str] = set()  # case ids whose results must not be returned
         # case id -> its outputs: (the Result's map, folder in an output folder, name)
         self.written: dict[str, list[tuple[dict[str, bytes], str, str]]] = {}
-        self.inputs: list[dict[str, Any]] = []
+        self.inputs: list[dict[str, Any]] = []  # the report's, one per input read
         self.dicom: dict[str, bytes] = {}
         self.nifti: dict[str, bytes] = {}
         self.label_json: dict[str, bytes] = {}
         self.total: int | None = None  # cases, once every input is assembled
 
-    def open(self, case: Case) -> None:
+    def add_input(self, unpacked: UnpackedInput) -> None:
+        """An input has been read (or failed to be): the report's entry for it."""
+        item = unpacked.item
+        self.inputs.append(
+            {
+                "index": item.index,
+                "name": item.name,
+                "kind": unpacked.kind,
+                "files": len(unpacked.files),
+                "bytes": item.size,
+                "error": unpacked.error,
+                "failure": unpacked.failure,
+            }
+        )
+
+    def assembled(self) -> int:
+        """Every input is assembled: the number of cases is final (and known to progress)."""
+        self.total = len(self.live_reports())
+        return self.total
+
+    def open(self, case: Case, key: str | None) -> None:
+        """A case leaves assembly, with its key (None when a source's hash is unknown)."""
         self.reports[case.case_id] = CaseReport(case.case_id, case.kind, case.origin, source=case.source)
+        self.keys[case.case_id] = key
         log.info(
             "case.assembled",
             case_id=case.case_id,
@@ -90,6 +114,12 @@ class Ledger:
 
     def report(self, case: Case) -> CaseReport:
         return self.reports[case.case_id]
+
+    def key(self, case: Case) -> str | None:
+        return self.keys.get(case.case_id)
+
+    def is_withdrawn(self, case: Case) -> bool:
+        return case.case_id in self.withdrawn
 
     def end(self, case: Case, *, stage: Stage | None = None, error: Exception | None = None) -> None:
         """Book a case as done or failed (a withdrawn case is forgotten), report progress."""
@@ -143,10 +173,10 @@ class Ledger:
     def keep(self, case: Case, exported: Exported) -> list[tuple[str, str, bytes]]:
         """Book what a case's export made (its output, and a label file beside a SEG), name it in
         the case's report; the files as (output folder, name, bytes)."""
-        folder = "dicom_seg" if exported.format == "dicom_seg" else "nifti_seg"
-        files = [(self.dicom if folder == "dicom_seg" else self.nifti, folder, exported.name, exported.data)]
-        if exported.label_json is not None:
-            files.append((self.label_json, "dicom_seg", *exported.label_json))
+        kept = self.dicom if exported.format is OutputFormat.DICOM_SEG else self.nifti
+        files = [(kept, exported.format.folder, exported.name, exported.data)]
+        if exported.label_json is not None:  # beside its SEG
+            files.append((self.label_json, OutputFormat.DICOM_SEG.folder, *exported.label_json))
         for outputs, where, name, data in files:
             if self.keep_bytes:
                 outputs[name] = data
@@ -176,8 +206,8 @@ class Ledger:
         written = [entry for entry in written if (entry[1], entry[2]) not in claimed]
         for outputs, _, name in written:
             outputs.pop(name, None)
-        if written and self.on_forget is not None:
-            self.on_forget(case_id, [(where, name) for _, where, name in written])
+        if written and self.on_withdraw is not None:
+            self.on_withdraw(self.keys.get(case_id), [(where, name) for _, where, name in written])
 
     def live_reports(self) -> list[CaseReport]:
         """Reports of the cases that count: all but the withdrawn."""

@@ -5,29 +5,26 @@ next prepared case, with every other case already waiting up to the backend's
 ``max_batch`` (v1 batches; v2 predicts one case per call). A call that fails as
 a whole is retried case by case, so no case fails for another's error. The
 pipeline (:mod:`asyncflow.pipeline.run`) wires the workers between the prepare and
-export stages and owns the books they write into.
+export stages.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable
 from typing import Any
 
 import anyio
-import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from asyncflow.backends.base import Backend
-from asyncflow.case import Case, PreparedCase
+from asyncflow.backends.base import Backend, NetworkTimed
+from asyncflow.case import PreparedCase
 from asyncflow.enums import Stage
-from asyncflow.log import get_logger, scrub
-from asyncflow.pipeline.ledger import Fail, Ledger
+from asyncflow.log import Stopwatch, bound_case, get_logger, scrub
+from asyncflow.pipeline.flow import CaseFlow
 
 __all__ = ["PredictionWorker", "nbytes"]
 
-log = get_logger("asyncflow.pipeline.run")  # the events keep the logger name they always had
+log = get_logger(__name__)
 
 
 def nbytes(value: Any) -> int:
@@ -36,14 +33,11 @@ def nbytes(value: Any) -> int:
 
 
 class PredictionWorker:
-    """Worker ``number`` of a request: ``backend`` predicts; a case that fails goes to ``fail``,
-    one withdrawn by the assembly to ``end``; the rest go on to export with their output."""
+    """Worker ``number`` of a request: ``backend`` predicts; a case that fails ends in ``flow``,
+    the rest go on to export with their output."""
 
-    def __init__(
-        self, number: int, backend: Backend, ledger: Ledger, fail: Fail, end: Callable[[Case], None]
-    ) -> None:
-        self.number, self.backend, self.ledger = number, backend, ledger
-        self._fail, self._end = fail, end
+    def __init__(self, number: int, backend: Backend, flow: CaseFlow) -> None:
+        self.number, self.backend, self.flow = number, backend, flow
 
     async def run(
         self,
@@ -52,7 +46,7 @@ class PredictionWorker:
     ) -> None:
         backend = self.backend
         async with receive, send:
-            started = time.perf_counter()
+            watch = Stopwatch()
             # Abandoned if the request ends first (no usable case): the load finishes unobserved.
             await anyio.to_thread.run_sync(backend.load, abandon_on_cancel=True)
             log.info(
@@ -60,8 +54,8 @@ class PredictionWorker:
                 worker=self.number,
                 model=backend.info.name,
                 folds=len(backend.info.folds),
-                device=str(getattr(backend, "device", "unknown")),
-                duration_s=round(time.perf_counter() - started, 4),
+                device=str(backend.device),
+                duration_s=watch.duration_s,
             )
             async for first in receive:
                 batch = [first]
@@ -79,16 +73,10 @@ class PredictionWorker:
         send: MemoryObjectSendStream[tuple[PreparedCase, Any]],
     ) -> None:
         """One backend call for ``batch``; when the call fails as a whole, each case alone."""
-        withdrawn = self.ledger.withdrawn
-        for prepared in batch:
-            if prepared.case.case_id in withdrawn:
-                self._end(prepared.case)
-        batch = [p for p in batch if p.case.case_id not in withdrawn]
+        batch = [prepared for prepared in batch if self.flow.enter(prepared.case, Stage.PREDICT)]
         if not batch:
             return
-        for prepared in batch:
-            self.ledger.enter(prepared.case, Stage.PREDICT)
-        started = time.perf_counter()
+        watch = Stopwatch()
         try:
             outcomes = await self.backend.predict(batch)
             if len(outcomes) != len(batch):
@@ -100,35 +88,45 @@ class PredictionWorker:
                     cases=len(batch),
                     error_type=type(exc).__name__,
                     reason=scrub(str(exc)),
-                    duration_s=round(time.perf_counter() - started, 4),
+                    duration_s=watch.duration_s,
                 )
                 for prepared in batch:
                     await self._predict([prepared], receive, send)
                 return
             outcomes = [exc]
-        seconds = time.perf_counter() - started  # cases predicted together share one interval
+        seconds = watch.seconds  # cases predicted together share one interval
         for prepared, outcome in zip(batch, outcomes, strict=True):
-            case = prepared.case
-            with structlog.contextvars.bound_contextvars(case_id=case.case_id):
+            with bound_case(prepared.case.case_id):
                 if isinstance(outcome, Exception):
-                    self._fail(case, Stage.PREDICT, outcome, seconds)
-                    continue
-                self.ledger.report(case).stage_s[Stage.PREDICT] = seconds
-                # The model's input is not needed any more: export reads the sources.
-                prepared.images, prepared.model_input = [], None
-                network = getattr(outcome, "network_s", None)  # known where the backend has steps
-                log.info(
-                    "case.predicted",
-                    voxels=math.prod(prepared.geometry.size),
-                    duration_s=round(seconds, 4),
-                    **({"network_s": round(network, 4)} if network is not None else {}),
-                    output_bytes=nbytes(outcome),
-                    batch=len(batch),
-                    worker=self.number,
-                    predict_queue=receive.statistics().current_buffer_used,
-                )
-                waited = time.perf_counter()
-                await send.send((prepared, outcome))
-                waited = time.perf_counter() - waited
-                if waited >= 0.001:  # every export worker busy and the queue full: CPU shortage
-                    log.info("predict.blocked", worker=self.number, duration_s=round(waited, 4))
+                    self.flow.fail(prepared.case, Stage.PREDICT, outcome, seconds)
+                else:
+                    await self._hand_on(prepared, outcome, seconds, len(batch), receive, send)
+
+    async def _hand_on(
+        self,
+        prepared: PreparedCase,
+        outcome: Any,
+        seconds: float,
+        batch: int,
+        receive: MemoryObjectReceiveStream[PreparedCase],
+        send: MemoryObjectSendStream[tuple[PreparedCase, Any]],
+    ) -> None:
+        """A case predicted: booked, logged and sent to export (waiting for room there)."""
+        self.flow.ledger.report(prepared.case).stage_s[Stage.PREDICT] = seconds
+        # The model's input is not needed any more: export reads the sources.
+        prepared.images, prepared.model_input = [], None
+        network = {"network_s": round(outcome.network_s, 4)} if isinstance(outcome, NetworkTimed) else {}
+        log.info(
+            "case.predicted",
+            voxels=math.prod(prepared.geometry.size),
+            duration_s=round(seconds, 4),
+            **network,
+            output_bytes=nbytes(outcome),
+            batch=batch,
+            worker=self.number,
+            predict_queue=receive.statistics().current_buffer_used,
+        )
+        waited = Stopwatch()
+        await send.send((prepared, outcome))
+        if waited.seconds >= 0.001:  # every export worker busy and the queue full: CPU shortage
+            log.info("predict.blocked", worker=self.number, duration_s=waited.duration_s)

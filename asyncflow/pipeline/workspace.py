@@ -21,26 +21,21 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import anyio
 
 from asyncflow.case import Case
 from asyncflow.errors import RequestError
-from asyncflow.log import get_logger
-from asyncflow.reading.archives import ArchiveLimits, InputItem, restore_files
+from asyncflow.log import Stopwatch, get_logger
+from asyncflow.reading.archives import ArchiveLimits, restore_files
+from asyncflow.reading.request import InputItem
 
-if TYPE_CHECKING:
-    from asyncflow.backends.base import Backend
-    from asyncflow.settings import Settings
+__all__ = ["Workspace", "check_free_space"]
 
-__all__ = ["Workspace", "check_free_space", "inputs_on_disk_at_once", "prepared_queue_size"]
-
-log = get_logger("asyncflow.pipeline.workspace")
+log = get_logger(__name__)
 
 
 class Workspace:
@@ -94,7 +89,7 @@ class Workspace:
             if files & self.withheld:
                 files |= {p for p in self.withheld if self._input_index(p) == index}
                 self.withheld -= files
-            started = time.perf_counter()
+            watch = Stopwatch()
             scratch = self.root / "restore" / f"{index:04d}-{self._restores}"
             self._restores += 1
             await anyio.to_thread.run_sync(
@@ -105,7 +100,7 @@ class Workspace:
                 "input.restored",
                 input_index=index,
                 files=len(files),
-                duration_s=round(time.perf_counter() - started, 4),
+                duration_s=watch.duration_s,
             )
 
     def _input_index(self, path: Path) -> int:
@@ -155,24 +150,3 @@ def check_free_space(parent: Path | None, headroom: float, sizes: Sequence[int],
             f"({headroom:g} x the {sum(largest) / 1e9:.1f} GB of {which}), "
             f"{free / 1e9:.1f} GB free; free some space, choose another --work-dir, or lower disk_headroom"
         )
-
-
-def prepared_queue_size(settings: Settings, backends: Sequence[Backend]) -> int:
-    """Room for a whole batch: the prediction worker takes every prepared case that waits."""
-    return max(settings.queue_size, *(b.max_batch for b in backends))
-
-
-def inputs_on_disk_at_once(settings: Settings, backends: Sequence[Backend]) -> int:
-    """At most how many inputs have unpacked files at once: those being unpacked, queued or
-    assembled, and one per case in flight (a file is deleted when its last case ends)."""
-    size = settings.queue_size
-    waiting = settings.unpack_workers + size + 1
-    in_flight = (
-        size  # assembled cases queued for prepare
-        + settings.prepare_workers
-        + prepared_queue_size(settings, backends)
-        + len(backends)  # one batch per prediction worker
-        + size  # predicted cases queued for export
-        + settings.export_workers
-    )
-    return waiting + in_flight

@@ -1,13 +1,12 @@
-"""Request inputs: normalise entries, recognise archives by content, unpack safely.
+"""Unpack one input safely: archives recognised by content, members within limits, none outside.
 
 Plain synchronous functions; the pipeline runs them off the event loop.
 
-An entry is ``bytes`` (an archive or a single file), a ``{name: bytes}`` mapping
-(FLAME's s3 shape: names are full object keys and may contain ``/``), or a local
-path (a file or a folder, from the CLI). Archives are TAR, plain or gz/bz2/xz
-compressed, recognised by content and never by name. Every archive member goes
-through Python's ``tarfile`` data filter (PEP 706): nothing is written outside
-the input's own folder, and links and special files are not extracted.
+Archives are TAR, plain or gz/bz2/xz compressed, recognised by content and never
+by name. Every archive member goes through Python's ``tarfile`` data filter (PEP
+706): nothing is written outside the input's own folder, and links and special
+files are not extracted. An input that is no archive is one file: used in place
+when it is a local file, written as it is when it came as bytes.
 """
 
 from __future__ import annotations
@@ -15,38 +14,30 @@ from __future__ import annotations
 import bz2
 import gzip
 import hashlib
-import io
 import lzma
 import os
-import re
 import shutil
 import tarfile
 import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO
+from pathlib import Path
+from typing import Any
 
 from asyncflow.case import Found, SkippedFile
-from asyncflow.enums import InputKind
-from asyncflow.errors import RequestError
+from asyncflow.enums import InputFailure, InputKind
 from asyncflow.reading.dicom import series_uid
+from asyncflow.reading.names import has_tar_suffix, sanitise_relpath
+from asyncflow.reading.request import InputItem
 
 __all__ = [
     "ArchiveLimits",
-    "Entry",
-    "InputItem",
-    "RequestError",
     "UnpackedInput",
     "Withhold",
-    "request_items",
     "restore_files",
-    "sanitise_relpath",
     "sha256_file",
     "unpack",
 ]
-
-Entry = bytes | bytearray | memoryview | Mapping[str, bytes] | str | os.PathLike[str]
 
 _COMPRESSED: dict[bytes, Callable[..., Any]] = {
     b"\x1f\x8b": gzip.open,
@@ -54,33 +45,6 @@ _COMPRESSED: dict[bytes, Callable[..., Any]] = {
     b"\xfd7zXZ": lzma.open,
 }
 _PROBE_BYTES = 1 << 20  # how much of a compressed non-archive input is test-decompressed
-_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._+\- ]+")
-_MAX_COMPONENT = 120
-# Names that promise an archive: such an input whose content is none is an error, not a loose file.
-_TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
-
-
-@dataclass(frozen=True)
-class InputItem:
-    """One request input: bytes held in memory or a local file used in place."""
-
-    index: int
-    name: str  # object key, file path or ``input-N``: for the report, never logged
-    data: bytes | None = None
-    path: Path | None = None
-
-    @property
-    def size(self) -> int:
-        if self.data is not None:
-            return len(self.data)
-        assert self.path is not None
-        return self.path.stat().st_size
-
-    def open(self) -> BinaryIO:
-        if self.data is not None:
-            return io.BytesIO(self.data)  # shares the bytes, no copy
-        assert self.path is not None
-        return self.path.open("rb")
 
 
 @dataclass
@@ -98,7 +62,8 @@ class UnpackedInput:
     # with what their bytes were found to be; they are in ``files`` and ``hashes`` too.
     withheld: dict[Path, Found] = field(default_factory=dict)
     bytes_withheld: int = 0
-    error: str | None = None
+    error: str | None = None  # why the input could not be used, for the report
+    failure: InputFailure | None = None  # the same, as a kind
     # A failed archive: the DICOM series it had begun to deliver, now incomplete elsewhere.
     broken_series: set[str] = field(default_factory=set)
 
@@ -107,54 +72,6 @@ class UnpackedInput:
             return path.relative_to(self.root).as_posix()
         except ValueError:
             return path.name
-
-
-def request_items(entries: Iterable[Entry]) -> list[InputItem]:
-    """Flatten a request into numbered inputs; folders become one input per file."""
-    if isinstance(entries, bytes | bytearray | memoryview | Mapping | str | os.PathLike):
-        raise RequestError("a request is a list of entries, not a single entry: wrap it in a list")
-    items: list[InputItem] = []
-
-    def add(name: str, data: bytes | None = None, path: Path | None = None) -> None:
-        items.append(InputItem(index=len(items), name=name, data=data, path=path))
-
-    for position, entry in enumerate(entries):
-        if isinstance(entry, bytes | bytearray | memoryview):
-            add(f"input-{position}", data=bytes(entry))
-        elif isinstance(entry, Mapping):
-            for key, value in entry.items():
-                if not isinstance(value, bytes | bytearray | memoryview):
-                    raise RequestError(
-                        f"entry {position}: value of {key!r} is {type(value).__name__}, expected bytes"
-                    )
-                add(str(key), data=bytes(value))
-        elif isinstance(entry, str | os.PathLike):
-            path = Path(entry)
-            if path.is_dir():
-                for file in sorted(p for p in path.rglob("*") if p.is_file()):
-                    add((path.name / file.relative_to(path)).as_posix(), path=file)
-            elif path.is_file():
-                add(path.name, path=path)
-            else:
-                raise RequestError(f"input {str(path)!r} does not exist")
-        else:
-            raise RequestError(
-                f"entry {position} is {type(entry).__name__}; expected bytes, "
-                "a {name: bytes} mapping or a path"
-            )
-    return items
-
-
-def sanitise_relpath(name: str, fallback: str = "input") -> PurePosixPath:
-    """A safe relative path from an untrusted name: no '..', no root, tame characters."""
-    parts = []
-    for part in re.split(r"[\\/]+", name):
-        if part in ("", ".", ".."):
-            continue
-        clean = _UNSAFE_CHARS.sub("_", part).strip(" ")
-        clean = clean.lstrip(".") or "_"
-        parts.append(clean[:_MAX_COMPONENT])
-    return PurePosixPath(*parts) if parts else PurePosixPath(fallback)
 
 
 def _open_tar(item: InputItem) -> tarfile.TarFile | None:
@@ -352,33 +269,44 @@ def unpack(
     A failure leaves no files of this input behind: a half-extracted archive could
     otherwise turn into a silently incomplete DICOM series.
     """
-    limits = limits or ArchiveLimits()
     if item.size == 0:
-        return UnpackedInput(item, InputKind.FILE, dest, error="empty input (0 bytes)")
+        return _failed(item, dest, InputFailure.EMPTY, "empty input (0 bytes)")
     tar = _open_tar(item)
-    if tar is None:
-        reason = _corrupt_compression(item)
-        if reason:
-            return UnpackedInput(item, InputKind.FILE, dest, error=reason)
-        if item.name.lower().endswith(_TAR_SUFFIXES):
-            return UnpackedInput(
-                item,
-                InputKind.FILE,
-                dest,
-                error="not a TAR archive, though its name says so: it cannot be read",
-            )
-        if item.path is not None:
-            hashes = {item.path: sha256_file(item.path)}
-            return UnpackedInput(item, InputKind.FILE, item.path.parent, files=[item.path], hashes=hashes)
-        target = dest / sanitise_relpath(item.name)
-        assert item.data is not None
-        single = UnpackedInput(item, InputKind.FILE, dest)
-        if withhold is None or not _withheld(single, withhold, target, item.data):
-            single.hashes[target] = _write(target, item.data)
-            single.files.append(target)
-            single.bytes_written = len(item.data)
-        return single
+    if tar is not None:
+        return _extract(item, tar, dest, limits or ArchiveLimits(), withhold)
+    reason = _corrupt_compression(item)
+    if reason:
+        return _failed(item, dest, InputFailure.TRUNCATED, reason)
+    if has_tar_suffix(item.name):
+        reason = "not a TAR archive, though its name says so: it cannot be read"
+        return _failed(item, dest, InputFailure.NOT_AN_ARCHIVE, reason)
+    return _single_file(item, dest, withhold)
 
+
+def _failed(
+    item: InputItem, dest: Path, failure: InputFailure, error: str, kind: InputKind = InputKind.FILE
+) -> UnpackedInput:
+    return UnpackedInput(item, kind, dest, error=error, failure=failure)
+
+
+def _single_file(item: InputItem, dest: Path, withhold: Withhold | None) -> UnpackedInput:
+    """An input that is no archive: a local file is used in place, bytes are written to ``dest``."""
+    if item.path is not None:
+        hashes = {item.path: sha256_file(item.path)}
+        return UnpackedInput(item, InputKind.FILE, item.path.parent, files=[item.path], hashes=hashes)
+    target = dest / sanitise_relpath(item.name)
+    assert item.data is not None
+    single = UnpackedInput(item, InputKind.FILE, dest)
+    if withhold is None or not _withheld(single, withhold, target, item.data):
+        single.hashes[target] = _write(target, item.data)
+        single.files.append(target)
+        single.bytes_written = len(item.data)
+    return single
+
+
+def _extract(
+    item: InputItem, tar: tarfile.TarFile, dest: Path, limits: ArchiveLimits, withhold: Withhold | None
+) -> UnpackedInput:
     extraction = _Extraction(item, dest, limits, withhold)
     dest.mkdir(parents=True, exist_ok=True)
     try:
@@ -386,19 +314,16 @@ def unpack(
             extraction.extract(tar, dest, "", 1)
     except _LimitExceeded as exc:
         shutil.rmtree(dest, ignore_errors=True)
-        return UnpackedInput(item, InputKind.ARCHIVE, dest, error=f"archive refused: {exc}")
+        return _failed(item, dest, InputFailure.OVER_A_LIMIT, f"archive refused: {exc}", InputKind.ARCHIVE)
     except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error, lzma.LZMAError) as exc:
         withheld = extraction.result.withheld.values()
         broken = {uid for uid in map(series_uid, extraction.result.files) if uid}
         broken |= {found.instance.series_instance_uid for found in withheld if found.instance}
         shutil.rmtree(dest, ignore_errors=True)
-        return UnpackedInput(
-            item,
-            InputKind.ARCHIVE,
-            dest,
-            error=f"archive could not be read: {type(exc).__name__}: {exc}",
-            broken_series=broken,
-        )
+        reason = f"archive could not be read: {type(exc).__name__}: {exc}"
+        failed = _failed(item, dest, InputFailure.UNREADABLE_ARCHIVE, reason, InputKind.ARCHIVE)
+        failed.broken_series = broken
+        return failed
     result = extraction.result
     # Several members may share a name; the last one wins, as in any extraction.
     result.files = list(dict.fromkeys(result.files))

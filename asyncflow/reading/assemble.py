@@ -1,13 +1,12 @@
-"""Files -> cases: NIfTI volumes (or modality sets) and DICOM series.
+"""Scanned files -> cases: NIfTI volumes (or modality sets) and DICOM series.
 
-:func:`scan` classifies the files of one unpacked input by content (run off the
-event loop); :class:`CaseBuilder` turns scans into cases with opaque ids and
-unique output names. NIfTI cases are complete as soon as their input is
-scanned. A DICOM series becomes a case as soon as the archive that delivered it
-is scanned, so prediction starts before the last archive is unpacked (series of
-loose files, one input per file, wait for :meth:`CaseBuilder.finish`). A series
-may span inputs, though: when a later input adds slices to a series that is
-already a case, or turns out unreadable after delivering part of one, that case
+:class:`CaseBuilder` turns the scans of inputs (:mod:`asyncflow.reading.scan`) into
+cases with opaque ids and unique output names. NIfTI cases are complete as soon as
+their input is scanned. A DICOM series becomes a case as soon as the archive that
+delivered it is scanned, so prediction starts before the last archive is unpacked
+(series of loose files, one input per file, wait for :meth:`CaseBuilder.finish`).
+A series may span inputs, though: when a later input adds slices to a series that
+is already a case, or turns out unreadable after delivering part of one, that case
 is *withdrawn* (:attr:`CaseBuilder.withdrawn`; the pipeline drops whatever it
 produced) and the grown series becomes a new case. No partial volume is ever
 returned.
@@ -15,164 +14,24 @@ returned.
 
 from __future__ import annotations
 
-import gzip
-import io
 import re
-import struct
-import zlib
 from collections import Counter, defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
 
-import numpy as np
-
-from asyncflow.case import Case, CaseSource, DicomInstance, Found, SkippedFile
+from asyncflow.case import Case, CaseSource, DicomInstance, SkippedFile
 from asyncflow.enums import InputKind, SourceKind
-from asyncflow.labels.mitk import MITK_SUFFIX, is_mitk_label_json
+from asyncflow.labels.mitk import MITK_SUFFIX
 from asyncflow.log import get_logger, scrub
 from asyncflow.reading.archives import UnpackedInput
-from asyncflow.reading.dicom import NotAnImage, has_dicom_preamble, read_instance
+from asyncflow.reading.names import stem as stem_of
+from asyncflow.reading.scan import Scan
 from asyncflow.reading.series import split_series
 
-__all__ = ["CaseBuilder", "Scan", "classify", "is_nifti_header", "scan"]
+__all__ = ["CaseBuilder"]
 
 _CHANNEL = re.compile(r"^(?P<id>.+)_(?P<channel>\d{4})$")
-_NIFTI_SUFFIXES = (".nii.gz", ".nii")
-_STEM_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tbz2", ".txz", ".tar", *_NIFTI_SUFFIXES, ".dcm")
-_UNSAFE = re.compile(r"[^A-Za-z0-9._+\-]+")
-log = get_logger("asyncflow.reading.assemble")
-
-
-def is_nifti_header(head: bytes) -> bool:
-    """NIfTI-1 (single file, 'n+1') or NIfTI-2 ('n+2') header at the start of ``head``."""
-    if len(head) >= 348 and head[344:348] == b"n+1\0":
-        return int.from_bytes(head[:4], "little") == 348 or int.from_bytes(head[:4], "big") == 348
-    if len(head) >= 8 and head[4:8] == b"n+2\0":
-        return int.from_bytes(head[:4], "little") == 540 or int.from_bytes(head[:4], "big") == 540
-    return False
-
-
-def _opener(path: Path, data: bytes | None) -> Callable[[], BinaryIO]:
-    """Opens the file's content: ``data`` when given (a member held in memory), else the file."""
-    if data is not None:
-        return lambda: io.BytesIO(data)
-    return lambda: path.open("rb")
-
-
-def _head(open_: Callable[[], BinaryIO]) -> bytes:
-    with open_() as f:
-        head = f.read(544)
-    if head[:2] == b"\x1f\x8b":
-        try:
-            with open_() as raw, gzip.open(raw, "rb") as f:
-                return f.read(544)
-        except (OSError, EOFError, zlib.error):
-            return b""
-    return head
-
-
-@dataclass
-class Scan:
-    """What one unpacked input holds."""
-
-    unpacked: UnpackedInput
-    nifti: list[Path] = field(default_factory=list)
-    dicom: list[DicomInstance] = field(default_factory=list)
-    label_files: list[Path] = field(default_factory=list)  # *.mitklabel.json
-    skipped: list[SkippedFile] = field(default_factory=list)
-
-
-def nifti_sizes(head: bytes) -> tuple[int, int]:
-    """(voxel data offset, voxel bytes) a NIfTI-1/2 header declares."""
-    little = int.from_bytes(head[:4], "little") in (348, 540)
-    order = "<" if little else ">"
-    if head[344:348] == b"n+1\0":
-        dims = struct.unpack(f"{order}8h", head[40:56])
-        bitpix = struct.unpack(f"{order}h", head[72:74])[0]
-        offset = int(struct.unpack(f"{order}f", head[108:112])[0])
-    else:
-        bitpix = struct.unpack(f"{order}h", head[14:16])[0]
-        dims = struct.unpack(f"{order}8q", head[16:80])
-        offset = struct.unpack(f"{order}q", head[168:176])[0]
-    count = max(1, min(int(dims[0]), 7))
-    voxels = np.prod([max(1, int(d)) for d in dims[1 : count + 1]], dtype=np.float64)
-    return offset, int(voxels * max(bitpix, 1) // 8)
-
-
-def _nifti_problem(open_: Callable[[], BinaryIO], head: bytes, max_file_bytes: int) -> str | None:
-    """Why a NIfTI file must not be read: a decompression bomb, or fewer bytes than declared.
-
-    Checked from the header and the file's size (a .gz trailer holds the size of
-    the data mod 2**32), without decompressing: SimpleITK reads a truncated
-    volume without complaint.
-    """
-    offset, declared = nifti_sizes(head)
-    if declared > max_file_bytes:
-        return f"NIfTI declares {declared / (1 << 30):.1f} GiB of voxels, over the {max_file_bytes / (1 << 30):.1f} GiB limit"
-    needed = offset + declared
-    with open_() as f:
-        if f.read(2) == b"\x1f\x8b":
-            f.seek(-4, 2)
-            held = int.from_bytes(f.read(4), "little")
-            if needed >= 1 << 32:
-                return None
-        else:
-            held = f.seek(0, 2)
-    if held < needed:
-        return f"NIfTI is truncated: {held} bytes, its header declares {needed}"
-    return None
-
-
-def scan(unpacked: UnpackedInput, max_file_bytes: int = 16 << 30) -> Scan:
-    """Classify every file of an input by content, never by name (a member unpack withheld
-    was classified from its bytes then: :attr:`UnpackedInput.withheld`).
-
-    The one exception: MITK label JSON is known by its ``.mitklabel.json`` suffix
-    (and a JSON start), as MITK itself knows it.
-    """
-    result = Scan(unpacked, skipped=list(unpacked.skipped))
-    for path in unpacked.files:
-        found = unpacked.withheld.get(path) or classify(path, max_file_bytes=max_file_bytes)
-        if found.kind == "label":
-            result.label_files.append(path)
-        elif found.kind == "dicom":
-            assert found.instance is not None
-            result.dicom.append(found.instance)
-        elif found.kind == "nifti":
-            result.nifti.append(path)
-        else:
-            reason = found.reason or "could not be classified"
-            result.skipped.append(SkippedFile(unpacked.item.name, unpacked.relative(path), reason))
-    return result
-
-
-def classify(path: Path, data: bytes | None = None, *, max_file_bytes: int = 16 << 30) -> Found:
-    """What file ``path`` is, by its content (``data`` when given, else the file's)."""
-    try:
-        return _classify(path, _opener(path, data), data, max_file_bytes)
-    except OSError as exc:
-        return Found(None, reason=f"unreadable: {exc.strerror}")
-    except Exception as exc:  # noqa: BLE001 - one odd file is skipped, never the request
-        return Found(None, reason=f"could not be classified ({type(exc).__name__})")
-
-
-def _classify(path: Path, open_: Callable[[], BinaryIO], data: bytes | None, max_file_bytes: int) -> Found:
-    head = _head(open_)
-    if is_mitk_label_json(path.name, head):
-        return Found("label")
-    if has_dicom_preamble(head):
-        try:
-            return Found("dicom", read_instance(path, data))
-        except NotAnImage as exc:
-            return Found(None, reason=str(exc))
-        except Exception as exc:  # noqa: BLE001 - a malformed header skips its file, not the request
-            return Found(None, reason=f"malformed DICOM header ({type(exc).__name__})")
-    if is_nifti_header(head):
-        problem = _nifti_problem(open_, head, max_file_bytes)
-        return Found(None, reason=problem) if problem else Found("nifti")
-    return Found(None, reason="neither DICOM nor NIfTI")
+log = get_logger(__name__)
 
 
 def _series_label(unpacked: UnpackedInput) -> str:
@@ -185,15 +44,6 @@ def _series_label(unpacked: UnpackedInput) -> str:
 def _opaque(unpacked: UnpackedInput) -> str:
     """The name of an input's cases when names from the data must not be used."""
     return f"input{unpacked.item.index:03d}"
-
-
-def _stem(name: str) -> str:
-    base = name.replace("\\", "/").rsplit("/", 1)[-1]
-    for suffix in _STEM_SUFFIXES:
-        if base.lower().endswith(suffix) and len(base) > len(suffix):
-            base = base[: -len(suffix)]
-            break
-    return _UNSAFE.sub("_", base).strip("._") or "case"
 
 
 def _label_file_for(stem: str, label_files: list[Path]) -> Path | None:
@@ -288,7 +138,7 @@ class CaseBuilder:
             self._where[instance.path] = (origin, result.unpacked.relative(instance.path))
             if instance.frames > 1:  # an enhanced multi-frame image is a volume of its own
                 source = self._dicom_source([instance])
-                case = self._new_case(SourceKind.DICOM, _stem(label), origin, [instance.path], source)
+                case = self._new_case(SourceKind.DICOM, stem_of(label), origin, [instance.path], source)
                 case.instances = [instance]
                 case.label_file = _label_file_for(case.output_name, result.label_files)
                 cases.append(case)
@@ -322,7 +172,7 @@ class CaseBuilder:
         singles: list[tuple[str, list[Path]]] = []
         sets: dict[tuple[Path, str], dict[int, Path]] = defaultdict(dict)
         for path in result.nifti:
-            stem = _stem(path.name)
+            stem = stem_of(path.name)
             match = _CHANNEL.match(stem)
             if self.multi_modal and match:
                 sets[(path.parent, match["id"])][int(match["channel"])] = path
@@ -390,7 +240,7 @@ class CaseBuilder:
                 self._skip(instance, reason)
         if series.cases or not split.stacks:
             return []
-        stem = _stem(series.label)
+        stem = stem_of(series.label)
         if shares_label:
             number = split.stacks[0].instances[0].series_number
             stem = f"{stem}_S{number if number is not None else self._position(series)}"

@@ -25,6 +25,7 @@ from asyncflow.reading.dicom import (
     order_series,
     slice_normal,
 )
+from asyncflow.reading.names import NIFTI_SUFFIXES
 
 __all__ = ["prepare_case", "source_image"]
 
@@ -60,7 +61,7 @@ def _with_nifti_suffix(source: Path, workdir: Path, number: int) -> Path:
     Inputs are recognised by content, so a NIfTI may arrive as ``input-3`` or an
     S3 key without suffix: it is then linked into the case folder as ``.nii(.gz)``.
     """
-    if source.name.lower().endswith((".nii", ".nii.gz")):
+    if source.name.lower().endswith(NIFTI_SUFFIXES):
         return source
     with source.open("rb") as f:
         suffix = ".nii.gz" if f.read(2) == b"\x1f\x8b" else ".nii"

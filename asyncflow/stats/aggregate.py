@@ -29,7 +29,7 @@ from asyncflow.stats.privacy import LaplaceNoise
 
 __all__ = ["DEFAULT_BOUNDS", "FORMAT", "Bounds", "merge_nodes", "node_aggregates", "parse_bounds"]
 
-FORMAT = "asyncflow.stats.measure/1"
+FORMAT = "asyncflow.statistics/1"
 QUANTILES = (5, 25, 50, 75, 95)
 
 

@@ -9,7 +9,6 @@ prediction is still returned, as NIfTI in the series' geometry, with the reason.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -18,19 +17,15 @@ import numpy as np
 import SimpleITK as sitk
 
 from asyncflow.case import PredictedCase, PreparedCase
-from asyncflow.enums import SourceKind
+from asyncflow.enums import OutputFormat, SourceKind
+from asyncflow.labels.config import merge_labels
 from asyncflow.labels.mitk import MITK_SUFFIX, mitk_label_json, read_mitk_labels
-from asyncflow.labels.segment import SegmentLabel, label_for, merge_labels
+from asyncflow.labels.segment import SegmentLabel, label_for
+from asyncflow.log import Stopwatch
 from asyncflow.reading.prepare import source_image
 from asyncflow.stats.measure import LabelStatistics, measure_labels
-from asyncflow.writing.seg import (
-    Algorithm,
-    SegOptions,
-    dicom_seg_bytes,
-    label_values,
-    nifti_seg_bytes,
-    segment_values,
-)
+from asyncflow.writing.nifti import nifti_seg_bytes
+from asyncflow.writing.seg import Algorithm, SegOptions, dicom_seg_bytes, label_values, segment_values
 
 if TYPE_CHECKING:
     from asyncflow.backends.base import ModelSteps
@@ -50,8 +45,8 @@ class Exported:
     statistics_error: str | None = None  # why not
 
     @property
-    def format(self) -> str:
-        return "dicom_seg" if self.name.endswith(".dcm") else "nifti"
+    def format(self) -> OutputFormat:
+        return OutputFormat.DICOM_SEG if self.name.endswith(".dcm") else OutputFormat.NIFTI
 
 
 def export_case(
@@ -90,11 +85,11 @@ def export_output(
     grid (``steps.to_labels``; v2: nnU-Net's resampling and argmax), :func:`export_case`, then the
     label statistics on the source voxels, read again (a failure there keeps the outputs, with the
     reason). The seconds of the first and last step come back beside the outputs."""
-    started = time.perf_counter()
+    watch = Stopwatch()
     labels = output if steps is None else steps.to_labels(prepared, output)
-    to_labels_s = time.perf_counter() - started
+    to_labels_s = watch.seconds
     exported = export_case(PredictedCase(prepared, labels), model_labels, label_config, algorithm, options)
-    started = time.perf_counter()
+    watch = Stopwatch()
     try:
         image = source_image(prepared)  # held while its voxels are read through the view
         definitions = merge_labels(model_labels, label_config)
@@ -103,7 +98,7 @@ def export_output(
         exported = replace(exported, statistics=statistics)
     except Exception as exc:  # noqa: BLE001 - the segmentation is kept; the report says why
         exported = replace(exported, statistics_error=f"{type(exc).__name__}: {exc}")
-    return exported, {"to_labels_s": to_labels_s, "statistics_s": time.perf_counter() - started}
+    return exported, {"to_labels_s": to_labels_s, "statistics_s": watch.seconds}
 
 
 def _dicom_outputs(

@@ -1,11 +1,16 @@
-"""Write predictions: DICOM SEG (highdicom) for DICOM sources, NIfTI otherwise."""
+"""DICOM SEG (highdicom) of a prediction on its DICOM sources: written, read back and checked.
+
+A SEG's frames lie on its source instances (or the frames of one multi-frame
+source), so the SEG decoded on its sources equals the prediction voxel for voxel;
+:func:`dicom_seg_bytes` checks exactly that before it returns the bytes. Its UIDs
+derive from :attr:`SegOptions.uid_seed` (the case and model keys), so the same case
+through the same model and settings gets the same SEG identity.
+"""
 
 from __future__ import annotations
 
-import gzip
 import io
-import struct
-import tempfile
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,35 +18,27 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pydicom
-import SimpleITK as sitk
 from pydicom.sr.coding import Code as PydicomCode
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 from asyncflow._version import __version__
-from asyncflow.case import Geometry
 from asyncflow.errors import SegCheckError
 from asyncflow.labels.segment import Code, SegmentLabel, label_for
-from asyncflow.pipeline.journal import derived_uid
 from asyncflow.reading.dicom import slice_normal
 from asyncflow.writing.deidentify import deidentify
 
 __all__ = [
     "Algorithm",
-    "SegCheckError",
     "SegOptions",
     "check_dicom_seg",
     "dicom_seg_bytes",
     "label_values",
-    "nifti_seg_bytes",
     "read_dicom_seg",
-    "read_nifti_seg",
     "segment_values",
 ]
 
-_NIFTI1_HEADER_BYTES = 348
-_NIFTI1_XFORM_CODES = 252  # byte offset of qform_code, sform_code (two int16) in a NIfTI-1 header
-_ITK_XFORM_CODES = (1, 1)  # what SimpleITK writes
 _AI_FAMILY = PydicomCode("123110", "DCM", "Artificial Intelligence")
+_UID_NAMESPACE = uuid.UUID("3f1b7c1e-9a0e-4d55-9d0c-5a9f1f1e2b61")  # asyncflow's, fixed
 
 
 @dataclass(frozen=True)
@@ -92,7 +89,7 @@ class SegOptions:
     keep_empty_frames: bool = False
     compression: str = "none"
     deidentify: str = "none"  # a profile of asyncflow.writing.deidentify, applied before the SEG is written
-    # Names the case and the model (asyncflow.pipeline.journal): the SEG's UIDs derive from it, so the same
+    # Names the case and the model (asyncflow.pipeline.keys): the SEG's UIDs derive from it, so the same
     # case through the same model and settings gets the same SEG identity. None: fresh UIDs.
     uid_seed: str | None = None
 
@@ -121,70 +118,19 @@ def dicom_seg_bytes(
     ``labels`` is (z, y, x) with z in the order of ``source_files`` (sorted along
     the slice normal), or of the frames of one multi-frame source, y along rows and
     x along columns: exactly the source pixel grid, so the SEG decoded on its sources equals the prediction voxel for voxel
-    (checked before the bytes are returned, :class:`SegCheckError` otherwise).
+    (checked before the bytes are returned, :class:`~asyncflow.errors.SegCheckError` otherwise).
     Segment numbers are 1..n over the label values present, in ascending order;
     when none is present, one empty segment per declared label says so.
     ``present`` is :func:`label_values` of ``labels``, when the caller has it already.
     """
     options = options or SegOptions()
-    sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in source_files]
-    rows, columns = int(sources[0].Rows), int(sources[0].Columns)
-    frames = int(sources[0].get("NumberOfFrames", 1) or 1)
-    slices = frames if len(sources) == 1 and frames > 1 else len(sources)
-    if labels.shape != (slices, rows, columns):
-        raise ValueError(
-            f"prediction shape {labels.shape} does not match the source grid {(slices, rows, columns)}"
-        )
-    if frames == 1:
-        _fill_slice_thickness(sources)
+    sources = _sources_for(source_files, labels.shape)
     values = segment_values(label_values(labels) if present is None else present, declared)
     if not values:
         raise ValueError("the model declares no foreground label and none was predicted")
     numbers = _segment_numbers(labels, values)
-    kind = hd.seg.SegmentationTypeValues(options.segmentation_type)
-    pixel_array: np.ndarray = numbers
-    if kind is hd.seg.SegmentationTypeValues.FRACTIONAL:
-        # One probability plane per segment: 1.0 inside, 0.0 outside.
-        pixel_array = (numbers[..., None] == np.arange(1, len(values) + 1)).astype(np.float32)
-    identification = hd.AlgorithmIdentificationSequence(
-        name=algorithm.name[:64],
-        family=_AI_FAMILY,
-        version=algorithm.version[:64],
-        parameters=dict(algorithm.parameters) or None,
-    )
-    seed = options.uid_seed
-
-    def uid(role: str) -> str:
-        return derived_uid(seed, role) if seed is not None else str(hd.UID())
-
-    descriptions = [
-        _description(number, label_for(declared, value), identification, uid(f"tracking {number}"))
-        for number, value in enumerate(values, start=1)
-    ]
-    source_series = sources[0].get("SeriesNumber")
-    seg = hd.seg.Segmentation(
-        source_images=sources,
-        pixel_array=pixel_array,
-        segmentation_type=kind,
-        segment_descriptions=descriptions,
-        series_instance_uid=uid("series"),
-        series_number=int(source_series) + 1000 if source_series not in (None, "") else 1000,
-        sop_instance_uid=uid("instance"),
-        instance_number=1,
-        manufacturer="asyncflow",
-        manufacturer_model_name=algorithm.name[:64],
-        software_versions=f"asyncflow {__version__}",
-        device_serial_number="0",
-        series_description=algorithm.series_description,
-        content_label="NNUNET",
-        content_description=(
-            f"{algorithm.name} automatic segmentation"
-            if labels.any()
-            else f"{algorithm.name}: no segment found"
-        )[:64],
-        content_creator_name="asyncflow^",  # software, not a person: one component
-        transfer_syntax_uid=_TRANSFER_SYNTAXES[options.compression],
-        omit_empty_frames=not options.keep_empty_frames,
+    seg = _segmentation(
+        sources, numbers, [label_for(declared, value) for value in values], algorithm, options
     )
     for element in sources[0]:
         if element.tag.group == 0x0012 and int(element.tag) not in _SERIES_LEVEL_TRIAL_TAGS:
@@ -195,6 +141,78 @@ def dicom_seg_bytes(
     data = buffer.getvalue()
     check_dicom_seg(data, [str(ds.SOPInstanceUID) for ds in sources], numbers, options)
     return data
+
+
+def _sources_for(source_files: Sequence[Path], shape: tuple[int, ...]) -> list[pydicom.Dataset]:
+    """The source headers, checked against the prediction's (z, y, x) ``shape``."""
+    sources: list[pydicom.Dataset] = [pydicom.dcmread(p, stop_before_pixels=True) for p in source_files]
+    rows, columns = int(sources[0].Rows), int(sources[0].Columns)
+    frames = int(sources[0].get("NumberOfFrames", 1) or 1)
+    slices = frames if len(sources) == 1 and frames > 1 else len(sources)
+    if shape != (slices, rows, columns):
+        raise ValueError(f"prediction shape {shape} does not match the source grid {(slices, rows, columns)}")
+    if frames == 1:
+        _fill_slice_thickness(sources)
+    return sources
+
+
+def _uid(seed: str | None, role: str) -> str:
+    """The UID of one ``role`` in a SEG: a 2.25 UID of a name-based (SHA-1) UUID of the seed and
+    the role, so the same case through the same model and settings gets the same UID; a fresh
+    one without a seed."""
+    if seed is None:
+        return str(hd.UID())
+    return str(hd.UID.from_uuid(str(uuid.uuid5(_UID_NAMESPACE, f"{seed}|{role}"))))
+
+
+def _segmentation(
+    sources: list[pydicom.Dataset],
+    numbers: np.ndarray,
+    labels: Sequence[SegmentLabel],
+    algorithm: Algorithm,
+    options: SegOptions,
+) -> hd.seg.Segmentation:
+    """highdicom's Segmentation of ``numbers`` (segment numbers 1..n, one per label) on ``sources``."""
+    kind = hd.seg.SegmentationTypeValues(options.segmentation_type)
+    pixel_array: np.ndarray = numbers
+    if kind is hd.seg.SegmentationTypeValues.FRACTIONAL:
+        # One probability plane per segment: 1.0 inside, 0.0 outside.
+        pixel_array = (numbers[..., None] == np.arange(1, len(labels) + 1)).astype(np.float32)
+    identification = hd.AlgorithmIdentificationSequence(
+        name=algorithm.name[:64],
+        family=_AI_FAMILY,
+        version=algorithm.version[:64],
+        parameters=dict(algorithm.parameters) or None,
+    )
+    seed = options.uid_seed
+    descriptions = [
+        _description(number, label, identification, _uid(seed, f"tracking {number}"))
+        for number, label in enumerate(labels, start=1)
+    ]
+    source_series = sources[0].get("SeriesNumber")
+    found = (
+        f"{algorithm.name} automatic segmentation" if numbers.any() else f"{algorithm.name}: no segment found"
+    )
+    return hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=pixel_array,
+        segmentation_type=kind,
+        segment_descriptions=descriptions,
+        series_instance_uid=_uid(seed, "series"),
+        series_number=int(source_series) + 1000 if source_series not in (None, "") else 1000,
+        sop_instance_uid=_uid(seed, "instance"),
+        instance_number=1,
+        manufacturer="asyncflow",
+        manufacturer_model_name=algorithm.name[:64],
+        software_versions=f"asyncflow {__version__}",
+        device_serial_number="0",
+        series_description=algorithm.series_description,
+        content_label="NNUNET",
+        content_description=found[:64],
+        content_creator_name="asyncflow^",  # software, not a person: one component
+        transfer_syntax_uid=_TRANSFER_SYNTAXES[options.compression],
+        omit_empty_frames=not options.keep_empty_frames,
+    )
 
 
 def _segment_numbers(labels: np.ndarray, values: Sequence[int]) -> np.ndarray:
@@ -308,35 +326,6 @@ def _fill_slice_thickness(sources: Sequence[pydicom.Dataset]) -> None:
         ds.SliceThickness = gap
 
 
-def nifti_seg_bytes(labels: np.ndarray, geometry: Geometry, scratch: Path) -> bytes:
-    """The label map as .nii.gz bytes on ``geometry`` (the model input's grid), keeping a NIfTI
-    source's qform and sform codes; ``scratch`` is a file name to write through.
-
-    SimpleITK writes both codes as 1 ("scanner") whatever the source said, and no metadata
-    changes that: other codes are set in the header bytes and the file compressed here
-    (ITK's own compression is faster and smaller, so it stays where the codes are 1).
-    """
-    if tuple(reversed(labels.shape)) != tuple(geometry.size):
-        raise ValueError(f"prediction shape {labels.shape} does not match the input size {geometry.size}")
-    image = geometry.apply(
-        sitk.GetImageFromArray(labels.astype(np.uint8 if labels.max() < 256 else np.uint16))
-    )
-    codes = geometry.xform_codes
-    compress_here = codes is not None and codes != _ITK_XFORM_CODES
-    path = scratch.with_name(scratch.name.removesuffix(".gz").removesuffix(".nii") + ".nii")
-    if not compress_here:
-        path = path.with_name(path.name + ".gz")
-    sitk.WriteImage(image, str(path), useCompression=not compress_here)
-    data = path.read_bytes()
-    path.unlink()
-    if not compress_here:
-        return data
-    header = bytearray(data[:_NIFTI1_HEADER_BYTES])
-    order = "<" if int.from_bytes(header[:4], "little") == _NIFTI1_HEADER_BYTES else ">"
-    struct.pack_into(f"{order}hh", header, _NIFTI1_XFORM_CODES, *codes)  # type: ignore[misc]
-    return gzip.compress(bytes(header) + data[_NIFTI1_HEADER_BYTES:], compresslevel=6, mtime=0)
-
-
 def read_dicom_seg(
     data: bytes, source_sop_instance_uids: Sequence[str], source_frames: int = 1
 ) -> tuple[np.ndarray, dict[int, str]]:
@@ -347,11 +336,3 @@ def read_dicom_seg(
     segment number's label.
     """
     return _decode(hd.seg.segread(io.BytesIO(data)), source_sop_instance_uids, source_frames)
-
-
-def read_nifti_seg(data: bytes) -> sitk.Image:
-    """Decode .nii.gz bytes (SimpleITK reads only from files)."""
-    with tempfile.TemporaryDirectory(prefix="asyncflow-read-") as tmp:
-        path = Path(tmp) / "seg.nii.gz"
-        path.write_bytes(data)
-        return sitk.ReadImage(str(path))

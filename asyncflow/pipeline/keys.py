@@ -1,0 +1,101 @@
+"""What names a case and a model, so that a finished case is known again.
+
+A case is named by its *key* (:func:`case_key`): its kind, its place (series UID
+and part, or its input and path), the sha256 of every source file (taken as the
+bytes were unpacked) and of a label file supplied with it. A model and everything
+that changes a result is named by the *model key* (:func:`model_key`): the model
+folder, configuration, trainer, plans, folds, the sha256 of the checkpoints and of
+the folder's plans and dataset files, and the settings that change what a case's
+outputs hold. The journal (:mod:`asyncflow.pipeline.journal`) resumes a case whose
+two keys match; the SEG's UIDs derive from them (:attr:`asyncflow.writing.seg.SegOptions.uid_seed`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from asyncflow.reading.archives import sha256_file
+
+if TYPE_CHECKING:
+    from asyncflow.backends.base import ModelInfo
+    from asyncflow.case import Case
+    from asyncflow.settings import Settings
+
+__all__ = ["RESULT_SETTINGS", "case_key", "model_key"]
+
+# Settings that change what a case's outputs hold (the model's identity covers the rest).
+RESULT_SETTINGS = (
+    "use_mirroring",
+    "tile_step_size",
+    "multi_modal",
+    "seg_type",
+    "seg_keep_empty_frames",
+    "seg_compression",
+    "deidentify",
+    "opaque_names",
+)
+
+
+def case_key(case: Case, hashes: Mapping[Path, str]) -> str | None:
+    """The case's key, or None when a source file's content hash is unknown."""
+    try:
+        contents = sorted(hashes[path] for path in case.files)
+        # From the hashes, not the file: a label file shared by an input's cases may be gone by
+        # now (deleted when another of them was found finished).
+        label_file = hashes[case.label_file] if case.label_file is not None else None
+    except KeyError:
+        return None
+    source = case.source
+    place = (
+        [source.series_instance_uid, source.part]
+        if source and source.series_instance_uid
+        else [case.origin, source.location if source else case.output_name]
+    )
+    text = json.dumps([str(case.kind), place, contents, label_file, case.output_name])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+_checkpoint_hashes: dict[tuple[str, int, int], str] = {}
+_checkpoint_lock = threading.Lock()
+
+
+def _checkpoint_sha256(path: Path) -> str:
+    """A checkpoint's sha256, read once per process while its size and mtime stay the same."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    with _checkpoint_lock:
+        if key not in _checkpoint_hashes:
+            _checkpoint_hashes[key] = sha256_file(path)
+        return _checkpoint_hashes[key]
+
+
+def model_key(info: ModelInfo, settings: Settings) -> str:
+    """The model's identity and every setting that changes a result, as one hex digest."""
+    checkpoints = {}
+    for fold in info.folds:
+        folder = info.folder / f"fold_{fold}"
+        for path in sorted(folder.glob(f"{info.checkpoint}*")) if folder.is_dir() else []:
+            checkpoints[f"fold_{fold}/{path.name}"] = _checkpoint_sha256(path)
+    label_config = sha256_file(settings.label_config) if settings.label_config else None
+    # plans.json and dataset.json (v2), plans.pkl (v1): spacing, normalisation, labels
+    plans = {path.name: sha256_file(path) for path in sorted(info.folder.glob("*.json"))}
+    plans |= {path.name: sha256_file(path) for path in sorted(info.folder.glob("*.pkl"))}
+    identity = {
+        "folder": str(info.folder.resolve()) if info.folder.exists() else str(info.folder),
+        "plans": plans,
+        "model": [info.name, info.configuration, info.trainer, info.plans, info.generation],
+        "folds": [str(f) for f in info.folds],
+        "checkpoints": checkpoints,
+        "settings": {name: _plain(getattr(settings, name)) for name in RESULT_SETTINGS},
+        "label_config": label_config,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _plain(value: Any) -> Any:
+    return value if isinstance(value, bool | int | float | str | type(None)) else str(value)
