@@ -3,7 +3,7 @@
 #   docker build -t asyncflow-flame .
 #   docker build -t asyncflow-flame --build-arg MODEL_URL=https://.../model.zip --build-arg TASK_NAME=Dataset029_LiTS .
 #
-# See README.md, "Run in FLAME", for the ways to provide model weights and the settings.
+# See docs/how-to/flame.md for the ways to provide model weights and the settings.
 # No MITK and no Qt: DICOM is read with pydicom/SimpleITK and SEG is written with highdicom.
 
 # The CUDA "base" flavour: the NVIDIA container toolkit's environment and nothing else. torch's

@@ -172,7 +172,7 @@ class Settings:
     # the memory available (container limit included) when the request starts.
     memory_budget_gb: float = 0.0
 
-    # Limits on untrusted input (README "Security"): an input over one fails alone, with the reason.
+    # Limits on untrusted input (docs/explanation/security.md): an input over one fails alone, with the reason.
     max_archive_bytes: int = 100 << 30  # bytes one archive may expand to
     max_archive_members: int = 200_000
     max_file_bytes: int = 16 << 30  # one member, or the voxels a NIfTI header declares

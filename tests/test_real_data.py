@@ -5,7 +5,7 @@ their DICOMDIR files: an axial CT series beside its two scouts (LOCALIZER), a CT
 series with a gap, multi-plane MR localizers, radial MIPs, single images.
 nibabel's test data holds real NIfTI-1 volumes whose qform/sform codes say
 "aligned" (2), one big-endian. Every request here must end with its report, a
-reason for every file that became no case, and exit codes as README's table says.
+reason for every file that became no case, and exit codes as docs/reference/exit-codes.md says.
 """
 
 from __future__ import annotations

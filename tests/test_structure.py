@@ -40,7 +40,7 @@ def _imports(module: str) -> Iterator[tuple[str, int, str | None]]:
     """(imported asyncflow module, line, the name taken from it or None) of every import."""
     path = MODULES[module]
     package = module if _is_package(module) else module.rpartition(".")[0]
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 yield alias.name, node.lineno, None
@@ -156,7 +156,7 @@ def _defined(module: str) -> set[str]:
     """Names a module defines at its top level (in try/if blocks too); a package ``__init__``
     also defines what it imports from inside its own folder."""
     names: set[str] = set()
-    tree = ast.parse(MODULES[module].read_text())
+    tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
     for node in ast.walk(tree):
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) and node in tree.body:
             names.add(node.name)
@@ -209,7 +209,7 @@ def test_the_root_imports_each_public_name_from_its_home() -> None:
 
 
 def test_no_module_over_400_lines() -> None:
-    sizes = {module: len(path.read_text().splitlines()) for module, path in MODULES.items()}
+    sizes = {module: len(path.read_text(encoding="utf-8").splitlines()) for module, path in MODULES.items()}
     assert {module: lines for module, lines in sizes.items() if lines > MAX_MODULE_LINES} == {}
 
 

@@ -213,19 +213,22 @@ def _segment(args: argparse.Namespace, backend: Backend | Sequence[Backend] | No
     return EXIT_DONE if result.status == "done" else EXIT_SOME_FAILED
 
 
+# The commands that segment nothing; run and demo are _segment's.
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "flame": _flame,
+    "monitor": _monitor,
+    "stats": _stats,
+}
+
+
 def main(argv: Sequence[str] | None = None, *, backend: Backend | Sequence[Backend] | None = None) -> int:
     """Run one command (``argv``, default the process's arguments); its exit code. ``backend``:
     a backend (or one per device) for ``run`` and ``demo`` to predict with instead of the one the
     model options name, as ``run_request(backend=...)`` takes it."""
     args = build_parser().parse_args(argv)
     watch = Stopwatch()
-    commands: dict[str, Callable[[argparse.Namespace], int]] = {
-        "flame": _flame,
-        "monitor": _monitor,
-        "stats": _stats,
-    }
     try:
-        command = commands.get(args.command)
+        command = _COMMANDS.get(args.command)
         return command(args) if command is not None else _segment(args, backend)
     except (SettingsError, ModelError, RequestError, LabelError) as exc:
         print(f"asyncflow: error: {exc}", file=sys.stderr)
