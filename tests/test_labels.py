@@ -214,3 +214,33 @@ def test_declared_labels_not_found_are_reported_not_renumbered(
         predicted, labels_from_dataset_json(LITS_V1), {}, Algorithm("m", "v"), SegOptions()
     )
     assert (exported.name, exported.labels_present, exported.labels_absent) == ("v.nii.gz", [1], [2])
+
+
+@pytest.mark.anyio
+async def test_the_label_file_beside_a_deidentified_seg_names_its_sources_by_uid_not_by_file_name(
+    tmp_path: Path, rng: np.random.Generator
+) -> None:
+    """Hospital exports often name files after the patient; a de-identified SEG's MITK label file
+    lists its sources by SOPInstanceUID (the SEG keeps those), without, by file name."""
+    from helpers import dicom_bytes, make_tar
+
+    from asyncflow import Settings
+    from asyncflow.testing import FakeBackend
+
+    series = dicom_series_datasets(make_phantom(rng, (8, 16, 16)))
+    members = {
+        f"Mustermann_Erika/Mustermann_Erika_CT_{k:03d}.dcm": dicom_bytes(ds) for k, ds in enumerate(series)
+    }
+    entries = [{"study.tar": make_tar(members)}]
+    work = tmp_path / "work"
+    for profile, expected in (
+        ("basic", [str(ds.SOPInstanceUID) for ds in series]),
+        ("none", [f"Mustermann_Erika_CT_{k:03d}.dcm" for k in range(len(series))]),
+    ):
+        result = await run_request(
+            entries, Settings(work_dir=work, deidentify=profile), backend=FakeBackend()
+        )
+        (label_file,) = result.label_json_bytes.values()
+        references = json.loads(label_file)["properties"]["StringLookupTableProperty"]["referenceFiles"]
+        assert references == expected  # in slice order, as the SEG's frames
+        assert (b"Mustermann" in label_file) is (profile == "none")

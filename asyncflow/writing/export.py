@@ -17,7 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from asyncflow.case import PredictedCase, PreparedCase
-from asyncflow.enums import OutputFormat, SourceKind
+from asyncflow.enums import DeidentifyProfile, OutputFormat, SourceKind
 from asyncflow.labels.config import merge_labels
 from asyncflow.labels.mitk import MITK_SUFFIX, mitk_label_json, read_mitk_labels
 from asyncflow.labels.segment import SegmentLabel, label_for
@@ -122,11 +122,12 @@ def _dicom_outputs(
         in_source_order[prepared.frame_order] = predicted.labels
     data = dicom_seg_bytes(prepared.source_files, in_source_order, labels, algorithm, options, present)
     described = [label_for(labels, v) for v in segment_values(present, labels)]
-    label_json = mitk_label_json(
-        described,
-        [path.name for path in prepared.source_files],
-        series_description=algorithm.series_description,
-    )
+    references = [path.name for path in prepared.source_files]
+    if options.deidentify != DeidentifyProfile.NONE:
+        # File names may carry the patient's name; the SOPInstanceUIDs stay in the SEG anyway.
+        uids = {instance.path: instance.sop_instance_uid for instance in case.instances}
+        references = [uids[path] for path in prepared.source_files]
+    label_json = mitk_label_json(described, references, series_description=algorithm.series_description)
     return Exported(
         f"{case.output_name}.dcm", data, present, absent, (f"{case.output_name}{MITK_SUFFIX}", label_json)
     )
