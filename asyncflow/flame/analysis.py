@@ -130,11 +130,9 @@ class nnUNetAnalyzer(StarAnalyzer):  # the reference's name, which users know
                 "statistics": aggregate,
                 "node": self.id,
             }
-        return {
-            **result.as_dict(),
-            "report": redact_report(result.report()),
-            "node": self.id,
-        }  # no name from the data leaves the node
+        contract = result.as_dict()
+        contract["report"] = redact_report(contract["report"])  # no name from the data leaves the node
+        return {**contract, "node": self.id}
 
     def _no_usable_case(self, error: RequestError, report: dict[str, Any] | None = None) -> dict[str, Any]:
         self.hub.no_usable_case(error)
