@@ -1,5 +1,5 @@
 """One request's temporary folder: where inputs unpack and cases work, which unpacked files
-cases still read, how many inputs it may hold at once, and its removal.
+cases still read, the free space it needs before work starts, and its removal.
 
 ::
 
