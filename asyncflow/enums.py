@@ -63,6 +63,10 @@ class InputFailure(StrEnum):
     NOT_AN_ARCHIVE = "not an archive"  # named like a TAR, holds none
     UNREADABLE_ARCHIVE = "unreadable archive"  # a TAR that breaks while it is read
     OVER_A_LIMIT = "archive over a limit"  # members, bytes, ratio (Settings' max_archive_*)
+    # An object of a store (a FLAME node's S3 data) that could not be fetched:
+    NOT_FOUND = "object not found"  # the store has no such object (a key the analyst named)
+    FETCH_REFUSED = "object refused"  # the store answered 4xx: retrying would not help
+    FETCH_FAILED = "object not fetched"  # transient errors (connect, timeout, 5xx) on every try
 
 
 class FileKind(StrEnum):

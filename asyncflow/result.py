@@ -17,11 +17,14 @@ __all__ = ["Progress", "Result"]
 
 @dataclass(frozen=True)
 class Progress:
-    """Sent after every case that ends; ``total`` is None until all inputs are assembled."""
+    """Sent after every case that ends, and after every object fetched (or given up) when the
+    request's inputs are objects in a store; ``total`` is None until all inputs are assembled."""
 
     done: int
     failed: int
     total: int | None
+    fetched: int = 0  # objects whose fetch has ended, fetched or lost
+    objects: int = 0  # objects the request fetches (0: its inputs came as bytes or files)
 
 
 @dataclass

@@ -171,6 +171,12 @@ class Settings:
     # preprocessing, model input, logits, resampling; asyncflow.pipeline.budget); 0: three quarters of
     # the memory available (container limit included) when the request starts.
     memory_budget_gb: float = 0.0
+    # Objects of a store (a FLAME node's S3 data) being fetched or waiting on disk to be unpacked
+    # at once (asyncflow.pipeline.fetching); 0: unpack_workers + queue_size, the inputs the
+    # unpack stage holds anyway. Each fetch holds one 1 MiB chunk in memory, whatever the size.
+    fetch_window: int = 0
+    fetch_tries: int = 4  # tries per object (and per listing page) before it is given up
+    fetch_backoff_s: float = 1.0  # wait after the first failed try; doubled after each next one
 
     # Limits on untrusted input (docs/explanation/security.md): an input over one fails alone, with the reason.
     max_archive_bytes: int = 100 << 30  # bytes one archive may expand to
@@ -190,6 +196,7 @@ class Settings:
             "prepare_workers",
             "export_workers",
             "queue_size",
+            "fetch_tries",
             "max_archive_bytes",
             "max_archive_members",
             "max_file_bytes",
@@ -200,6 +207,8 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.fetch_window < 0 or self.fetch_backoff_s < 0:
+            raise SettingsError("fetch_window (0: automatic) and fetch_backoff_s must not be negative")
         if self.memory_budget_gb < 0:
             raise SettingsError(
                 f"memory_budget_gb must be 0 (automatic) or positive, got {self.memory_budget_gb}"
@@ -247,6 +256,10 @@ class Settings:
             raise SettingsError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         values.update({k: _coerce(k, v) for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
+
+    def fetch_window_size(self) -> int:
+        """``fetch_window``, or when 0 the inputs the unpack stage holds: its workers' and its queue's."""
+        return self.fetch_window or self.unpack_workers + self.queue_size
 
     def archive_limits(self) -> ArchiveLimits:
         return ArchiveLimits(

@@ -8,6 +8,8 @@ Mirrors python-sdk-patterns (``flame/star/star_model.py``, ``star_model_tester.p
 - a node is built as ``cls(flame=core, **kwargs)`` after StarModel's ``issubclass``
   check against the star base classes;
 - ``get_s3_data(query)``: ``[]`` returns every object, ``None`` returns None;
+- ``get_data_sources()``: the node's data sources, as the hub adapter lists them
+  (``[{"id", "name", "paths"}]``), for an analyzer that fetches its own objects;
 - the analyzer's result crosses to the aggregator pickled (the message broker);
 - the aggregator result is uploaded as ``bytes(result)`` for ``output_type="bytes"``,
   falling back to pickle with a warning, as ``push_result`` does;
@@ -23,6 +25,7 @@ import queue
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from asyncflow.flame.hub import FLAME_LOG_TYPES
@@ -51,11 +54,13 @@ class MockFlameCore:
         aggregator_id: str,
         inboxes: dict[str, queue.Queue[tuple[str, bytes]]],
         s3_data: list[dict[str, bytes]] | None = None,
+        data_sources: list[dict[str, Any]] | None = None,
     ) -> None:
         self.node_id, self.role, self.aggregator_id = node_id, role, aggregator_id
         self.participants = [p for p in participants if p != node_id]
         self.inboxes = inboxes
         self.s3_data = s3_data
+        self.data_sources = data_sources
         self.hub = HubRecord()
         self.final_result: bytes | None = None
         self.sent: list[Any] = []  # what this node sent to others, as they receive it
@@ -87,6 +92,9 @@ class MockFlameCore:
         else:
             self._progress = progress
             self.hub.progress.append(progress)
+
+    def get_data_sources(self) -> list[dict[str, Any]] | None:
+        return self.data_sources
 
     def get_s3_data(self, s3_keys: list[str] | None = None) -> list[dict[str, bytes]] | None:
         if s3_keys is None or self.s3_data is None:
@@ -124,6 +132,22 @@ class MockFlameCore:
         return {"status": "success"}
 
 
+def analyzer_kwargs(model_dir: Path, work: Path, **more: Any) -> dict[str, Any]:
+    """The analyzer's kwargs for the tests (plain values, as StarModel's analyzer_kwargs carry
+    them): the tiny model on the CPU, one worker per stage."""
+    return {
+        "model_dir": str(model_dir),
+        "work_dir": str(work),
+        "device": "cpu",
+        "use_mirroring": False,
+        "torch_threads": 1,
+        "unpack_workers": 1,
+        "prepare_workers": 1,
+        "export_workers": 1,
+        **more,
+    }
+
+
 @dataclass
 class StarRun:
     final_result: bytes
@@ -135,17 +159,19 @@ class StarRun:
 def run_star(
     analyzer: type,
     aggregator: type,
-    data_splits: Sequence[list[dict[str, bytes]]],
+    data_splits: Sequence[list[dict[str, bytes]] | None],
     *,
-    query: list[str] | None = None,
+    query: Sequence[str] | None = (),
+    data_sources: Sequence[list[dict[str, Any]]] | None = None,
     output_type: str = "str",
     analyzer_kwargs: dict[str, Any] | None = None,
     aggregator_kwargs: dict[str, Any] | None = None,
 ) -> StarRun:
-    """One simple (single-round) StarModel analysis over ``len(data_splits)`` analyzer nodes."""
+    """One simple (single-round) StarModel analysis over ``len(data_splits)`` analyzer nodes
+    (``data_sources``: each node's sources, for ``query=None``)."""
     if not issubclass(analyzer, StarAnalyzer) or not issubclass(aggregator, StarAggregator):
         raise TypeError("the analyzer and aggregator must subclass the star base classes")
-    query = [] if query is None else query
+    query = None if query is None else list(query)
     analyzer_ids = [f"node_{i}" for i in range(len(data_splits))]
     aggregator_id = f"node_{len(data_splits)}"
     everyone = [*analyzer_ids, aggregator_id]
@@ -158,6 +184,7 @@ def run_star(
             aggregator_id,
             inboxes,
             s3_data=data_splits[i] if n != aggregator_id else None,
+            data_sources=data_sources[i] if data_sources is not None and n != aggregator_id else None,
         )
         for i, n in enumerate(everyone)
     }

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
-from flame_harness import MockFlameCore, run_star
+from flame_harness import MockFlameCore, analyzer_kwargs, run_star
 from helpers import make_tar, phantom_nifti
 
 from asyncflow import Progress, SettingsError
@@ -30,20 +30,6 @@ from asyncflow.log import configure_logging
 PATIENT_NAME, PATIENT_ID = "Mustermann^Erika", "PID-998877"
 PHI_KEY = "site-x/Mustermann_Erika_CT.tar.gz"
 SECRETS = ("Mustermann", "Erika", PATIENT_ID, "19700101", "site-x")
-
-
-def _analyzer_kwargs(model_dir: Path, work: Path) -> dict[str, Any]:
-    # Plain values, as StarModel's analyzer_kwargs carry them.
-    return {
-        "model_dir": str(model_dir),
-        "work_dir": str(work),
-        "device": "cpu",
-        "use_mirroring": False,
-        "torch_threads": 1,
-        "unpack_workers": 1,
-        "prepare_workers": 1,
-        "export_workers": 1,
-    }
 
 
 def _series(rng: np.random.Generator, **kwargs: Any) -> list[pydicom.Dataset]:
@@ -86,7 +72,7 @@ def test_three_nodes_with_several_archives_each_end_to_end(
         ZipAggregator,
         nodes,
         output_type="bytes",
-        analyzer_kwargs=_analyzer_kwargs(model_dir, tmp_path / "work"),
+        analyzer_kwargs=analyzer_kwargs(model_dir, tmp_path / "work"),
     )
 
     # The aggregated bytes are a ZIP: one SEG per good DICOM series, one NIfTI, a manifest.
@@ -158,7 +144,7 @@ def test_pass_through_keeps_every_node_result_and_an_empty_node_does_not_sink_th
         PassThroughAggregator,
         nodes,
         output_type="pickle",
-        analyzer_kwargs=_analyzer_kwargs(model_dir, tmp_path / "work"),
+        analyzer_kwargs=analyzer_kwargs(model_dir, tmp_path / "work"),
     )
     results = sorted(pickle.loads(run.final_result), key=lambda r: r["node"])  # arrival order
     assert results == [run.analyzers["node_0"].latest_result, run.analyzers["node_1"].latest_result]
@@ -290,14 +276,16 @@ def test_with_the_sdk_installed_the_classes_subclass_it_and_the_command_starts_a
         "analyzer": "nnUNetAnalyzer",
         "aggregator": "ZipAggregator",
         "data_type": "s3",
-        "query": [],  # every object; None would fetch nothing
+        "query": None,  # the SDK fetches nothing (and logs none of it): the analyzer streams
         "simple_analysis": True,
         "output_type": "bytes",
         "analyzer_kwargs": {"model_dir": str(model_dir), "device": "cpu"},
     }
     passthrough = start("--aggregator", "passthrough", "--query", "a.tar", "--query", "b.tar")
     assert passthrough["aggregator"] == "PassThroughAggregator" and passthrough["output_type"] == "pickle"
-    assert passthrough["query"] == ["a.tar", "b.tar"] and passthrough["analyzer_kwargs"] is None
+    assert passthrough["query"] is None and passthrough["analyzer_kwargs"] == {"keys": ["a.tar", "b.tar"]}
+    in_memory = start("--inputs", "sdk", "--query", "a.tar", "--fetch-window", "3")
+    assert in_memory["query"] == ["a.tar"] and in_memory["analyzer_kwargs"] == {"fetch_window": 3}
 
 
 @pytest.fixture
@@ -332,7 +320,7 @@ def test_under_the_sdk_every_line_is_written_once_scrubbed_and_httpx_stays_quiet
     configure_logging(json=True, stream=stream)
     sdk_logging_setup()  # the SDK's core is built before the analyzer, and sets up its own logging
     core = MockFlameCore("node_0", "default", ["node_0", "node_1"], "node_1", {})
-    nnUNetAnalyzer(core, **_analyzer_kwargs(model_dir, tmp_path / "work"))
+    nnUNetAnalyzer(core, **analyzer_kwargs(model_dir, tmp_path / "work"))
     logging.getLogger("flamesdk.resources").warning("could not send /data/Mustermann_Erika/ct.tar")
     logging.getLogger("httpx").info("HTTP Request: POST http://po/stream_logs")
     worker = threading.Thread(

@@ -71,7 +71,13 @@ def _flame(args: argparse.Namespace) -> int:
     from asyncflow.flame import run_star_model
 
     _configure_logs(args)  # the --log-file stays open while the node runs
-    settings = {**overrides(args), "model_dir": args.model, "multi_modal": args.multi_modal}
+    settings = {
+        **overrides(args),
+        "model_dir": args.model,
+        "multi_modal": args.multi_modal,
+        "data_gateway": args.data_gateway,
+        "fetch_window": args.fetch_window,
+    }
     if args.result == "statistics":
         settings |= {"min_cases": args.min_cases, "statistics_bounds": statistics_bounds(args) or None}
     run_star_model(
@@ -80,6 +86,7 @@ def _flame(args: argparse.Namespace) -> int:
         analyzer_kwargs={k: v for k, v in settings.items() if v is not None},
         result=args.result,
         epsilon=args.epsilon,
+        inputs=args.inputs,
     )
     return EXIT_DONE
 

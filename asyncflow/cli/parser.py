@@ -190,7 +190,22 @@ def _add_flame_command(commands: Any) -> None:
         action="append",
         default=[],
         metavar="KEY",
-        help="S3 object key to fetch, repeatable (default: every object of the node)",
+        help="S3 object key to segment, repeatable (default: every object of the node)",
+    )
+    flame.add_argument(
+        "--inputs",
+        choices=["stream", "sdk"],
+        default="stream",
+        help="stream: each object fetched to disk as the pipeline needs it, within --fetch-window "
+        "(default); sdk: the SDK reads every object into memory first",
+    )
+    flame.add_argument(
+        "--data-gateway",
+        metavar="URL",
+        help="the node's data gateway (default: http://nginx-$DEPLOYMENT_NAME/kong, as the SDK finds it)",
+    )
+    flame.add_argument(
+        "--fetch-window", type=int, metavar="N", help="objects fetched or waiting on disk at once"
     )
     flame.add_argument(
         "--aggregator",

@@ -7,6 +7,7 @@ A FLAME analysis script is two lines::
     run_star_model()
 
 - :mod:`~asyncflow.flame.analysis`: the analyzer, the aggregators, ``run_star_model``
+- :mod:`~asyncflow.flame.gateway`: the node's S3 data through its Kong gateway, streamed to disk
 - :mod:`~asyncflow.flame.hub`: what reaches the FLAME Hub (progress, a few lines, no patient data)
 - :mod:`~asyncflow.flame.redact`: what of a report may leave a node
 - :mod:`~asyncflow.flame.bundle`: the ZIP and manifest the analyst downloads

@@ -9,7 +9,12 @@ shape it:
   is installed and :mod:`asyncflow.flame.standin` otherwise.
 - With ``data_type="s3"`` the analyzer's ``data`` is a list with one
   ``{object_key: bytes}`` dict per data source; ``query=[]`` fetches every
-  object, ``query=None`` none.
+  object, ``query=None`` none. The SDK reads every object whole into memory
+  before ``analysis_method`` runs, and logs the first bytes of the data to the Hub,
+  so :func:`run_star_model` starts StarModel with ``query=None`` and the analyzer
+  lists and fetches the objects itself (:mod:`asyncflow.flame.gateway`), each
+  streamed to disk as the pipeline is ready for it. ``inputs="sdk"`` keeps the
+  SDK's way.
 - The analyzer's result travels to the aggregator pickled; the aggregator's
   result goes through ``bytes(result)`` with ``output_type="bytes"`` (the SDK
   falls back to pickle when that fails).
@@ -21,17 +26,22 @@ shape it:
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, cast
+
+import anyio
 
 from asyncflow.backends.base import Backend
 from asyncflow.backends.build import build_backends
 from asyncflow.errors import LabelError, ModelError, RequestError, SettingsError
 from asyncflow.flame.bundle import pack_node_results
+from asyncflow.flame.gateway import GatewayStore, gateway_url
 from asyncflow.flame.hub import HubReporter
 from asyncflow.flame.redact import redact_report
 from asyncflow.log import take_over_logging
-from asyncflow.pipeline.run import run_request_sync
+from asyncflow.pipeline.run import run_request, run_request_sync
+from asyncflow.reading.request import RemoteObject
 from asyncflow.result import Result
 from asyncflow.settings import Settings
 from asyncflow.stats.aggregate import merge_nodes, node_aggregates, parse_bounds
@@ -57,6 +67,7 @@ __all__ = [
 
 AggregatorKind = Literal["zip", "passthrough", "statistics"]
 ResultKind = Literal["segmentations", "statistics"]
+InputsKind = Literal["stream", "sdk"]
 
 
 class nnUNetAnalyzer(StarAnalyzer):  # the reference's name, which users know
@@ -69,7 +80,10 @@ class nnUNetAnalyzer(StarAnalyzer):  # the reference's name, which users know
     on the first call and kept for later iterations. Four more say what the node
     sends: ``result`` (``segmentations``, the default, or ``statistics``) and, for
     statistics, ``min_cases`` (5), ``epsilon`` (none: no noise) and
-    ``statistics_bounds`` (``{"figure" or "label.figure": [low, high, bins]}``).
+    ``statistics_bounds`` (``{"figure" or "label.figure": [low, high, bins]}``). Two say
+    where the objects come from when StarModel fetched none (``data`` is None):
+    ``keys`` (the object keys to segment; default every object of every data source) and
+    ``data_gateway`` (default ``http://nginx-$DEPLOYMENT_NAME/kong``, the SDK's own).
     """
 
     def __init__(self, flame: Any, **kwargs: Any) -> None:
@@ -78,6 +92,7 @@ class nnUNetAnalyzer(StarAnalyzer):  # the reference's name, which users know
         take_over_logging()  # the SDK has just set up its own: one scrubbed line per event
         try:
             self.result_kind, self.statistics_options = _result_options(kwargs)
+            self.keys, self.gateway = _input_options(kwargs)
             # What leaves the node leaves the hospital: SEGs are de-identified unless asked otherwise.
             self.settings = Settings.from_env(
                 **{
@@ -100,16 +115,16 @@ class nnUNetAnalyzer(StarAnalyzer):  # the reference's name, which users know
         maps are empty and ``statistics`` holds the node's aggregate (:mod:`asyncflow.stats.aggregate`):
         no image, SEG, label file, report or per-case row leaves the node."""
         take_over_logging()  # another node's SDK core may have set up its logging since
-        if data is None:
-            error = RequestError("no data: StarModel was started with query=None, which fetches nothing")
-            return self._no_usable_case(error)
-        self.hub.started(sum(len(d) if isinstance(d, dict) else 1 for d in data))
         ended: list[Result] = []
         try:
             self._backends = self._backends or build_backends(self.settings)
-            result = run_request_sync(
-                data, self.settings, backend=self._backends, on_progress=self.hub, on_finish=ended.append
-            )
+            if data is None:  # StarModel fetched nothing: the objects stream to disk as needed
+                result = anyio.run(self._fetch_and_run, self._backends, ended.append)
+            else:
+                self.hub.started(sum(len(d) if isinstance(d, dict) else 1 for d in data))
+                result = run_request_sync(
+                    data, self.settings, backend=self._backends, on_progress=self.hub, on_finish=ended.append
+                )
         except RequestError as exc:  # the report says why each file became no case
             report = (
                 redact_report(ended[0].report()) if ended and self.result_kind == "segmentations" else None
@@ -133,6 +148,41 @@ class nnUNetAnalyzer(StarAnalyzer):  # the reference's name, which users know
         contract = result.as_dict()
         contract["report"] = redact_report(contract["report"])  # no name from the data leaves the node
         return {**contract, "node": self.id}
+
+    async def _fetch_and_run(self, backends: list[Backend], on_finish: Callable[[Result], None]) -> Result:
+        """List the node's objects through its data gateway and run the request over them."""
+        sources = [str(source["name"]) for source in self.flame.get_data_sources() or []]
+        if not sources:
+            raise RequestError("this node lists no data source for the analysis (get_data_sources)")
+        gateway = self.gateway or gateway_url()
+        if gateway is None:
+            raise RequestError(
+                "no data gateway: DEPLOYMENT_NAME is not set; pass data_gateway in analyzer_kwargs, "
+                "or inputs='sdk' to run_star_model"
+            )
+        settings = self.settings
+        store = GatewayStore(
+            gateway,
+            os.environ.get("DATA_SOURCE_TOKEN"),
+            tries=settings.fetch_tries,
+            backoff_s=settings.fetch_backoff_s,
+        )
+        async with store:
+            objects = await store.list_objects(sources, self.keys)
+            # A key the analyst named that no source lists is asked for all the same: the
+            # store's 404 makes it a lost input ("object not found") in the report.
+            listed = {o.key for o in objects}
+            objects += [
+                RemoteObject(key, 0, sources[0], store)
+                for key in sorted(self.keys or ())
+                if key not in listed
+            ]
+            if not objects:
+                raise RequestError(f"the node's {len(sources)} data source(s) hold no object")
+            self.hub.started(len(objects), sum(o.size for o in objects))
+            return await run_request(
+                objects, settings, backend=backends, on_progress=self.hub, on_finish=on_finish
+            )
 
     def _no_usable_case(self, error: RequestError, report: dict[str, Any] | None = None) -> dict[str, Any]:
         self.hub.no_usable_case(error)
@@ -225,18 +275,32 @@ def _result_options(kwargs: dict[str, Any]) -> tuple[ResultKind, dict[str, Any]]
     return cast(ResultKind, kind), options
 
 
+def _input_options(kwargs: dict[str, Any]) -> tuple[frozenset[str] | None, str | None]:
+    """Take ``keys`` and ``data_gateway`` out of ``kwargs``: which objects, and from where."""
+    keys, gateway = kwargs.pop("keys", None), kwargs.pop("data_gateway", None)
+    if keys is not None and (isinstance(keys, str) or not all(isinstance(k, str) for k in keys)):
+        raise SettingsError("keys must be a list of object keys")
+    if gateway is not None and not str(gateway).startswith(("http://", "https://")):
+        raise SettingsError(f"data_gateway must be an http(s) URL, not {gateway!r}")
+    return (frozenset(keys) if keys else None), (str(gateway) if gateway else None)
+
+
 def run_star_model(
     *,
-    query: Sequence[str] | None = (),
+    query: Sequence[str] = (),
     aggregator: AggregatorKind | None = None,
     analyzer_kwargs: dict[str, Any] | None = None,
     result: ResultKind = "segmentations",
     epsilon: float | None = None,
+    inputs: InputsKind = "stream",
 ) -> Any:
     """Start the analysis on this node, as the reference's ``start_nnunet.py`` did.
 
-    ``query`` lists S3 object keys to fetch; empty (the default) fetches every
-    object, ``None`` none. ``result="statistics"`` sends per-label aggregates
+    ``query`` lists S3 object keys to segment; empty (the default) means every
+    object. With ``inputs="stream"`` (the default) StarModel fetches nothing and the
+    analyzer streams each object to disk as the pipeline needs it
+    (:mod:`asyncflow.flame.gateway`); ``inputs="sdk"`` lets the SDK read them all into
+    memory first. ``result="statistics"`` sends per-label aggregates
     instead of segmentations (aggregator ``statistics``), with Laplace noise
     added on each node when ``epsilon`` is given. Needs the FLAME SDK.
     """
@@ -250,11 +314,16 @@ def run_star_model(
         analyzer_kwargs["result"] = "statistics"
     if epsilon is not None:
         analyzer_kwargs["epsilon"] = epsilon
+    if inputs not in ("stream", "sdk"):
+        raise SettingsError(f"inputs must be 'stream' or 'sdk', not {inputs!r}")
+    if inputs == "stream" and query:
+        analyzer_kwargs["keys"] = list(query)
     _result_options(dict(analyzer_kwargs))  # a bad option fails here, before the SDK starts
+    _input_options(dict(analyzer_kwargs))
     if not FLAME_SDK:
         raise SettingsError(
             "the FLAME SDK is not installed: pip install "
-            "'git+https://github.com/PrivateAIM/python-sdk-patterns.git@1.0.0'"
+            "'git+https://github.com/PrivateAIM/python-sdk-patterns.git@0.6.4'"
         )
     from flame.star import StarModel
 
@@ -263,7 +332,7 @@ def run_star_model(
         analyzer=nnUNetAnalyzer,
         aggregator=aggregator_class,
         data_type="s3",
-        query=None if query is None else list(query),
+        query=list(query) if inputs == "sdk" else None,  # None: the SDK fetches (and logs) nothing
         simple_analysis=True,
         output_type=output_type,
         analyzer_kwargs=analyzer_kwargs or None,

@@ -4,7 +4,8 @@ The Hub's log stream is read by analysts outside the hospital, so every line
 sent there is built here from counts, stage names and error types only; error
 messages pass through :func:`hub_text`, which drops file paths and quoted
 names. Progress (``flame.set_progress``) only moves forward, from 0 to 100, as
-cases end. A Hub call that fails is logged locally and never fails the request.
+objects are fetched and cases end. A Hub call that fails is logged locally and
+never fails the request.
 
 The reporter's callbacks run on the pipeline's event loop: they do a few cheap
 calls per request (one per whole percent at most), nothing per voxel or file.
@@ -26,6 +27,9 @@ log = get_logger(__name__)
 
 #: The only log types ``flame.flame_log`` accepts; ``error`` marks the analysis failed.
 FLAME_LOG_TYPES = frozenset({"debug", "info", "notice", "warn", "alert", "emerg", "error", "crit"})
+
+#: Of the Hub's 0..100, what fetching the objects counts for (a request of a store's objects).
+FETCH_SHARE = 20
 
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 
@@ -88,11 +92,20 @@ class HubReporter:
 
     # -- milestones -----------------------------------------------------------------
 
-    def started(self, inputs: int) -> None:
-        self.log(f"asyncflow {__version__}: segmenting {inputs} input object(s)")
+    def started(self, inputs: int, size: int | None = None) -> None:
+        """The request begins with ``inputs`` objects (``size``: their bytes, when listed)."""
+        amount = f"{size / 1e9:.1f} GB" if size is not None and size >= 1e9 else f"{(size or 0) / 1e6:.1f} MB"
+        total = f" ({amount}, each fetched as it is needed)" if size is not None else ""
+        self.log(f"asyncflow {__version__}: segmenting {inputs} input object(s){total}")
 
     def __call__(self, progress: Progress) -> None:
-        """The pipeline's ``on_progress`` callback: after every case that ends."""
+        """The pipeline's ``on_progress`` callback: after every case that ends, and every object
+        fetched. Objects fetched count for the first :data:`FETCH_SHARE` percent while the cases
+        are not yet known, the cases that end for the rest."""
+        first = FETCH_SHARE if progress.objects else 0
+        if progress.total is None and progress.objects:
+            self.progress(first * progress.fetched // progress.objects)
+            return
         if progress.total is None or progress.total == 0:
             return
         ended = progress.done + progress.failed
@@ -100,7 +113,7 @@ class HubReporter:
             self._total_announced = True
             self.log(f"{progress.total} case(s) found")
         # 100 is sent when the result is ready, not when the last case is exported.
-        self.progress(min(99, 100 * ended // progress.total))
+        self.progress(min(99, first + (100 - first) * ended // progress.total))
         if ended < progress.total and 100 * ended >= self._next_quarter * progress.total:
             self.log(f"{ended}/{progress.total} cases finished, {progress.failed} failed")
             while self._next_quarter * progress.total <= 100 * ended:

@@ -2,6 +2,7 @@
 
 - :mod:`~asyncflow.pipeline.run`: ``run_request``: the streams, the task group, the request's end
 - :mod:`~asyncflow.pipeline.intake`: unpack workers and the assembly of cases
+- :mod:`~asyncflow.pipeline.fetching`: the feed of inputs; a store's objects fetched within a window
 - :mod:`~asyncflow.pipeline.preparing`: prepare workers, admitted by the memory budget
 - :mod:`~asyncflow.pipeline.prediction`: one prediction worker per device
 - :mod:`~asyncflow.pipeline.exporting`: export workers, and the sink

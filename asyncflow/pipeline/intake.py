@@ -1,4 +1,5 @@
-"""The request's intake: inputs -> cases. Unpack and scan inputs (N workers), assemble their
+"""The request's intake: inputs -> cases. Feed the inputs (objects of a store fetched within a
+window, :mod:`asyncflow.pipeline.fetching`), unpack and scan them (N workers), assemble their
 files into cases (one task), and send on the cases that need work.
 
 The first input is unpacked and scanned alone: its cases reach the prediction
@@ -9,13 +10,13 @@ booked ``resumed`` there and goes no further. On ``--resume`` the members those
 finished cases were made of are not even written
 (:class:`asyncflow.reading.archives.Withhold`); the workspace unpacks them again
 should a case need them after all. The pipeline (:mod:`asyncflow.pipeline.run`)
-wires :meth:`Intake.unpack_worker` and :meth:`Intake.assemble` between its streams.
+wires ``Intake.fetcher.feed``, :meth:`Intake.unpack_worker` and :meth:`Intake.assemble`
+between its streams.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -25,6 +26,7 @@ from asyncflow.case import Case, SkippedFile
 from asyncflow.enums import InputKind, Stage
 from asyncflow.errors import RequestError
 from asyncflow.log import Stopwatch, bound_case, get_logger, scrub
+from asyncflow.pipeline.fetching import Fetcher
 from asyncflow.pipeline.flow import CaseFlow
 from asyncflow.pipeline.journal import CaseSink
 from asyncflow.pipeline.keys import case_key
@@ -44,6 +46,8 @@ class Intake:
 
     def __init__(self, settings: Settings, flow: CaseFlow, sink: CaseSink | None, model: str) -> None:
         self.flow, self.ledger, self.workspace = flow, flow.ledger, flow.workspace
+        window = settings.fetch_window_size()
+        self.fetcher = Fetcher(self.ledger, self.workspace.root / "fetched", window)
         self.sink = sink  # what an earlier run finished
         self.model = model  # the model key (asyncflow.pipeline.keys)
         self.builder = CaseBuilder(multi_modal=settings.multi_modal, opaque_names=settings.opaque_names)
@@ -66,19 +70,24 @@ class Intake:
         return sorted(self.hashes[path] for path in case.files if path in self.hashes)
 
     async def unpack_worker(
-        self, items: Iterator[InputItem], send: MemoryObjectSendStream[tuple[UnpackedInput, Scan | None]]
+        self,
+        items: MemoryObjectReceiveStream[InputItem],
+        send: MemoryObjectSendStream[tuple[UnpackedInput, Scan | None]],
     ) -> None:
         """Unpack and scan inputs (scanning here, not in ``assemble``, spreads it over the workers)."""
         leader = not self.unpack_leader_taken
         self.unpack_leader_taken = True
         if not leader:
             await self.first_input_assembled.wait()
-        async with send:
-            for item in items:  # shared iterator: each worker takes the next item
+        async with items, send:
+            async for item in items:  # each worker takes the next input the feed sends
                 watch = Stopwatch()
-                unpacked = await anyio.to_thread.run_sync(
-                    unpack, item, self.workspace.input_dir(item.index), self.limits, self.withhold
-                )
+                try:
+                    unpacked = await anyio.to_thread.run_sync(
+                        unpack, item, self.workspace.input_dir(item.index), self.limits, self.withhold
+                    )
+                finally:
+                    self.fetcher.done_with(item)
                 _log_unpacked(unpacked, watch.duration_s)
                 scanned = None
                 if not unpacked.error:

@@ -43,6 +43,7 @@ class Ledger:
         keep_bytes: bool = True,
         on_withdraw: OnWithdraw | None = None,
         on_stage: Callable[[str, str | None, Progress], None] | None = None,
+        objects: int = 0,
     ) -> None:
         self.on_progress = on_progress
         self.on_stage = on_stage  # told when a case enters a stage, and when it ends (None), with the counts
@@ -58,6 +59,8 @@ class Ledger:
         self.nifti: dict[str, bytes] = {}
         self.label_json: dict[str, bytes] = {}
         self.total: int | None = None  # cases, once every input is assembled
+        self.objects = objects  # inputs to fetch from a store
+        self.fetched = 0  # of those, the ones whose fetch has ended
 
     def add_input(self, unpacked: UnpackedInput) -> None:
         """An input has been read (or failed to be): the report's entry for it."""
@@ -73,6 +76,12 @@ class Ledger:
                 "failure": unpacked.failure,
             }
         )
+
+    def fetch_ended(self) -> None:
+        """One more object of the request is on disk, or lost: progress says so."""
+        self.fetched += 1
+        if self.on_progress is not None:
+            self.on_progress(self.progress())
 
     def assembled(self) -> int:
         """Every input is assembled: the number of cases is final (and known to progress)."""
@@ -102,6 +111,8 @@ class Ledger:
             done=statuses.count(CaseStatus.DONE) + statuses.count(CaseStatus.RESUMED),
             failed=statuses.count(CaseStatus.FAILED),
             total=self.total,
+            fetched=self.fetched,
+            objects=self.objects,
         )
 
     def add_seconds(self, case: Case, stage: Stage, seconds: float) -> None:

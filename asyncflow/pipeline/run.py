@@ -2,7 +2,8 @@
 
 ::
 
-    items -> unpack + scan (N) -> assemble (1) -> prepare (N) -> predict (1 per device) -> export (N) -> result
+    items -> feed (fetch: a window) -> unpack + scan (N) -> assemble (1) -> prepare (N)
+          -> predict (1 per device) -> export (N) -> result
 
 Every arrow is a bounded anyio memory object stream, so a slow stage holds the
 ones before it back. CPU work runs in worker threads; the event loop only
@@ -72,10 +73,11 @@ def prepared_queue_size(settings: Settings, backends: Sequence[Backend]) -> int:
 
 
 def inputs_on_disk_at_once(settings: Settings, backends: Sequence[Backend]) -> int:
-    """At most how many inputs have unpacked files at once: those being unpacked, queued or
-    assembled, and one per case in flight (a file is deleted when its last case ends)."""
+    """At most how many inputs have files on disk at once: those fetched (a store's objects),
+    being unpacked, queued or assembled, and one per case in flight (a file is deleted when
+    its last case ends)."""
     size = settings.queue_size
-    waiting = settings.unpack_workers + size + 1
+    waiting = max(settings.unpack_workers + size, settings.fetch_window_size()) + 1
     in_flight = (
         size  # assembled cases queued for prepare
         + settings.prepare_workers
@@ -125,13 +127,15 @@ class _Request:
 
     async def _stages(self, items: list[InputItem]) -> None:
         size = self.settings.queue_size
+        fed_send, fed_recv = _stream(0)  # the fetch window, not this stream, bounds what waits
         unpacked_send, unpacked_recv = _stream(size)
         cases_send, cases_recv = _stream(size)
         prepared_send, prepared_recv = _stream(prepared_queue_size(self.settings, self.backends))
         predicted_send, predicted_recv = _stream(size)
         async with anyio.create_task_group() as tg:
+            tg.start_soon(self.intake.fetcher.feed, items, fed_send, unpacked_send.clone())
             unpack = self.intake.unpack_worker
-            _fan_out(tg, self.settings.unpack_workers, unpack, iter(items), unpacked_send)
+            _fan_out(tg, self.settings.unpack_workers, unpack, fed_recv, unpacked_send)
             tg.start_soon(self.intake.assemble, unpacked_recv, cases_send)
             prepare = self.preparation.worker
             _fan_out(tg, self.settings.prepare_workers, prepare, cases_recv, prepared_send)
@@ -172,7 +176,9 @@ async def run_request(
 ) -> Result:
     """Segment every volume of a request.
 
-    ``entries`` is a list of ``bytes``, ``{name: bytes}`` mappings or local paths.
+    ``entries`` is a list of ``bytes``, ``{name: bytes}`` mappings, local paths or objects of a
+    store (:class:`~asyncflow.reading.request.RemoteObject`: each fetched to disk as the
+    pipeline is ready for it, within ``settings.fetch_window``).
     Pass a loaded ``backend`` to reuse a model across requests, or several
     (one per device): each is one prediction worker, one call at a time (v2: one case;
     v1: a batch of waiting cases per ``nnUNet_predict``). ``on_progress`` is called as each
@@ -198,7 +204,10 @@ async def run_request(
     model = await anyio.to_thread.run_sync(model_key, backends[0].info, settings)  # before any file
     workspace = Workspace(request_id, settings.work_dir, items, settings.archive_limits())
     on_withdraw = sink.withdraw if sink is not None else None
-    ledger = Ledger(on_progress, keep_bytes=sink is None, on_withdraw=on_withdraw, on_stage=on_stage)
+    objects = sum(1 for item in items if item.remote is not None)
+    ledger = Ledger(
+        on_progress, keep_bytes=sink is None, on_withdraw=on_withdraw, on_stage=on_stage, objects=objects
+    )
     with structlog.contextvars.bound_contextvars(request_id=request_id):
         budget = MemoryBudget(settings.memory_budget_bytes())
         log.info(

@@ -4,6 +4,7 @@ cases still read, the free space it needs before work starts, and its removal.
 ::
 
     asyncflow-<request_id>-XXXX/
+        fetched/<index>         an object of a store, until it is unpacked (a window of them)
         inputs/<index>/...      what unpack wrote for input <index>
         cases/<case_id>/...     a case's working files, removed as the case ends
         restore/<index>-<n>/    scratch while files a grown series needs are unpacked again
@@ -14,7 +15,8 @@ finished holds none, :meth:`Workspace.skip`) and deleted when the last reader en
 so the folder holds the inputs being unpacked and the cases in flight, not the
 whole request. A case that needs a file deleted since (its
 series grew in a later archive), or one a resumed request never wrote
-(:meth:`Workspace.withhold`), gets it unpacked again from its input.
+(:meth:`Workspace.withhold`), gets it unpacked again from its input (an object
+of a store is fetched again for that).
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ import anyio
 from asyncflow.case import Case
 from asyncflow.errors import RequestError
 from asyncflow.log import Stopwatch, get_logger
+from asyncflow.pipeline.fetching import fetch_object
 from asyncflow.reading.archives import ArchiveLimits, restore_files
-from asyncflow.reading.request import InputItem
+from asyncflow.reading.request import FetchFailed, InputItem
 
 __all__ = ["Workspace", "check_free_space"]
 
@@ -92,9 +95,16 @@ class Workspace:
             watch = Stopwatch()
             scratch = self.root / "restore" / f"{index:04d}-{self._restores}"
             self._restores += 1
-            await anyio.to_thread.run_sync(
-                restore_files, self.items[index], self.input_dir(index), files, scratch, self.limits
-            )
+            item = self.items[index]
+            if item.remote is not None:  # an object of a store: fetched again, outside the window
+                item = await _fetch_again(item, scratch.with_name(f"{scratch.name}.object"))
+            try:
+                await anyio.to_thread.run_sync(
+                    restore_files, item, self.input_dir(index), files, scratch, self.limits
+                )
+            finally:
+                if item.fetched and item.path is not None:
+                    item.path.unlink(missing_ok=True)
             self.released.difference_update(files)
             log.info(
                 "input.restored",
@@ -127,6 +137,14 @@ class Workspace:
 
     def close(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+async def _fetch_again(item: InputItem, target: Path) -> InputItem:
+    try:
+        fetched, _ = await fetch_object(item, target)
+    except FetchFailed as exc:
+        raise OSError(f"input {item.index} could not be fetched again: {exc}") from None
+    return fetched
 
 
 def check_free_space(parent: Path | None, headroom: float, sizes: Sequence[int], at_once: int) -> None:

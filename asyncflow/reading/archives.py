@@ -6,7 +6,8 @@ Archives are TAR, plain or gz/bz2/xz compressed, recognised by content and never
 by name. Every archive member goes through Python's ``tarfile`` data filter (PEP
 706): nothing is written outside the input's own folder, and links and special
 files are not extracted. An input that is no archive is one file: used in place
-when it is a local file, written as it is when it came as bytes.
+when it is a local file, written as it is when it came as bytes, moved into place
+when it is an object fetched for the request.
 """
 
 from __future__ import annotations
@@ -290,11 +291,19 @@ def _failed(
 
 
 def _single_file(item: InputItem, dest: Path, withhold: Withhold | None) -> UnpackedInput:
-    """An input that is no archive: a local file is used in place, bytes are written to ``dest``."""
+    """An input that is no archive: a local file is used in place, bytes are written to ``dest``,
+    a fetched object is moved there."""
+    target = dest / sanitise_relpath(item.name)
+    if item.fetched:
+        assert item.path is not None
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(item.path, target)
+        moved = UnpackedInput(item, InputKind.FILE, dest, files=[target], bytes_written=item.size)
+        moved.hashes[target] = sha256_file(target)
+        return moved
     if item.path is not None:
         hashes = {item.path: sha256_file(item.path)}
         return UnpackedInput(item, InputKind.FILE, item.path.parent, files=[item.path], hashes=hashes)
-    target = dest / sanitise_relpath(item.name)
     assert item.data is not None
     single = UnpackedInput(item, InputKind.FILE, dest)
     if withhold is None or not _withheld(single, withhold, target, item.data):
