@@ -24,8 +24,12 @@ RUN apt-get update \
     && apt-get purge -y --auto-remove software-properties-common gpg-agent \
     && rm -rf /var/lib/apt/lists/*
 
+# MALLOC_ARENA_MAX: glibc's per-thread arenas kept memory freed by the worker threads that stream
+# a node's objects, so peak RSS crept up with the request's size; with two arenas it did not
+# (benchmarks/RESULTS-fetch.md).
 ENV VIRTUAL_ENV=/opt/asyncflow \
     PATH=/opt/asyncflow/bin:$PATH \
+    MALLOC_ARENA_MAX=2 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
