@@ -51,3 +51,15 @@ def test_the_resume_benchmark_reads_what_each_run_wrote_and_withheld(tmp_path: P
     assert resume["bytes_written"] == 0 and resume["files_withheld"] == first["files_written"] > 0
     assert grown["files_withheld"] == first["files_written"] and grown["files_written"] > 0
     assert results["request_only_resume_s"]["median"] > 0
+
+
+@pytest.mark.model
+def test_the_fetch_memory_benchmark_smoke_run_measures_both_ways(tmp_path: Path) -> None:
+    command = [sys.executable, str(BENCHMARKS / "fetch_memory.py"), "--smoke", "--out", str(tmp_path)]
+    subprocess.run(command, check=True, capture_output=True, timeout=600)
+    results = json.loads((tmp_path / "results.json").read_text())
+    runs = [(r["mode"], r["objects"]) for r in results["runs"]]
+    assert runs == [("stream", 1), ("sdk", 1), ("stream", 2), ("sdk", 2)]
+    for run in results["runs"]:
+        assert run["cases_done"] == run["objects"] and run["peak_rss_bytes"] > 0
+    assert (tmp_path / "RESULTS.md").read_text().count("| stream |") == 2
