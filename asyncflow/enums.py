@@ -16,6 +16,7 @@ __all__ = [
     "InputKind",
     "OutputFormat",
     "RequestStatus",
+    "Resampling",
     "SegCompression",
     "SegType",
     "SourceKind",
@@ -119,3 +120,12 @@ class DeidentifyProfile(StrEnum):
 
     NONE = "none"
     BASIC = "basic"  # PS3.15 Basic Application Level Confidentiality Profile, Retain UIDs Option
+
+
+class Resampling(StrEnum):
+    """Which resampling nnU-Net's steps use on either side of the network (setting ``resampling``;
+    :mod:`asyncflow.backends.resampling`)."""
+
+    MODEL = "model"  # what the model's plans name: voxel-identical to nnUNetv2_predict
+    TORCH = "torch"  # nnU-Net's resample_torch_fornnunet, in the prepare and export workers
+    TORCH_DEVICE = "torch-device"  # the same; the logits resampled by the prediction worker, on its device

@@ -39,6 +39,7 @@ class Result:
     skipped: list[SkippedFile]
     duration_s: float
     error: str | None = None  # why the request ended before its cases did (status error)
+    model: dict[str, Any] | None = None  # name, framework and parameters of what produced the outputs
 
     def report(self) -> dict[str, Any]:
         """JSON-serialisable account of every input, case and skipped file (what of it may leave
@@ -48,6 +49,7 @@ class Result:
             "status": self.status,
             "duration_s": round(self.duration_s, 3),
             "error": self.error,
+            "model": self.model,
             "cases": [c.as_dict() for c in self.cases],
             "inputs": self.inputs,
             "skipped_files": [s.as_dict() for s in self.skipped],

@@ -14,7 +14,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, cast
 
-from asyncflow.enums import DeidentifyProfile, SegCompression, SegType
+from asyncflow.enums import DeidentifyProfile, Resampling, SegCompression, SegType
 from asyncflow.errors import SettingsError
 from asyncflow.machine import available_memory_bytes, cores, half_the_cores
 from asyncflow.reading.archives import ArchiveLimits
@@ -138,6 +138,10 @@ class Settings:
     device: Device = "auto"
     devices: tuple[Device, ...] | None = None  # one prediction worker per device, e.g. cuda:0,cuda:1
     torch_threads: int | None = None
+    # model: the resampling the model's plans name, voxel-identical to nnUNetv2_predict; torch:
+    # nnU-Net's resample_torch_fornnunet in the prepare and export workers; torch-device: the
+    # same, the logits resampled by the prediction worker on its device (v2 only)
+    resampling: str = "model"
 
     # nnU-Net v1: each nnUNet_predict run pays the process and model start-up once for a batch.
     v1_command: str = "nnUNet_predict"  # found on PATH or beside the running Python
@@ -224,6 +228,9 @@ class Settings:
                 raise SettingsError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
         if self.devices is not None and not self.devices:
             raise SettingsError("devices must name at least one device")
+        if self.resampling not in tuple(Resampling):
+            choices = ", ".join(Resampling)
+            raise SettingsError(f"resampling must be one of {choices}, got {self.resampling!r}")
         if self.seg_type not in SEG_TYPES:
             raise SettingsError(f"seg_type must be one of {', '.join(SEG_TYPES)}, got {self.seg_type!r}")
         if self.seg_compression not in SEG_COMPRESSIONS:

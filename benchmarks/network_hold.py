@@ -322,15 +322,20 @@ def _dcmqi_metadata() -> dict[str, Any]:
 # -- driver ----------------------------------------------------------------------------------
 
 
+def add_request_arguments(parser: argparse.ArgumentParser) -> None:
+    """The request's size: how many TARs, series per TAR, and the matrix."""
+    parser.add_argument("--tars", type=int, default=4)
+    parser.add_argument("--series", type=int, default=2, help="series per TAR")
+    parser.add_argument("--matrix", type=int, default=512)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
         kind, service_s, _, *rest = argv[1:]
         return child_main(kind, float(service_s), rest)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tars", type=int, default=4)
-    parser.add_argument("--series", type=int, default=2, help="series per TAR")
-    parser.add_argument("--matrix", type=int, default=512)
+    add_request_arguments(parser)
     parser.add_argument(
         "--service-s", default="2,0.5,5", help="stand-in network seconds; the first is the target's"
     )

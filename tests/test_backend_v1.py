@@ -103,6 +103,8 @@ def test_the_v1_model_is_found_by_task_name_in_any_case_or_by_id(tmp_path: Path)
     )
     with pytest.raises(SettingsError, match=r"as an nnU-Net v2 model folder .*; or .* as an nnU-Net v1"):
         Settings.from_env({"RESULTS_FOLDER": str(results), "TASK_NAME": "Task997_Other"}).resolve_model()
+    with pytest.raises(ModelError, match="resampling 'torch' needs an nnU-Net v2 model"):
+        build_backend(Settings.from_env(env, device="cpu", resampling="torch"))
 
 
 def test_v1_model_facts_come_from_plans_pkl_and_an_optional_dataset_json(tmp_path: Path) -> None:

@@ -63,3 +63,14 @@ def test_the_fetch_memory_benchmark_smoke_run_measures_both_ways(tmp_path: Path)
     for run in results["runs"]:
         assert run["cases_done"] == run["objects"] and run["peak_rss_bytes"] > 0
     assert (tmp_path / "RESULTS.md").read_text().count("| stream |") == 2
+
+
+def test_the_resampling_benchmark_smoke_run_compares_every_mode(tmp_path: Path) -> None:
+    command = [sys.executable, str(BENCHMARKS / "resampling.py"), "--smoke", "--out", str(tmp_path)]
+    subprocess.run(command, check=True, capture_output=True, timeout=600)
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    for name in ("whole", "model", "torch", "torch-device", "real_network_model", "real_network_torch"):
+        assert runs[name]["cases"] == 2 and runs[name]["cpu_s_per_case"] > 0, name
+    assert runs["model_equals_whole"] == {"segs": 2, "identical": True}
+    for agreement in runs["torch_against_model_real_network"].values():
+        assert 0 <= agreement["differing_share"] < 0.1 and agreement["dice"]

@@ -7,7 +7,12 @@ import gc
 import io
 import itertools
 import json
+import os
+import re
+import subprocess
+import sys
 import tracemalloc
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -15,10 +20,11 @@ import anyio
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from asyncflow import run_request
 from asyncflow.backends.base import ModelInfo
-from asyncflow.backends.nnunet_v2 import Logits, NnUNetV2Steps
+from asyncflow.backends.nnunet_v2 import Logits, ModelInput, NnUNetV2Steps
 from asyncflow.case import Case, Geometry, PreparedCase
 from asyncflow.cli.synthetic import make_phantom, nifti_bytes, replanned_model
 from asyncflow.enums import SourceKind
@@ -85,6 +91,76 @@ def test_the_estimate_bounds_what_nnunet_allocates(
     measured = max(preprocess_peak, to_labels_peak) + image.GetNumberOfPixels() * 2
     # Never below what nnU-Net allocates; not so far above that the budget idles.
     assert measured <= estimate <= 2.5 * measured, (estimate, preprocess_peak, to_labels_peak)
+
+
+def _rss(field: str) -> int:
+    """This process's ``VmRSS`` or ``VmHWM`` (its peak since the last reset), in bytes."""
+    status = Path("/proc/self/status").read_text(encoding="utf-8")
+    return int(re.search(rf"^{field}:\s+(\d+) kB", status, re.M).group(1)) * 1024  # type: ignore[union-attr]
+
+
+def _torch_peaks(folder: Path, shape: tuple[int, ...], spacing: tuple[float, ...]) -> dict[str, int]:
+    """The estimate and the rise of the peak RSS over each step with torch resampling (in a
+    process whose allocator returns every large block when it is freed, so none is reused)."""
+    steps = NnUNetV2Steps(ModelInfo.from_folder(replanned_model(folder / "ct", [1.0, 0.8, 0.8])), "torch")
+    image = sitk.GetImageFromArray(np.random.default_rng(0).normal(0, 100, shape).astype(np.int16))
+    image.SetSpacing(spacing)
+    prepared = _case(image, folder)
+
+    def peak_of(step: Callable[[], object]) -> tuple[object, int]:
+        gc.collect()
+        Path("/proc/self/clear_refs").write_text("5", encoding="utf-8")  # VmHWM := VmRSS
+        before = _rss("VmRSS")
+        value = step()
+        return value, _rss("VmHWM") - before
+
+    model_input, preprocess = peak_of(lambda: steps.preprocess(prepared))
+    assert isinstance(model_input, ModelInput)
+    prepared.images = []
+    logits = _logits(steps, model_input.data.shape[1:], model_input.properties)
+    logits.array = torch.from_numpy(logits.array)
+    del model_input
+    labels, to_labels = peak_of(lambda: steps.to_labels(prepared, logits))
+    assert isinstance(labels, np.ndarray) and labels.shape == tuple(shape)
+    return {
+        "estimate": steps.memory_bytes(_case(image, folder)),
+        "preprocess": preprocess,
+        "to_labels": to_labels + logits.nbytes,
+        "image": image.GetNumberOfPixels() * 2,
+    }
+
+
+@pytest.mark.parametrize(
+    ("shape", "spacing"),
+    [
+        ((40, 160, 160), (0.8, 0.8, 2.0)),  # z resampled with the volume
+        ((24, 192, 176), (0.7, 0.7, 5.0)),  # thick slices: z on its own, nearest slice
+        ((60, 128, 128), (0.95, 0.95, 0.6)),  # finer than the model
+    ],
+)
+def test_the_estimate_bounds_what_torch_resampling_holds(
+    tmp_path: Path, shape: tuple[int, ...], spacing: tuple[float, ...]
+) -> None:
+    """torch allocates outside Python's allocator, where tracemalloc sees nothing: measured as
+    the rise of a fresh process's peak RSS over each step."""
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); import test_memory as t; "
+        "print(json.dumps(t._torch_peaks(t.Path(sys.argv[2]), *json.loads(sys.argv[3]))))"
+    )
+    argv = [
+        sys.executable,
+        "-c",
+        code,
+        str(Path(__file__).parent),
+        str(tmp_path),
+        json.dumps([shape, spacing]),
+    ]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    peaks = json.loads(done.stdout.splitlines()[-1])
+    measured = max(peaks["preprocess"], peaks["to_labels"]) + peaks["image"]
+    assert measured <= peaks["estimate"] <= 2.5 * measured, peaks
 
 
 @pytest.mark.anyio

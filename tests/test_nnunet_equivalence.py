@@ -4,7 +4,8 @@ asyncflow runs nnU-Net v2's preprocessing in the prepare stage, only the network
 the prediction worker, and the way back to the source grid in the export stage. The
 reference is the stock command line's entry point (``nnUNetv2_predict``), run in a
 subprocess on NIfTI files, on inputs where every one of those steps does real work:
-anisotropic voxels that must be resampled to the model's 1 mm, mirroring on, two
+anisotropic voxels that must be resampled to the model's 1 mm (thick slices through
+nnU-Net's "separate z" path too), mirroring on, two
 genuinely different folds ensembled, two channels, and a DICOM series (against nnU-Net
 on the series converted to NIfTI by SimpleITK in slice order).
 """
@@ -31,6 +32,7 @@ from asyncflow.writing.seg import read_dicom_seg
 pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.model]
 
 ANISOTROPIC = (0.8, 0.8, 2.0)  # (x, y, z) mm; the model is planned at 1 mm
+THICK = (0.8, 0.8, 5.0)  # slices more than 3x coarser: nnU-Net resamples z on its own
 LABELS = {"liver": 1, "tumor": 2}
 FIRST_CONV = "encoder.stages.0.0.convs.0.conv.weight"
 
@@ -145,10 +147,12 @@ async def test_anisotropic_mirrored_two_fold_nifti_and_dicom_equal_nnunet_predic
 ) -> None:
     model = models["two_folds"]
     nifti = make_phantom(rng, (24, 56, 56), spacing=ANISOTROPIC)
+    thick = make_phantom(rng, (12, 56, 48), spacing=THICK)
     series = dicom_series_datasets(make_phantom(rng, (20, 60, 52), spacing=(0.7, 0.9, 2.5)))
 
     reference_inputs = tmp_path / "reference_in"
     _write_nifti(nifti, reference_inputs / "nifti_0000.nii.gz")
+    _write_nifti(thick, reference_inputs / "thick_0000.nii.gz")
     _write_nifti(_series_as_nifti(series, tmp_path / "series"), reference_inputs / "dicom_0000.nii.gz")
     # The reference, and the test bites: each feature changes nnU-Net's answer on these inputs
     # (fold 1 is compared without mirroring, which costs an eighth).
@@ -162,17 +166,20 @@ async def test_anisotropic_mirrored_two_fold_nifti_and_dicom_equal_nnunet_predic
         assert set(np.unique(expected[name])) == {0, 1, 2}, name
         assert (plain[name] != expected[name]).any(), f"{name}: mirroring changes nothing"
         assert (fold_0_plain[name] != plain[name]).any(), f"{name}: fold 1 changes nothing"
+    assert set(np.unique(expected["thick"])) >= {0, 1}
 
     entries = [
         {"nifti.nii.gz": nifti_bytes(nifti.image, nifti.spacing, nifti.origin)},
+        {"thick.nii.gz": nifti_bytes(thick.image, thick.spacing, thick.origin)},
         {"study.tar": make_tar({f"s/{k}.dcm": dicom_bytes(ds) for k, ds in enumerate(series)})},
     ]
     settings = settings_factory(tmp_path / "work", model_dir=model, use_mirroring=True)
     result = await run_request(entries, settings)
     assert result.status == "done", result.report()
 
-    got_nifti = sitk.GetArrayFromImage(read_nifti_seg(result.nifti_seg_bytes["nifti.nii.gz"]))
-    np.testing.assert_array_equal(got_nifti, expected["nifti"])
+    for name in ("nifti", "thick"):
+        got = sitk.GetArrayFromImage(read_nifti_seg(result.nifti_seg_bytes[f"{name}.nii.gz"]))
+        np.testing.assert_array_equal(got, expected[name])
     (seg,) = result.dicom_seg_bytes.values()
     numbers, names = read_dicom_seg(seg, [str(ds.SOPInstanceUID) for ds in series])
     got_dicom = np.zeros_like(numbers)

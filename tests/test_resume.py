@@ -242,6 +242,8 @@ def test_the_model_key_changes_with_the_model_and_every_result_changing_setting(
         {"seg_type": "LABELMAP"},
         {"deidentify": "basic"},
         {"tile_step_size": 0.7},
+        {"resampling": "torch"},
+        {"resampling": "torch-device"},
     ):
         assert model_key(info, Settings(model_dir=model, **change)) != base, change
     plans = model / "plans.json"

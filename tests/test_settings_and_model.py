@@ -69,6 +69,10 @@ def test_settings_refuse_impossible_values_and_missing_models(tmp_path: Path) ->
         Settings(queue_size=0)
     with pytest.raises(SettingsError, match="tile_step_size"):
         Settings(tile_step_size=1.5)
+    with pytest.raises(
+        SettingsError, match="resampling must be one of model, torch, torch-device, got 'cubic'"
+    ):
+        Settings.from_env({}, resampling="cubic")
 
 
 def test_plain_values_from_flame_kwargs_become_typed_settings(tmp_path: Path) -> None:

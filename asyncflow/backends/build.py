@@ -35,6 +35,7 @@ def build_backend(settings: Settings, device: str | None = None) -> Backend:
         use_mirroring=settings.use_mirroring,
         device=device or settings.device,
         torch_threads=settings.torch_threads,
+        resampling=settings.resampling,
         v1_command=settings.v1_command,
         v1_batch_size=settings.v1_batch_size,
         v1_case_timeout_s=settings.v1_case_timeout_s,

@@ -66,12 +66,18 @@ class NnUNetV1Backend:
         use_mirroring: bool = True,
         device: str = "auto",
         torch_threads: int | None = None,
+        resampling: str = "model",
         v1_command: str = "nnUNet_predict",
         v1_batch_size: int = 8,
         v1_case_timeout_s: float = 1800.0,
         v1_preprocess_threads: int = 2,
         v1_export_threads: int = 2,
     ) -> None:
+        if resampling != "model":
+            raise ModelError(
+                f"resampling {resampling!r} needs an nnU-Net v2 model: nnUNet_predict (v1) "
+                "resamples in its own process, as its plans say (resampling model)"
+            )
         self.info = info
         self.max_batch = v1_batch_size
         self.needs_files = True  # nnUNet_predict reads <case>_0000.nii.gz

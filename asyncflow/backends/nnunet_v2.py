@@ -11,10 +11,12 @@ same nnU-Net functions run in three places:
 - :class:`NnUNetV2Backend` ``.predict`` (the prediction worker):
   ``predict_logits_from_preprocessed_data``, every fold averaged, mirroring as set;
 - :class:`NnUNetV2Steps` ``.to_labels`` (export stage, CPU workers):
-  ``convert_predicted_logits_to_segmentation_with_correct_shape``.
+  ``convert_predicted_logits_to_segmentation_with_correct_shape``, one class at a time
+  (:mod:`asyncflow.backends.resampling`).
 
 so the label map is nnU-Net's own, voxel for voxel, and the prediction worker is
-held for the network alone.
+held for the network alone. With ``resampling="torch-device"`` the worker also resamples
+the logits and takes their argmax on its device (:class:`CroppedLabels`).
 """
 
 from __future__ import annotations
@@ -33,11 +35,12 @@ import SimpleITK as sitk
 
 from asyncflow.backends.base import ModelInfo
 from asyncflow.case import PreparedCase
+from asyncflow.enums import Resampling
 from asyncflow.errors import ModelError
 from asyncflow.log import Stopwatch, get_logger
 from asyncflow.machine import half_the_cores
 
-__all__ = ["Logits", "ModelInput", "NnUNetV2Backend", "NnUNetV2Steps"]
+__all__ = ["CroppedLabels", "Logits", "ModelInput", "NnUNetV2Backend", "NnUNetV2Steps"]
 
 log = get_logger(__name__)
 
@@ -69,6 +72,21 @@ class Logits:
         return int(self.array.element_size() * self.array.nelement())
 
 
+@dataclass
+class CroppedLabels:
+    """The label map the prediction worker made from the logits on its device
+    (``resampling="torch-device"``): (z, y, x) on the source grid cropped to its non-zero
+    box, on the model's axes, with the properties that put it back into the whole image."""
+
+    array: np.ndarray
+    properties: dict[str, Any]
+    network_s: float  # seconds in nnU-Net's network call, all folds (not the resampling)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.array.nbytes)
+
+
 class NnUNetV2Steps:
     """nnU-Net v2's CPU work on either side of the network, for one model and configuration.
 
@@ -77,15 +95,20 @@ class NnUNetV2Steps:
     Thread-safe: each call builds its own preprocessor and keeps no state.
     """
 
-    def __init__(self, info: ModelInfo) -> None:
+    def __init__(self, info: ModelInfo, resampling: str = Resampling.MODEL) -> None:
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+        from asyncflow.backends.resampling import PlannedResampling, TorchResampling
+
         self.num_channels = info.num_channels
+        self.resampling = Resampling(resampling)
+        kind = PlannedResampling if self.resampling is Resampling.MODEL else TorchResampling
         try:
             plans = json.loads((info.folder / "plans.json").read_text())
             self.dataset_json = json.loads((info.folder / "dataset.json").read_text())
             self.plans_manager = PlansManager(plans)
-            self.configuration_manager = self.plans_manager.get_configuration(info.configuration)
+            planned = self.plans_manager.get_configuration(info.configuration)
+            self.configuration_manager = kind(planned.configuration)
             self.label_manager = self.plans_manager.get_label_manager(self.dataset_json)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise ModelError(
@@ -106,47 +129,51 @@ class NnUNetV2Steps:
         )
         return ModelInput(np.ascontiguousarray(data, dtype=np.float32), properties)
 
-    def to_labels(self, prepared: PreparedCase, logits: Logits) -> np.ndarray:
+    def to_labels(self, prepared: PreparedCase, output: Logits | CroppedLabels) -> np.ndarray:
         """nnU-Net's label map in the source grid, as a (z, y, x) array on ``prepared.geometry``."""
-        import torch
         from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
-        from nnunetv2.inference.export_prediction import (
-            convert_predicted_logits_to_segmentation_with_correct_shape,
-        )
 
-        labels = convert_predicted_logits_to_segmentation_with_correct_shape(
-            logits.array,
-            self.plans_manager,
-            self.configuration_manager,
-            self.label_manager,
-            logits.properties,
-            # torch's thread count is process-wide: keep the one the prediction worker runs with.
-            num_threads_torch=torch.get_num_threads(),
+        from asyncflow.backends.resampling import uncropped
+
+        cropped = (
+            self.cropped_labels(output.array, output.properties)
+            if isinstance(output, Logits)
+            else output.array
         )
+        labels = uncropped(cropped, self.plans_manager, self.label_manager, output.properties)
         reader = self.plans_manager.image_reader_writer_class()
         if type(reader) is SimpleITKIO:  # SimpleITKIO.write_seg writes this array as it is
-            return np.asarray(labels)
+            return labels
         # Another reader (and axis order): written by it, read back through SimpleITK.
         written = prepared.workdir / "prediction.nii.gz"
-        reader.write_seg(labels, str(written), logits.properties)
+        reader.write_seg(labels, str(written), output.properties)
         return sitk.GetArrayFromImage(sitk.ReadImage(str(written)))
+
+    def cropped_labels(self, logits: Any, properties: dict[str, Any], device: Any = None) -> np.ndarray:
+        """The logits resampled to the source grid (cropped) and their argmax, on ``device``
+        (torch resampling) or on the CPU."""
+        from asyncflow.backends.resampling import cropped_labels
+
+        return cropped_labels(
+            logits, self.plans_manager, self.configuration_manager, self.label_manager, properties, device
+        )
 
     def memory_bytes(self, prepared: PreparedCase) -> int:
         """At most how many bytes the case holds at once from preprocessing to its label map.
 
         Estimated from the case's size and spacing, before any of it runs: the largest of
-        nnU-Net's preprocessing, the model input and logits held between stages, and
-        nnU-Net's resampling of the logits to the source grid. nnU-Net resamples in float64
-        and, where one axis is much coarser ("separate z"), builds coordinate grids of the
-        output's size; the coefficients below were measured with tracemalloc on nnU-Net
-        2.8.1 (``tests/test_memory.py`` checks that they bound what it allocates). Cropping to
-        the non-zero region only makes a case smaller than estimated.
+        nnU-Net's preprocessing, the model input and logits held between stages, and the
+        logits' way back to the source grid (one class at a time). nnU-Net's scipy resampling
+        works in float64 (order 3 for the image: a spline-filtered copy beside the output);
+        thick slices copied along the coarse axis cost one slice at a time
+        (:mod:`asyncflow.backends.resampling`). The coefficients were measured on nnU-Net
+        2.8.1, with tracemalloc (numpy) and the peak RSS (torch); ``tests/test_memory.py``
+        checks that they bound what the steps allocate. Cropping to the non-zero region only
+        makes a case smaller than estimated.
         """
-        from nnunetv2.configuration import ANISO_THRESHOLD
-        from nnunetv2.preprocessing.resampling.default_resampling import (
-            compute_new_shape,
-            determine_do_sep_z_and_axis,
-        )
+        from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
+
+        from asyncflow.backends.resampling import TORCH, picks_slices, probabilities_function
 
         channels = len(prepared.images)
         first = prepared.images[0]
@@ -159,23 +186,16 @@ class NnUNetV2Steps:
         model_shape = [int(n) for n in compute_new_shape(shape, spacing, target)]
         n, m = math.prod(shape), math.prod(model_shape)
         classes = self.label_manager.num_segmentation_heads
-        resampled = shape != model_shape
-        kwargs = self.configuration_manager.configuration.get("resampling_fn_data_kwargs", {})
-        separate, axis = determine_do_sep_z_and_axis(
-            kwargs.get("force_separate_z"),
-            spacing,
-            target,
-            kwargs.get("separate_z_anisotropy_threshold", ANISO_THRESHOLD),
-        )
         preprocess = channels * (8 * n + 4 * m) + 16 * n
-        to_labels = 2 * classes * m + 9 * n
-        if resampled:
-            preprocess += (80 if separate else 48) * max(n, m)
-            to_labels += 8 * classes * m + 2 * classes * n
-            if separate and axis is not None:  # slices resized first, then the coarse axis
-                to_labels += 8 * n * max(1, model_shape[axis] // max(1, shape[axis])) + 96 * n
-            else:
-                to_labels += 24 * n
+        to_labels = 2 * classes * m + 12 * n  # the logits; best, labels and mask of the source grid
+        if shape == model_shape:
+            pass
+        elif probabilities_function(self.configuration_manager) == TORCH:  # float32 in torch
+            preprocess += 8 * max(n, m)
+            to_labels += 8 * m + 16 * n
+        elif not picks_slices(self.configuration_manager, spacing, target, shape, model_shape):
+            preprocess += 48 * max(n, m)
+            to_labels += 8 * m + 8 * n
         held = 4 * channels * m + 2 * classes * m  # model input and logits, both while predicted
         return 2 * channels * n + max(preprocess, held, to_labels)
 
@@ -207,9 +227,10 @@ class NnUNetV2Backend:
         use_mirroring: bool = True,
         device: str = "auto",
         torch_threads: int | None = None,
+        resampling: str = Resampling.MODEL,
     ) -> None:
         self.info = info
-        self.steps = NnUNetV2Steps(info)
+        self.steps = NnUNetV2Steps(info, resampling)
         self.tile_step_size = tile_step_size
         self.use_mirroring = use_mirroring
         self.device = device
@@ -279,11 +300,12 @@ class NnUNetV2Backend:
             raise ModelError(f"nnU-Net v2 could not load the model: {type(exc).__name__}: {exc}") from exc
         return predictor
 
-    async def predict(self, cases: Sequence[PreparedCase]) -> list[Logits | Exception]:
+    async def predict(self, cases: Sequence[PreparedCase]) -> list[Logits | CroppedLabels | Exception]:
         return [await anyio.to_thread.run_sync(self.logits, case) for case in cases]
 
-    def logits(self, prepared: PreparedCase) -> Logits:
-        """The network's logits for a preprocessed case (blocking: call it from a worker thread)."""
+    def logits(self, prepared: PreparedCase) -> Logits | CroppedLabels:
+        """The network's logits for a preprocessed case, or with ``resampling="torch-device"``
+        their label map (blocking: call it from a worker thread)."""
         import torch
 
         if self._predictor is None:
@@ -293,7 +315,13 @@ class NnUNetV2Backend:
             raise TypeError("predict() needs the case as NnUNetV2Steps.preprocess() left it")
         watch = Stopwatch()
         array = self._predictor.predict_logits_from_preprocessed_data(torch.from_numpy(model_input.data))
-        return Logits(array.cpu(), model_input.properties, watch.seconds)
+        network_s = watch.seconds
+        if self.steps.resampling is Resampling.TORCH_DEVICE:
+            # nnU-Net brings each fold's logits to the CPU (so that the next fold fits); their
+            # average goes back once, and only the labels come back.
+            labels = self.steps.cropped_labels(array, model_input.properties, self._predictor.device)
+            return CroppedLabels(labels, model_input.properties, network_s)
+        return Logits(array.cpu(), model_input.properties, network_s)
 
 
 def _write(image: sitk.Image, path: Path) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from asyncflow._version import __version__
-from asyncflow.enums import DeidentifyProfile, SegCompression, SegType
+from asyncflow.enums import DeidentifyProfile, Resampling, SegCompression, SegType
 from asyncflow.errors import SettingsError
 from asyncflow.settings import BACKENDS, MODEL_DEFAULTS
 
@@ -114,6 +114,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         help="disable mirroring TTA",
     )
     group.add_argument("--threads", type=int, dest="torch_threads", help="torch CPU threads")
+    group.add_argument(
+        "--resampling",
+        choices=tuple(Resampling),
+        help="model (default: the plans' own, as nnUNetv2_predict), torch (nnU-Net's torch "
+        "resampling, several times less CPU), torch-device (the logits' on the prediction device)",
+    )
     parser.add_argument(
         "--work-dir", type=Path, help="parent folder of temporary files (default: system temp)"
     )
@@ -296,6 +302,7 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
         "tile_step_size",
         "use_mirroring",
         "torch_threads",
+        "resampling",
         "work_dir",
         "label_config",
         "seg_type",

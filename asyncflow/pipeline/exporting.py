@@ -20,6 +20,7 @@ from asyncflow.enums import Stage
 from asyncflow.log import bound_case, get_logger, scrub
 from asyncflow.pipeline.flow import CaseFlow
 from asyncflow.pipeline.journal import CaseSink
+from asyncflow.pipeline.keys import model_parameters
 from asyncflow.settings import Settings
 from asyncflow.writing.export import Exported, export_output
 from asyncflow.writing.seg import Algorithm, SegOptions
@@ -49,7 +50,7 @@ class Export:
         self.seg_options = SegOptions(
             settings.seg_type, settings.seg_keep_empty_frames, settings.seg_compression, settings.deidentify
         )
-        self.algorithm = Algorithm(f"nnU-Net {info.name}", info.framework, info.parameters)
+        self.algorithm = Algorithm(f"nnU-Net {info.name}", info.framework, model_parameters(info, settings))
 
     async def worker(self, receive: MemoryObjectReceiveStream[tuple[PreparedCase, Any]], _: None) -> None:
         async with receive:

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from asyncflow.case import Case
     from asyncflow.settings import Settings
 
-__all__ = ["RESULT_SETTINGS", "case_key", "model_key"]
+__all__ = ["RESULT_SETTINGS", "case_key", "model_key", "model_parameters", "model_provenance"]
 
 # Settings that change what a case's outputs hold (the model's identity covers the rest).
 RESULT_SETTINGS = (
@@ -94,7 +94,19 @@ def model_key(info: ModelInfo, settings: Settings) -> str:
         "settings": {name: _plain(getattr(settings, name)) for name in RESULT_SETTINGS},
         "label_config": label_config,
     }
+    if settings.resampling != "model":  # absent for the default: keys made before it stay the same
+        identity["resampling"] = settings.resampling
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def model_parameters(info: ModelInfo, settings: Settings) -> dict[str, str]:
+    """How the model was trained and is run: the SEG's AlgorithmParameters."""
+    return {**info.parameters, "resampling": settings.resampling}
+
+
+def model_provenance(info: ModelInfo, settings: Settings) -> dict[str, Any]:
+    """The report's ``model``: what produced the request's outputs."""
+    return {"name": info.name, "framework": info.framework, "parameters": model_parameters(info, settings)}
 
 
 def _plain(value: Any) -> Any:

@@ -44,8 +44,10 @@ class Ledger:
         on_withdraw: OnWithdraw | None = None,
         on_stage: Callable[[str, str | None, Progress], None] | None = None,
         objects: int = 0,
+        model: dict[str, Any] | None = None,
     ) -> None:
         self.on_progress = on_progress
+        self.model = model  # the report's: what produced the outputs (asyncflow.pipeline.keys)
         self.on_stage = on_stage  # told when a case enters a stage, and when it ends (None), with the counts
         self.keep_bytes = keep_bytes  # False: outputs went to a sink, the Result names them only
         self.on_withdraw = on_withdraw  # told of the outputs a withdrawn case had written
@@ -257,4 +259,5 @@ class Ledger:
             skipped=skipped,
             duration_s=duration_s,
             error=error,
+            model=self.model,
         )

@@ -49,7 +49,7 @@ from asyncflow.pipeline.exporting import Export
 from asyncflow.pipeline.flow import CaseFlow
 from asyncflow.pipeline.intake import Intake
 from asyncflow.pipeline.journal import CaseSink
-from asyncflow.pipeline.keys import model_key
+from asyncflow.pipeline.keys import model_key, model_provenance
 from asyncflow.pipeline.ledger import Ledger
 from asyncflow.pipeline.prediction import PredictionWorker
 from asyncflow.pipeline.preparing import Preparation
@@ -206,7 +206,12 @@ async def run_request(
     on_withdraw = sink.withdraw if sink is not None else None
     objects = sum(1 for item in items if item.remote is not None)
     ledger = Ledger(
-        on_progress, keep_bytes=sink is None, on_withdraw=on_withdraw, on_stage=on_stage, objects=objects
+        on_progress,
+        keep_bytes=sink is None,
+        on_withdraw=on_withdraw,
+        on_stage=on_stage,
+        objects=objects,
+        model=model_provenance(backends[0].info, settings),
     )
     with structlog.contextvars.bound_contextvars(request_id=request_id):
         budget = MemoryBudget(settings.memory_budget_bytes())

@@ -1,0 +1,313 @@
+"""Resampling on either side of the network: nnU-Net's own, in bounded memory, or its torch one.
+
+``resampling`` (:class:`asyncflow.enums.Resampling`) chooses the functions:
+
+- ``model``: what the model's plans name (nnU-Net's scipy resampling for most models), run
+  as nnU-Net runs it, voxel for voxel, in less memory. :class:`PlannedResampling` resamples
+  the image with the plans' function; where that is nnU-Net's scipy resampling along a coarse
+  axis with nearest-neighbour slices (``order_z`` 0, its "separate z" path), it first picks
+  which slices each output slice copies (the same ``map_coordinates`` rounding on the same
+  coordinates) and resizes only those in plane, instead of building three float64
+  coordinate grids of the output's size. The non-zero mask nnU-Net resamples beside the
+  image is left as it is: inference never reads it.
+- ``torch``: nnU-Net's ``resample_torch_fornnunet`` for the image and the logits, with the
+  arguments of its ``*_torchres`` planners (:class:`TorchResampling`), on the CPU workers;
+- ``torch-device``: the same for the image; the logits are resampled and turned into labels
+  by the prediction worker on its device (:func:`cropped_labels` with ``device``).
+
+:func:`cropped_labels` is the first half of nnU-Net's
+``convert_predicted_logits_to_segmentation_with_correct_shape`` (the logits to the source
+grid, argmax) done one class at a time: both resampling functions treat each channel alone,
+and a model trained on labels (not regions) needs no softmax before its argmax (nnU-Net skips
+it too). A voxel goes to a later class only where that class's value is strictly larger than
+the best so far, which is how argmax breaks ties (the first maximum), so the label map is the
+same while only one class is resampled at a time. :func:`uncropped` is the second half.
+Region-based models and resampling functions not known to work channel by channel go
+through nnU-Net's own function whole.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
+from nnunetv2.configuration import ANISO_THRESHOLD
+from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+from nnunetv2.preprocessing.resampling.default_resampling import (
+    determine_do_sep_z_and_axis,
+    resample_data_or_seg,
+    resample_data_or_seg_to_shape,
+)
+from nnunetv2.preprocessing.resampling.resample_torch import resample_torch_fornnunet
+from nnunetv2.utilities.label_handling.label_handling import LabelManager
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from scipy.ndimage import map_coordinates
+from skimage.transform import resize
+
+__all__ = ["PlannedResampling", "TorchResampling", "cropped_labels", "picks_slices", "uncropped"]
+
+SCIPY = resample_data_or_seg_to_shape.__name__
+TORCH = resample_torch_fornnunet.__name__
+# What "torch" means here: nnU-Net's nnUNetPlannerResEncL_torchres_sepz. Like nnU-Net's
+# default plans, it resamples a coarse axis on its own, slice by nearest slice, where the
+# spacing is anisotropic; its sibling without "_sepz" interpolates across thick slices,
+# which a model trained on the default plans never saw (docs/explanation/performance.md).
+TORCH_KWARGS = {
+    "force_separate_z": None,
+    "memefficient_seg_resampling": False,
+    "separate_z_anisotropy_threshold": ANISO_THRESHOLD,
+}
+
+Resample = Callable[[Any, Sequence[int], Sequence[float], Sequence[float]], Any]
+
+
+def _keep_seg(seg: Any, new_shape: Sequence[int], *_: object) -> Any:
+    """The non-zero mask as it is: ``run_case_npy`` returns it resampled, inference never reads it."""
+    return seg
+
+
+class PlannedResampling(ConfigurationManager):
+    """The plans' configuration with the plans' resampling, thick slices resampled in bounded
+    memory (identical values: ``tests/test_resampling.py``) and the unused mask left alone.
+    Where the plans name nnU-Net's torch resampling (``*_torchres`` plans), torch's thread
+    count is left as the caller set it: that function sets it for the whole process, to 4
+    unless told, which threads running at once could leave changed."""
+
+    @property
+    def resampling_fn_data(self) -> Resample:
+        kwargs = self.configuration["resampling_fn_data_kwargs"]
+        if self.configuration["resampling_fn_data"] == TORCH:
+            return _torch(kwargs)
+        if self.configuration["resampling_fn_data"] == SCIPY:
+            return partial(_scipy_by_channel, kwargs=kwargs)
+        return super().resampling_fn_data
+
+    @property
+    def resampling_fn_seg(self) -> Resample:
+        return _keep_seg
+
+    @property
+    def resampling_fn_probabilities(self) -> Resample:
+        if self.configuration["resampling_fn_probabilities"] == TORCH:
+            return _torch(self.configuration["resampling_fn_probabilities_kwargs"])
+        return super().resampling_fn_probabilities
+
+
+class TorchResampling(ConfigurationManager):
+    """The plans' configuration with nnU-Net's ``resample_torch_fornnunet`` for the image and
+    the logits, whatever the plans name, with :data:`TORCH_KWARGS` and torch's thread count
+    left as the caller set it."""
+
+    @property
+    def resampling_fn_data(self) -> Resample:
+        return _torch({"is_seg": False, **TORCH_KWARGS})
+
+    @property
+    def resampling_fn_seg(self) -> Resample:
+        return _keep_seg
+
+    @property
+    def resampling_fn_probabilities(self) -> Resample:
+        return _torch({"is_seg": False, **TORCH_KWARGS})
+
+
+def _torch(kwargs: dict[str, Any]) -> Resample:
+    return partial(resample_torch_fornnunet, **{**kwargs, "num_threads": torch.get_num_threads()})
+
+
+def probabilities_function(configuration: ConfigurationManager) -> str:
+    """The name of the function that resamples the logits under ``configuration``."""
+    if isinstance(configuration, TorchResampling):
+        return TORCH
+    return str(configuration.configuration["resampling_fn_probabilities"])
+
+
+def cropped_labels(
+    logits: Any,
+    plans: PlansManager,
+    configuration: ConfigurationManager,
+    label_manager: LabelManager,
+    properties: dict[str, Any],
+    device: torch.device | None = None,
+) -> np.ndarray:
+    """The label map on the cropped source grid (model axes), one class at a time.
+
+    ``logits``: (classes, z, y, x) float16, a tensor or an array. With ``device`` (torch
+    resampling only), the logits are moved there and only the labels come back.
+    """
+    name = probabilities_function(configuration)
+    if label_manager.has_regions or name not in (SCIPY, TORCH):  # nnU-Net's own, all classes at once
+        return _nnunet_whole(logits, plans, configuration, label_manager, properties)
+    shape = [int(n) for n in properties["shape_after_cropping_and_before_resampling"]]
+    source = [properties["spacing"][i] for i in plans.transpose_forward]
+    model = list(configuration.spacing)
+    if len(model) < len(shape):  # 2D configurations keep the slice spacing
+        model = [source[0], *model]
+    if name == TORCH:
+        tensor = torch.as_tensor(logits)
+        tensor = tensor.to(device) if device is not None else tensor
+        fn = configuration.resampling_fn_probabilities
+        return _argmax_by_channel(
+            tensor.shape[0],
+            lambda c: fn(tensor[c : c + 1], shape, model, source, device=tensor.device)[0],
+            torch_tensors=True,
+        )
+    array = logits.numpy() if isinstance(logits, torch.Tensor) else np.asarray(logits)
+    kwargs = configuration.configuration["resampling_fn_probabilities_kwargs"]
+    return _argmax_by_channel(
+        len(array), lambda c: _scipy_by_channel(array[c : c + 1], shape, model, source, kwargs=kwargs)[0]
+    )
+
+
+def uncropped(
+    labels: np.ndarray, plans: PlansManager, label_manager: LabelManager, properties: dict[str, Any]
+) -> np.ndarray:
+    """The cropped label map put back into the whole image and onto the reader's axes, as nnU-Net does."""
+    dtype = np.uint8 if len(label_manager.foreground_labels) < 255 else np.uint16
+    whole = np.zeros(properties["shape_before_cropping"], dtype=dtype)
+    whole = insert_crop_into_image(whole, labels, properties["bbox_used_for_cropping"])
+    return np.asarray(whole).transpose(plans.transpose_backward)
+
+
+def _nnunet_whole(
+    logits: Any,
+    plans: PlansManager,
+    configuration: ConfigurationManager,
+    label_manager: LabelManager,
+    properties: dict[str, Any],
+) -> np.ndarray:
+    """nnU-Net's own conversion, cropped again (its uncropping is :func:`uncropped`'s)."""
+    whole = convert_predicted_logits_to_segmentation_with_correct_shape(
+        torch.as_tensor(logits).cpu(),
+        plans,
+        configuration,
+        label_manager,
+        properties,
+        # torch's thread count is process-wide: keep the one the prediction worker runs with.
+        num_threads_torch=torch.get_num_threads(),
+    )
+    box = properties["bbox_used_for_cropping"]
+    transposed = np.asarray(whole).transpose(plans.transpose_forward)
+    return transposed[tuple(slice(a, b) for a, b in box)]
+
+
+def _argmax_by_channel(
+    classes: int, channel: Callable[[int], Any], torch_tensors: bool = False
+) -> np.ndarray:
+    """``argmax(0)`` of the stacked channels, holding one channel and the best so far."""
+    first = channel(0)  # may be the logits themselves, where no resampling was needed
+    best: Any = first.clone() if torch_tensors else first.copy()
+    labels: Any
+    del first
+    if torch_tensors:
+        dtype = torch.uint8 if classes <= 255 else torch.int32
+        labels = torch.zeros(best.shape, dtype=dtype, device=best.device)
+    else:
+        labels = np.zeros(best.shape, dtype=np.uint8 if classes <= 255 else np.uint16)
+    for c in range(1, classes):
+        values = channel(c)
+        larger = values > best
+        labels[larger] = c
+        if torch_tensors:
+            torch.maximum(best, values, out=best)
+        else:
+            np.maximum(best, values, out=best)
+        del values, larger
+    if torch_tensors:
+        return np.asarray(labels.cpu().numpy(), dtype=np.uint8 if classes <= 255 else np.uint16)
+    return labels
+
+
+def picks_slices(
+    configuration: ConfigurationManager,
+    current_spacing: Sequence[float],
+    new_spacing: Sequence[float],
+    shape: Sequence[int],
+    new_shape: Sequence[int],
+) -> bool:
+    """Whether ``configuration`` resamples an image of ``shape`` to ``new_shape`` by picking
+    whole slices along a coarse axis (the bounded path of :class:`PlannedResampling`)."""
+    if (
+        not isinstance(configuration, PlannedResampling)
+        or configuration.configuration["resampling_fn_data"] != SCIPY
+    ):
+        return False
+    options = {**_SCIPY_DEFAULTS, **configuration.configuration["resampling_fn_data_kwargs"]}
+    return _picked_axis(options, current_spacing, new_spacing, shape, new_shape) is not None
+
+
+def _picked_axis(
+    options: dict[str, Any],
+    current_spacing: Sequence[float],
+    new_spacing: Sequence[float],
+    shape: Sequence[int],
+    new_shape: Sequence[int],
+) -> int | None:
+    """The coarse axis along which nnU-Net copies whole slices (order_z 0), if it does."""
+    separate, axis = determine_do_sep_z_and_axis(
+        options["force_separate_z"], current_spacing, new_spacing, options["separate_z_anisotropy_threshold"]
+    )
+    if options["is_seg"] or not separate or axis is None or options["order_z"] != 0:
+        return None
+    return int(axis) if shape[axis] != new_shape[axis] else None
+
+
+def _scipy_by_channel(
+    data: np.ndarray | torch.Tensor,
+    new_shape: Sequence[int],
+    current_spacing: Sequence[float],
+    new_spacing: Sequence[float],
+    *,
+    kwargs: dict[str, Any],
+) -> np.ndarray:
+    """nnU-Net's ``resample_data_or_seg_to_shape`` (not for masks), each channel alone, thick
+    slices picked before they are resized."""
+    options = {**_SCIPY_DEFAULTS, **kwargs}
+    data = data.numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
+    shape, new_shape = data.shape[1:], [int(n) for n in new_shape]
+    if list(shape) == new_shape:
+        return data
+    order, order_z = options["order"], options["order_z"]
+    out = np.zeros((len(data), *new_shape), dtype=data.dtype)
+    axis = _picked_axis(options, current_spacing, new_spacing, shape, new_shape)
+    if axis is None:
+        separate, nn_axis = determine_do_sep_z_and_axis(
+            options["force_separate_z"],
+            current_spacing,
+            new_spacing,
+            options["separate_z_anisotropy_threshold"],
+        )
+        for c in range(len(data)):
+            out[c] = resample_data_or_seg(
+                data[c : c + 1], new_shape, options["is_seg"], nn_axis, order, separate, order_z=order_z
+            )[0]
+        return out
+    # nnU-Net's coordinates along the coarse axis (its map_rows/map_cols/map_dims), rounded
+    # to a slice as its order-0 map_coordinates rounds them.
+    scale = float(shape[axis]) / new_shape[axis]
+    coordinates = scale * (np.arange(new_shape[axis]) + 0.5) - 0.5
+    ramp = np.arange(shape[axis], dtype=float)
+    picked = map_coordinates(ramp, coordinates[None], order=0, mode="nearest").astype(int)
+    in_plane = [n for i, n in enumerate(new_shape) if i != axis]
+    for c in range(len(data)):
+        last, resized = -1, None
+        for k, s in enumerate(picked):
+            if s != last:  # consecutive output slices often copy the same slice
+                plane = np.take(data[c], s, axis=axis).astype(float)
+                last, resized = s, resize(plane, in_plane, order, mode="edge", anti_aliasing=False)
+            index: list[Any] = [c, slice(None), slice(None), slice(None)]
+            index[axis + 1] = k
+            out[tuple(index)] = resized
+    return out
+
+
+_SCIPY_DEFAULTS = {
+    name: p.default
+    for name, p in inspect.signature(resample_data_or_seg_to_shape).parameters.items()
+    if p.default is not inspect.Parameter.empty
+} | {"separate_z_anisotropy_threshold": ANISO_THRESHOLD}
