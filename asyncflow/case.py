@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import SimpleITK as sitk
 
 from asyncflow.enums import CaseStatus, FileKind, SourceKind
+
+if TYPE_CHECKING:
+    from asyncflow.reading.tilt import Shear
 
 __all__ = [
     "Case",
@@ -44,6 +47,12 @@ class DicomInstance:
     frames: int = 1
     # Multi-frame (enhanced) images: ImagePositionPatient of each frame, in frame order.
     frame_positions: tuple[tuple[float, float, float], ...] = ()
+    # What tells the volumes of a 4D series apart (asyncflow.reading.volumes): attribute keyword
+    # -> value as text, the attributes present and not empty. A multi-frame image: the same of
+    # each frame, from its functional groups and dimension index.
+    facts: tuple[tuple[str, str], ...] = ()
+    frame_facts: tuple[tuple[tuple[str, str], ...], ...] = ()
+    mosaic: int = 0  # a Siemens mosaic: the number of slices tiled in its one frame, else 0
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,7 @@ class CaseSource:
     modality: str | None = None
     part: str | None = None  # which stack of a series that holds several volumes
     files: int = 0  # DICOM instances, or NIfTI channels
+    frames: int | None = None  # of a multi-frame image that holds several volumes: this one's frames
 
     def event_fields(self) -> dict[str, Any]:
         """The fields ``case.*`` events carry (no location: paths are never logged)."""
@@ -79,6 +89,7 @@ class CaseSource:
             "modality": self.modality,
             "part": self.part,
             "instances": self.files if self.series_instance_uid else None,
+            "frames": self.frames,
         }
         return {key: value for key, value in fields.items() if value is not None}
 
@@ -90,6 +101,7 @@ class CaseSource:
             "modality": self.modality,
             "part": self.part,
             "files": self.files,
+            **({"frames": self.frames} if self.frames is not None else {}),
         }
 
 
@@ -106,6 +118,8 @@ class Case:
     label_file: Path | None = None  # a *.mitklabel.json supplied with the case's input
     # What names the case without patient data (report and events): see :class:`CaseSource`.
     source: CaseSource | None = None
+    # One volume of a 4D multi-frame image: its frames (0-based), in frame order; None: every frame.
+    frames: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -154,6 +168,8 @@ class PreparedCase:
     source_files: list[Path]  # DICOM: instances in slice order (index = z); NIfTI: as input
     # A multi-frame DICOM source: its frame index (0-based) of each slice, in slice order.
     frame_order: list[int] | None = None
+    # A gantry-tilted source, prepared on an untilted grid (asyncflow.reading.tilt): its shear.
+    shear: Shear | None = None
     # What the backend's CPU preprocessing made of ``images`` (``ModelSteps.preprocess``; v2:
     # nnU-Net's data on the model's grid and its properties): the prediction worker's input,
     # dropped once the case is predicted.

@@ -18,6 +18,7 @@ from asyncflow.enums import DeidentifyProfile, Resampling, SegCompression, SegTy
 from asyncflow.errors import SettingsError
 from asyncflow.machine import available_memory_bytes, cores, half_the_cores
 from asyncflow.reading.archives import ArchiveLimits
+from asyncflow.reading.volumes import parse_choice
 
 __all__ = [
     "ModelLocation",
@@ -152,6 +153,10 @@ class Settings:
 
     # Inputs
     multi_modal: bool = False  # <id>_0000, <id>_0001 ... form one case
+    # Which volumes of a 4D series (time points, phases, b-values, echoes) become cases: all,
+    # first, last, a volume's number, or KEYWORD=VALUE (asyncflow.reading.volumes); the others
+    # are listed in the report's skipped files with the reason
+    volumes: str = "all"
     # Output names from input indexes (input003, input003_S2, input004_1), not from archive or
     # file names, which may carry a patient's name (the FLAME analyzer's default)
     opaque_names: bool = False
@@ -231,6 +236,10 @@ class Settings:
         if self.resampling not in tuple(Resampling):
             choices = ", ".join(Resampling)
             raise SettingsError(f"resampling must be one of {choices}, got {self.resampling!r}")
+        try:
+            parse_choice(self.volumes)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
         if self.seg_type not in SEG_TYPES:
             raise SettingsError(f"seg_type must be one of {', '.join(SEG_TYPES)}, got {self.seg_type!r}")
         if self.seg_compression not in SEG_COMPRESSIONS:

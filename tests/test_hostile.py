@@ -225,7 +225,7 @@ async def test_no_patient_data_or_file_names_in_the_logs(
     name, patient_id, birth = "Zzyzx^Quentin", "PHI-777123", "19121231"
     good = dicom_series_datasets(make_phantom(rng, (16, 24, 24)), patient_name=name, patient_id=patient_id)
     tilted = dicom_series_datasets(
-        make_phantom(rng, (16, 24, 24)), patient_name=name, patient_id=patient_id, slice_shift=(0, 0.5, 0)
+        make_phantom(rng, (16, 24, 24)), patient_name=name, patient_id=patient_id, slice_shift=(0, 0.8, 0)
     )
     other = dicom_series_datasets(make_phantom(rng, (4, 24, 24)), patient_name=name, patient_id=patient_id)
     for ds in good + tilted + other:

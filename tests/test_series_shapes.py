@@ -94,7 +94,10 @@ def test_two_acquisitions_at_the_same_positions_are_two_volumes(
         ds.AcquisitionNumber = 2
     cases, builder = _cases(tmp_path, _same_series(first, second))
     assert builder.skipped == []
-    assert [(len(c.instances), c.source.part) for c in cases] == [(6, "acquisition 1"), (6, "acquisition 2")]
+    assert [(len(c.instances), c.source.part) for c in cases] == [
+        (6, "volume 1 of 2 (AcquisitionNumber 1)"),
+        (6, "volume 2 of 2 (AcquisitionNumber 2)"),
+    ]
     prepared = prepare_case(cases[1], tmp_path / "work", write_files=False)
     assert prepared.geometry.size == (16, 16, 6)
 
@@ -102,7 +105,8 @@ def test_two_acquisitions_at_the_same_positions_are_two_volumes(
 def test_an_overlapping_stack_is_refused_with_the_reason(tmp_path: Path, rng: np.random.Generator) -> None:
     datasets = _same_series(_series(rng, 6), _series(rng, 6)[:3])  # a re-scan of three slices
     (case,), _ = _cases(tmp_path, datasets)
-    with pytest.raises(ValueError, match=r"series has 9 images at 6 positions \(an overlapping stack"):
+    reason = r"series has 9 images at 6 positions, 1 to 2 at each: an overlapping stack or a partial re-scan"
+    with pytest.raises(ValueError, match=reason):
         prepare_case(case, tmp_path / "work", write_files=False)
 
 

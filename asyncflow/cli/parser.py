@@ -38,6 +38,12 @@ def _add_model_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--multi-modal", action="store_true", default=None, help="<id>_0000, _0001... form one case"
     )
+    parser.add_argument(
+        "--volumes",
+        metavar="WHICH",
+        help="which volumes of a 4D series become cases: all (default), first, last, a number, or "
+        "KEYWORD=VALUE such as TemporalPositionIdentifier=2 or DiffusionBValue=0",
+    )
 
 
 def _add_seg_options(parser: argparse.ArgumentParser) -> None:
@@ -303,6 +309,7 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
         "use_mirroring",
         "torch_threads",
         "resampling",
+        "volumes",
         "work_dir",
         "label_config",
         "seg_type",

@@ -34,6 +34,7 @@ from asyncflow.reading.archives import UnpackedInput, Withhold, unpack
 from asyncflow.reading.assemble import CaseBuilder
 from asyncflow.reading.request import InputItem
 from asyncflow.reading.scan import Scan, classify, scan
+from asyncflow.reading.volumes import parse_choice
 from asyncflow.settings import Settings
 
 __all__ = ["Intake"]
@@ -50,7 +51,11 @@ class Intake:
         self.fetcher = Fetcher(self.ledger, self.workspace.root / "fetched", window)
         self.sink = sink  # what an earlier run finished
         self.model = model  # the model key (asyncflow.pipeline.keys)
-        self.builder = CaseBuilder(multi_modal=settings.multi_modal, opaque_names=settings.opaque_names)
+        self.builder = CaseBuilder(
+            multi_modal=settings.multi_modal,
+            opaque_names=settings.opaque_names,
+            volumes=parse_choice(settings.volumes),
+        )
         self.hashes: dict[Path, str] = {}  # unpacked file -> sha256 of its content
         self.limits = settings.archive_limits()
         sources = sink.finished_sources(model) if sink is not None else frozenset()

@@ -26,7 +26,8 @@ from asyncflow.log import get_logger, scrub
 from asyncflow.reading.archives import UnpackedInput
 from asyncflow.reading.names import stem as stem_of
 from asyncflow.reading.scan import Scan
-from asyncflow.reading.series import split_series
+from asyncflow.reading.series import Stack, split_frames, split_series
+from asyncflow.reading.volumes import Choice, choose
 
 __all__ = ["CaseBuilder"]
 
@@ -44,6 +45,17 @@ def _series_label(unpacked: UnpackedInput) -> str:
 def _opaque(unpacked: UnpackedInput) -> str:
     """The name of an input's cases when names from the data must not be used."""
     return f"input{unpacked.item.index:03d}"
+
+
+def _ranges(frames: tuple[int, ...]) -> str:
+    """1-based frame numbers as runs: ``1-40, 81-120``."""
+    runs: list[list[int]] = []
+    for frame in sorted(frames):
+        if runs and frame == runs[-1][-1] + 1:
+            runs[-1].append(frame)
+        else:
+            runs.append([frame])
+    return ", ".join(f"{r[0] + 1}-{r[-1] + 1}" if len(r) > 1 else f"{r[0] + 1}" for r in runs)
 
 
 def _label_file_for(stem: str, label_files: list[Path]) -> Path | None:
@@ -66,9 +78,12 @@ class _Series:
 class CaseBuilder:
     """Turns scans into cases: opaque ids, unique output names, series across inputs."""
 
-    def __init__(self, *, multi_modal: bool = False, opaque_names: bool = False) -> None:
+    def __init__(
+        self, *, multi_modal: bool = False, opaque_names: bool = False, volumes: Choice | None = None
+    ) -> None:
         self.multi_modal = multi_modal
         self.opaque_names = opaque_names  # name outputs by input index, not by archive or file name
+        self.volumes = volumes or Choice("all")  # which volumes of a 4D series become cases
         self._count = 0
         self._names: set[str] = set()
         self._series: dict[str, _Series] = {}
@@ -107,17 +122,47 @@ class CaseBuilder:
         origin, path = self._where[instance.path]
         self.skipped.append(SkippedFile(origin, path, reason, kept=self._where[kept.path] if kept else None))
 
-    def _dicom_source(self, instances: list[DicomInstance], part: str | None = None) -> CaseSource:
-        first = instances[0]
+    def _dicom_source(self, stack: Stack) -> CaseSource:
+        first = stack.instances[0]
         location = PurePosixPath(self._where[first.path][1])
         return CaseSource(
-            location=(location if first.frames > 1 else location.parent).as_posix(),
+            location=(location if first.frames > 1 or first.mosaic else location.parent).as_posix(),
             series_instance_uid=first.series_instance_uid,
             series_number=first.series_number,
             modality=first.modality,
-            part=part,
-            files=len(instances),
+            part=stack.part,
+            files=len(stack.instances),
+            frames=len(stack.frames) if stack.frames is not None else None,
         )
+
+    def _chosen(self, stacks: list[Stack], *, record: bool = True) -> list[Stack]:
+        """The stacks the ``volumes`` setting keeps; with ``record``, the others' files (or
+        frames) are skipped, with why."""
+        volumes = [s.volume for s in stacks if s.volume is not None]
+        if not volumes:
+            return stacks
+        kept, reason = choose(volumes, self.volumes)
+        chosen = []
+        for stack in stacks:
+            if stack.volume is None or stack.volume in kept:
+                chosen.append(stack)
+                continue
+            if not record:
+                continue
+            what = f"{stack.part}: {reason}"
+            if stack.frames is not None:
+                what = f"frames {_ranges(stack.frames)} of this multi-frame image, {what}"
+            for instance in stack.instances:
+                self._skip(instance, what)
+        return chosen
+
+    def _stack_case(self, stack: Stack, stem: str, origin: str, label_files: list[Path]) -> Case:
+        source = self._dicom_source(stack)
+        case = self._new_case(SourceKind.DICOM, stem, origin, [i.path for i in stack.instances], source)
+        case.instances = stack.instances
+        case.frames = stack.frames
+        case.label_file = _label_file_for(case.output_name, label_files)
+        return case
 
     def broken(self, unpacked: UnpackedInput) -> None:
         """An input that failed: series it had begun to deliver are refused, not segmented partially."""
@@ -136,12 +181,13 @@ class CaseBuilder:
         grown: dict[str, _Series] = {}
         for instance in result.dicom:
             self._where[instance.path] = (origin, result.unpacked.relative(instance.path))
-            if instance.frames > 1:  # an enhanced multi-frame image is a volume of its own
-                source = self._dicom_source([instance])
-                case = self._new_case(SourceKind.DICOM, stem_of(label), origin, [instance.path], source)
-                case.instances = [instance]
-                case.label_file = _label_file_for(case.output_name, result.label_files)
-                cases.append(case)
+            if instance.frames > 1:  # an enhanced multi-frame image: a volume, or a 4D image's volumes
+                stacks = split_frames(instance)
+                for stack in self._chosen(stacks):
+                    stem = (
+                        stem_of(label) if len(stacks) == 1 else f"{stem_of(label)}_p{stacks.index(stack) + 1}"
+                    )
+                    cases.append(self._stack_case(stack, stem, origin, result.label_files))
                 continue
             uid = instance.series_instance_uid
             series = self._series.setdefault(uid, _Series(uid, origin, label))
@@ -238,24 +284,22 @@ class CaseBuilder:
         if final:
             for instance, reason in split.skipped:
                 self._skip(instance, reason)
-        if series.cases or not split.stacks:
+        stacks = self._chosen(split.stacks, record=final)  # the skips are recorded once, at the end
+        if series.cases or not stacks:
             return []
         stem = stem_of(series.label)
         if shares_label:
-            number = split.stacks[0].instances[0].series_number
+            number = stacks[0].instances[0].series_number
             stem = f"{stem}_S{number if number is not None else self._position(series)}"
-        cases = []
-        for number, stack in enumerate(split.stacks, start=1):
-            name = stem if len(split.stacks) == 1 else f"{stem}_p{number}"
-            source = self._dicom_source(stack.instances, stack.part)
-            case = self._new_case(
-                SourceKind.DICOM, name, series.origin, [i.path for i in stack.instances], source
+        origin, label_files = series.origin, self._label_files.get(series.origin, [])
+        several = len(split.stacks) > 1
+        series.cases = [
+            self._stack_case(
+                stack, f"{stem}_p{split.stacks.index(stack) + 1}" if several else stem, origin, label_files
             )
-            case.instances = stack.instances
-            case.label_file = _label_file_for(case.output_name, self._label_files.get(series.origin, []))
-            cases.append(case)
-        series.cases = cases
-        return cases
+            for stack in stacks
+        ]
+        return series.cases
 
     def _position(self, series: _Series) -> int:
         """1-based place of a series without SeriesNumber among the series of its label."""

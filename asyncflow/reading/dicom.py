@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.datadict import keyword_for_tag
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from asyncflow.case import DicomInstance
+from asyncflow.reading.tilt import TILT_TOLERANCE
+from asyncflow.reading.volumes import FRAME_RULES, IMAGE_RULES, SAME_POSITION_MM, Facts, position_indices
+
+with warnings.catch_warnings():  # nibabel.nicom warns, on import, that its readers are experimental
+    warnings.simplefilter("ignore", UserWarning)
+    from nibabel.nicom import csareader, dicomwrappers
 
 __all__ = [
     "ORIENTATION_TOLERANCE",
@@ -20,6 +28,7 @@ __all__ = [
     "frame_pixel_spacing",
     "frame_rescale",
     "has_dicom_preamble",
+    "mosaic_tiles",
     "order_positions",
     "order_series",
     "read_instance",
@@ -31,7 +40,6 @@ __all__ = [
 _REQUIRED = ("SOPInstanceUID", "SeriesInstanceUID", "Rows", "Columns")
 ORIENTATION_TOLERANCE = 1e-4
 SPACING_TOLERANCE = 0.01  # relative deviation of slice gaps accepted as uniform
-_TILT_TOLERANCE = 0.01  # sideways shift between slices, relative to the gap, accepted as untilted
 
 
 class NotAnImage(Exception):
@@ -58,11 +66,13 @@ def read_instance(path: Path, data: bytes | None = None) -> DicomInstance:
         raise NotAnImage(f"image without {', '.join(missing)}")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     frame_positions: tuple[tuple[float, float, float], ...] = ()
+    frame_facts: tuple[Facts, ...] = ()
     position = ds.get("ImagePositionPatient")
     orientation = ds.get("ImageOrientationPatient")
     if frames > 1:
         orientation, frame_positions = _frame_geometry(ds, frames)
         position = frame_positions[0]
+        frame_facts = tuple(_frame_facts(ds, k) for k in range(frames))
     return DicomInstance(
         path=path,
         sop_instance_uid=str(ds.SOPInstanceUID),
@@ -79,7 +89,82 @@ def read_instance(path: Path, data: bytes | None = None) -> DicomInstance:
         acquisition_number=_integer(ds, "AcquisitionNumber"),
         frames=frames,
         frame_positions=frame_positions,
+        facts=_facts(ds),
+        frame_facts=frame_facts,
+        mosaic=_mosaic_slices(ds),
     )
+
+
+def _text(value: object) -> str:
+    """An attribute's value as text: numbers as written, several values joined by a backslash."""
+    values = _values(value)
+    return "\\".join(f"{v:.6g}" if isinstance(v, float) else str(v).strip() for v in values)
+
+
+def _facts(ds: pydicom.Dataset) -> Facts:
+    """The attributes of :data:`asyncflow.reading.volumes.IMAGE_RULES` an image holds."""
+    found = []
+    for rule in IMAGE_RULES:
+        for keyword in rule.keywords:
+            text = _text(ds.get(keyword))
+            if text:
+                found.append((keyword, text))
+    return tuple(found)
+
+
+_SPATIAL_DIMENSIONS = {0x00209056, 0x00209057, 0x00200032}  # StackID, InStackPositionNumber, position
+
+
+def _frame_facts(ds: pydicom.Dataset, frame: int) -> Facts:
+    """The attributes of :data:`asyncflow.reading.volumes.FRAME_RULES` one frame holds."""
+    found = []
+    content = _functional(ds, frame, "FrameContentSequence")
+    if content is not None:
+        pointers = [int(d.DimensionIndexPointer) for d in ds.get("DimensionIndexSequence", [])]
+        values = _values(content.get("DimensionIndexValues"))
+        other = [
+            f"{keyword_for_tag(p) or f'({p >> 16:04X},{p & 0xFFFF:04X})'}={v}"
+            for p, v in zip(pointers, values, strict=False)
+            if p not in _SPATIAL_DIMENSIONS
+        ]
+        if other and len(values) == len(pointers):
+            found.append(("DimensionIndexValues", "\\".join(other)))
+        for keyword in ("TemporalPositionIndex", "FrameAcquisitionDateTime"):
+            if _text(content.get(keyword)):
+                found.append((keyword, _text(content.get(keyword))))
+    diffusion = _functional(ds, frame, "MRDiffusionSequence")
+    if diffusion is not None and _text(diffusion.get("DiffusionBValue")):
+        found.append(("DiffusionBValue", _text(diffusion.DiffusionBValue)))
+        gradient = diffusion.get("DiffusionGradientDirectionSequence")
+        if gradient and _text(gradient[0].get("DiffusionGradientOrientation")):
+            found.append(("DiffusionGradientOrientation", _text(gradient[0].DiffusionGradientOrientation)))
+    for sequence, keyword in (
+        ("MREchoSequence", "EffectiveEchoTime"),
+        ("CardiacSynchronizationSequence", "NominalCardiacTriggerDelayTime"),
+    ):
+        item = _functional(ds, frame, sequence)
+        if item is not None and _text(item.get(keyword)):
+            found.append((keyword, _text(item.get(keyword))))
+    return tuple(found)
+
+
+def mosaic_tiles(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A Siemens mosaic's tiles as nibabel.nicom reads them: a (row, column, slice) array, scaled,
+    and the affine from those indices to patient coordinates (DICOM's, LPS)."""
+    wrapper = dicomwrappers.wrapper_from_data(pydicom.dcmread(path))
+    return np.asarray(wrapper.get_data()), np.asarray(wrapper.affine, dtype=np.float64)
+
+
+def _mosaic_slices(ds: pydicom.Dataset) -> int:
+    """A Siemens mosaic's slice count from its CSA image header (as nibabel.nicom reads it):
+    0 for an image that is no mosaic, -1 for a mosaic that does not say."""
+    if "MOSAIC" not in (str(v).upper() for v in _values(ds.get("ImageType"))):
+        return 0
+    try:
+        count = csareader.get_n_mosaic(csareader.get_csa_header(ds, "image"))
+    except Exception:  # noqa: BLE001 - a private header of any shape: unknown, and said so
+        return -1
+    return int(count) if count else -1
 
 
 def _functional(ds: pydicom.Dataset, frame: int, sequence: str) -> pydicom.Dataset | None:
@@ -159,12 +244,36 @@ def slice_normal(orientation: Sequence[float] | np.ndarray) -> np.ndarray:
     return np.cross(values[:3], values[3:6])
 
 
-def order_positions(positions: Sequence[Sequence[float]], orientation: Sequence[float]) -> list[int]:
+def repeated_positions(places: np.ndarray, what: str = "images") -> str:
+    """Why a stack with repeated positions (``places``: :func:`~asyncflow.reading.volumes.position_indices`)
+    is refused, naming its shape and what to do."""
+    counts = np.bincount(places)
+    head = f"series has {len(places)} {what} at {len(counts)} positions"
+    rules = IMAGE_RULES if what == "images" else FRAME_RULES
+    checked = ", ".join(rule.name for rule in rules)
+    if counts.min() == counts.max():
+        return (
+            f"{head}, {counts[0]} at each: a 4D series of {counts[0]} volumes that no attribute tells "
+            f"apart ({checked} checked); export each volume as a series of its own"
+        )
+    return (
+        f"{head}, {counts.min()} to {counts.max()} at each: an overlapping stack or a partial re-scan "
+        f"that no attribute tells apart ({checked} checked); remove the repeated images"
+    )
+
+
+def order_positions(
+    positions: Sequence[Sequence[float]],
+    orientation: Sequence[float],
+    what: str = "images",
+    *,
+    tilted: bool = False,
+) -> list[int]:
     """Indices of slices (or frames) sorted along the slice normal of ``orientation``.
 
     Raises ValueError with a reason when they do not form one regular volume:
-    two at one place, uneven gaps (missing slices), or a sideways shift from slice
-    to slice (gantry tilt).
+    two at one place, uneven gaps (missing slices), or, unless ``tilted`` (the caller
+    resamples them, :mod:`asyncflow.reading.tilt`), a sideways shift from slice to slice.
     """
     normal = slice_normal(orientation)
     if np.linalg.norm(normal) < 0.5:
@@ -174,12 +283,8 @@ def order_positions(positions: Sequence[Sequence[float]], orientation: Sequence[
     order = np.argsort(distances, kind="stable")
     if len(order) > 1:
         gaps = np.diff(distances[order])
-        if gaps.min() <= 1e-3:
-            positions_count = 1 + int(np.count_nonzero(gaps > 1e-3))
-            raise ValueError(
-                f"series has {len(order)} images at {positions_count} positions "
-                "(an overlapping stack, or acquisitions that AcquisitionNumber does not tell apart)"
-            )
+        if gaps.min() <= SAME_POSITION_MM:
+            raise ValueError(repeated_positions(position_indices(points, normal), what))
         if (gaps.max() - gaps.min()) > SPACING_TOLERANCE * gaps.mean():
             raise ValueError(
                 f"series has non-uniform slice spacing (missing slices?): gaps from {gaps.min():.3g} "
@@ -187,7 +292,7 @@ def order_positions(positions: Sequence[Sequence[float]], orientation: Sequence[
             )
         steps = np.diff(points[order], axis=0)
         sideways = np.linalg.norm(steps - np.outer(steps @ normal, normal), axis=1)
-        if sideways.max() > _TILT_TOLERANCE * gaps.mean():
+        if not tilted and sideways.max() > TILT_TOLERANCE * gaps.mean():
             degrees = float(np.degrees(np.arctan(sideways.max() / gaps.mean())))
             raise ValueError(
                 f"slices are not stacked along their normal (gantry tilt of about {degrees:.1f} degrees); "
@@ -196,11 +301,11 @@ def order_positions(positions: Sequence[Sequence[float]], orientation: Sequence[
     return [int(k) for k in order]
 
 
-def order_series(instances: Sequence[DicomInstance]) -> list[DicomInstance]:
+def order_series(instances: Sequence[DicomInstance], *, tilted: bool = False) -> list[DicomInstance]:
     """Instances of one series sorted by position along the slice normal.
 
     Never by file name or InstanceNumber. Raises ValueError with a reason when
-    the series is not one regular volume.
+    the series is not one regular volume (a tilted one is, with ``tilted``).
     """
     if not instances:
         raise ValueError("empty series")
@@ -217,4 +322,5 @@ def order_series(instances: Sequence[DicomInstance]) -> list[DicomInstance]:
     if orientations.shape[1] != 6 or np.abs(orientations - orientations[0]).max() > ORIENTATION_TOLERANCE:
         raise ValueError("series mixes image orientations")
     positions = [i.position for i in instances]
-    return [instances[k] for k in order_positions(positions, orientations[0])]  # type: ignore[arg-type]
+    order = order_positions(positions, orientations[0], tilted=tilted)  # type: ignore[arg-type]
+    return [instances[k] for k in order]

@@ -21,11 +21,13 @@ from asyncflow.enums import SourceKind
 from asyncflow.reading.dicom import (
     frame_pixel_spacing,
     frame_rescale,
+    mosaic_tiles,
     order_positions,
     order_series,
     slice_normal,
 )
 from asyncflow.reading.names import NIFTI_SUFFIXES
+from asyncflow.reading.tilt import Shear, shear_of, untilted
 
 __all__ = ["prepare_case", "source_image"]
 
@@ -96,10 +98,15 @@ def _as_nifti1(source: Path, workdir: Path, number: int) -> Path:
     return target
 
 
-def _multiframe_volume(instance: DicomInstance) -> tuple[sitk.Image, list[int]]:
-    """An enhanced multi-frame image as a volume in slice order, and the frame of each slice."""
+def _multiframe_volume(
+    instance: DicomInstance, frames: tuple[int, ...] | None
+) -> tuple[sitk.Image, list[int]]:
+    """An enhanced multi-frame image (or the ``frames`` of one of its volumes) as a volume in
+    slice order, and the frame of each slice."""
     assert instance.orientation is not None
-    order = order_positions(instance.frame_positions, instance.orientation)
+    chosen = list(frames) if frames is not None else list(range(instance.frames))
+    positions = [instance.frame_positions[k] for k in chosen]
+    order = [chosen[k] for k in order_positions(positions, instance.orientation, "frames")]
     ds = pydicom.dcmread(instance.path)
     stored = ds.pixel_array.reshape(instance.frames, instance.rows, instance.columns)
     rescale = [frame_rescale(ds, k) for k in order]
@@ -116,6 +123,56 @@ def _multiframe_volume(instance: DicomInstance) -> tuple[sitk.Image, list[int]]:
     row, column = np.asarray(instance.orientation[:3]), np.asarray(instance.orientation[3:6])
     image.SetDirection(tuple(np.column_stack([row, column, normal]).ravel()))
     return image, order
+
+
+def _mosaic_volume(instance: DicomInstance) -> sitk.Image:
+    """A Siemens mosaic's tiles as a volume, placed as nibabel.nicom places them (from the CSA
+    header's slice count and normal)."""
+    if instance.mosaic < 1:
+        raise ValueError(
+            "Siemens mosaic (ImageType MOSAIC) whose CSA header does not give NumberOfImagesInMosaic: "
+            "its tiles cannot be placed; convert the series with dcm2niix and send the NIfTI"
+        )
+    try:
+        data, affine = mosaic_tiles(instance.path)
+    except Exception as exc:  # nibabel raises many types; the case fails with the reason
+        raise ValueError(
+            f"Siemens mosaic of {instance.mosaic} slices cannot be untiled ({type(exc).__name__}: {exc}); "
+            "convert the series with dcm2niix and send the NIfTI"
+        ) from exc
+    volume = data.transpose(2, 0, 1)  # nibabel's (row, column, slice) -> (z, y, x)
+    integral = np.array_equal(volume, np.rint(volume)) and np.abs(volume).max() <= np.iinfo(np.int16).max
+    image = sitk.GetImageFromArray(volume.astype(np.int16 if integral else np.float32))
+    steps = np.linalg.norm(affine[:3, :3], axis=0)  # mm per row, per column, per slice
+    image.SetSpacing((float(steps[1]), float(steps[0]), float(steps[2])))
+    image.SetOrigin(tuple(float(v) for v in affine[:3, 3]))
+    axes = affine[:3, :3] / steps
+    image.SetDirection(tuple(np.column_stack([axes[:, 1], axes[:, 0], axes[:, 2]]).ravel()))
+    return image
+
+
+def _single_frame_volume(case: Case) -> tuple[sitk.Image, list[Path], Shear | None]:
+    """A series of single-frame images as a volume, its files in slice order, and the shear
+    of a gantry-tilted series, which the volume is resampled from (:mod:`asyncflow.reading.tilt`)."""
+    ordered = order_series(case.instances, tilted=True)
+    paths = [i.path for i in ordered]
+    image = _read_series(paths)
+    orientation = ordered[0].orientation
+    assert orientation is not None
+    spacing = image.GetSpacing()
+    shear = shear_of([i.position for i in ordered], orientation, (spacing[1], spacing[0]))  # type: ignore[misc]
+    if shear is None:
+        return image, paths, None
+    normal = slice_normal(orientation)
+    first, last = (np.asarray(i.position, dtype=float) for i in (ordered[0], ordered[-1]))
+    volume = sitk.GetArrayViewFromImage(image)
+    (row, column), _ = shear.extent(volume.shape)
+    upright = sitk.GetImageFromArray(untilted(volume, shear))
+    upright.SetSpacing((spacing[0], spacing[1], float(np.dot(last - first, normal)) / (len(ordered) - 1)))
+    along_row, along_column = np.asarray(orientation[:3]), np.asarray(orientation[3:6])
+    upright.SetOrigin(tuple(first + column * spacing[0] * along_row + row * spacing[1] * along_column))
+    upright.SetDirection(tuple(np.column_stack([orientation[:3], orientation[3:6], normal]).ravel()))
+    return upright, paths, shear
 
 
 def _read_series(paths: list[Path]) -> sitk.Image:
@@ -141,12 +198,17 @@ def prepare_case(case: Case, workdir: Path, write_files: bool = True) -> Prepare
     """Read the case's source as model input; with ``write_files``, also as nnU-Net's input files
     inside ``workdir``."""
     workdir.mkdir(parents=True, exist_ok=True)
-    if case.kind is SourceKind.DICOM and case.instances[0].frames > 1:
-        image, frame_order = _multiframe_volume(case.instances[0])
-        return _prepared(case, workdir, [image], [case.instances[0].path], write_files, frame_order)
-    if case.kind is SourceKind.DICOM:
-        paths = [i.path for i in order_series(case.instances)]
-        return _prepared(case, workdir, [_read_series(paths)], paths, write_files)
+    first = case.instances[0] if case.kind is SourceKind.DICOM else None
+    if first is not None and first.frames > 1:
+        image, frame_order = _multiframe_volume(first, case.frames)
+        return _prepared(case, workdir, [image], [first.path], write_files, frame_order)
+    if first is not None and first.mosaic:
+        return _prepared(case, workdir, [_mosaic_volume(first)], [first.path], write_files)
+    if first is not None:
+        image, paths, shear = _single_frame_volume(case)
+        prepared = _prepared(case, workdir, [image], paths, write_files)
+        prepared.shear = shear
+        return prepared
 
     sources = [_with_nifti_suffix(source, workdir, number) for number, source in enumerate(case.files)]
     images = [_read_nifti(source, workdir, number) for number, source in enumerate(sources)]
@@ -161,10 +223,14 @@ def prepare_case(case: Case, workdir: Path, write_files: bool = True) -> Prepare
 
 def source_image(prepared: PreparedCase) -> sitk.Image:
     """Channel 0 of a prepared case read again from its sources, as :func:`prepare_case` read it
-    (CT in HU, the rescale applied): its voxels lie on the prediction's grid."""
+    (CT in HU, the rescale applied, a tilted series untilted): its voxels lie on the prediction's grid."""
     case = prepared.case
     if case.kind is SourceKind.DICOM and prepared.frame_order is not None:
-        return _multiframe_volume(case.instances[0])[0]
+        return _multiframe_volume(case.instances[0], case.frames)[0]
+    if case.kind is SourceKind.DICOM and case.instances[0].mosaic:
+        return _mosaic_volume(case.instances[0])
+    if case.kind is SourceKind.DICOM and prepared.shear is not None:
+        return _single_frame_volume(case)[0]
     if case.kind is SourceKind.DICOM:
         return _read_series(prepared.source_files)
     return _read_nifti(prepared.source_files[0], prepared.workdir, 0)

@@ -23,6 +23,7 @@ from asyncflow.labels.mitk import MITK_SUFFIX, mitk_label_json, read_mitk_labels
 from asyncflow.labels.segment import SegmentLabel, label_for
 from asyncflow.log import Stopwatch
 from asyncflow.reading.prepare import source_image
+from asyncflow.reading.tilt import to_source_grid
 from asyncflow.stats.measure import LabelStatistics, measure_labels
 from asyncflow.writing.nifti import nifti_seg_bytes
 from asyncflow.writing.seg import Algorithm, SegOptions, dicom_seg_bytes, label_values, segment_values
@@ -116,11 +117,16 @@ def _dicom_outputs(
     if case.label_file is not None:
         sources.append(read_mitk_labels(case.label_file.read_bytes(), case.label_file.name))
     labels = merge_labels(model_labels, *sources)
-    in_source_order = predicted.labels
-    if prepared.frame_order is not None:  # a multi-frame source: its frames in their own order
-        in_source_order = np.empty_like(predicted.labels)
-        in_source_order[prepared.frame_order] = predicted.labels
-    data = dicom_seg_bytes(prepared.source_files, in_source_order, labels, algorithm, options, present)
+    on_source, grid = predicted.labels, None
+    if case.frames is not None or case.instances[0].mosaic:  # slices that are not the source's frames
+        grid = prepared.geometry
+    elif prepared.shear is not None:  # a tilted series: back onto its sheared grid
+        shape = (len(prepared.source_files), case.instances[0].rows, case.instances[0].columns)
+        on_source = to_source_grid(predicted.labels, prepared.shear, shape)
+    elif prepared.frame_order is not None:  # a multi-frame source: its frames in their own order
+        on_source = np.empty_like(predicted.labels)
+        on_source[prepared.frame_order] = predicted.labels
+    data = dicom_seg_bytes(prepared.source_files, on_source, labels, algorithm, options, present, grid)
     described = [label_for(labels, v) for v in segment_values(present, labels)]
     references = [path.name for path in prepared.source_files]
     if options.deidentify != DeidentifyProfile.NONE:

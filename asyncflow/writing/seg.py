@@ -2,7 +2,9 @@
 
 A SEG's frames lie on its source instances (or the frames of one multi-frame
 source), so the SEG decoded on its sources equals the prediction voxel for voxel;
-:func:`dicom_seg_bytes` checks exactly that before it returns the bytes. Its UIDs
+:func:`dicom_seg_bytes` checks exactly that before it returns the bytes. A volume whose
+slices are not its source's frames (one volume of a 4D multi-frame image, a Siemens
+mosaic) gets a SEG on its own grid (:mod:`asyncflow.writing.planes`), checked there. Its UIDs
 derive from :attr:`SegOptions.uid_seed` (the case and model keys), so the same case
 through the same model and settings gets the same SEG identity.
 """
@@ -22,10 +24,12 @@ from pydicom.sr.coding import Code as PydicomCode
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 from asyncflow._version import __version__
+from asyncflow.case import Geometry
 from asyncflow.errors import SegCheckError
 from asyncflow.labels.segment import Code, SegmentLabel, label_for
 from asyncflow.reading.dicom import slice_normal
 from asyncflow.writing.deidentify import deidentify
+from asyncflow.writing.planes import decode_on_grid, seg_planes
 
 __all__ = [
     "Algorithm",
@@ -112,6 +116,7 @@ def dicom_seg_bytes(
     algorithm: Algorithm,
     options: SegOptions | None = None,
     present: Sequence[int] | None = None,
+    grid: Geometry | None = None,
 ) -> bytes:
     """A DICOM SEG whose frames lie on the source instances, read back and checked.
 
@@ -122,15 +127,20 @@ def dicom_seg_bytes(
     Segment numbers are 1..n over the label values present, in ascending order;
     when none is present, one empty segment per declared label says so.
     ``present`` is :func:`label_values` of ``labels``, when the caller has it already.
+
+    With ``grid``, ``labels`` lies on that grid instead, and the SEG's frames on its planes: for
+    a volume whose slices are not the source's frames one for one (one volume of a 4D
+    multi-frame image, a Siemens mosaic's tiles). The SEG references its sources, and is
+    checked decoded on the grid.
     """
     options = options or SegOptions()
-    sources = _sources_for(source_files, labels.shape)
+    sources = _sources_for(source_files, labels.shape if grid is None else None)
     values = segment_values(label_values(labels) if present is None else present, declared)
     if not values:
         raise ValueError("the model declares no foreground label and none was predicted")
     numbers = _segment_numbers(labels, values)
     seg = _segmentation(
-        sources, numbers, [label_for(declared, value) for value in values], algorithm, options
+        sources, numbers, [label_for(declared, value) for value in values], algorithm, options, grid
     )
     for element in sources[0]:
         if element.tag.group == 0x0012 and int(element.tag) not in _SERIES_LEVEL_TRIAL_TAGS:
@@ -139,20 +149,22 @@ def dicom_seg_bytes(
     buffer = io.BytesIO()
     seg.save_as(buffer)
     data = buffer.getvalue()
-    check_dicom_seg(data, [str(ds.SOPInstanceUID) for ds in sources], numbers, options)
+    check_dicom_seg(data, [str(ds.SOPInstanceUID) for ds in sources], numbers, options, grid)
     return data
 
 
-def _sources_for(source_files: Sequence[Path], shape: tuple[int, ...]) -> list[pydicom.Dataset]:
-    """The source headers, checked against the prediction's (z, y, x) ``shape``."""
+def _sources_for(source_files: Sequence[Path], shape: tuple[int, ...] | None) -> list[pydicom.Dataset]:
+    """The source headers, checked against the prediction's (z, y, x) ``shape`` when given."""
     sources: list[pydicom.Dataset] = [pydicom.dcmread(p, stop_before_pixels=True) for p in source_files]
     rows, columns = int(sources[0].Rows), int(sources[0].Columns)
     frames = int(sources[0].get("NumberOfFrames", 1) or 1)
     slices = frames if len(sources) == 1 and frames > 1 else len(sources)
-    if shape != (slices, rows, columns):
+    if shape is not None and shape != (slices, rows, columns):
         raise ValueError(f"prediction shape {shape} does not match the source grid {(slices, rows, columns)}")
     if frames == 1:
         _fill_slice_thickness(sources)
+    else:
+        _share_frame_groups(sources[0])
     return sources
 
 
@@ -171,6 +183,7 @@ def _segmentation(
     labels: Sequence[SegmentLabel],
     algorithm: Algorithm,
     options: SegOptions,
+    grid: Geometry | None = None,
 ) -> hd.seg.Segmentation:
     """highdicom's Segmentation of ``numbers`` (segment numbers 1..n, one per label) on ``sources``."""
     kind = hd.seg.SegmentationTypeValues(options.segmentation_type)
@@ -212,6 +225,7 @@ def _segmentation(
         content_creator_name="asyncflow^",  # software, not a person: one component
         transfer_syntax_uid=_TRANSFER_SYNTAXES[options.compression],
         omit_empty_frames=not options.keep_empty_frames,
+        **(seg_planes(grid) if grid is not None else {}),
     )
 
 
@@ -261,9 +275,14 @@ def _expected_frames(numbers: np.ndarray, segments: int, options: SegOptions) ->
 
 
 def check_dicom_seg(
-    data: bytes, source_sop_instance_uids: Sequence[str], numbers: np.ndarray, options: SegOptions
+    data: bytes,
+    source_sop_instance_uids: Sequence[str],
+    numbers: np.ndarray,
+    options: SegOptions,
+    grid: Geometry | None = None,
 ) -> None:
-    """Read a SEG back: its sources, frame count and voxels must be what was meant."""
+    """Read a SEG back: its sources, frame count and voxels (on its sources, or on ``grid``)
+    must be what was meant."""
     seg = hd.seg.segread(io.BytesIO(data))
     referenced = {
         str(instance.ReferencedSOPInstanceUID)
@@ -278,7 +297,10 @@ def check_dicom_seg(
     expected = _expected_frames(numbers, len(seg.SegmentSequence), options)
     if frames != expected:
         raise SegCheckError(f"SEG has {frames} frames, {expected} expected")
-    decoded, _ = _decode(seg, source_sop_instance_uids, numbers.shape[0])
+    if grid is None:
+        decoded, _ = _decode(seg, source_sop_instance_uids, numbers.shape[0])
+    else:
+        decoded = decode_on_grid(seg, grid)
     if not np.array_equal(decoded, numbers):
         raise SegCheckError(
             f"SEG decodes to other voxels than the prediction ({int((decoded != numbers).sum())} differ)"
@@ -310,6 +332,20 @@ def _decode(
         pixels = numbers.astype(np.uint16)
     names = {int(d.SegmentNumber): str(d.SegmentLabel) for d in seg.SegmentSequence}
     return pixels, names
+
+
+def _share_frame_groups(source: pydicom.Dataset) -> None:
+    """Give an in-memory multi-frame source whose pixel measures and plane orientation are the
+    same in every frame's functional groups (as Philips writes them) those in its shared group,
+    where highdicom reads them; the file is untouched."""
+    per_frame = source.get("PerFrameFunctionalGroupsSequence") or []
+    shared = (source.get("SharedFunctionalGroupsSequence") or [None])[0]
+    if shared is None or not per_frame:
+        return
+    for keyword in ("PixelMeasuresSequence", "PlaneOrientationSequence"):
+        items = [frame.get(keyword) for frame in per_frame]
+        if keyword not in shared and items[0] and all(item == items[0] for item in items):
+            shared[keyword] = per_frame[0][keyword]
 
 
 def _fill_slice_thickness(sources: Sequence[pydicom.Dataset]) -> None:
