@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
 import tarfile
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ import pytest
 import SimpleITK as sitk
 from helpers import write_series_with_simpleitk
 
+from asyncflow._version import __version__
 from asyncflow.cli import main
 from asyncflow.cli.synthetic import make_phantom, nifti_bytes
 from asyncflow.writing.seg import read_dicom_seg
@@ -54,6 +57,36 @@ def test_demo_then_run_on_its_inputs(
     code = main(["run", str(demo / "inputs"), "--output", str(out), "--model", str(model_dir), *FAST])
     assert code == 0
     assert sorted(p.relative_to(out).as_posix() for p in out.glob("*_seg/*")) == demo_outputs
+
+    # Each run's manifest: what ran, and every file it wrote with its sha256.
+    manifests = [json.loads((folder / "manifest.json").read_text()) for folder in (demo, out)]
+    for folder, manifest in zip((demo, out), manifests, strict=True):
+        report = json.loads((folder / "report.json").read_text())
+        assert manifest["request_id"] == report["request_id"] and manifest["status"] == "done"
+        assert manifest["software"]["asyncflow"] == __version__
+        assert manifest["software"]["torch"] == metadata.version("torch")
+        assert manifest["software"]["nnunetv2"] == metadata.version("nnunetv2")
+        assert manifest["model"] == report["model"] and len(report["model"]["key"]) == 64
+        assert manifest["settings"]["use_mirroring"] is False and manifest["settings"]["volumes"] == "all"
+        assert manifest["timings"]["duration_s"] == report["duration_s"] and manifest["timings"]["cases"] == 4
+        assert [o["path"] for o in manifest["outputs"]] == sorted(
+            [*demo_outputs, "report.json", "statistics.csv"]
+        )
+        for output in manifest["outputs"]:
+            data = (folder / output["path"]).read_bytes()
+            assert (output["bytes"], output["sha256"]) == (len(data), hashlib.sha256(data).hexdigest())
+    # The same data through the same model and settings: the same model key, the same segments
+    # (a SEG's own bytes differ by when it was made: its PixelData does not).
+    assert manifests[0]["model"]["key"] == manifests[1]["model"]["key"]
+    segments = [
+        {
+            o["path"]: o.get("pixel_data_sha256", o["sha256"])
+            for o in m["outputs"]
+            if o["path"].endswith((".dcm", ".nii.gz"))
+        }
+        for m in manifests
+    ]
+    assert segments[0] == segments[1] and len(segments[0]) == 4
 
 
 def test_run_without_a_model_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

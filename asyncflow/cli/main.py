@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from asyncflow.backends.base import Backend, ModelInfo
+from asyncflow.cli.manifest import MANIFEST, run_manifest
 from asyncflow.cli.parser import build_parser, overrides, statistics_bounds
 from asyncflow.cli.progress import ProgressDisplay
 from asyncflow.errors import LabelError, ModelError, RequestError, SettingsError
@@ -37,12 +38,15 @@ __all__ = ["main"]
 EXIT_DONE, EXIT_SOME_FAILED, EXIT_ERROR, EXIT_INTERNAL = 0, 1, 2, 3
 
 
-def _write_report(result: Result, folder: OutputFolder) -> Path:
-    """``report.json`` and ``statistics.csv`` (a line per case and label), each written whole or
-    not at all; the case outputs are in the folder already (written as each case ended)."""
+def _write_report(result: Result, settings: Settings, folder: OutputFolder) -> Path:
+    """``report.json``, ``statistics.csv`` (a line per case and label), then ``manifest.json``
+    (:mod:`asyncflow.cli.manifest`), each written whole or not at all; the case outputs are in
+    the folder already (written as each case ended)."""
     content = result.report()
     folder.write("", "report.json", (json.dumps(content, indent=2) + "\n").encode())
     folder.write("", "statistics.csv", statistics_csv(content["cases"]).encode())
+    manifest = run_manifest(result, settings, folder.path)
+    folder.write("", MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     return folder.path / "report.json"
 
 
@@ -199,7 +203,7 @@ def _segment(args: argparse.Namespace, backend: Backend | Sequence[Backend] | No
         except BaseException:
             if ended:  # interrupted, no usable case, a crash: the report says what was known by then
                 bar.close()
-                report = _write_report(ended[0], folder)
+                report = _write_report(ended[0], settings, folder)
                 print(
                     f"asyncflow: report of the request as it ended ({ended[0].status}): {report}",
                     file=sys.stderr,
@@ -209,7 +213,7 @@ def _segment(args: argparse.Namespace, backend: Backend | Sequence[Backend] | No
         bar.close()
         if log_file is not None:
             log_file.close()
-    _write_report(result, folder)
+    _write_report(result, settings, folder)
     scores = None
     if demo_inputs is not None:
         from asyncflow.cli.demo import score

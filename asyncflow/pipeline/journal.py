@@ -34,7 +34,7 @@ JOURNAL = "journal.jsonl"
 JOURNAL_VERSION = 1
 _TEMP_PREFIX = ".asyncflow-partial-"
 # Files asyncflow writes into an output folder besides the case outputs.
-_OWN_FILES = ("report.json", "statistics.csv", JOURNAL)
+_OWN_FILES = ("report.json", "statistics.csv", "manifest.json", JOURNAL)
 
 
 class CaseSink(Protocol):

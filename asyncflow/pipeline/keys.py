@@ -104,9 +104,14 @@ def model_parameters(info: ModelInfo, settings: Settings) -> dict[str, str]:
     return {**info.parameters, "resampling": settings.resampling}
 
 
-def model_provenance(info: ModelInfo, settings: Settings) -> dict[str, Any]:
-    """The report's ``model``: what produced the request's outputs."""
-    return {"name": info.name, "framework": info.framework, "parameters": model_parameters(info, settings)}
+def model_provenance(info: ModelInfo, settings: Settings, key: str) -> dict[str, Any]:
+    """The report's ``model``: what produced the request's outputs, and its model ``key``."""
+    return {
+        "name": info.name,
+        "framework": info.framework,
+        "parameters": model_parameters(info, settings),
+        "key": key,
+    }
 
 
 def _plain(value: Any) -> Any:

@@ -211,7 +211,7 @@ async def run_request(
         on_withdraw=on_withdraw,
         on_stage=on_stage,
         objects=objects,
-        model=model_provenance(backends[0].info, settings),
+        model=model_provenance(backends[0].info, settings, model),
     )
     with structlog.contextvars.bound_contextvars(request_id=request_id):
         budget = MemoryBudget(settings.memory_budget_bytes())
