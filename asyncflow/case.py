@@ -199,6 +199,8 @@ class CaseReport:
     source: CaseSource | None = None
     statistics: list[dict[str, Any]] | None = None  # per label (asyncflow.stats.measure), once exported
     statistics_error: str | None = None  # why a done case has none
+    # What became of its DICOM objects at the PACS (asyncflow.delivery.pacs.Delivery), when sent.
+    delivery: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -217,6 +219,7 @@ class CaseReport:
             "fallback": self.fallback,
             "statistics": self.statistics,
             **({"statistics_error": self.statistics_error} if self.statistics_error else {}),
+            **({"delivery": self.delivery} if self.delivery is not None else {}),
         }
 
 

@@ -14,6 +14,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, cast
 
+from asyncflow.delivery.pacs import parse_destination
 from asyncflow.enums import DeidentifyProfile, Resampling, SegCompression, SegType
 from asyncflow.errors import SettingsError
 from asyncflow.machine import available_memory_bytes, cores, half_the_cores
@@ -169,6 +170,11 @@ class Settings:
     # none, or basic: PS3.15's Basic Profile with the Retain UIDs Option on every SEG (the FLAME
     # analyzer's default; asyncflow.writing.deidentify)
     deidentify: str = "none"
+    # Send each case's DICOM objects to a PACS as the case ends (asyncflow.delivery.pacs):
+    # dicomweb://host:port/path (STOW-RS) or dimse://AET@host:port (C-STORE); never in FLAME
+    send: str | None = None
+    send_tries: int = 3  # tries per case before its delivery fails (refusals are not tried again)
+    send_backoff_s: float = 1.0  # wait after the first failed try; doubled after each next one
 
     # Pipeline
     work_dir: Path | None = None  # parent of the request's temp dir (default: system temp)
@@ -206,6 +212,7 @@ class Settings:
             "export_workers",
             "queue_size",
             "fetch_tries",
+            "send_tries",
             "max_archive_bytes",
             "max_archive_members",
             "max_file_bytes",
@@ -216,8 +223,15 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.fetch_window < 0 or self.fetch_backoff_s < 0:
-            raise SettingsError("fetch_window (0: automatic) and fetch_backoff_s must not be negative")
+        if self.send is not None:
+            try:
+                parse_destination(self.send)
+            except ValueError as exc:
+                raise SettingsError(f"send: {exc}") from None
+        if self.fetch_window < 0 or self.fetch_backoff_s < 0 or self.send_backoff_s < 0:
+            raise SettingsError(
+                "fetch_window (0: automatic), fetch_backoff_s and send_backoff_s must not be negative"
+            )
         if self.memory_budget_gb < 0:
             raise SettingsError(
                 f"memory_budget_gb must be 0 (automatic) or positive, got {self.memory_budget_gb}"

@@ -19,7 +19,7 @@ import asyncflow
 PACKAGE = Path(asyncflow.__file__).parent
 MAX_MODULE_LINES = 400
 # The runtime and the two shells over it: the domain folders never import them.
-DOMAIN = ("reading", "writing", "labels", "stats", "backends")
+DOMAIN = ("reading", "writing", "delivery", "labels", "stats", "backends")
 RUNTIME = ("pipeline",)
 SHELLS = ("cli", "flame")
 

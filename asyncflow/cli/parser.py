@@ -190,6 +190,13 @@ def _add_run_command(commands: Any) -> None:
         action="store_true",
         help="start afresh in a used output folder: what asyncflow wrote there goes, nothing else",
     )
+    run.add_argument(
+        "--send",
+        metavar="DESTINATION",
+        help="send each case's DICOM SEG to a PACS as the case ends: dicomweb://host:port/path "
+        "(STOW-RS) or dimse://AET@host:port (C-STORE); a case that does not arrive is kept and "
+        "reported, and --resume sends it again (docs/how-to/cli.md#sending-to-a-pacs)",
+    )
     _add_model_argument(run)
     _add_model_options(run)
     _add_seg_options(run)
@@ -310,6 +317,7 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
         "torch_threads",
         "resampling",
         "volumes",
+        "send",
         "work_dir",
         "label_config",
         "seg_type",

@@ -2,8 +2,9 @@
 
 For each case: the backend's output to a label map on the source grid (v2:
 nnU-Net's resampling of the logits), DICOM SEG or NIfTI and the label statistics
-(:func:`asyncflow.writing.export.export_output`), then the outputs into the ledger
-and, with a sink, onto disk with the case's journal line, before the case ends.
+(:func:`asyncflow.writing.export.export_output`), then the outputs into the ledger,
+with ``send`` the SEG to its PACS (:mod:`asyncflow.delivery.pacs`) and, with a sink,
+onto disk with the case's journal line, before the case ends.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
+import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from asyncflow.backends.base import ModelInfo, ModelSteps
 from asyncflow.case import Case, PreparedCase
-from asyncflow.enums import Stage
+from asyncflow.delivery.pacs import Sender, parse_destination
+from asyncflow.enums import OutputFormat, Stage
 from asyncflow.log import bound_case, get_logger, scrub
 from asyncflow.pipeline.flow import CaseFlow
 from asyncflow.pipeline.journal import CaseSink
@@ -47,6 +50,13 @@ class Export:
     ) -> None:
         self.flow, self.info, self.steps, self.label_config = flow, info, steps, label_config
         self.sink, self.model, self.sources = sink, model, sources
+        self.sender = (
+            Sender(
+                parse_destination(settings.send), tries=settings.send_tries, backoff_s=settings.send_backoff_s
+            )
+            if settings.send is not None
+            else None
+        )
         self.seg_options = SegOptions(
             settings.seg_type, settings.seg_keep_empty_frames, settings.seg_compression, settings.deidentify
         )
@@ -83,12 +93,16 @@ class Export:
         )
 
     async def _finish(self, case: Case, exported: Exported, seconds: dict[str, float]) -> None:
-        """Book the outputs, write them to the sink with the journal line, log, end the case."""
+        """Book the outputs, send a SEG to the PACS, write the outputs to the sink with the journal
+        line (not for a case whose delivery failed: ``--resume`` does it again), log, end the case."""
         ledger = self.flow.ledger
         files = ledger.keep(case, exported)
+        journaled = True
+        if self.sender is not None and exported.format is OutputFormat.DICOM_SEG:
+            journaled = await self._send(case, exported)
         if self.sink is not None:
             report = ledger.report(case).as_dict()
-            key, sources = ledger.key(case), self.sources(case)
+            key, sources = ledger.key(case) if journaled else None, self.sources(case)
             finished = await self.flow.step(
                 case, Stage.EXPORT, _finish_case, self.sink, key, self.model, files, report, sources
             )
@@ -108,6 +122,24 @@ class Export:
             **notes,
         )
         self.flow.end(case)
+
+    async def _send(self, case: Case, exported: Exported) -> bool:
+        """The case's SEG to the PACS, booked in its report and logged; True once it is there."""
+        assert self.sender is not None
+        delivery = await anyio.to_thread.run_sync(self.sender.send, [exported.data])
+        self.flow.ledger.report(case).delivery = delivery.as_dict()
+        fields = {
+            "destination": self.sender.destination.kind,
+            "status": delivery.status,
+            "objects": delivery.objects,
+            "tries": delivery.tries,
+            "duration_s": round(delivery.duration_s, 4),
+        }
+        if delivery.sent:
+            log.info("case.delivered", **fields)
+        else:
+            log.warning("case.delivered", **fields, reason=scrub(delivery.reason or ""))
+        return delivery.sent
 
 
 def _finish_case(

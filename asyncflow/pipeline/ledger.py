@@ -166,6 +166,7 @@ class Ledger:
         report.labels_absent = list(earlier.get("labels_absent") or [])
         report.fallback = earlier.get("fallback")
         report.statistics = earlier.get("statistics")
+        report.delivery = earlier.get("delivery")  # sent: a resumed case is never sent again
         log.info("case.resumed", case_id=case.case_id, **case_identity(case))
         self._finished(case, report)
 
@@ -240,12 +241,14 @@ class Ledger:
         failed = sum(r.status not in (CaseStatus.DONE, CaseStatus.RESUMED) for r in reports)
         # An input that could not be read, or whose members were refused, is lost like a failed case.
         lost_inputs = any(i["error"] for i in self.inputs) or any(s.refused for s in skipped)
+        # A case segmented whose outputs did not reach their PACS is not done as asked.
+        undelivered = any(r.delivery is not None and r.delivery["status"] != "sent" for r in reports)
         if status is None:
             status = (
                 RequestStatus.FAILED
                 if failed == len(reports)
                 else RequestStatus.PARTIAL
-                if failed or lost_inputs
+                if failed or lost_inputs or undelivered
                 else RequestStatus.DONE
             )
         return Result(
