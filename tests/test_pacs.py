@@ -138,6 +138,29 @@ def test_an_orthanc_stopped_mid_request_fails_delivery_only_and_a_resume_sends_i
         assert again.received() == 1  # only the one that had not arrived
 
 
+def test_a_dicom_case_whose_seg_failed_is_reported_as_not_delivered(
+    tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncflow.writing.export
+
+    def broken_seg(*args: object, **kwargs: object) -> bytes:
+        raise ValueError("highdicom refused the source")
+
+    monkeypatch.setattr(asyncflow.writing.export, "dicom_seg_bytes", broken_seg)
+    inputs = _inputs(tmp_path / "in", rng, ("P1",))
+    with orthanc(tmp_path / "pacs") as pacs:
+        code, report = _run(inputs, tmp_path / "out", "--send", pacs.dicomweb)
+        assert pacs.received() == 0
+    (case,) = report["cases"]
+    assert code == 1 and report["status"] == "partial" and case["output"].endswith(".nii.gz")
+    assert (case["delivery"]["status"], case["delivery"]["objects"], case["delivery"]["tries"]) == (
+        "failed",
+        0,
+        0,
+    )
+    assert case["delivery"]["reason"].startswith("nothing sent: the case's DICOM SEG failed")
+
+
 def test_a_destination_is_checked_before_anything_runs() -> None:
     assert parse_destination("dimse://PACS@pacs.example.org:104").called_aet == "PACS"
     assert (

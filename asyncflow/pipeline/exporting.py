@@ -18,8 +18,8 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from asyncflow.backends.base import ModelInfo, ModelSteps
 from asyncflow.case import Case, PreparedCase
-from asyncflow.delivery.pacs import Sender, parse_destination
-from asyncflow.enums import OutputFormat, Stage
+from asyncflow.delivery.pacs import Delivery, Sender, parse_destination
+from asyncflow.enums import OutputFormat, SourceKind, Stage
 from asyncflow.log import bound_case, get_logger, scrub
 from asyncflow.pipeline.flow import CaseFlow
 from asyncflow.pipeline.journal import CaseSink
@@ -100,6 +100,9 @@ class Export:
         journaled = True
         if self.sender is not None and exported.format is OutputFormat.DICOM_SEG:
             journaled = await self._send(case, exported)
+        elif self.sender is not None and case.kind is SourceKind.DICOM:  # its SEG failed: NIfTI instead
+            reason = "nothing sent: the case's DICOM SEG failed and it was written as NIfTI (see fallback)"
+            self._book(case, Delivery(self.sender.destination.text, "failed", 0, 0, 0.0, reason))
         if self.sink is not None:
             report = ledger.report(case).as_dict()
             key, sources = ledger.key(case) if journaled else None, self.sources(case)
@@ -127,6 +130,12 @@ class Export:
         """The case's SEG to the PACS, booked in its report and logged; True once it is there."""
         assert self.sender is not None
         delivery = await anyio.to_thread.run_sync(self.sender.send, [exported.data])
+        self._book(case, delivery)
+        return delivery.sent
+
+    def _book(self, case: Case, delivery: Delivery) -> None:
+        """A case's delivery into its report and the log."""
+        assert self.sender is not None
         self.flow.ledger.report(case).delivery = delivery.as_dict()
         fields = {
             "destination": self.sender.destination.kind,
@@ -139,7 +148,6 @@ class Export:
             log.info("case.delivered", **fields)
         else:
             log.warning("case.delivered", **fields, reason=scrub(delivery.reason or ""))
-        return delivery.sent
 
 
 def _finish_case(
