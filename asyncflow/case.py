@@ -201,6 +201,8 @@ class CaseReport:
     statistics_error: str | None = None  # why a done case has none
     # What became of its DICOM objects at the PACS (asyncflow.delivery.pacs.Delivery), when sent.
     delivery: dict[str, Any] | None = None
+    measurement_report: str | None = None  # <case>.sr.dcm beside its SEG, when asked for
+    measurement_report_error: str | None = None  # why a SEG asked to have one has none
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -220,6 +222,12 @@ class CaseReport:
             "statistics": self.statistics,
             **({"statistics_error": self.statistics_error} if self.statistics_error else {}),
             **({"delivery": self.delivery} if self.delivery is not None else {}),
+            **({"measurement_report": self.measurement_report} if self.measurement_report else {}),
+            **(
+                {"measurement_report_error": self.measurement_report_error}
+                if self.measurement_report_error
+                else {}
+            ),
         }
 
 

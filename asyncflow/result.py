@@ -6,7 +6,7 @@ the demo, the FLAME shell and the Hub reporter read results without importing it
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from asyncflow.case import CaseReport, SkippedFile
@@ -40,6 +40,7 @@ class Result:
     duration_s: float
     error: str | None = None  # why the request ended before its cases did (status error)
     model: dict[str, Any] | None = None  # name, framework and parameters of what produced the outputs
+    dicom_sr_bytes: dict[str, bytes] = field(default_factory=dict)  # <case>.sr.dcm: measurements as SR
 
     def report(self) -> dict[str, Any]:
         """JSON-serialisable account of every input, case and skipped file (what of it may leave
@@ -62,5 +63,6 @@ class Result:
             "dicom_seg_bytes": self.dicom_seg_bytes,
             "nifti_seg_bytes": self.nifti_seg_bytes,
             "label_json_bytes": self.label_json_bytes,
+            "dicom_sr_bytes": self.dicom_sr_bytes,
             "report": self.report(),
         }

@@ -173,6 +173,9 @@ class Settings:
     # Send each case's DICOM objects to a PACS as the case ends (asyncflow.delivery.pacs):
     # dicomweb://host:port/path (STOW-RS) or dimse://AET@host:port (C-STORE); never in FLAME
     send: str | None = None
+    # A TID 1500 Measurement Report (DICOM SR) of each SEG's label volumes and intensities beside it
+    # (asyncflow.writing.sr); sent with the SEG
+    measurement_report: bool = False
     send_tries: int = 3  # tries per case before its delivery fails (refusals are not tried again)
     send_backoff_s: float = 1.0  # wait after the first failed try; doubled after each next one
 

@@ -48,6 +48,7 @@ def _run(inputs: Path, out: Path, *options: str, backend: Any = None) -> tuple[i
 
 
 def _seg_uids(out: Path) -> list[str]:
+    """The SOPInstanceUIDs of the DICOM objects written (SEGs, and SRs with --sr)."""
     return sorted(str(pydicom.dcmread(p).SOPInstanceUID) for p in (out / "dicom_seg").glob("*.dcm"))
 
 
@@ -58,11 +59,14 @@ def test_each_case_s_seg_is_sent_as_it_ends_and_can_be_queried_back(
     inputs = _inputs(tmp_path / "in", rng, ("P1", "P2"))
     with orthanc(tmp_path / "pacs") as pacs:
         destination = pacs.dicomweb if protocol == "dicomweb" else pacs.dimse
-        code, report = _run(inputs, tmp_path / "out", "--send", destination)
+        code, report = _run(inputs, tmp_path / "out", "--send", destination, "--sr")
         assert code == 0 and report["status"] == "done"
         for case in report["cases"]:
             assert case["delivery"]["status"] == "sent" and case["delivery"]["tries"] == 1
-            assert case["delivery"]["destination"] == destination and case["delivery"]["objects"] == 1
+            assert (
+                case["delivery"]["destination"] == destination and case["delivery"]["objects"] == 2
+            )  # SEG, SR
+        assert len(_seg_uids(tmp_path / "out")) == 4
         assert pacs.sop_instance_uids() == _seg_uids(tmp_path / "out")  # queried back by QIDO-RS
 
 

@@ -56,6 +56,13 @@ def _add_seg_options(parser: argparse.ArgumentParser) -> None:
         help="JSON/YAML label names, codes, colours per label value (docs/how-to/cli.md)",
     )
     group.add_argument(
+        "--sr",
+        action="store_true",
+        default=None,
+        dest="measurement_report",
+        help="beside each SEG, its label volumes and intensities as a DICOM SR (TID 1500 Measurement Report)",
+    )
+    group.add_argument(
         "--seg-type",
         choices=list(SegType),
         type=str.upper,
@@ -321,6 +328,7 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
         "work_dir",
         "label_config",
         "seg_type",
+        "measurement_report",
         "seg_keep_empty_frames",
         "seg_compression",
         "deidentify",

@@ -5,6 +5,7 @@
     manifest.json
     <node>/dicom_seg/<case>.dcm
     <node>/dicom_seg/<case>.mitklabel.json
+    <node>/dicom_seg/<case>.sr.dcm               (with measurement_report)
     <node>/nifti_seg/<case>.nii.gz
 
 ``manifest.json`` lists every node (its status, request-level error and report)
@@ -32,10 +33,12 @@ __all__ = ["BUNDLE_FORMAT", "MANIFEST", "pack_node_results"]
 BUNDLE_FORMAT = "asyncflow.flame-bundle/1"
 MANIFEST = "manifest.json"
 _CONTRACT = ("dicom_seg_bytes", "nifti_seg_bytes")
-# result key -> folder in the ZIP; label_json_bytes (MITK label JSON beside each SEG) is optional
+# result key -> folder in the ZIP; label_json_bytes (MITK label JSON beside each SEG) and
+# dicom_sr_bytes (measurement_report: an SR beside each SEG) are optional
 _FOLDERS = (
     ("dicom_seg", "dicom_seg_bytes"),
     ("dicom_seg", "label_json_bytes"),
+    ("dicom_seg", "dicom_sr_bytes"),
     ("nifti_seg", "nifti_seg_bytes"),
 )
 

@@ -58,7 +58,11 @@ class Export:
             else None
         )
         self.seg_options = SegOptions(
-            settings.seg_type, settings.seg_keep_empty_frames, settings.seg_compression, settings.deidentify
+            settings.seg_type,
+            settings.seg_keep_empty_frames,
+            settings.seg_compression,
+            settings.deidentify,
+            measurement_report=settings.measurement_report,
         )
         self.algorithm = Algorithm(f"nnU-Net {info.name}", info.framework, model_parameters(info, settings))
 
@@ -129,7 +133,8 @@ class Export:
     async def _send(self, case: Case, exported: Exported) -> bool:
         """The case's SEG to the PACS, booked in its report and logged; True once it is there."""
         assert self.sender is not None
-        delivery = await anyio.to_thread.run_sync(self.sender.send, [exported.data])
+        objects = [exported.data, *([exported.sr[1]] if exported.sr is not None else [])]
+        delivery = await anyio.to_thread.run_sync(self.sender.send, objects)
         self._book(case, delivery)
         return delivery.sent
 

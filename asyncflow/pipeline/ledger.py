@@ -60,6 +60,7 @@ class Ledger:
         self.dicom: dict[str, bytes] = {}
         self.nifti: dict[str, bytes] = {}
         self.label_json: dict[str, bytes] = {}
+        self.dicom_sr: dict[str, bytes] = {}
         self.total: int | None = None  # cases, once every input is assembled
         self.objects = objects  # inputs to fetch from a store
         self.fetched = 0  # of those, the ones whose fetch has ended
@@ -166,6 +167,7 @@ class Ledger:
         report.labels_absent = list(earlier.get("labels_absent") or [])
         report.fallback = earlier.get("fallback")
         report.statistics = earlier.get("statistics")
+        report.measurement_report = earlier.get("measurement_report")
         report.delivery = earlier.get("delivery")  # sent: a resumed case is never sent again
         log.info("case.resumed", case_id=case.case_id, **case_identity(case))
         self._finished(case, report)
@@ -191,6 +193,8 @@ class Ledger:
         files = [(kept, exported.format.folder, exported.name, exported.data)]
         if exported.label_json is not None:  # beside its SEG
             files.append((self.label_json, OutputFormat.DICOM_SEG.folder, *exported.label_json))
+        if exported.sr is not None:  # its measurements as DICOM SR, beside its SEG
+            files.append((self.dicom_sr, OutputFormat.DICOM_SEG.folder, *exported.sr))
         for outputs, where, name, data in files:
             if self.keep_bytes:
                 outputs[name] = data
@@ -201,6 +205,8 @@ class Ledger:
         if exported.statistics is not None:
             report.statistics = [label.as_dict() for label in exported.statistics]
         report.statistics_error = exported.statistics_error
+        report.measurement_report = exported.sr[0] if exported.sr is not None else None
+        report.measurement_report_error = exported.sr_error
         return [(where, name, data) for _, where, name, data in files]
 
     def withdraw(self, case: Case) -> None:
@@ -257,6 +263,7 @@ class Ledger:
             dicom_seg_bytes=self.dicom,
             nifti_seg_bytes=self.nifti,
             label_json_bytes=self.label_json,
+            dicom_sr_bytes=self.dicom_sr,
             cases=reports,
             inputs=sorted(self.inputs, key=lambda i: i["index"]),
             skipped=skipped,

@@ -27,6 +27,7 @@ from asyncflow.reading.tilt import to_source_grid
 from asyncflow.stats.measure import LabelStatistics, measure_labels
 from asyncflow.writing.nifti import nifti_seg_bytes
 from asyncflow.writing.seg import Algorithm, SegOptions, dicom_seg_bytes, label_values, segment_values
+from asyncflow.writing.sr import measurement_report_bytes
 
 if TYPE_CHECKING:
     from asyncflow.backends.base import ModelSteps
@@ -44,6 +45,8 @@ class Exported:
     fallback: str | None = None  # why a DICOM case came out as NIfTI
     statistics: list[LabelStatistics] | None = None  # None when they could not be measured
     statistics_error: str | None = None  # why not
+    sr: tuple[str, bytes] | None = None  # <case>.sr.dcm: the measurements as DICOM SR, beside the SEG
+    sr_error: str | None = None  # why a SEG asked to have one has none
 
     @property
     def format(self) -> OutputFormat:
@@ -99,7 +102,33 @@ def export_output(
         exported = replace(exported, statistics=statistics)
     except Exception as exc:  # noqa: BLE001 - the segmentation is kept; the report says why
         exported = replace(exported, statistics_error=f"{type(exc).__name__}: {exc}")
+    if options.measurement_report and exported.format is OutputFormat.DICOM_SEG:
+        exported = _with_measurement_report(
+            prepared, exported, model_labels, label_config, algorithm, options
+        )
     return exported, {"to_labels_s": to_labels_s, "statistics_s": watch.seconds}
+
+
+def _with_measurement_report(
+    prepared: PreparedCase,
+    exported: Exported,
+    model_labels: Mapping[int, SegmentLabel],
+    label_config: Mapping[int, Mapping[str, Any]],
+    algorithm: Algorithm,
+    options: SegOptions,
+) -> Exported:
+    """``exported`` with its SR (or the reason it has none: the SEG is kept either way)."""
+    if exported.statistics is None:
+        return replace(exported, sr_error=f"no measurements: {exported.statistics_error}")
+    try:
+        values = segment_values(exported.labels_present, merge_labels(model_labels, label_config))
+        segments = {value: number for number, value in enumerate(values, start=1)}
+        data = measurement_report_bytes(
+            exported.data, prepared.source_files, exported.statistics, segments, algorithm, options
+        )
+    except Exception as exc:  # noqa: BLE001 - the SEG is kept; the report says why
+        return replace(exported, sr_error=f"{type(exc).__name__}: {exc}")
+    return replace(exported, sr=(f"{prepared.case.output_name}.sr.dcm", data))
 
 
 def _dicom_outputs(

@@ -39,6 +39,7 @@ __all__ = [
     "label_values",
     "read_dicom_seg",
     "segment_values",
+    "uid_for",
 ]
 
 _AI_FAMILY = PydicomCode("123110", "DCM", "Artificial Intelligence")
@@ -96,6 +97,9 @@ class SegOptions:
     # Names the case and the model (asyncflow.pipeline.keys): the SEG's UIDs derive from it, so the same
     # case through the same model and settings gets the same SEG identity. None: fresh UIDs.
     uid_seed: str | None = None
+    measurement_report: bool = (
+        False  # a TID 1500 SR of the measurements beside the SEG (asyncflow.writing.sr)
+    )
 
 
 _TRANSFER_SYNTAXES = {
@@ -168,7 +172,7 @@ def _sources_for(source_files: Sequence[Path], shape: tuple[int, ...] | None) ->
     return sources
 
 
-def _uid(seed: str | None, role: str) -> str:
+def uid_for(seed: str | None, role: str) -> str:
     """The UID of one ``role`` in a SEG: a 2.25 UID of a name-based (SHA-1) UUID of the seed and
     the role, so the same case through the same model and settings gets the same UID; a fresh
     one without a seed."""
@@ -199,7 +203,7 @@ def _segmentation(
     )
     seed = options.uid_seed
     descriptions = [
-        _description(number, label, identification, _uid(seed, f"tracking {number}"))
+        _description(number, label, identification, uid_for(seed, f"tracking {number}"))
         for number, label in enumerate(labels, start=1)
     ]
     source_series = sources[0].get("SeriesNumber")
@@ -211,9 +215,9 @@ def _segmentation(
         pixel_array=pixel_array,
         segmentation_type=kind,
         segment_descriptions=descriptions,
-        series_instance_uid=_uid(seed, "series"),
+        series_instance_uid=uid_for(seed, "series"),
         series_number=int(source_series) + 1000 if source_series not in (None, "") else 1000,
-        sop_instance_uid=_uid(seed, "instance"),
+        sop_instance_uid=uid_for(seed, "instance"),
         instance_number=1,
         manufacturer="asyncflow",
         manufacturer_model_name=algorithm.name[:64],

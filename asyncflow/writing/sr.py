@@ -1,0 +1,116 @@
+"""A case's measurements as DICOM SR: a TID 1500 Measurement Report (highdicom) beside its SEG.
+
+One Comprehensive 3D SR per DICOM SEG, as Kaapana's and dcmqi's readers expect it: a
+measurement group (TID 1411) per segment, naming the SEG's segment and its source
+series, with the label's volume (SNOMED CT Volume, UCUM ``ml``) and its intensity (CT:
+DICOM's Attenuation Coefficient in Hounsfield units; MR: MR signal intensity) as its
+mean, standard deviation and median (SNOMED CT derivations) — the figures of
+``statistics.csv`` (:mod:`asyncflow.stats.measure`). The observer is the device
+asyncflow. The SR is de-identified as the SEG is, and its UIDs derive from the same seed.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from asyncflow._version import __version__
+from asyncflow.stats.measure import LabelStatistics
+from asyncflow.writing.deidentify import deidentify
+from asyncflow.writing.seg import Algorithm, SegOptions, uid_for
+
+__all__ = ["measurement_report_bytes"]
+
+MILLILITER = Code("ml", "UCUM", "milliliter")
+# Modality -> (what the intensity is, its unit); other modalities get the volume alone.
+_INTENSITY = {
+    "CT": (codes.DCM.AttenuationCoefficient, codes.UCUM.HounsfieldUnit),
+    "MR": (codes.DCM.MRSignalIntensity, Code("{signal}", "UCUM", "signal")),
+}
+
+
+def _measurements(statistics: LabelStatistics, modality: str | None) -> list[hd.sr.Measurement]:
+    found = [hd.sr.Measurement(name=codes.SCT.Volume, value=statistics.volume_ml, unit=MILLILITER)]
+    if modality in _INTENSITY and statistics.voxels:
+        name, unit = _INTENSITY[modality]
+        for derivation, value in (
+            (codes.SCT.Mean, statistics.intensity_mean),
+            (codes.SCT.StandardDeviation, statistics.intensity_sd),
+            (codes.SCT.Median, statistics.intensity_p50),
+        ):
+            if value is not None:
+                found.append(hd.sr.Measurement(name=name, value=value, unit=unit, derivation=derivation))
+    return found
+
+
+def measurement_report_bytes(
+    seg_bytes: bytes,
+    source_files: Sequence[Path],
+    statistics: Sequence[LabelStatistics],
+    segments: Mapping[int, int],
+    algorithm: Algorithm,
+    options: SegOptions,
+) -> bytes:
+    """The SR of ``statistics`` (per label value) for the segments of the SEG ``seg_bytes``
+    (``segments``: label value -> segment number), on the SEG's study and sources."""
+    seg = pydicom.dcmread(io.BytesIO(seg_bytes))
+    sources = [pydicom.dcmread(path, stop_before_pixels=True) for path in source_files]
+    modality = str(sources[0].get("Modality", "")) or None
+    source_series = hd.sr.SourceSeriesForSegmentation(str(sources[0].SeriesInstanceUID))
+    groups = []
+    for label in statistics:
+        if label.label not in segments:
+            continue
+        number = segments[label.label]
+        groups.append(
+            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=uid_for(options.uid_seed, f"sr tracking {number}"),
+                    identifier=f"segment {number}: {label.name}",
+                ),
+                referenced_segment=hd.sr.ReferencedSegment(
+                    sop_class_uid=str(seg.SOPClassUID),
+                    sop_instance_uid=str(seg.SOPInstanceUID),
+                    segment_number=number,
+                    source_series=source_series,
+                ),
+                finding_type=codes.SCT.Tissue,
+                measurements=_measurements(label, modality),
+            )
+        )
+    if not groups:
+        raise ValueError("no segment of the SEG has measurements")
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=uid_for(options.uid_seed, "sr device"), name="asyncflow", model_name=algorithm.name[:64]
+        ),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=codes.SCT.ImagingProcedure,
+        imaging_measurements=groups,
+    )
+    source_number = seg.get("SeriesNumber")
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[seg, *sources],
+        content=report,
+        series_instance_uid=uid_for(options.uid_seed, "sr series"),
+        series_number=int(source_number) + 1 if source_number not in (None, "") else 1001,
+        sop_instance_uid=uid_for(options.uid_seed, "sr instance"),
+        instance_number=1,
+        manufacturer="asyncflow",
+        is_complete=True,
+        software_versions=f"asyncflow {__version__}",
+        series_description=f"{algorithm.name} measurements"[:64],
+    )
+    deidentify(sr, options.deidentify)
+    buffer = io.BytesIO()
+    sr.save_as(buffer)
+    return buffer.getvalue()
