@@ -203,6 +203,8 @@ class CaseReport:
     delivery: dict[str, Any] | None = None
     measurement_report: str | None = None  # <case>.sr.dcm beside its SEG, when asked for
     measurement_report_error: str | None = None  # why a SEG asked to have one has none
+    rtstruct: str | None = None  # <case>.rtstruct.dcm beside its SEG, when asked for
+    rtstruct_error: str | None = None  # why a SEG asked to have one has none
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -228,6 +230,8 @@ class CaseReport:
                 if self.measurement_report_error
                 else {}
             ),
+            **({"rtstruct": self.rtstruct} if self.rtstruct else {}),
+            **({"rtstruct_error": self.rtstruct_error} if self.rtstruct_error else {}),
         }
 
 

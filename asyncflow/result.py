@@ -41,6 +41,7 @@ class Result:
     error: str | None = None  # why the request ended before its cases did (status error)
     model: dict[str, Any] | None = None  # name, framework and parameters of what produced the outputs
     dicom_sr_bytes: dict[str, bytes] = field(default_factory=dict)  # <case>.sr.dcm: measurements as SR
+    dicom_rtstruct_bytes: dict[str, bytes] = field(default_factory=dict)  # <case>.rtstruct.dcm
 
     def report(self) -> dict[str, Any]:
         """JSON-serialisable account of every input, case and skipped file (what of it may leave
@@ -64,5 +65,6 @@ class Result:
             "nifti_seg_bytes": self.nifti_seg_bytes,
             "label_json_bytes": self.label_json_bytes,
             "dicom_sr_bytes": self.dicom_sr_bytes,
+            "dicom_rtstruct_bytes": self.dicom_rtstruct_bytes,
             "report": self.report(),
         }

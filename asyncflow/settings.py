@@ -176,6 +176,9 @@ class Settings:
     # A TID 1500 Measurement Report (DICOM SR) of each SEG's label volumes and intensities beside it
     # (asyncflow.writing.sr); sent with the SEG
     measurement_report: bool = False
+    # An RT Structure Set of each SEG's label map beside it, for radiotherapy planning systems
+    # (asyncflow.writing.rtstruct); sent with the SEG
+    rtstruct: bool = False
     send_tries: int = 3  # tries per case before its delivery fails (refusals are not tried again)
     send_backoff_s: float = 1.0  # wait after the first failed try; doubled after each next one
 

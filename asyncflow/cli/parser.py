@@ -63,6 +63,12 @@ def _add_seg_options(parser: argparse.ArgumentParser) -> None:
         help="beside each SEG, its label volumes and intensities as a DICOM SR (TID 1500 Measurement Report)",
     )
     group.add_argument(
+        "--rtstruct",
+        action="store_true",
+        default=None,
+        help="beside each SEG, its label map as a DICOM RT Structure Set (contours per slice)",
+    )
+    group.add_argument(
         "--seg-type",
         choices=list(SegType),
         type=str.upper,
@@ -329,6 +335,7 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
         "label_config",
         "seg_type",
         "measurement_report",
+        "rtstruct",
         "seg_keep_empty_frames",
         "seg_compression",
         "deidentify",

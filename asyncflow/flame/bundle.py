@@ -6,6 +6,7 @@
     <node>/dicom_seg/<case>.dcm
     <node>/dicom_seg/<case>.mitklabel.json
     <node>/dicom_seg/<case>.sr.dcm               (with measurement_report)
+    <node>/dicom_seg/<case>.rtstruct.dcm         (with rtstruct)
     <node>/nifti_seg/<case>.nii.gz
 
 ``manifest.json`` lists every node (its status, request-level error and report)
@@ -34,11 +35,12 @@ BUNDLE_FORMAT = "asyncflow.flame-bundle/1"
 MANIFEST = "manifest.json"
 _CONTRACT = ("dicom_seg_bytes", "nifti_seg_bytes")
 # result key -> folder in the ZIP; label_json_bytes (MITK label JSON beside each SEG) and
-# dicom_sr_bytes (measurement_report: an SR beside each SEG) are optional
+# dicom_sr_bytes and dicom_rtstruct_bytes (an SR, an RTSTRUCT beside each SEG) are optional
 _FOLDERS = (
     ("dicom_seg", "dicom_seg_bytes"),
     ("dicom_seg", "label_json_bytes"),
     ("dicom_seg", "dicom_sr_bytes"),
+    ("dicom_seg", "dicom_rtstruct_bytes"),
     ("nifti_seg", "nifti_seg_bytes"),
 )
 

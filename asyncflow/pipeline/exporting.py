@@ -63,6 +63,7 @@ class Export:
             settings.seg_compression,
             settings.deidentify,
             measurement_report=settings.measurement_report,
+            rtstruct=settings.rtstruct,
         )
         self.algorithm = Algorithm(f"nnU-Net {info.name}", info.framework, model_parameters(info, settings))
 
@@ -133,7 +134,8 @@ class Export:
     async def _send(self, case: Case, exported: Exported) -> bool:
         """The case's SEG to the PACS, booked in its report and logged; True once it is there."""
         assert self.sender is not None
-        objects = [exported.data, *([exported.sr[1]] if exported.sr is not None else [])]
+        extras = (exported.sr, exported.rtstruct)
+        objects = [exported.data, *(extra[1] for extra in extras if extra is not None)]
         delivery = await anyio.to_thread.run_sync(self.sender.send, objects)
         self._book(case, delivery)
         return delivery.sent

@@ -96,8 +96,9 @@ def model_key(info: ModelInfo, settings: Settings) -> str:
     }
     if settings.resampling != "model":  # absent for the default: keys made before it stay the same
         identity["resampling"] = settings.resampling
-    if settings.measurement_report:  # an SR beside each SEG: absent when off, as above
-        identity["measurement_report"] = "on"
+    for extra in ("measurement_report", "rtstruct"):  # an SR, an RTSTRUCT beside each SEG: absent when off
+        if getattr(settings, extra):
+            identity[extra] = "on"
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 

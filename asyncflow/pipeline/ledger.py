@@ -61,6 +61,7 @@ class Ledger:
         self.nifti: dict[str, bytes] = {}
         self.label_json: dict[str, bytes] = {}
         self.dicom_sr: dict[str, bytes] = {}
+        self.dicom_rtstruct: dict[str, bytes] = {}
         self.total: int | None = None  # cases, once every input is assembled
         self.objects = objects  # inputs to fetch from a store
         self.fetched = 0  # of those, the ones whose fetch has ended
@@ -168,6 +169,7 @@ class Ledger:
         report.fallback = earlier.get("fallback")
         report.statistics = earlier.get("statistics")
         report.measurement_report = earlier.get("measurement_report")
+        report.rtstruct = earlier.get("rtstruct")
         report.delivery = earlier.get("delivery")  # sent: a resumed case is never sent again
         log.info("case.resumed", case_id=case.case_id, **case_identity(case))
         self._finished(case, report)
@@ -195,6 +197,8 @@ class Ledger:
             files.append((self.label_json, OutputFormat.DICOM_SEG.folder, *exported.label_json))
         if exported.sr is not None:  # its measurements as DICOM SR, beside its SEG
             files.append((self.dicom_sr, OutputFormat.DICOM_SEG.folder, *exported.sr))
+        if exported.rtstruct is not None:  # its label map as an RT Structure Set, beside its SEG
+            files.append((self.dicom_rtstruct, OutputFormat.DICOM_SEG.folder, *exported.rtstruct))
         for outputs, where, name, data in files:
             if self.keep_bytes:
                 outputs[name] = data
@@ -207,6 +211,8 @@ class Ledger:
         report.statistics_error = exported.statistics_error
         report.measurement_report = exported.sr[0] if exported.sr is not None else None
         report.measurement_report_error = exported.sr_error
+        report.rtstruct = exported.rtstruct[0] if exported.rtstruct is not None else None
+        report.rtstruct_error = exported.rtstruct_error
         return [(where, name, data) for _, where, name, data in files]
 
     def withdraw(self, case: Case) -> None:
@@ -264,6 +270,7 @@ class Ledger:
             nifti_seg_bytes=self.nifti,
             label_json_bytes=self.label_json,
             dicom_sr_bytes=self.dicom_sr,
+            dicom_rtstruct_bytes=self.dicom_rtstruct,
             cases=reports,
             inputs=sorted(self.inputs, key=lambda i: i["index"]),
             skipped=skipped,

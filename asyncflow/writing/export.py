@@ -26,6 +26,7 @@ from asyncflow.reading.prepare import source_image
 from asyncflow.reading.tilt import to_source_grid
 from asyncflow.stats.measure import LabelStatistics, measure_labels
 from asyncflow.writing.nifti import nifti_seg_bytes
+from asyncflow.writing.rtstruct import rtstruct_bytes
 from asyncflow.writing.seg import Algorithm, SegOptions, dicom_seg_bytes, label_values, segment_values
 from asyncflow.writing.sr import measurement_report_bytes
 
@@ -47,6 +48,8 @@ class Exported:
     statistics_error: str | None = None  # why not
     sr: tuple[str, bytes] | None = None  # <case>.sr.dcm: the measurements as DICOM SR, beside the SEG
     sr_error: str | None = None  # why a SEG asked to have one has none
+    rtstruct: tuple[str, bytes] | None = None  # <case>.rtstruct.dcm: the label map as RT Structure Set
+    rtstruct_error: str | None = None  # why a SEG asked to have one has none
 
     @property
     def format(self) -> OutputFormat:
@@ -163,6 +166,18 @@ def _dicom_outputs(
         uids = {instance.path: instance.sop_instance_uid for instance in case.instances}
         references = [uids[path] for path in prepared.source_files]
     label_json = mitk_label_json(described, references, series_description=algorithm.series_description)
-    return Exported(
+    exported = Exported(
         f"{case.output_name}.dcm", data, present, absent, (f"{case.output_name}{MITK_SUFFIX}", label_json)
     )
+    if not options.rtstruct:
+        return exported
+    if grid is not None or prepared.frame_order is not None:
+        reason = (
+            "an RT Structure Set needs a series of single-frame images (not a multi-frame image or a mosaic)"
+        )
+        return replace(exported, rtstruct_error=reason)
+    try:
+        structures = rtstruct_bytes(prepared.source_files, on_source, labels, algorithm, options)
+    except Exception as exc:  # noqa: BLE001 - the SEG is kept; the report says why
+        return replace(exported, rtstruct_error=f"{type(exc).__name__}: {exc}")
+    return replace(exported, rtstruct=(f"{case.output_name}.rtstruct.dcm", structures))

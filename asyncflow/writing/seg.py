@@ -97,9 +97,10 @@ class SegOptions:
     # Names the case and the model (asyncflow.pipeline.keys): the SEG's UIDs derive from it, so the same
     # case through the same model and settings gets the same SEG identity. None: fresh UIDs.
     uid_seed: str | None = None
-    measurement_report: bool = (
-        False  # a TID 1500 SR of the measurements beside the SEG (asyncflow.writing.sr)
-    )
+    # Beside the SEG: a TID 1500 SR of the measurements (asyncflow.writing.sr), an RT Structure Set
+    # of the label map (asyncflow.writing.rtstruct).
+    measurement_report: bool = False
+    rtstruct: bool = False
 
 
 _TRANSFER_SYNTAXES = {
