@@ -30,6 +30,7 @@ from pydicom.tag import Tag
 from pydicom.uid import generate_uid
 
 from asyncflow import Result, run_request
+from asyncflow.case import Geometry
 from asyncflow.cli.synthetic import dicom_series_datasets, make_phantom
 from asyncflow.errors import SettingsError
 from asyncflow.reading.archives import unpack
@@ -343,7 +344,7 @@ def _check_seg_on_grid(data: bytes, image: sitk.Image, folder: Path) -> None:
     prediction (``image`` above its median), dciodvfy finds nothing, dcmqi reads it."""
     folder.mkdir()
     seg = hd.seg.segread(io.BytesIO(data))
-    decoded = decode_on_grid(seg, _geometry(image))
+    decoded = decode_on_grid(seg, Geometry.of(image))
     volume = sitk.GetArrayFromImage(image)
     np.testing.assert_array_equal(decoded, (volume > np.median(volume)).astype(np.uint16))
     if not DCIODVFY_MISSING:  # but warnings on the patient's and physician's names it copies (Philips')
@@ -353,12 +354,6 @@ def _check_seg_on_grid(data: bytes, image: sitk.Image, folder: Path) -> None:
     assert meta is None or [s["SegmentLabel"] for group in meta["segmentAttributes"] for s in group] == [
         "tissue"
     ]
-
-
-def _geometry(image: sitk.Image):
-    from asyncflow.case import Geometry
-
-    return Geometry.of(image)
 
 
 # -- Siemens mosaics ------------------------------------------------------------------------------

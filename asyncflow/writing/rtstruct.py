@@ -7,8 +7,8 @@ by the even-odd rule), each contour referencing its source image. Written with p
 RT Series, Frame of Reference, Structure Set, ROI Contour, RT ROI Observations and SOP
 Common modules, the
 Patient and Study modules copied from the source (de-identified as the SEG is), and UIDs
-derived from the SEG's seed. Only for a series of single-frame images that lie on their
-own grid (not a multi-frame image, a mosaic or a tilted series).
+derived from the SEG's seed. Only for a series of single-frame images (a tilted one
+included: the contours lie on its own images), not for a multi-frame image or a mosaic.
 """
 
 from __future__ import annotations
