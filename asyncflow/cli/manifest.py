@@ -25,6 +25,7 @@ import pydicom
 
 from asyncflow._version import __version__
 from asyncflow.enums import OutputFormat
+from asyncflow.reading.archives import sha256_file
 from asyncflow.result import Result
 from asyncflow.settings import Settings
 
@@ -63,14 +64,6 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _device(settings: Settings) -> dict[str, Any]:
     """The device setting, and what torch saw, when this process loaded it (the v1 backend runs
     torch in nnUNet_predict's process)."""
@@ -96,7 +89,7 @@ def _outputs(folder: Path) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {
             "path": path.relative_to(folder).as_posix(),
             "bytes": path.stat().st_size,
-            "sha256": _sha256(path),
+            "sha256": sha256_file(path),
         }
         if path.suffix == ".dcm":  # the segments alone, without the SEG's creation date and time
             pixels = pydicom.dcmread(path, specific_tags=["PixelData"]).get("PixelData")
