@@ -13,9 +13,9 @@ two shells over it, ``cli`` and ``flame``. See docs/explanation/pipeline.md.
 """
 
 from asyncflow._version import __version__
-from asyncflow.backends.build import build_backend, build_backends
 from asyncflow.errors import LabelError, ModelError, RequestError, SettingsError
 from asyncflow.pipeline.journal import CaseSink, OutputFolder
+from asyncflow.pipeline.model import build_backend, build_backends
 from asyncflow.pipeline.run import run_request, run_request_sync
 from asyncflow.result import Progress, Result
 from asyncflow.settings import Settings

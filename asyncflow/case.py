@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
 import SimpleITK as sitk
 
+from asyncflow.artifact import Artifact, Delivery
 from asyncflow.enums import CaseStatus, FileKind, SourceKind
-
-if TYPE_CHECKING:
-    from asyncflow.reading.tilt import Shear
 
 __all__ = [
     "Case",
@@ -21,8 +19,8 @@ __all__ = [
     "DicomInstance",
     "Found",
     "Geometry",
-    "PredictedCase",
     "PreparedCase",
+    "Shear",
     "SkippedFile",
 ]
 
@@ -156,6 +154,30 @@ class Geometry:
         return image
 
 
+@dataclass(frozen=True)
+class Shear:
+    """The grid of a gantry-tilted series (:mod:`asyncflow.reading.tilt`): the sideways step from
+    one slice to the next, in pixels (rows, columns), and its tilt."""
+
+    rows: float
+    columns: float
+    degrees: float
+
+    def extent(self, shape: tuple[int, ...]) -> tuple[tuple[int, int], tuple[int, int]]:
+        """For a (z, y, x) ``shape`` on the sheared grid: the untilted grid's first row and column,
+        counted in the first slice's pixels (0 or negative), and its rows and columns, which hold
+        every source pixel of every slice."""
+        slices = shape[0]
+        extent = []
+        for size, step in ((shape[1], self.rows), (shape[2], self.columns)):
+            total = (slices - 1) * step
+            first = math.floor(min(0.0, total) + 1e-6)
+            last = math.ceil(size - 1 + max(0.0, total) - 1e-6)
+            extent.append((first, last - first + 1))
+        (row, rows), (column, columns) = extent
+        return (row, column), (rows, columns)
+
+
 @dataclass
 class PreparedCase:
     """A case as model input: its channels in memory, and as files when the backend reads files."""
@@ -174,12 +196,9 @@ class PreparedCase:
     # nnU-Net's data on the model's grid and its properties): the prediction worker's input,
     # dropped once the case is predicted.
     model_input: Any = None
-
-
-@dataclass
-class PredictedCase:
-    prepared: PreparedCase
-    labels: np.ndarray  # (z, y, x) label map on prepared.geometry
+    # Channel 0 on ``geometry`` (CT in HU, the rescale applied, a tilted series untilted), kept
+    # after ``images`` are dropped: the intensities the export's measurements read.
+    intensities: sitk.Image | None = None
 
 
 @dataclass
@@ -187,7 +206,7 @@ class CaseReport:
     case_id: str
     kind: SourceKind
     origin: str
-    output: str | None = None
+    output: str | None = None  # the name of its output (its primary artifact)
     status: CaseStatus = CaseStatus.PENDING
     error: str | None = None  # "<stage>: <ErrorType>: <message>"
     error_stage: str | None = None
@@ -195,16 +214,12 @@ class CaseReport:
     stage_s: dict[str, float] = field(default_factory=dict)
     labels_present: list[int] = field(default_factory=list)
     labels_absent: list[int] = field(default_factory=list)  # declared by the model, not found
-    fallback: str | None = None  # why a DICOM case was returned as NIfTI
     source: CaseSource | None = None
-    statistics: list[dict[str, Any]] | None = None  # per label (asyncflow.stats.measure), once exported
-    statistics_error: str | None = None  # why a done case has none
-    # What became of its DICOM objects at the PACS (asyncflow.delivery.pacs.Delivery), when sent.
-    delivery: dict[str, Any] | None = None
-    measurement_report: str | None = None  # <case>.sr.dcm beside its SEG, when asked for
-    measurement_report_error: str | None = None  # why a SEG asked to have one has none
-    rtstruct: str | None = None  # <case>.rtstruct.dcm beside its SEG, when asked for
-    rtstruct_error: str | None = None  # why a SEG asked to have one has none
+    # What its export made, without the bytes (asyncflow.writing.registry), in the writers' order,
+    # and the fields they put in this report (statistics, fallback, measurement_report ...).
+    artifacts: list[Artifact] = field(default_factory=list)
+    outputs: dict[str, Any] = field(default_factory=dict)
+    delivery: Delivery | None = None  # what became of its DICOM objects at the PACS, when sent
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -220,18 +235,8 @@ class CaseReport:
             "stage_s": {k: round(v, 4) for k, v in self.stage_s.items()},
             "labels_present": self.labels_present,
             "labels_absent": self.labels_absent,
-            "fallback": self.fallback,
-            "statistics": self.statistics,
-            **({"statistics_error": self.statistics_error} if self.statistics_error else {}),
-            **({"delivery": self.delivery} if self.delivery is not None else {}),
-            **({"measurement_report": self.measurement_report} if self.measurement_report else {}),
-            **(
-                {"measurement_report_error": self.measurement_report_error}
-                if self.measurement_report_error
-                else {}
-            ),
-            **({"rtstruct": self.rtstruct} if self.rtstruct else {}),
-            **({"rtstruct_error": self.rtstruct_error} if self.rtstruct_error else {}),
+            **self.outputs,
+            **({"delivery": self.delivery.as_dict()} if self.delivery is not None else {}),
         }
 
 

@@ -12,9 +12,10 @@ __all__ = [
     "CaseStatus",
     "DeidentifyProfile",
     "FileKind",
+    "Generation",
     "InputFailure",
     "InputKind",
-    "OutputFormat",
+    "ModelGeneration",
     "RequestStatus",
     "Resampling",
     "SegCompression",
@@ -78,16 +79,19 @@ class FileKind(StrEnum):
     LABEL = "label"  # MITK label stack JSON (*.mitklabel.json)
 
 
-class OutputFormat(StrEnum):
-    """What a case's output is (``case.exported`` ``format``); :attr:`folder` is where it goes in an
-    output folder and in the FLAME bundle."""
+class Generation(StrEnum):
+    """The nnU-Net generation a model was trained with."""
 
-    DICOM_SEG = "dicom_seg"  # a DICOM SEG, its MITK label JSON beside it
-    NIFTI = "nifti"
+    V1 = "v1"  # nnU-Net 1.x, run through nnUNet_predict
+    V2 = "v2"  # nnunetv2, in process
 
-    @property
-    def folder(self) -> str:
-        return "dicom_seg" if self is OutputFormat.DICOM_SEG else "nifti_seg"
+
+class ModelGeneration(StrEnum):
+    """Setting ``backend``: which generation the model is, or ``auto`` to tell them apart by files."""
+
+    AUTO = "auto"
+    V1 = "v1"
+    V2 = "v2"
 
 
 class Stage(StrEnum):

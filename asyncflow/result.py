@@ -6,7 +6,7 @@ the demo, the FLAME shell and the Hub reporter read results without importing it
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from asyncflow.case import CaseReport, SkippedFile
@@ -29,19 +29,25 @@ class Progress:
 
 @dataclass
 class Result:
+    """A request's outcome. ``files`` holds the output files by result map (``dicom_seg_bytes``,
+    ``nifti_seg_bytes`` ... : one per kind of output file, :mod:`asyncflow.writing.registry`), each
+    ``{name: bytes}``, and each is also an attribute: ``result.dicom_seg_bytes``."""
+
     request_id: str
     status: RequestStatus
-    dicom_seg_bytes: dict[str, bytes]
-    nifti_seg_bytes: dict[str, bytes]
-    label_json_bytes: dict[str, bytes]  # <case>.mitklabel.json beside each DICOM SEG
+    files: dict[str, dict[str, bytes]]
     cases: list[CaseReport]
     inputs: list[dict[str, Any]]
     skipped: list[SkippedFile]
     duration_s: float
     error: str | None = None  # why the request ended before its cases did (status error)
     model: dict[str, Any] | None = None  # name, framework and parameters of what produced the outputs
-    dicom_sr_bytes: dict[str, bytes] = field(default_factory=dict)  # <case>.sr.dcm: measurements as SR
-    dicom_rtstruct_bytes: dict[str, bytes] = field(default_factory=dict)  # <case>.rtstruct.dcm
+
+    def __getattr__(self, name: str) -> dict[str, bytes]:
+        files = self.__dict__.get("files")
+        if files is not None and name in files:
+            return files[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def report(self) -> dict[str, Any]:
         """JSON-serialisable account of every input, case and skipped file (what of it may leave
@@ -58,13 +64,6 @@ class Result:
         }
 
     def as_dict(self) -> dict[str, Any]:
-        """The reference result contract plus the report (see :meth:`report`)."""
-        return {
-            "status": self.status,
-            "dicom_seg_bytes": self.dicom_seg_bytes,
-            "nifti_seg_bytes": self.nifti_seg_bytes,
-            "label_json_bytes": self.label_json_bytes,
-            "dicom_sr_bytes": self.dicom_sr_bytes,
-            "dicom_rtstruct_bytes": self.dicom_rtstruct_bytes,
-            "report": self.report(),
-        }
+        """The reference result contract (``status``, ``dicom_seg_bytes``, ``nifti_seg_bytes``) with
+        every other map of output files, plus the report (see :meth:`report`)."""
+        return {"status": self.status, **self.files, "report": self.report()}

@@ -9,20 +9,21 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
+from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, cast
+from typing import Any
 
-from asyncflow.delivery.pacs import parse_destination
-from asyncflow.enums import DeidentifyProfile, Resampling, SegCompression, SegType
+from asyncflow.backends.locate import ModelSource
+from asyncflow.delivery.pacs import Destination, parse_destination
+from asyncflow.enums import DeidentifyProfile, ModelGeneration, Resampling, SegCompression, SegType
 from asyncflow.errors import SettingsError
 from asyncflow.machine import available_memory_bytes, cores, half_the_cores
 from asyncflow.reading.archives import ArchiveLimits
-from asyncflow.reading.volumes import parse_choice
+from asyncflow.reading.volumes import Choice, parse_choice
 
 __all__ = [
-    "ModelLocation",
     "Settings",
     "default_export_workers",
     "default_python_workers",
@@ -31,24 +32,10 @@ __all__ = [
 ]
 
 Device = str  # auto, cpu, cuda or cuda:N
-Generation = Literal["v1", "v2"]
-BACKENDS = ("auto", "v1", "v2")
-
-# Stock names per nnU-Net generation, used where a setting is left unset.
-MODEL_DEFAULTS: dict[str, dict[str, str]] = {
-    "v2": {"trainer": "nnUNetTrainer", "plans": "nnUNetPlans", "checkpoint": "checkpoint_final.pth"},
-    "v1": {"trainer": "nnUNetTrainerV2", "plans": "nnUNetPlansv2.1", "checkpoint": "model_final_checkpoint"},
-}
-SEG_TYPES = tuple(SegType)
-SEG_COMPRESSIONS = tuple(SegCompression)
+_EVERY_VOLUME = Choice("all")
 
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
-
-
-class ModelLocation(NamedTuple):
-    generation: Generation
-    folder: Path  # v2: <task>/<trainer>__<plans>__<config>; v1: nnUNet/<config>/<task>/<trainer>__<plans>
 
 
 def default_workers() -> int:
@@ -105,8 +92,6 @@ def _coerce(name: str, value: object) -> object:
     if name == "folds" and not isinstance(value, tuple):
         folds = value if isinstance(value, list) else str(value).replace(",", " ").split()
         return tuple(int(f) if str(f).isdigit() else f for f in folds)
-    if name == "seg_type" and isinstance(value, str):
-        return value.upper()
     default = _DEFAULTS.get(name)
     if isinstance(value, str) and isinstance(default, bool):
         return _flag(value)
@@ -126,7 +111,7 @@ class Settings:
     # fold_N/<checkpoint>; v1: RESULTS_FOLDER/nnUNet/<configuration>/<task>/<trainer>__<plans>
     # holding plans.pkl and fold_N/<checkpoint>.model(.pkl). When unset it is resolved from
     # results_folder and task_name; "auto" tells the generations apart by their files.
-    backend: str = "auto"  # auto, v1 (nnUNet_predict subprocess) or v2 (in process)
+    backend: ModelGeneration = ModelGeneration.AUTO  # auto, v1 (nnUNet_predict subprocess) or v2 (in process)
     model_dir: Path | None = None
     results_folder: Path | None = None  # nnUNet_results (v2) or RESULTS_FOLDER (v1)
     task_name: str | None = None  # dataset/task folder name under results_folder (v1: or its id, "29")
@@ -143,7 +128,7 @@ class Settings:
     # model: the resampling the model's plans name, voxel-identical to nnUNetv2_predict; torch:
     # nnU-Net's resample_torch_fornnunet in the prepare and export workers; torch-device: the
     # same, the logits resampled by the prediction worker on its device (v2 only)
-    resampling: str = "model"
+    resampling: Resampling = Resampling.MODEL
 
     # nnU-Net v1: each nnUNet_predict run pays the process and model start-up once for a batch.
     v1_command: str = "nnUNet_predict"  # found on PATH or beside the running Python
@@ -157,28 +142,29 @@ class Settings:
     # Which volumes of a 4D series (time points, phases, b-values, echoes) become cases: all,
     # first, last, a volume's number, or KEYWORD=VALUE (asyncflow.reading.volumes); the others
     # are listed in the report's skipped files with the reason
-    volumes: str = "all"
+    volumes: Choice = _EVERY_VOLUME
     # Output names from input indexes (input003, input003_S2, input004_1), not from archive or
     # file names, which may carry a patient's name (the FLAME analyzer's default)
     opaque_names: bool = False
 
     # Outputs: DICOM SEG
     label_config: Path | None = None  # JSON/YAML label names, codes, colours (asyncflow.labels.config)
-    seg_type: str = "BINARY"  # BINARY, FRACTIONAL or LABELMAP (readers may not know LABELMAP yet)
+    seg_type: SegType = SegType.BINARY  # BINARY, FRACTIONAL or LABELMAP (readers may not know LABELMAP yet)
     seg_keep_empty_frames: bool = False  # a frame for every slice and segment, even empty ones
-    seg_compression: str = "none"  # none, rle, jpeg2000, jpegls (FRACTIONAL and LABELMAP only)
+    seg_compression: SegCompression = (
+        SegCompression.NONE
+    )  # none, rle, jpeg2000, jpegls (FRACTIONAL and LABELMAP only)
     # none, or basic: PS3.15's Basic Profile with the Retain UIDs Option on every SEG (the FLAME
     # analyzer's default; asyncflow.writing.deidentify)
-    deidentify: str = "none"
+    deidentify: DeidentifyProfile = DeidentifyProfile.NONE
     # Send each case's DICOM objects to a PACS as the case ends (asyncflow.delivery.pacs):
     # dicomweb://host:port/path (STOW-RS) or dimse://AET@host:port (C-STORE); never in FLAME
-    send: str | None = None
-    # A TID 1500 Measurement Report (DICOM SR) of each SEG's label volumes and intensities beside it
-    # (asyncflow.writing.sr); sent with the SEG
-    measurement_report: bool = False
-    # An RT Structure Set of each SEG's label map beside it, for radiotherapy planning systems
-    # (asyncflow.writing.rtstruct); sent with the SEG
-    rtstruct: bool = False
+    send: Destination | None = None
+    # The optional outputs asked for, by name (asyncflow.writing.registry.OPTIONAL: sr, a TID 1500
+    # Measurement Report of each SEG's label volumes and intensities; rtstruct, an RT Structure Set
+    # of its label map), each beside its SEG and sent with it. Each was a boolean setting before
+    # (measurement_report, rtstruct): from_env still takes those names.
+    outputs: tuple[str, ...] = ()
     send_tries: int = 3  # tries per case before its delivery fails (refusals are not tried again)
     send_backoff_s: float = 1.0  # wait after the first failed try; doubled after each next one
 
@@ -229,11 +215,7 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.send is not None:
-            try:
-                parse_destination(self.send)
-            except ValueError as exc:
-                raise SettingsError(f"send: {exc}") from None
+        self._normalise()
         if self.fetch_window < 0 or self.fetch_backoff_s < 0 or self.send_backoff_s < 0:
             raise SettingsError(
                 "fetch_window (0: automatic), fetch_backoff_s and send_backoff_s must not be negative"
@@ -244,8 +226,6 @@ class Settings:
             )
         if not 0 < self.tile_step_size <= 1:
             raise SettingsError(f"tile_step_size must be in (0, 1], got {self.tile_step_size}")
-        if self.backend not in BACKENDS:
-            raise SettingsError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.v1_case_timeout_s <= 0:
             raise SettingsError(f"v1_case_timeout_s must be positive, got {self.v1_case_timeout_s}")
         for device in (self.device, *(self.devices or ())):
@@ -253,27 +233,50 @@ class Settings:
                 raise SettingsError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
         if self.devices is not None and not self.devices:
             raise SettingsError("devices must name at least one device")
-        if self.resampling not in tuple(Resampling):
-            choices = ", ".join(Resampling)
-            raise SettingsError(f"resampling must be one of {choices}, got {self.resampling!r}")
-        try:
-            parse_choice(self.volumes)
-        except ValueError as exc:
-            raise SettingsError(str(exc)) from None
-        if self.seg_type not in SEG_TYPES:
-            raise SettingsError(f"seg_type must be one of {', '.join(SEG_TYPES)}, got {self.seg_type!r}")
-        if self.seg_compression not in SEG_COMPRESSIONS:
-            raise SettingsError(
-                f"seg_compression must be one of {', '.join(SEG_COMPRESSIONS)}, got {self.seg_compression!r}"
-            )
-        if self.deidentify not in tuple(DeidentifyProfile):
-            profiles = ", ".join(DeidentifyProfile)
-            raise SettingsError(f"deidentify must be one of {profiles}, got {self.deidentify!r}")
-        if self.seg_compression != "none" and self.seg_type == "BINARY":
+        if self.seg_compression is not SegCompression.NONE and self.seg_type is SegType.BINARY:
             raise SettingsError(
                 "BINARY SEG is written uncompressed (highdicom encodes compressed frames for "
                 "FRACTIONAL and LABELMAP only): choose another seg_type or seg_compression none"
             )
+
+    def _normalise(self) -> None:
+        """Each choice-like value to its type, once, as it enters (plain strings are accepted: the
+        command line, FLAME's kwargs and JSON carry them); a value that means nothing is a
+        SettingsError that says what is accepted."""
+        for name, kind in _CHOICES.items():
+            value = getattr(self, name)
+            if not isinstance(value, kind):
+                text = str(value).upper() if kind is SegType else str(value)
+                try:
+                    object.__setattr__(self, name, kind(text))
+                except ValueError:
+                    choices = ", ".join(kind)
+                    raise SettingsError(f"{name} must be one of {choices}, got {value!r}") from None
+        if isinstance(self.volumes, str):
+            try:
+                object.__setattr__(self, "volumes", parse_choice(self.volumes))
+            except ValueError as exc:
+                raise SettingsError(str(exc)) from None
+        if isinstance(self.send, str):
+            try:
+                object.__setattr__(self, "send", parse_destination(self.send))
+            except ValueError as exc:
+                raise SettingsError(f"send: {exc}") from None
+        object.__setattr__(self, "outputs", _outputs(self.outputs))
+
+    def model_source(self) -> ModelSource:
+        """Where the model is, as these settings name it (:meth:`ModelSource.locate` finds it)."""
+        return ModelSource(
+            self.backend,
+            self.model_dir,
+            self.results_folder,
+            self.task_name,
+            self.configuration,
+            self.trainer,
+            self.plans,
+            self.checkpoint,
+            self.folds,
+        )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -286,6 +289,7 @@ class Settings:
             "input_dir": _path(env.get("nnUNet_input")),
             "output_dir": _path(env.get("nnUNet_output")),
         }
+        overrides = _legacy_outputs(dict(overrides))
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(overrides) - known)
         if unknown:
@@ -314,74 +318,48 @@ class Settings:
         available = available_memory_bytes()
         return max(1 << 30, available * 3 // 4) if available is not None else 8 << 30
 
-    def model_option(self, name: str, generation: Generation) -> str:
-        """``trainer``, ``plans`` or ``checkpoint``: the setting, or the generation's stock name."""
-        value = getattr(self, name)
-        return str(value) if value is not None else MODEL_DEFAULTS[generation][name]
 
-    def resolve_model(self) -> ModelLocation:
-        """The trained model folder and its nnU-Net generation, or a clear error saying how to name one."""
-        wanted: tuple[Generation, ...] = (
-            ("v2", "v1") if self.backend == "auto" else (cast(Generation, self.backend),)
-        )
-        if self.model_dir is not None:
-            candidates = [ModelLocation(g, self.model_dir) for g in wanted]
-        elif self.results_folder is not None and self.task_name:
-            candidates = [ModelLocation(g, self._model_under_results(g)) for g in wanted]
-        else:
-            raise SettingsError(
-                "no model given: name a trained nnU-Net model folder (command line: --model DIR; "
-                "FLAME: analyzer_kwargs={'model_dir': DIR}) or set nnUNet_results (v2) or "
-                "RESULTS_FOLDER (v1) and TASK_NAME"
-            )
-        for location in candidates:
-            if all((location.folder / name).is_file() for name in _MODEL_FILES[location.generation]):
-                return location
-        expected = "; or ".join(
-            f"{c.folder} as an nnU-Net {c.generation} model folder ({_MODEL_HINTS[c.generation]})"
-            for c in candidates
-        )
-        raise SettingsError(f"no trained model found: looked for {expected}")
-
-    def _model_under_results(self, generation: Generation) -> Path:
-        assert self.results_folder is not None and self.task_name
-        trainer, plans = self.model_option("trainer", generation), self.model_option("plans", generation)
-        if generation == "v2":
-            task = _find_case_insensitive(self.results_folder, self.task_name)
-            return task / f"{trainer}__{plans}__{self.configuration}"
-        configuration = self.results_folder / "nnUNet" / self.configuration
-        return _find_v1_task(configuration, self.task_name) / f"{trainer}__{plans}"
-
-
-_MODEL_FILES: dict[str, tuple[str, ...]] = {"v2": ("dataset.json", "plans.json"), "v1": ("plans.pkl",)}
-_MODEL_HINTS = {
-    "v2": "dataset.json, plans.json and fold_N/ inside",
-    "v1": "plans.pkl and fold_N/ inside, at RESULTS_FOLDER/nnUNet/<configuration>/<task>/<trainer>__<plans>",
+_CHOICES: dict[str, type[StrEnum]] = {
+    "backend": ModelGeneration,
+    "resampling": Resampling,
+    "seg_type": SegType,
+    "seg_compression": SegCompression,
+    "deidentify": DeidentifyProfile,
 }
 
 
-def _find_v1_task(parent: Path, name: str) -> Path:
-    """A v1 task folder by name in any letter case (``Task029_LITS`` for ``Task029_LiTS``) or by id.
+def _outputs(value: object) -> tuple[str, ...]:
+    """The ``outputs`` setting: optional writers by name, each once, in name order."""
+    from asyncflow.writing.registry import OPTIONAL
 
-    The reference image renamed the folder at run time; here nothing is moved."""
-    found = _find_case_insensitive(parent, name)
-    if found.exists() or not parent.is_dir():
-        return found
-    digits = name.lower().removeprefix("task").split("_")[0]
-    if digits.isdigit():
-        prefix = f"task{int(digits):03d}_"
-        matches = [p for p in parent.iterdir() if p.name.lower().startswith(prefix)]
-        if len(matches) == 1:
-            return matches[0]
-    return found
+    if isinstance(value, str):
+        names = value.replace(",", " ").split()
+    elif isinstance(value, Iterable):
+        names = [str(v) for v in value]
+    else:
+        raise SettingsError(f"outputs must name optional outputs, got {value!r}")
+    unknown = sorted(set(names) - set(OPTIONAL))
+    if unknown:
+        raise SettingsError(
+            f"outputs: {', '.join(unknown)} is no optional output; known: {', '.join(sorted(OPTIONAL))}"
+        )
+    return tuple(sorted(set(names)))
 
 
-def _find_case_insensitive(parent: Path, name: str) -> Path:
-    exact = parent / name
-    if exact.exists() or not parent.is_dir():
-        return exact
-    matches = [p for p in parent.iterdir() if p.name.lower() == name.lower()]
-    return matches[0] if len(matches) == 1 else exact
+def _legacy_outputs(overrides: dict[str, object]) -> dict[str, object]:
+    """An optional output's boolean setting of before (``measurement_report=True``) as a name in
+    ``outputs``."""
+    from asyncflow.writing.registry import OPTIONAL
+
+    asked = list(_outputs(overrides.get("outputs") or ()))
+    for name, writer in OPTIONAL.items():
+        if writer.setting is not None and writer.setting in overrides:
+            value = overrides.pop(writer.setting)
+            if _flag(value) if isinstance(value, str) else bool(value):
+                asked.append(name)
+    if asked:
+        overrides["outputs"] = tuple(asked)
+    return overrides
 
 
 def _default(f: Any) -> object:

@@ -37,7 +37,6 @@ from fixed_service import block_logits
 
 from asyncflow.backends.base import ModelInfo
 from asyncflow.backends.nnunet_v2 import Logits, NnUNetV2Steps
-from asyncflow.case import PredictedCase
 from asyncflow.cli.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom, replanned_model
 from asyncflow.reading.archives import unpack
 from asyncflow.reading.assemble import CaseBuilder
@@ -45,8 +44,8 @@ from asyncflow.reading.prepare import prepare_case
 from asyncflow.reading.request import request_items
 from asyncflow.reading.scan import scan
 from asyncflow.settings import Settings
-from asyncflow.writing.export import export_case
-from asyncflow.writing.seg import Algorithm, SegOptions
+from asyncflow.writing.base import Algorithm, LabelMap, OutputOptions
+from asyncflow.writing.registry import write_outputs
 
 
 def _twice(step: Callable[[], Any]) -> tuple[float, float, float]:
@@ -105,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             "read (SimpleITK/GDCM)": lambda: prepare_case(case, scratch / "case", write_files=False),
             "preprocess (nnU-Net)": lambda: steps.preprocess(prepared),
             "to_labels (nnU-Net)": lambda: steps.to_labels(prepared, logits),
-            "SEG (highdicom)": lambda: export_case(
-                PredictedCase(prepared, labels), info.labels, {}, algorithm, SegOptions()
+            "outputs (highdicom SEG, statistics)": lambda: write_outputs(
+                LabelMap.of(prepared, labels, info.labels, {}, algorithm, OutputOptions())
             ),
         }
         print(

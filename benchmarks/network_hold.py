@@ -211,9 +211,12 @@ def _from_events(events: list[dict[str, Any]], run: dict[str, Any]) -> dict[str,
             "hold": per_case([e["duration_s"] for e in predicted]),
             "to_labels": per_case([e["to_labels_s"] for e in by["case.exported"]]),
             "seg": per_case(
-                [e["duration_s"] - e["to_labels_s"] - e["statistics_s"] for e in by["case.exported"]]
+                [
+                    e["duration_s"] - e["to_labels_s"] - e["writers_s"]["statistics"]
+                    for e in by["case.exported"]
+                ]
             ),
-            "statistics": per_case([e["statistics_s"] for e in by["case.exported"]]),
+            "statistics": per_case([e["writers_s"]["statistics"] for e in by["case.exported"]]),
         },
         "memory_wait_s_per_case": per_case([e["memory_wait_s"] for e in by["case.prepared"]]),
         "memory_reserved_mb_max": round(

@@ -50,8 +50,9 @@ from fixed_service import FixedServiceBackend, block_labels
 from measure import PeakSampler, event_seconds, folder_bytes, union_seconds
 
 from asyncflow import build_backend, run_request
+from asyncflow.artifact import Artifact
 from asyncflow.backends import Backend, ModelSteps
-from asyncflow.case import Case, PredictedCase, PreparedCase
+from asyncflow.case import Case, PreparedCase
 from asyncflow.cli.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom
 from asyncflow.log import configure_logging
 from asyncflow.machine import peak_rss_bytes
@@ -61,8 +62,8 @@ from asyncflow.reading.prepare import prepare_case
 from asyncflow.reading.request import request_items
 from asyncflow.reading.scan import scan
 from asyncflow.settings import Settings, packaged_demo_model
-from asyncflow.writing.export import export_case, export_output
-from asyncflow.writing.seg import Algorithm, SegOptions
+from asyncflow.writing.base import Algorithm, LabelMap, OutputOptions
+from asyncflow.writing.registry import write_outputs
 
 STAGES = ("unpack", "prepare", "predict", "export")
 COLOURS = {"unpack": "#9e9e9e", "prepare": "#4e79a7", "predict": "#e15759", "export": "#59a14f"}
@@ -137,9 +138,15 @@ async def _sequential(paths: list[Path], settings: Settings, backend: Backend, w
         outputs.append((p, output))
     info = backend.info
     algorithm = Algorithm(f"nnU-Net {info.name}", info.framework, info.parameters)
-    options = SegOptions(settings.seg_type, settings.seg_keep_empty_frames, settings.seg_compression)
+    options = OutputOptions(settings.seg_type, settings.seg_keep_empty_frames, settings.seg_compression)
+
+    def export(p: PreparedCase, output: Any) -> list[Artifact]:
+        """The export stage's work: the label map on the source grid, then every output."""
+        labels = output if steps is None else steps.to_labels(p, output)
+        return write_outputs(LabelMap.of(p, labels, info.labels, {}, algorithm, options))
+
     for p, output in outputs:
-        timed(p.case.case_id, "export", export_output, p, output, steps, info.labels, {}, algorithm, options)
+        timed(p.case.case_id, "export", export, p, output)
     shutil.rmtree(work, ignore_errors=True)
     return records
 
@@ -306,8 +313,8 @@ def _service_time(paths: list[Path], work: Path) -> float:
     shape = tuple(reversed(prepared.geometry.size))
     info = build_backend(settings).info
     algorithm = Algorithm(f"nnU-Net {info.name}", info.framework, info.parameters)
-    options = SegOptions(settings.seg_type, settings.seg_keep_empty_frames, settings.seg_compression)
-    export_case(PredictedCase(prepared, block_labels(shape)), info.labels, {}, algorithm, options)
+    options = OutputOptions(settings.seg_type, settings.seg_keep_empty_frames, settings.seg_compression)
+    write_outputs(LabelMap.of(prepared, block_labels(shape), info.labels, {}, algorithm, options))
     seconds = unpack_share + time.perf_counter() - started
     shutil.rmtree(work / "pilot", ignore_errors=True)
     shutil.rmtree(work / "pilot-case", ignore_errors=True)

@@ -91,7 +91,7 @@ def test_the_v1_model_is_found_by_task_name_in_any_case_or_by_id(tmp_path: Path)
     shutil.copytree(MODEL.parent, renamed)
     for task in ("Task998_AsyncflowTiny", "task998_asyncflowtiny", "998"):
         env = {"RESULTS_FOLDER": str(results), "TASK_NAME": task}
-        location = Settings.from_env(env).resolve_model()  # backend "auto": told apart by plans.pkl
+        location = Settings.from_env(env).model_source().locate()  # backend "auto": told apart by plans.pkl
         assert location == ("v1", renamed / "nnUNetTrainerV2__nnUNetPlansv2.1")
     assert [p.name for p in (results / "nnUNet" / "3d_fullres").iterdir()] == ["Task998_ASYNCFLOWTINY"]
     info = build_backend(Settings.from_env(env, device="cpu")).info
@@ -102,7 +102,9 @@ def test_the_v1_model_is_found_by_task_name_in_any_case_or_by_id(tmp_path: Path)
         "model_final_checkpoint",
     )
     with pytest.raises(SettingsError, match=r"as an nnU-Net v2 model folder .*; or .* as an nnU-Net v1"):
-        Settings.from_env({"RESULTS_FOLDER": str(results), "TASK_NAME": "Task997_Other"}).resolve_model()
+        Settings.from_env(
+            {"RESULTS_FOLDER": str(results), "TASK_NAME": "Task997_Other"}
+        ).model_source().locate()
     with pytest.raises(ModelError, match="resampling 'torch' needs an nnU-Net v2 model"):
         build_backend(Settings.from_env(env, device="cpu", resampling="torch"))
 

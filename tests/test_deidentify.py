@@ -16,9 +16,11 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataset import FileDataset
 
 from asyncflow.cli.synthetic import dicom_series_datasets, make_phantom
+from asyncflow.enums import DeidentifyProfile
 from asyncflow.labels.segment import labels_from_dataset_json
+from asyncflow.writing.base import Algorithm, OutputOptions
 from asyncflow.writing.deidentify import deidentify
-from asyncflow.writing.seg import Algorithm, SegOptions, dicom_seg_bytes
+from asyncflow.writing.seg import dicom_seg_bytes
 
 pytestmark = pytest.mark.skipif(DCIODVFY_MISSING, reason="dicom3tools (dciodvfy) is not installed")
 
@@ -99,7 +101,9 @@ def _planted_series(folder: Path) -> tuple[list[Path], np.ndarray, dict[str, str
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_no_planted_value_reaches_a_deidentified_seg_and_it_stays_valid(tmp_path: Path) -> None:
     sources, labels, planted = _planted_series(tmp_path / "series")
-    data = dicom_seg_bytes(sources, labels, LABELS, Algorithm("m", "v"), SegOptions(deidentify="basic"))
+    data = dicom_seg_bytes(
+        sources, labels, LABELS, Algorithm("m", "v"), OutputOptions(deidentify=DeidentifyProfile.BASIC)
+    )
     seg_path = tmp_path / "seg.dcm"
     seg_path.write_bytes(data)
     leaked = sorted({k for k, v in {**planted, **PATIENT}.items() if v.encode() in data})
@@ -128,7 +132,7 @@ def test_no_planted_value_reaches_a_deidentified_seg_and_it_stays_valid(tmp_path
 
 def test_without_a_profile_the_seg_keeps_the_source_identity(tmp_path: Path) -> None:
     sources, labels, _ = _planted_series(tmp_path / "series")
-    data = dicom_seg_bytes(sources, labels, LABELS, Algorithm("m", "v"), SegOptions())
+    data = dicom_seg_bytes(sources, labels, LABELS, Algorithm("m", "v"), OutputOptions())
     seg = pydicom.dcmread(__import__("io").BytesIO(data))
     assert (seg.PatientName, seg.PatientID, seg.PatientBirthDate) == ("Doe^Jane", "PAT-123456", "19230405")
 

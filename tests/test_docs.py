@@ -90,3 +90,21 @@ def test_every_file_a_page_names_is_there(page: Path) -> None:
         page.read_text(encoding="utf-8"),
     )
     assert [path for path in named if not (ROOT / path).exists()] == []
+
+
+def test_contributing_maps_every_module_of_the_package() -> None:
+    """CONTRIBUTING's "Where things are" names each module under its folder, and no other."""
+    text = (ROOT / "CONTRIBUTING.md").read_text()
+    block = text[text.index("```\nasyncflow/\n") :].split("```")[1]
+    mapped: dict[str, set[str]] = {}
+    for line in block.splitlines()[2:]:
+        where, _, names = line.strip().partition(" ")
+        folder = "" if where == "top" else where.rstrip("/")
+        mapped[folder] = {name.strip() for name in names.rpartition(":")[2].split(",")}
+    package = ROOT / "asyncflow"
+    found: dict[str, set[str]] = {}
+    for path in package.rglob("*.py"):
+        folder = path.parent.relative_to(package).as_posix().replace(".", "")
+        if not path.name.startswith("_"):
+            found.setdefault(folder, set()).add(path.stem)
+    assert mapped == found

@@ -19,7 +19,8 @@ from helpers import phantom_backend, phantom_nifti
 import asyncflow.cli.main
 import asyncflow.cli.progress
 import asyncflow.pipeline.run
-import asyncflow.writing.export
+import asyncflow.writing.nifti
+import asyncflow.writing.seg
 from asyncflow import RequestError, run_request
 from asyncflow.backends import Backend
 from asyncflow.case import PreparedCase
@@ -78,7 +79,7 @@ async def test_a_failed_seg_still_returns_the_prediction_as_nifti(
     def broken_seg(*args, **kwargs):
         raise ValueError("highdicom refused the source")
 
-    monkeypatch.setattr(asyncflow.writing.export, "dicom_seg_bytes", broken_seg)
+    monkeypatch.setattr(asyncflow.writing.seg, "dicom_seg_bytes", broken_seg)
     phantom = make_phantom(rng, (24, 32, 32))
     logs = io.StringIO()
     configure_logging(json=True, stream=logs)
@@ -89,7 +90,10 @@ async def test_a_failed_seg_still_returns_the_prediction_as_nifti(
     )
     (case,) = result.cases
     assert (case.status, case.output) == ("done", "study.nii.gz") and result.dicom_seg_bytes == {}
-    assert case.fallback == "DICOM SEG failed (ValueError: highdicom refused the source); written as NIfTI"
+    assert (
+        case.outputs["fallback"]
+        == "DICOM SEG failed (ValueError: highdicom refused the source); written as NIfTI"
+    )
     image = read_nifti_seg(result.nifti_seg_bytes["study.nii.gz"])
     assert image.GetSize() == (32, 32, 24) and image.GetOrigin() == pytest.approx(phantom.origin, abs=1e-3)
     exported = [json.loads(line) for line in logs.getvalue().splitlines() if '"case.exported"' in line]
@@ -102,7 +106,7 @@ async def test_disk_full_fails_the_case_with_a_clear_reason(
     def no_space(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(asyncflow.writing.export, "nifti_seg_bytes", no_space)  # the segmentation's file
+    monkeypatch.setattr(asyncflow.writing.nifti, "nifti_seg_bytes", no_space)  # the segmentation's file
     work = tmp_path / "work"
     result = await run_request(
         [phantom_nifti(rng, (24, 32, 32))], fake_settings(work), backend=phantom_backend()

@@ -20,7 +20,6 @@ from helpers import DCIODVFY_MISSING, dciodvfy_findings, dicom_bytes
 from pydicom.dataset import FileDataset
 from pydicom.uid import generate_uid
 
-from asyncflow.case import PredictedCase
 from asyncflow.cli.synthetic import Phantom, dicom_series_datasets, make_phantom
 from asyncflow.labels.segment import labels_from_dataset_json
 from asyncflow.reading.archives import unpack
@@ -28,8 +27,9 @@ from asyncflow.reading.assemble import CaseBuilder
 from asyncflow.reading.prepare import prepare_case
 from asyncflow.reading.request import request_items
 from asyncflow.reading.scan import scan
-from asyncflow.writing.export import export_case
-from asyncflow.writing.seg import Algorithm, SegOptions, dicom_seg_bytes, read_dicom_seg
+from asyncflow.writing.base import Algorithm, LabelMap, OutputOptions
+from asyncflow.writing.registry import write_outputs
+from asyncflow.writing.seg import dicom_seg_bytes, read_dicom_seg
 
 LABELS = labels_from_dataset_json({"labels": {"background": 0, "liver": 1, "tumor": 2}})
 ALGORITHM = Algorithm("nnU-Net Dataset999_Test", "nnunetv2 2.8.1", {"folds": "0"})
@@ -138,7 +138,9 @@ def test_multi_frame_enhanced_ct(tmp_path: Path, rng: np.random.Generator) -> No
     np.testing.assert_allclose(image.GetOrigin(), datasets[0].ImagePositionPatient, atol=1e-3)
 
     # The SEG's frames follow the source's frames, whatever their order.
-    exported = export_case(PredictedCase(prepared, phantom.labels), LABELS, {}, ALGORITHM, SegOptions())
+    job = LabelMap.of(prepared, phantom.labels, LABELS, {}, ALGORITHM, OutputOptions())
+    (exported,) = [artifact for artifact in write_outputs(job) if artifact.writer == "dicom_seg"]
+    assert exported.data is not None
     numbers, names = read_dicom_seg(exported.data, [str(enhanced.SOPInstanceUID)], source_frames=14)
     slice_of_frame = [
         round(

@@ -15,14 +15,14 @@ from helpers import DCIODVFY_MISSING, dciodvfy_findings
 
 from asyncflow import LabelError, run_request
 from asyncflow.backends import Backend
-from asyncflow.case import Case, Geometry, PredictedCase, PreparedCase
+from asyncflow.case import Case, Geometry, PreparedCase
 from asyncflow.cli.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom, nifti_bytes
 from asyncflow.enums import SourceKind
 from asyncflow.labels.config import load_label_config, merge_labels
 from asyncflow.labels.mitk import MITK_TYPE, mitk_label_json, read_mitk_labels
 from asyncflow.labels.segment import Code, color_for, labels_from_dataset_json
-from asyncflow.writing.export import export_case
-from asyncflow.writing.seg import Algorithm, SegOptions
+from asyncflow.writing.base import Algorithm, LabelMap, OutputOptions
+from asyncflow.writing.registry import write_outputs
 
 LIVER = Code("10200004", "SCT", "Liver")
 LITS_V1 = {"labels": {"0": "background", "1": "liver", "2": "tumor"}}  # Task029_LiTS, nnU-Net v1
@@ -209,11 +209,10 @@ def test_declared_labels_not_found_are_reported_not_renumbered(
     case = Case("case-0001", SourceKind.NIFTI, "v", "v.nii.gz", [source])
     only_liver = (phantom.labels > 0).astype(np.uint8)
     prepared = PreparedCase(case, tmp_path, [], Geometry.of_file(source), [], [source])
-    predicted = PredictedCase(prepared, only_liver)
-    exported = export_case(
-        predicted, labels_from_dataset_json(LITS_V1), {}, Algorithm("m", "v"), SegOptions()
-    )
-    assert (exported.name, exported.labels_present, exported.labels_absent) == ("v.nii.gz", [1], [2])
+    declared = labels_from_dataset_json(LITS_V1)
+    job = LabelMap.of(prepared, only_liver, declared, {}, Algorithm("m", "v"), OutputOptions())
+    (output,) = [artifact for artifact in write_outputs(job) if artifact.primary]
+    assert (output.name, job.present, job.absent) == ("v.nii.gz", [1], [2])
 
 
 @pytest.mark.anyio

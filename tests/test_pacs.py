@@ -145,12 +145,12 @@ def test_an_orthanc_stopped_mid_request_fails_delivery_only_and_a_resume_sends_i
 def test_a_dicom_case_whose_seg_failed_is_reported_as_not_delivered(
     tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import asyncflow.writing.export
+    import asyncflow.writing.seg
 
     def broken_seg(*args: object, **kwargs: object) -> bytes:
         raise ValueError("highdicom refused the source")
 
-    monkeypatch.setattr(asyncflow.writing.export, "dicom_seg_bytes", broken_seg)
+    monkeypatch.setattr(asyncflow.writing.seg, "dicom_seg_bytes", broken_seg)
     inputs = _inputs(tmp_path / "in", rng, ("P1",))
     with orthanc(tmp_path / "pacs") as pacs:
         code, report = _run(inputs, tmp_path / "out", "--send", pacs.dicomweb)
@@ -162,7 +162,7 @@ def test_a_dicom_case_whose_seg_failed_is_reported_as_not_delivered(
         0,
         0,
     )
-    assert case["delivery"]["reason"].startswith("nothing sent: the case's DICOM SEG failed")
+    assert case["delivery"]["reason"].startswith("nothing sent: no DICOM object of the case")
 
 
 def test_a_destination_is_checked_before_anything_runs() -> None:

@@ -14,20 +14,14 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless
 
 from asyncflow.case import Case, Geometry
 from asyncflow.cli.synthetic import dicom_series_datasets, make_phantom, nifti_bytes
-from asyncflow.enums import SourceKind
+from asyncflow.enums import SegCompression, SegType, SourceKind
 from asyncflow.errors import SegCheckError
-from asyncflow.labels.segment import labels_from_dataset_json
+from asyncflow.labels.segment import label_values, labels_from_dataset_json
 from asyncflow.reading.dicom import read_instance
 from asyncflow.reading.prepare import prepare_case
+from asyncflow.writing.base import Algorithm, OutputOptions
 from asyncflow.writing.nifti import nifti_seg_bytes, read_nifti_seg
-from asyncflow.writing.seg import (
-    Algorithm,
-    SegOptions,
-    check_dicom_seg,
-    dicom_seg_bytes,
-    label_values,
-    read_dicom_seg,
-)
+from asyncflow.writing.seg import check_dicom_seg, dicom_seg_bytes, read_dicom_seg
 
 LABELS = labels_from_dataset_json({"labels": {"background": 0, "liver": 1, "tumor": 2, "vessel": 3}})
 ALGORITHM = Algorithm(
@@ -203,13 +197,13 @@ def test_nifti_recognised_by_content_needs_no_suffix(
 
 
 OPTION_SETS = [
-    SegOptions("BINARY", keep_empty_frames=True),
+    OutputOptions(SegType.BINARY, keep_empty_frames=True),
     *(
-        SegOptions(kind, compression=c)
-        for kind in ("FRACTIONAL", "LABELMAP")
-        for c in ("none", "rle", "jpegls", "jpeg2000")
+        OutputOptions(kind, compression=c)
+        for kind in (SegType.FRACTIONAL, SegType.LABELMAP)
+        for c in SegCompression
     ),
-    SegOptions("LABELMAP", keep_empty_frames=True),
+    OutputOptions(SegType.LABELMAP, keep_empty_frames=True),
 ]
 
 
@@ -217,7 +211,7 @@ OPTION_SETS = [
     "options", OPTION_SETS, ids=lambda o: f"{o.segmentation_type}-{o.compression}-{o.keep_empty_frames}"
 )
 def test_every_seg_option_decodes_to_the_label_map(
-    tmp_path: Path, rng: np.random.Generator, options: SegOptions
+    tmp_path: Path, rng: np.random.Generator, options: OutputOptions
 ) -> None:
     phantom = make_phantom(rng, (10, 40, 40), spacing=(0.8, 0.8, 2.0))  # JPEG 2000 needs 32 pixels or more
     datasets = dicom_series_datasets(phantom)
@@ -249,9 +243,9 @@ def test_a_seg_that_does_not_decode_to_the_prediction_is_refused(
     uids = [str(ds.SOPInstanceUID) for ds in datasets]
     shifted = np.roll(phantom.labels, 1, axis=0)
     with pytest.raises(SegCheckError, match="decodes to other voxels"):
-        check_dicom_seg(data, uids, shifted, SegOptions())
+        check_dicom_seg(data, uids, shifted, OutputOptions())
     with pytest.raises(SegCheckError, match="references 12 instances, the source series has 11"):
-        check_dicom_seg(data, uids[:-1], phantom.labels[:-1], SegOptions())
+        check_dicom_seg(data, uids[:-1], phantom.labels[:-1], OutputOptions())
 
 
 def test_seg_header_names_its_producer_and_keeps_clinical_trial_attributes(

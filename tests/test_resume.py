@@ -22,6 +22,7 @@ import SimpleITK as sitk
 from helpers import cli_run_argv, dciodvfy_lines, dicom_bytes, make_tar, phantom_backend
 
 from asyncflow import SettingsError, run_request
+from asyncflow.artifact import Artifact
 from asyncflow.cli import main
 from asyncflow.cli.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom, nifti_bytes
 from asyncflow.labels.mitk import MITK_TYPE
@@ -197,8 +198,10 @@ def test_a_killed_run_resumes_and_redoes_exactly_what_changed(
 def test_the_output_folder_is_refused_overwritten_or_resumed_as_asked(tmp_path: Path) -> None:
     out = tmp_path / "out"
     folder = OutputFolder(out)
-    folder.finish_case("key-1", "model-1", [("nifti_seg", "one.nii.gz", b"first")], {"output": "one.nii.gz"})
-    folder.finish_case("key-2", "model-1", [("dicom_seg", "two.dcm", b"second")], {"output": "two.dcm"})
+    one = Artifact("nifti", "nifti_seg", "one.nii.gz", b"first", "nifti_seg_bytes", primary=True)
+    two = Artifact("dicom_seg", "dicom_seg", "two.dcm", b"second", "dicom_seg_bytes", primary=True)
+    folder.finish_case("key-1", "model-1", [one], {"output": "one.nii.gz"})
+    folder.finish_case("key-2", "model-1", [two], {"output": "two.dcm"})
     folder.write("", "report.json", b"{}")
     (out / "notes.txt").write_text("the user's own")
     (out / "nifti_seg" / ".asyncflow-partial-0123").write_bytes(b"half")  # a write SIGKILL cut short
@@ -206,7 +209,9 @@ def test_the_output_folder_is_refused_overwritten_or_resumed_as_asked(tmp_path: 
     with pytest.raises(SettingsError, match="is not empty"):
         OutputFolder(out)
     resumed = OutputFolder(out, resume=True)
-    assert resumed.finished("key-1", "model-1")["outputs"] == [["nifti_seg", "one.nii.gz"]]
+    line = resumed.finished("key-1", "model-1")
+    assert line["outputs"] == [["nifti_seg", "one.nii.gz"]]
+    assert [Artifact.from_record(record) for record in line["artifacts"]] == [one.without_data()]
     assert resumed.finished("key-1", "model-2") is None  # another model or setting: done again
     assert not list(out.rglob(".asyncflow-partial-*"))
     # A line cut short by a kill, and an output that went missing: those cases are done again.

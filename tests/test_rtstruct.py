@@ -60,7 +60,7 @@ def test_the_model_s_labels_come_back_from_the_rtstruct(
     phantom = make_phantom(rng, (32, 32, 32))
     datasets = dicom_series_datasets(phantom)
     tar = make_tar({f"ct/{k:03d}": dicom_bytes(ds) for k, ds in enumerate(datasets)})
-    settings = settings_factory(tmp_path / "work", rtstruct=True)
+    settings = settings_factory(tmp_path / "work", outputs=("rtstruct",))
     result = anyio.run(lambda: run_request([tar], settings, backend=loaded_backend))
     (case,) = result.report()["cases"]
     assert case["rtstruct"] == "input-0.rtstruct.dcm" and "rtstruct_error" not in case

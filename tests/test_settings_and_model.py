@@ -52,14 +52,14 @@ def test_settings_from_the_reference_environment(tmp_path: Path, model_dir: Path
     settings = Settings.from_env(env, device="cpu", folds=None)
     assert settings.multi_modal and settings.device == "cpu"
     assert settings.input_dir == Path("/in") and settings.output_dir == Path("/out")
-    assert settings.resolve_model() == ("v2", model)
+    assert settings.model_source().locate() == ("v2", model)
 
 
 def test_settings_refuse_impossible_values_and_missing_models(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="no model given"):
-        Settings.from_env({}).resolve_model()
+        Settings.from_env({}).model_source().locate()
     with pytest.raises(SettingsError, match=r"as an nnU-Net v2 model folder \(dataset.json, plans.json"):
-        Settings(model_dir=tmp_path).resolve_model()
+        Settings(model_dir=tmp_path).model_source().locate()
     with pytest.raises(SettingsError, match="backend must be one of auto, v1, v2"):
         Settings(backend="v3")
     with pytest.raises(SettingsError, match="device must be auto, cpu, cuda or cuda:N, got 'gpu1'"):

@@ -33,7 +33,7 @@ def _series(rng: np.random.Generator) -> bytes:
 
 
 def _run(work: Path, tar: bytes, **settings: Any) -> Result:
-    values = {"work_dir": work, "device": "cpu", "measurement_report": True, **settings}
+    values = {"work_dir": work, "device": "cpu", "outputs": ("sr",), **settings}
     return anyio.run(lambda: run_request([tar], Settings(**values), backend=phantom_backend()))
 
 
@@ -108,5 +108,5 @@ def test_the_sr_is_de_identified_as_the_seg_and_keeps_its_identity_across_runs(
         srs[0].SOPInstanceUID == srs[1].SOPInstanceUID
         and srs[0].SeriesInstanceUID == srs[1].SeriesInstanceUID
     )
-    without = _run(tmp_path / "c", tar, deidentify="basic", measurement_report=False)
+    without = _run(tmp_path / "c", tar, deidentify="basic", outputs=())
     assert without.dicom_sr_bytes == {} and "measurement_report" not in without.report()["cases"][0]

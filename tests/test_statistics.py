@@ -15,7 +15,7 @@ import pytest
 import SimpleITK as sitk
 from helpers import dicom_bytes, make_tar
 
-import asyncflow.writing.export
+import asyncflow.writing.statistics
 from asyncflow import LabelError, run_request
 from asyncflow.cli import main
 from asyncflow.cli.synthetic import dicom_series_datasets, make_phantom, nifti_bytes
@@ -130,7 +130,7 @@ async def test_statistics_of_the_real_model_match_its_label_maps_the_source_and_
     ]
     for case, predicted, source, phantom in cases:
         voxel_ml = math.prod(phantom.spacing) / 1000
-        statistics = {row["name"]: row for row in case.statistics}
+        statistics = {row["name"]: row for row in case.outputs["statistics"]}
         assert sorted(statistics) == ["liver", "tumor"]
         for value, name in ((1, "liver"), (2, "tumor")):
             row, mask = statistics[name], predicted == value
@@ -145,7 +145,7 @@ async def test_statistics_of_the_real_model_match_its_label_maps_the_source_and_
         assert statistics["liver"]["components"] >= 1 and statistics["liver"]["flags"] == []
 
     exported = [json.loads(line) for line in logs.getvalue().splitlines() if '"case.exported"' in line]
-    assert len(exported) == 2 and all(e["statistics_s"] > 0 and len(e["statistics"]) == 2 for e in exported)
+    assert len(exported) == 2 and all(e["write_s"] > 0 and len(e["statistics"]) == 2 for e in exported)
 
 
 async def test_a_failed_measurement_keeps_the_segmentation_and_says_why(
@@ -153,10 +153,10 @@ async def test_a_failed_measurement_keeps_the_segmentation_and_says_why(
 ) -> None:
     from helpers import phantom_backend
 
-    def vanished(prepared):
+    def vanished(*args):
         raise FileNotFoundError("the source went away")
 
-    monkeypatch.setattr(asyncflow.writing.export, "source_image", vanished)
+    monkeypatch.setattr(asyncflow.writing.statistics, "measure_labels", vanished)
     phantom = make_phantom(rng, (16, 24, 24))
     result = await run_request(
         [nifti_bytes(phantom.image, phantom.spacing, phantom.origin)],
@@ -165,8 +165,8 @@ async def test_a_failed_measurement_keeps_the_segmentation_and_says_why(
     )
     (case,) = result.cases
     assert case.status == "done" and len(result.nifti_seg_bytes) == 1
-    assert case.statistics is None
-    assert case.statistics_error == "FileNotFoundError: the source went away"
+    assert case.outputs["statistics"] is None
+    assert case.outputs["statistics_error"] == "FileNotFoundError: the source went away"
 
 
 def test_the_cli_writes_a_line_per_case_and_label(

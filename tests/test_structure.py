@@ -22,6 +22,15 @@ MAX_MODULE_LINES = 400
 DOMAIN = ("reading", "writing", "delivery", "labels", "stats", "backends")
 RUNTIME = ("pipeline",)
 SHELLS = ("cli", "flame")
+# The floors, lowest first: a module imports only from its own floor and those below.
+SHARED_TYPES = ("_version", "errors", "enums", "machine", "log", "digests", "artifact", "case", "result")
+FLOORS = (
+    ("shared types", lambda m: _top(m) in SHARED_TYPES),
+    ("domain", lambda m: _folder(m) in DOMAIN),
+    ("settings", lambda m: m == "asyncflow.settings"),
+    ("runtime", lambda m: _folder(m) in RUNTIME),
+    ("shells and the public face", lambda m: _folder(m) in SHELLS or _top(m) in ("", "__main__", "testing")),
+)
 
 
 def _name(path: Path) -> str:
@@ -109,6 +118,36 @@ def _cycles() -> list[list[str]]:
 def _folder(module: str) -> str | None:
     parts = module.split(".")
     return parts[1] if len(parts) > 2 or (len(parts) == 2 and _is_package(module)) else None
+
+
+def _top(module: str) -> str | None:
+    """A top-level module's name (``""`` for the package root), None for a folder's."""
+    parts = module.split(".")
+    if module == "asyncflow":
+        return ""
+    return parts[1] if len(parts) == 2 and not _is_package(module) else None
+
+
+def _floor(module: str) -> int:
+    (floor,) = [number for number, (_, holds) in enumerate(FLOORS) if holds(module)]
+    return floor
+
+
+def test_every_module_stands_on_one_floor() -> None:
+    unplaced = [m for m in MODULES if sum(bool(holds(m)) for _, holds in FLOORS) != 1]
+    assert unplaced == [], "place each in FLOORS"
+
+
+def test_no_import_runs_up_the_floors() -> None:
+    """Shared types < domain folders < settings < runtime < shells: TYPE_CHECKING imports and
+    imports inside functions count as well."""
+    upward = [
+        f"{module} ({FLOORS[_floor(module)][0]}) -> {target} ({FLOORS[_floor(target)][0]})"
+        for module in MODULES
+        for target in _edges(module)
+        if target != "asyncflow" and _floor(target) > _floor(module)
+    ]
+    assert upward == []
 
 
 def test_no_module_imports_one_that_imports_it_back() -> None:

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from helpers import DCIODVFY_MISSING, dciodvfy_findings, dcmqi_meta, dicom_bytes, make_tar
 
-from asyncflow.case import PredictedCase
 from asyncflow.cli.synthetic import dicom_series_datasets, make_phantom
 from asyncflow.labels.segment import TISSUE, labels_from_dataset_json
 from asyncflow.labels.vocabulary import concept_for
@@ -20,8 +19,8 @@ from asyncflow.reading.assemble import CaseBuilder
 from asyncflow.reading.prepare import prepare_case
 from asyncflow.reading.request import InputItem
 from asyncflow.reading.scan import scan
-from asyncflow.writing.export import export_case
-from asyncflow.writing.seg import Algorithm, SegOptions
+from asyncflow.writing.base import Algorithm, LabelMap, OutputOptions
+from asyncflow.writing.registry import write_outputs
 
 PUBLIC = json.loads((Path(__file__).parent / "data" / "public_label_names.json").read_text())
 NAMES = [(model, name, codes) for model, names in PUBLIC["models"].items() for name, codes in names.items()]
@@ -74,10 +73,9 @@ def test_the_seg_carries_types_laterality_and_regions_that_readers_accept(
     model = labels_from_dataset_json(
         {"labels": {"background": 0, "kidney_left": 1, "kidney_right": 2, "kidney_cyst_left": 3}}
     )
-    exported = export_case(
-        PredictedCase(prepared, labels), model, {}, Algorithm("m", "v"), SegOptions("BINARY")
-    )
-    assert exported.fallback is None
+    job = LabelMap.of(prepared, labels, model, {}, Algorithm("m", "v"), OutputOptions())
+    (exported,) = [artifact for artifact in write_outputs(job) if artifact.primary]
+    assert exported.writer == "dicom_seg" and exported.data is not None
     path = tmp_path / exported.name
     path.write_bytes(exported.data)
     seg = hd.seg.segread(path)

@@ -4,10 +4,13 @@
 - :mod:`~asyncflow.backends.nnunet_v2`: nnU-Net v2 in process, split where the hardware changes
 - :mod:`~asyncflow.backends.resampling`: nnU-Net's resampling one class at a time, or its torch one
 - :mod:`~asyncflow.backends.nnunet_v1`: nnU-Net v1 through ``nnUNet_predict``, a batch per run
-- :mod:`~asyncflow.backends.build`: the backend a model needs, built from the settings
+- :mod:`~asyncflow.backends.locate`: where a model is (a folder, or a task under a results folder)
+- :mod:`~asyncflow.backends.build`: what a model folder declares, and the backend it needs
+- :mod:`~asyncflow.backends.plan`: the model plan a request runs (model, workers, steps, labels)
 """
 
 from asyncflow.backends.base import Backend, ModelInfo, ModelSteps
-from asyncflow.backends.build import build_backend, build_backends, create_backend
+from asyncflow.backends.build import create_backend
+from asyncflow.backends.plan import ModelPlan
 
-__all__ = ["Backend", "ModelInfo", "ModelSteps", "build_backend", "build_backends", "create_backend"]
+__all__ = ["Backend", "ModelInfo", "ModelPlan", "ModelSteps", "create_backend"]

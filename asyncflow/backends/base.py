@@ -12,12 +12,13 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from asyncflow.backends.locate import MODEL_DEFAULTS
 from asyncflow.case import PreparedCase
+from asyncflow.enums import Generation
 from asyncflow.errors import ModelError
 from asyncflow.labels.segment import SegmentLabel, labels_from_dataset_json
-from asyncflow.settings import MODEL_DEFAULTS
 
-__all__ = ["Backend", "ModelInfo", "ModelSteps", "NetworkTimed"]
+__all__ = ["Backend", "HasBytes", "ModelInfo", "ModelSteps", "NetworkTimed", "nbytes"]
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class ModelInfo:
     num_channels: int
     labels: dict[int, SegmentLabel]
     framework: str  # e.g. "nnunetv2 2.8.1"
-    generation: str = "v2"  # "v1": nnU-Net 1.x, run through nnUNet_predict
+    generation: Generation = Generation.V2  # v1: nnU-Net 1.x, run through nnUNet_predict
 
     @classmethod
     def from_folder(
@@ -42,7 +43,7 @@ class ModelInfo:
         folder: Path,
         *,
         folds: Sequence[int | str] | None = None,
-        checkpoint: str = MODEL_DEFAULTS["v2"]["checkpoint"],
+        checkpoint: str = MODEL_DEFAULTS[Generation.V2]["checkpoint"],
     ) -> ModelInfo:
         try:
             dataset = json.loads((folder / "dataset.json").read_text())
@@ -64,8 +65,8 @@ class ModelInfo:
             trainer, plans_name, configuration = parts
         else:
             configs = list(plans.get("configurations", {}))
-            trainer = MODEL_DEFAULTS["v2"]["trainer"]
-            plans_name = str(plans.get("plans_name", MODEL_DEFAULTS["v2"]["plans"]))
+            trainer = MODEL_DEFAULTS[Generation.V2]["trainer"]
+            plans_name = str(plans.get("plans_name", MODEL_DEFAULTS[Generation.V2]["plans"]))
             configuration = configs[0] if len(configs) == 1 else "unknown"
         return cls(
             folder=folder,
@@ -86,7 +87,7 @@ class ModelInfo:
         folder: Path,
         *,
         folds: Sequence[int | str] | None = None,
-        checkpoint: str = MODEL_DEFAULTS["v1"]["checkpoint"],
+        checkpoint: str = MODEL_DEFAULTS[Generation.V1]["checkpoint"],
     ) -> ModelInfo:
         """An nnU-Net v1 model: ``RESULTS_FOLDER/nnUNet/<configuration>/<task>/<trainer>__<plans>``.
 
@@ -143,7 +144,7 @@ class ModelInfo:
             num_channels=num_channels,
             labels=labels,
             framework=_framework("nnunet"),
-            generation="v1",
+            generation=Generation.V1,
         )
 
     @property
@@ -208,6 +209,19 @@ class NetworkTimed(Protocol):
     ``case.predicted`` then tells them apart from the worker's whole hold."""
 
     network_s: float
+
+
+@runtime_checkable
+class HasBytes(Protocol):
+    """A model input or backend output that knows its size (v2's preprocessed data and logits)."""
+
+    @property
+    def nbytes(self) -> int: ...
+
+
+def nbytes(value: object) -> int:
+    """The size of a model input or backend output, for the events (0 when it does not say)."""
+    return int(value.nbytes) if isinstance(value, HasBytes) else 0
 
 
 @runtime_checkable

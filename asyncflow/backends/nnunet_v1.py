@@ -46,6 +46,7 @@ from anyio.abc import ByteReceiveStream, Process
 
 from asyncflow.backends.base import ModelInfo
 from asyncflow.case import Geometry, PreparedCase
+from asyncflow.enums import Resampling
 from asyncflow.errors import ModelError, V1RunError
 from asyncflow.log import Stopwatch, get_logger, scrub
 from asyncflow.machine import half_the_cores
@@ -66,16 +67,16 @@ class NnUNetV1Backend:
         use_mirroring: bool = True,
         device: str = "auto",
         torch_threads: int | None = None,
-        resampling: str = "model",
+        resampling: Resampling = Resampling.MODEL,
         v1_command: str = "nnUNet_predict",
         v1_batch_size: int = 8,
         v1_case_timeout_s: float = 1800.0,
         v1_preprocess_threads: int = 2,
         v1_export_threads: int = 2,
     ) -> None:
-        if resampling != "model":
+        if Resampling(resampling) is not Resampling.MODEL:
             raise ModelError(
-                f"resampling {resampling!r} needs an nnU-Net v2 model: nnUNet_predict (v1) "
+                f"resampling '{resampling}' needs an nnU-Net v2 model: nnUNet_predict (v1) "
                 "resamples in its own process, as its plans say (resampling model)"
             )
         self.info = info

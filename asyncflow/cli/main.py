@@ -25,10 +25,12 @@ from asyncflow.cli.progress import ProgressDisplay
 from asyncflow.errors import LabelError, ModelError, RequestError, SettingsError
 from asyncflow.log import Stopwatch, configure_logging
 from asyncflow.pipeline.journal import OutputFolder
+from asyncflow.pipeline.model import locate_model
 from asyncflow.pipeline.run import run_request_sync
 from asyncflow.result import Result
 from asyncflow.settings import Settings, packaged_demo_model
 from asyncflow.stats.measure import statistics_csv
+from asyncflow.writing.registry import outputs_summary
 
 if TYPE_CHECKING:
     from asyncflow.cli.demo import DemoInputs
@@ -59,12 +61,11 @@ def _summary(result: Result, output: Path, scores: dict[str, dict[str, float]] |
             where += "  Dice " + " ".join(f"{k}={v:.3f}" for k, v in scores[case.output].items())
         lines.append(f"{case.case_id:<10} {case.kind!s:<6} {case.status!s:<7} {seconds:8.2f}  {where}")
     finished = [c for c in result.cases if c.status in ("done", "resumed")]
-    outputs = [c.output or "" for c in finished]
     resumed = sum(c.status == "resumed" for c in finished)
     lines.append(
         f"{result.status}: {len(finished)}/{len(result.cases)} cases in {result.duration_s:.1f} s"
         f"{f' ({resumed} resumed)' if resumed else ''}, "
-        f"{sum(o.endswith('.dcm') for o in outputs)} DICOM SEG, {sum(o.endswith('.nii.gz') for o in outputs)} NIfTI, "
+        f"{outputs_summary(a for case in finished for a in case.artifacts)}, "
         f"{len(result.skipped)} file(s) skipped -> {output}"
     )
     return "\n".join(lines)
@@ -174,7 +175,7 @@ def _request(
         return settings, demo_inputs.paths, folder, demo_inputs
     settings = Settings.from_env(**overrides(args), model_dir=args.model, multi_modal=args.multi_modal)
     if check_model:
-        settings.resolve_model()
+        locate_model(settings)
     entries = args.inputs or ([settings.input_dir] if settings.input_dir else [])
     args.output = args.output or settings.output_dir
     if not entries or args.output is None:

@@ -3,8 +3,8 @@
 Written last into a run's output folder, beside ``report.json``: the software (asyncflow,
 nnU-Net, torch and the libraries that read and write the images, with their versions),
 the model (its name, framework, parameters and key; :mod:`asyncflow.pipeline.keys`),
-every setting, the device and machine, the request's timings, and every file the run's
-folders hold, with its size and sha256. A SEG's bytes hold when it was made, so for a
+every setting, the device and machine, the request's timings, and every file the run wrote
+or kept (its cases' artifacts, report and statistics), with its size and sha256. A SEG's bytes hold when it was made, so for a
 DICOM output the sha256 of its PixelData is given too: two runs of the same model on the
 same data with the same settings give the same segments, and the same PixelData hash.
 """
@@ -24,8 +24,7 @@ from typing import Any
 import pydicom
 
 from asyncflow._version import __version__
-from asyncflow.enums import OutputFormat
-from asyncflow.reading.archives import sha256_file
+from asyncflow.digests import sha256_file
 from asyncflow.result import Result
 from asyncflow.settings import Settings
 
@@ -78,20 +77,22 @@ def _device(settings: Settings) -> dict[str, Any]:
     return seen
 
 
-def _outputs(folder: Path) -> list[dict[str, Any]]:
-    """Every file the run's folders hold (the case outputs, report and statistics), in path order."""
-    paths = [folder / name for name in _OWN_FILES if (folder / name).is_file()]
-    for output in OutputFormat:
-        if (folder / output.folder).is_dir():
-            paths += [p for p in (folder / output.folder).iterdir() if p.is_file()]
+def _outputs(result: Result, folder: Path) -> list[dict[str, Any]]:
+    """Every file this run's cases wrote or kept (resumed), with its report and statistics, in path
+    order; files of the user's or of an earlier run in the same folders are not this run's."""
+    paths = {folder / name: False for name in _OWN_FILES if (folder / name).is_file()}
+    for case in result.cases:
+        for artifact in case.artifacts:
+            if artifact.name is not None and (folder / artifact.folder / artifact.name).is_file():
+                paths[folder / artifact.folder / artifact.name] = artifact.deliver  # a DICOM object
     entries = []
-    for path in sorted(paths):
+    for path, dicom in sorted(paths.items()):
         entry: dict[str, Any] = {
             "path": path.relative_to(folder).as_posix(),
             "bytes": path.stat().st_size,
             "sha256": sha256_file(path),
         }
-        if path.suffix == ".dcm":  # the segments alone, without the SEG's creation date and time
+        if dicom:  # the segments alone, without the object's creation date and time
             pixels = pydicom.dcmread(path, specific_tags=["PixelData"]).get("PixelData")
             entry["pixel_data_sha256"] = hashlib.sha256(pixels).hexdigest() if pixels else None
         entries.append(entry)
@@ -123,5 +124,5 @@ def run_manifest(result: Result, settings: Settings, folder: Path) -> dict[str, 
             "cases": len(result.cases),
             "stage_s": {stage: round(seconds, 3) for stage, seconds in sorted(stages.items())},
         },
-        "outputs": _outputs(folder),
+        "outputs": _outputs(result, folder),
     }

@@ -12,9 +12,17 @@ from pathlib import Path
 from typing import Any
 
 from asyncflow._version import __version__
-from asyncflow.enums import DeidentifyProfile, Resampling, SegCompression, SegType
+from asyncflow.backends.locate import MODEL_DEFAULTS
+from asyncflow.enums import (
+    DeidentifyProfile,
+    Generation,
+    ModelGeneration,
+    Resampling,
+    SegCompression,
+    SegType,
+)
 from asyncflow.errors import SettingsError
-from asyncflow.settings import BACKENDS, MODEL_DEFAULTS
+from asyncflow.writing.registry import OPTIONAL
 
 __all__ = ["build_parser", "overrides", "statistics_bounds"]
 
@@ -24,7 +32,8 @@ _MODEL_FIELDS = ("backend", "results_folder", "task_name", "trainer", "plans", "
 
 def _stock(name: str) -> str:
     """Help text naming the stock value of ``trainer``, ``plans`` or ``checkpoint`` per generation."""
-    return f"default: {MODEL_DEFAULTS['v2'][name]} (v2), {MODEL_DEFAULTS['v1'][name]} (v1)"
+    v2, v1 = MODEL_DEFAULTS[Generation.V2][name], MODEL_DEFAULTS[Generation.V1][name]
+    return f"default: {v2} (v2), {v1} (v1)"
 
 
 def _add_model_argument(parser: argparse.ArgumentParser) -> None:
@@ -55,19 +64,9 @@ def _add_seg_options(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="JSON/YAML label names, codes, colours per label value (docs/how-to/cli.md)",
     )
-    group.add_argument(
-        "--sr",
-        action="store_true",
-        default=None,
-        dest="measurement_report",
-        help="beside each SEG, its label volumes and intensities as a DICOM SR (TID 1500 Measurement Report)",
-    )
-    group.add_argument(
-        "--rtstruct",
-        action="store_true",
-        default=None,
-        help="beside each SEG, its label map as a DICOM RT Structure Set (contours per slice)",
-    )
+    for name, writer in OPTIONAL.items():  # each optional output is asked for by its flag
+        if writer.flag is not None:
+            group.add_argument(writer.flag, action="store_true", dest=f"output_{name}", help=writer.help)
     group.add_argument(
         "--seg-type",
         choices=list(SegType),
@@ -98,7 +97,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument(
         "--backend",
-        choices=BACKENDS,
+        choices=list(ModelGeneration),
         help="nnU-Net generation: v2 in process, v1 through nnUNet_predict (default auto: by the model's files)",
     )
     group.add_argument(
@@ -334,13 +333,13 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
         "work_dir",
         "label_config",
         "seg_type",
-        "measurement_report",
-        "rtstruct",
         "seg_keep_empty_frames",
         "seg_compression",
         "deidentify",
     )
+    asked = [name for name in OPTIONAL if getattr(args, f"output_{name}", False)]
     return {
         **{name: getattr(args, name, None) for name in named},
+        "outputs": asked or None,
         **{name.strip(): value for name, _, value in pairs},
     }

@@ -22,12 +22,14 @@ import io
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 from urllib.parse import urlsplit
 
 import pydicom
 
-__all__ = ["CALLING_AET", "Delivery", "Destination", "Sender", "parse_destination"]
+from asyncflow.artifact import Delivery
+
+__all__ = ["CALLING_AET", "Destination", "Sender", "parse_destination"]
 
 CALLING_AET = "ASYNCFLOW"
 _DICOMWEB = ("dicomweb", "dicomwebs")
@@ -47,6 +49,9 @@ class Destination:
     text: str
     url: str | None = None  # DICOMweb: the service's base URL
     called_aet: str | None = None  # DIMSE: the PACS' AE title
+
+    def __str__(self) -> str:
+        return self.text
 
 
 def parse_destination(text: str) -> Destination:
@@ -79,34 +84,6 @@ def parse_destination(text: str) -> Destination:
             called_aet=parts.username,
         )
     raise ValueError(usage)
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """What became of one case's objects at its destination."""
-
-    destination: str
-    status: Literal["sent", "failed"]
-    objects: int
-    tries: int
-    duration_s: float
-    reason: str | None = None
-
-    @property
-    def sent(self) -> bool:
-        return self.status == "sent"
-
-    def as_dict(self) -> dict[str, Any]:
-        entry: dict[str, Any] = {
-            "destination": self.destination,
-            "status": self.status,
-            "objects": self.objects,
-            "tries": self.tries,
-            "duration_s": round(self.duration_s, 3),
-        }
-        if self.reason is not None:
-            entry["reason"] = self.reason
-        return entry
 
 
 class Sender:

@@ -32,20 +32,21 @@ from typing import Any, Literal, cast
 
 import anyio
 
-from asyncflow.backends.base import Backend
-from asyncflow.backends.build import build_backends
+from asyncflow.backends.plan import ModelPlan
 from asyncflow.errors import LabelError, ModelError, RequestError, SettingsError
 from asyncflow.flame.bundle import pack_node_results
 from asyncflow.flame.gateway import GatewayStore, gateway_url
 from asyncflow.flame.hub import HubReporter
 from asyncflow.flame.redact import redact_report
 from asyncflow.log import take_over_logging
+from asyncflow.pipeline.model import build_plan, locate_model
 from asyncflow.pipeline.run import run_request, run_request_sync
 from asyncflow.reading.request import RemoteObject
 from asyncflow.result import Result
 from asyncflow.settings import Settings
 from asyncflow.stats.aggregate import merge_nodes, node_aggregates, parse_bounds
 from asyncflow.stats.privacy import LaplaceNoise
+from asyncflow.writing.registry import result_keys
 
 try:
     from flame.star import StarAggregator, StarAnalyzer
@@ -101,11 +102,11 @@ class nnUNetAnalyzer(StarAnalyzer):  # the reference's name, which users know
                     "opaque_names": True if kwargs.get("opaque_names") is None else kwargs["opaque_names"],
                 }
             )
-            self.settings.resolve_model()
+            locate_model(self.settings)
         except SettingsError as exc:
             self.hub.failed(exc)
             raise
-        self._backends: list[Backend] | None = None
+        self._plan: ModelPlan | None = None  # built at the first analysis, loaded once
 
     def analysis_method(self, data: list[Any] | None, aggregator_results: Any) -> dict[str, Any]:
         """The result contract (``status``, ``dicom_seg_bytes``, ``nifti_seg_bytes``) plus
@@ -117,13 +118,13 @@ class nnUNetAnalyzer(StarAnalyzer):  # the reference's name, which users know
         take_over_logging()  # another node's SDK core may have set up its logging since
         ended: list[Result] = []
         try:
-            self._backends = self._backends or build_backends(self.settings)
+            self._plan = self._plan or build_plan(self.settings)
             if data is None:  # StarModel fetched nothing: the objects stream to disk as needed
-                result = anyio.run(self._fetch_and_run, self._backends, ended.append)
+                result = anyio.run(self._fetch_and_run, self._plan, ended.append)
             else:
                 self.hub.started(sum(len(d) if isinstance(d, dict) else 1 for d in data))
                 result = run_request_sync(
-                    data, self.settings, backend=self._backends, on_progress=self.hub, on_finish=ended.append
+                    data, self.settings, backend=self._plan, on_progress=self.hub, on_finish=ended.append
                 )
         except RequestError as exc:  # the report says why each file became no case
             report = (
@@ -140,8 +141,7 @@ class nnUNetAnalyzer(StarAnalyzer):  # the reference's name, which users know
             aggregate = node_aggregates(report["cases"], **self.statistics_options)
             return {
                 "status": str(result.status),
-                "dicom_seg_bytes": {},
-                "nifti_seg_bytes": {},
+                **_no_files(),
                 "statistics": aggregate,
                 "node": self.id,
             }
@@ -149,7 +149,7 @@ class nnUNetAnalyzer(StarAnalyzer):  # the reference's name, which users know
         contract["report"] = redact_report(contract["report"])  # no name from the data leaves the node
         return {**contract, "node": self.id}
 
-    async def _fetch_and_run(self, backends: list[Backend], on_finish: Callable[[Result], None]) -> Result:
+    async def _fetch_and_run(self, plan: ModelPlan, on_finish: Callable[[Result], None]) -> Result:
         """List the node's objects through its data gateway and run the request over them."""
         sources = [str(source["name"]) for source in self.flame.get_data_sources() or []]
         if not sources:
@@ -181,7 +181,7 @@ class nnUNetAnalyzer(StarAnalyzer):  # the reference's name, which users know
                 raise RequestError(f"the node's {len(sources)} data source(s) hold no object")
             self.hub.started(len(objects), sum(o.size for o in objects))
             return await run_request(
-                objects, settings, backend=backends, on_progress=self.hub, on_finish=on_finish
+                objects, settings, backend=plan, on_progress=self.hub, on_finish=on_finish
             )
 
     def _no_usable_case(self, error: RequestError, report: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -189,11 +189,15 @@ class nnUNetAnalyzer(StarAnalyzer):  # the reference's name, which users know
         return {
             "status": "failed",
             "error": str(error),
-            "dicom_seg_bytes": {},
-            "nifti_seg_bytes": {},
+            **_no_files(),
             "report": report,
             "node": self.id,
         }
+
+
+def _no_files() -> dict[str, dict[str, bytes]]:
+    """Every map of output files of the result contract, empty."""
+    return {key: {} for key in result_keys()}
 
 
 class _OneRound(StarAggregator):

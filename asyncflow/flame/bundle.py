@@ -3,11 +3,9 @@
 ::
 
     manifest.json
-    <node>/dicom_seg/<case>.dcm
-    <node>/dicom_seg/<case>.mitklabel.json
-    <node>/dicom_seg/<case>.sr.dcm               (with measurement_report)
-    <node>/dicom_seg/<case>.rtstruct.dcm         (with rtstruct)
-    <node>/nifti_seg/<case>.nii.gz
+    <node>/<folder>/<file>      each file of each map of output files, in its writer's folder
+                                (asyncflow.writing.registry: dicom_seg/<case>.dcm, its label
+                                file, SR and RTSTRUCT; nifti_seg/<case>.nii.gz)
 
 ``manifest.json`` lists every node (its status, request-level error and report)
 and every case (its node, status, reason and file inside the ZIP). Nothing is
@@ -28,21 +26,15 @@ from typing import Any
 
 from asyncflow._version import __version__
 from asyncflow.reading.names import sanitise_relpath
+from asyncflow.writing.registry import contract_keys, folders
 
 __all__ = ["BUNDLE_FORMAT", "MANIFEST", "pack_node_results"]
 
 BUNDLE_FORMAT = "asyncflow.flame-bundle/1"
 MANIFEST = "manifest.json"
-_CONTRACT = ("dicom_seg_bytes", "nifti_seg_bytes")
-# result key -> folder in the ZIP; label_json_bytes (MITK label JSON beside each SEG) and
-# dicom_sr_bytes and dicom_rtstruct_bytes (an SR, an RTSTRUCT beside each SEG) are optional
-_FOLDERS = (
-    ("dicom_seg", "dicom_seg_bytes"),
-    ("dicom_seg", "label_json_bytes"),
-    ("dicom_seg", "dicom_sr_bytes"),
-    ("dicom_seg", "dicom_rtstruct_bytes"),
-    ("nifti_seg", "nifti_seg_bytes"),
-)
+# (folder in the ZIP, result key) of every map of output files (asyncflow.writing.registry): a
+# node's result holds each map its asyncflow version writes
+_FOLDERS = folders()
 
 
 def _component(name: str, fallback: str) -> str:
@@ -51,9 +43,11 @@ def _component(name: str, fallback: str) -> str:
 
 
 def _is_result(result: object) -> bool:
+    """An asyncflow result: a status and the contract's maps of output files (those of the
+    case outputs; a node of another version may lack the others)."""
     return (
         isinstance(result, Mapping)
-        and all(isinstance(result.get(key), Mapping) for key in _CONTRACT)
+        and all(isinstance(result.get(key), Mapping) for key in contract_keys())
         and "status" in result
     )
 

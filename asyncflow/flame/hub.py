@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from asyncflow._version import __version__
 from asyncflow.log import get_logger, scrub
 from asyncflow.result import Progress, Result
+from asyncflow.writing.registry import outputs_summary
 
 __all__ = ["FLAME_LOG_TYPES", "FlameLike", "HubReporter", "hub_text"]
 
@@ -123,7 +124,7 @@ class HubReporter:
         done = sum(c.status == "done" for c in result.cases)
         line = (
             f"{result.status}: {done}/{len(result.cases)} cases segmented in {result.duration_s:.0f} s "
-            f"({len(result.dicom_seg_bytes)} DICOM SEG, {len(result.nifti_seg_bytes)} NIfTI, "
+            f"({outputs_summary(a for case in result.cases for a in case.artifacts)}, "
             f"{len(result.skipped)} file(s) skipped)"
         )
         failures = _failures(result)

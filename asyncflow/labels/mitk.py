@@ -13,13 +13,21 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from asyncflow.errors import LabelError
-from asyncflow.labels.config import parse_label_overrides
+from asyncflow.labels.config import merge_labels, parse_label_overrides
 from asyncflow.labels.segment import SegmentLabel
 
-__all__ = ["MITK_SUFFIX", "MITK_TYPE", "is_mitk_label_json", "mitk_label_json", "read_mitk_labels"]
+__all__ = [
+    "MITK_SUFFIX",
+    "MITK_TYPE",
+    "case_labels",
+    "is_mitk_label_json",
+    "mitk_label_json",
+    "read_mitk_labels",
+]
 
 MITK_TYPE = "org.mitk.multilabel.segmentation.stack"
 MITK_SUFFIX = ".mitklabel.json"
@@ -120,3 +128,14 @@ def mitk_label_json(
         },
     }
     return (json.dumps(stack, indent=4) + "\n").encode()
+
+
+def case_labels(
+    model: Mapping[int, SegmentLabel], config: Mapping[int, Mapping[str, Any]], label_file: Path | None
+) -> dict[int, SegmentLabel]:
+    """A case's label definitions, merged once for all its outputs: the model's labels, the user's
+    label configuration, then a MITK label file supplied with the case's input."""
+    overrides: list[Mapping[int, Mapping[str, Any]]] = [config]
+    if label_file is not None:
+        overrides.append(read_mitk_labels(label_file.read_bytes(), label_file.name))
+    return merge_labels(model, *overrides)

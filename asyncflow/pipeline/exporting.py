@@ -1,36 +1,51 @@
 """The export stage: N workers turn each predicted case into its outputs and hand them on.
 
-For each case: the backend's output to a label map on the source grid (v2:
-nnU-Net's resampling of the logits), DICOM SEG or NIfTI and the label statistics
-(:func:`asyncflow.writing.export.export_output`), then the outputs into the ledger,
-with ``send`` the SEG to its PACS (:mod:`asyncflow.delivery.pacs`) and, with a sink,
-onto disk with the case's journal line, before the case ends.
+For each case, in a worker thread: the backend's output to a label map on the
+prediction grid (the plan's steps; v2: nnU-Net's resampling of the logits), the
+case's label definitions merged once (the model's, the user's configuration, a
+MITK label file supplied with the case), then every writer that applies
+(:func:`asyncflow.writing.registry.write_outputs`). Then the artifacts into the
+ledger, with ``send`` the case's DICOM objects to its PACS
+(:mod:`asyncflow.delivery.pacs`) and, with a sink, onto disk with the case's
+journal line, before the case ends.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import replace
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from asyncflow.backends.base import ModelInfo, ModelSteps
+from asyncflow.artifact import Artifact, Delivery
+from asyncflow.backends.plan import ModelPlan
 from asyncflow.case import Case, PreparedCase
-from asyncflow.delivery.pacs import Delivery, Sender, parse_destination
-from asyncflow.enums import OutputFormat, SourceKind, Stage
-from asyncflow.log import bound_case, get_logger, scrub
+from asyncflow.delivery.pacs import Sender
+from asyncflow.enums import SourceKind, Stage
+from asyncflow.log import Stopwatch, bound_case, get_logger, scrub
 from asyncflow.pipeline.flow import CaseFlow
 from asyncflow.pipeline.journal import CaseSink
 from asyncflow.pipeline.keys import model_parameters
 from asyncflow.settings import Settings
-from asyncflow.writing.export import Exported, export_output
-from asyncflow.writing.seg import Algorithm, SegOptions
+from asyncflow.writing.base import Algorithm, LabelMap, OutputOptions
+from asyncflow.writing.registry import write_outputs
 
 __all__ = ["Export"]
 
 log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class _Exported:
+    """What one case's export made, and the seconds of its two steps."""
+
+    artifacts: list[Artifact]
+    present: list[int]
+    absent: list[int]
+    to_labels_s: float
+    write_s: float
 
 
 class Export:
@@ -41,30 +56,27 @@ class Export:
         self,
         flow: CaseFlow,
         settings: Settings,
-        info: ModelInfo,
-        steps: ModelSteps | None,
+        plan: ModelPlan,
         label_config: Mapping[int, Mapping[str, Any]],
         sink: CaseSink | None,
         model: str,
         sources: Callable[[Case], list[str]],
     ) -> None:
-        self.flow, self.info, self.steps, self.label_config = flow, info, steps, label_config
+        self.flow, self.plan, self.label_config = flow, plan, label_config
         self.sink, self.model, self.sources = sink, model, sources
         self.sender = (
-            Sender(
-                parse_destination(settings.send), tries=settings.send_tries, backoff_s=settings.send_backoff_s
-            )
+            Sender(settings.send, tries=settings.send_tries, backoff_s=settings.send_backoff_s)
             if settings.send is not None
             else None
         )
-        self.seg_options = SegOptions(
+        self.options = OutputOptions(
             settings.seg_type,
             settings.seg_keep_empty_frames,
             settings.seg_compression,
             settings.deidentify,
-            measurement_report=settings.measurement_report,
-            rtstruct=settings.rtstruct,
+            extras=frozenset(settings.outputs),
         )
+        info = plan.model
         self.algorithm = Algorithm(f"nnU-Net {info.name}", info.framework, model_parameters(info, settings))
 
     async def worker(self, receive: MemoryObjectReceiveStream[tuple[PreparedCase, Any]], _: None) -> None:
@@ -74,76 +86,75 @@ class Export:
                 if not self.flow.enter(case, Stage.EXPORT):
                     continue
                 with bound_case(case.case_id):
-                    done = await self._export(prepared, output)
+                    # The case's UIDs derive from the case and the model: the same run again writes
+                    # the same DICOM objects.
+                    key = self.flow.ledger.key(case)
+                    options = replace(self.options, uid_seed=f"{self.model}|{key}") if key else self.options
+                    exported = await self.flow.step(
+                        case, Stage.EXPORT, self._export, prepared, output, options
+                    )
                     del output  # the logits: often the largest thing a case holds
-                    if done is not None:
-                        await self._finish(case, *done)
+                    if exported is not None:
+                        await self._finish(case, exported)
 
-    async def _export(self, prepared: PreparedCase, output: Any) -> tuple[Exported, dict[str, float]] | None:
-        """The case's outputs and the seconds of their steps, or None when the case failed."""
-        key = self.flow.ledger.key(prepared.case)
-        # The SEG's UIDs derive from the case and the model: the same run again writes the same SEG.
-        options = replace(self.seg_options, uid_seed=f"{self.model}|{key}") if key else self.seg_options
-        return await self.flow.step(
-            prepared.case,
-            Stage.EXPORT,
-            export_output,
-            prepared,
-            output,
-            self.steps,
-            self.info.labels,
-            self.label_config,
-            self.algorithm,
-            options,
-        )
+    def _export(self, prepared: PreparedCase, output: Any, options: OutputOptions) -> _Exported:
+        """One case's outputs (in a worker thread): its label map on the prediction grid, then
+        every writer that applies."""
+        watch = Stopwatch()
+        steps = self.plan.steps
+        labels = output if steps is None else steps.to_labels(prepared, output)
+        to_labels_s = watch.seconds
+        job = LabelMap.of(prepared, labels, self.plan.labels, self.label_config, self.algorithm, options)
+        watch = Stopwatch()
+        artifacts = write_outputs(job)
+        return _Exported(artifacts, job.present, job.absent, to_labels_s, watch.seconds)
 
-    async def _finish(self, case: Case, exported: Exported, seconds: dict[str, float]) -> None:
-        """Book the outputs, send a SEG to the PACS, write the outputs to the sink with the journal
-        line (not for a case whose delivery failed: ``--resume`` does it again), log, end the case."""
+    async def _finish(self, case: Case, exported: _Exported) -> None:
+        """Book the artifacts, send the case's DICOM objects to the PACS, write its files to the
+        sink with the journal line (not for a case whose delivery failed: ``--resume`` does it
+        again), log, end the case."""
         ledger = self.flow.ledger
-        files = ledger.keep(case, exported)
+        artifacts = exported.artifacts
+        ledger.keep(case, artifacts, exported.present, exported.absent)
         journaled = True
-        if self.sender is not None and exported.format is OutputFormat.DICOM_SEG:
-            journaled = await self._send(case, exported)
-        elif self.sender is not None and case.kind is SourceKind.DICOM:  # its SEG failed: NIfTI instead
-            reason = "nothing sent: the case's DICOM SEG failed and it was written as NIfTI (see fallback)"
-            self._book(case, Delivery(self.sender.destination.text, "failed", 0, 0, 0.0, reason))
+        if self.sender is not None:
+            journaled = await self._send(case, artifacts)
         if self.sink is not None:
             report = ledger.report(case).as_dict()
             key, sources = ledger.key(case) if journaled else None, self.sources(case)
             finished = await self.flow.step(
-                case, Stage.EXPORT, _finish_case, self.sink, key, self.model, files, report, sources
+                case, Stage.EXPORT, _finish_case, self.sink, key, self.model, artifacts, report, sources
             )
             if not finished:
                 return
-        notes: dict[str, Any] = {"fallback": scrub(exported.fallback)} if exported.fallback else {}
-        if exported.statistics is not None:
-            notes["statistics"] = [label.as_dict() for label in exported.statistics]
-        else:
-            notes["statistics_error"] = scrub(exported.statistics_error or "")
+        primary = next((a for a in artifacts if a.primary and a.made), None)
         log.info(
             "case.exported",
-            format=exported.format,
-            bytes=len(exported.data),
+            format=primary.writer if primary is not None else None,
+            bytes=len(primary.data or b"") if primary is not None else 0,
+            outputs=[a.writer for a in artifacts if a.made],
             duration_s=round(ledger.seconds(case, Stage.EXPORT), 4),
-            **{name: round(value, 4) for name, value in seconds.items()},
-            **notes,
+            to_labels_s=round(exported.to_labels_s, 4),
+            write_s=round(exported.write_s, 4),
+            writers_s={a.writer: round(a.seconds, 4) for a in artifacts},
+            **_event_fields(artifacts),
         )
         self.flow.end(case)
 
-    async def _send(self, case: Case, exported: Exported) -> bool:
-        """The case's SEG to the PACS, booked in its report and logged; True once it is there."""
+    async def _send(self, case: Case, artifacts: list[Artifact]) -> bool:
+        """The case's DICOM objects to the PACS, booked in its report and logged. False when they
+        did not get there (its journal line waits for a resume that sends them); a DICOM case whose
+        objects failed has nothing to send, which its report says."""
         assert self.sender is not None
-        extras = (exported.sr, exported.rtstruct)
-        objects = [exported.data, *(extra[1] for extra in extras if extra is not None)]
-        delivery = await anyio.to_thread.run_sync(self.sender.send, objects)
-        self._book(case, delivery)
-        return delivery.sent
-
-    def _book(self, case: Case, delivery: Delivery) -> None:
-        """A case's delivery into its report and the log."""
-        assert self.sender is not None
-        self.flow.ledger.report(case).delivery = delivery.as_dict()
+        objects = [a.data for a in artifacts if a.deliver and a.data is not None]
+        if objects:
+            delivery = await anyio.to_thread.run_sync(self.sender.send, objects)
+        elif case.kind is SourceKind.DICOM:  # its DICOM objects failed: its label map was kept otherwise
+            reason = "nothing sent: no DICOM object of the case could be written (see its fallback)"
+            delivery = Delivery(self.sender.destination.text, "failed", 0, 0, 0.0, reason)
+        else:
+            return True
+        self.flow.ledger.delivered(case, delivery)
         fields = {
             "destination": self.sender.destination.kind,
             "status": delivery.status,
@@ -155,11 +166,29 @@ class Export:
             log.info("case.delivered", **fields)
         else:
             log.warning("case.delivered", **fields, reason=scrub(delivery.reason or ""))
+        return delivery.sent or not objects
+
+
+def _event_fields(artifacts: Iterable[Artifact]) -> dict[str, Any]:
+    """What ``case.exported`` says of the artifacts: every report field but their file names
+    (which may carry a patient's name), messages scrubbed of paths."""
+    fields: dict[str, Any] = {}
+    for artifact in artifacts:
+        for name, value in artifact.report.items():
+            if value is None or value == artifact.name:
+                continue
+            fields[name] = scrub(value) if isinstance(value, str) else value
+    return fields
 
 
 def _finish_case(
-    sink: CaseSink, key: str | None, model: str, files: list[Any], report: dict[str, Any], sources: list[str]
+    sink: CaseSink,
+    key: str | None,
+    model: str,
+    artifacts: list[Artifact],
+    report: dict[str, Any],
+    sources: list[str],
 ) -> bool:
     """The sink's ``finish_case``, True once done (a step's None means it failed)."""
-    sink.finish_case(key, model, files, report, sources)
+    sink.finish_case(key, model, artifacts, report, sources)
     return True

@@ -34,7 +34,6 @@ from asyncflow.reading.archives import UnpackedInput, Withhold, unpack
 from asyncflow.reading.assemble import CaseBuilder
 from asyncflow.reading.request import InputItem
 from asyncflow.reading.scan import Scan, classify, scan
-from asyncflow.reading.volumes import parse_choice
 from asyncflow.settings import Settings
 
 __all__ = ["Intake"]
@@ -52,9 +51,7 @@ class Intake:
         self.sink = sink  # what an earlier run finished
         self.model = model  # the model key (asyncflow.pipeline.keys)
         self.builder = CaseBuilder(
-            multi_modal=settings.multi_modal,
-            opaque_names=settings.opaque_names,
-            volumes=parse_choice(settings.volumes),
+            multi_modal=settings.multi_modal, opaque_names=settings.opaque_names, volumes=settings.volumes
         )
         self.hashes: dict[Path, str] = {}  # unpacked file -> sha256 of its content
         self.limits = settings.archive_limits()
@@ -143,8 +140,7 @@ class Intake:
         self.ledger.open(case, key)
         earlier = self.sink.finished(key, self.model) if self.sink is not None and key else None
         if earlier is not None:  # an earlier run of this request finished it: nothing to do
-            outputs = [(str(folder), str(name)) for folder, name in earlier["outputs"]]
-            self.ledger.resume(case, earlier["report"], outputs)
+            self.ledger.resume(case, earlier)
             self.workspace.skip(case)
             return
         watch = Stopwatch()

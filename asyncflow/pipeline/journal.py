@@ -4,8 +4,8 @@
 case's outputs as the case ends (to a temporary name in the same folder, fsync'd,
 then renamed: a killed run leaves no partial file), then appends the case's journal
 line (``journal.jsonl``, fsync'd): its key and the model key
-(:mod:`asyncflow.pipeline.keys`), its outputs, its report and the sha256 of its
-source files. A resumed request does not write an archive member with one of those
+(:mod:`asyncflow.pipeline.keys`), its artifacts (:class:`asyncflow.artifact.Artifact`, less
+their bytes), its report and the sha256 of its source files. A resumed request does not write an archive member with one of those
 hashes (:class:`asyncflow.reading.archives.Withhold`). A line that cannot be read,
 or names outputs that are gone, is ignored: the case is done again, never resumed
 wrongly.
@@ -20,18 +20,16 @@ import threading
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-from asyncflow.enums import OutputFormat
+from asyncflow.artifact import Artifact
 from asyncflow.errors import SettingsError
-
-if TYPE_CHECKING:
-    pass
+from asyncflow.writing.registry import folders
 
 __all__ = ["JOURNAL", "CaseSink", "OutputFolder"]
 
 JOURNAL = "journal.jsonl"
-JOURNAL_VERSION = 1
+JOURNAL_VERSION = 2  # 2: each line lists its case's artifacts
 _TEMP_PREFIX = ".asyncflow-partial-"
 # Files asyncflow writes into an output folder besides the case outputs.
 _OWN_FILES = ("report.json", "statistics.csv", "manifest.json", JOURNAL)
@@ -42,7 +40,7 @@ class CaseSink(Protocol):
     (:class:`OutputFolder`; ``run_request(sink=...)``)."""
 
     def finished(self, case: str, model: str) -> Mapping[str, Any] | None:
-        """The journal line of a case finished with this model (``report``, ``outputs``), or None."""
+        """The journal line of a case finished with this model (``artifacts``, ``report``), or None."""
 
     def finished_sources(self, model: str) -> frozenset[str]:
         """The sha256 of every source file of the cases finished with this model: a resumed
@@ -52,12 +50,12 @@ class CaseSink(Protocol):
         self,
         case: str | None,
         model: str,
-        files: Iterable[tuple[str, str, bytes]],
+        artifacts: Iterable[Artifact],
         report: Mapping[str, Any],
         sources: Iterable[str] = (),
     ) -> None:
-        """A finished case's (folder, name, bytes) files, its report and the sha256 of its
-        source files; called in a worker thread."""
+        """A finished case's artifacts (those with bytes are its files), its report and the
+        sha256 of its source files; called in a worker thread."""
 
     def withdraw(self, case: str | None, files: Iterable[tuple[str, str]]) -> None:
         """A finished case was withdrawn (its series grew): its (folder, name) files go."""
@@ -88,7 +86,7 @@ class OutputFolder:
         existing = list(path.iterdir()) if path.is_dir() else []
         for partial in [p for p in existing if p.name.startswith(_TEMP_PREFIX)]:
             partial.unlink()  # a killed run's file half written: never an output
-        for folder in (f.folder for f in OutputFormat):
+        for folder in {folder for folder, _ in folders()}:
             for partial in (path / folder).glob(f"{_TEMP_PREFIX}*"):
                 partial.unlink()
         existing = list(path.iterdir()) if path.is_dir() else []
@@ -125,7 +123,8 @@ class OutputFolder:
                 entry = json.loads(line)
                 key, status = entry["case"], entry["status"]
                 valid = entry["journal"] == JOURNAL_VERSION and isinstance(entry["model"], str)
-                outputs = [(str(folder), str(name)) for folder, name in entry["outputs"]]
+                artifacts = [Artifact.from_record(record) for record in entry["artifacts"]]
+                outputs = [(a.folder, a.name) for a in artifacts if a.name is not None]
                 valid = valid and isinstance(entry["report"], dict)
             except (ValueError, KeyError, TypeError):
                 continue  # a line cut short by a kill, or not ours: that case is done again
@@ -181,15 +180,17 @@ class OutputFolder:
         self,
         case: str | None,
         model: str,
-        files: Iterable[tuple[str, str, bytes]],
+        artifacts: Iterable[Artifact],
         report: Mapping[str, Any],
         sources: Iterable[str] = (),
     ) -> None:
         """A finished case: its files, then its journal line (not for a case without a key)."""
+        artifacts = list(artifacts)
         written = []
-        for folder, name, data in files:
-            self.write(folder, name, data)
-            written.append([folder, name])
+        for artifact in artifacts:
+            if artifact.name is not None and artifact.data is not None:
+                self.write(artifact.folder, artifact.name, artifact.data)
+                written.append([artifact.folder, artifact.name])
         if case is not None:
             self._append(
                 {
@@ -198,6 +199,7 @@ class OutputFolder:
                     "model": model,
                     "status": "done",
                     "outputs": written,
+                    "artifacts": [artifact.record() for artifact in artifacts],
                     "sources": sorted(sources),
                     "report": dict(report),
                 }
@@ -210,7 +212,7 @@ class OutputFolder:
                 (self.path / folder / name).unlink()
         if case is not None:
             entry = {"journal": JOURNAL_VERSION, "case": case, "model": "", "status": "withdrawn"}
-            self._append({**entry, "outputs": [], "report": {}})
+            self._append({**entry, "outputs": [], "artifacts": [], "report": {}})
 
     def _remove_own_files(self) -> None:
         named: set[Path] = {self.path / name for name in _OWN_FILES}
@@ -221,6 +223,6 @@ class OutputFolder:
         for path in named:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-        for folder in (f.folder for f in OutputFormat):
+        for folder in {folder for folder, _ in folders()}:
             with contextlib.suppress(OSError):
                 (self.path / folder).rmdir()  # only when empty: nothing of the user's goes

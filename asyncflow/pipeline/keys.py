@@ -17,14 +17,13 @@ import json
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from asyncflow.reading.archives import sha256_file
-
-if TYPE_CHECKING:
-    from asyncflow.backends.base import ModelInfo
-    from asyncflow.case import Case
-    from asyncflow.settings import Settings
+from asyncflow.backends.base import ModelInfo
+from asyncflow.case import Case
+from asyncflow.digests import sha256_file
+from asyncflow.enums import Resampling
+from asyncflow.settings import Settings
 
 __all__ = ["RESULT_SETTINGS", "case_key", "model_key", "model_parameters", "model_provenance"]
 
@@ -94,17 +93,16 @@ def model_key(info: ModelInfo, settings: Settings) -> str:
         "settings": {name: _plain(getattr(settings, name)) for name in RESULT_SETTINGS},
         "label_config": label_config,
     }
-    if settings.resampling != "model":  # absent for the default: keys made before it stay the same
-        identity["resampling"] = settings.resampling
-    for extra in ("measurement_report", "rtstruct"):  # an SR, an RTSTRUCT beside each SEG: absent when off
-        if getattr(settings, extra):
-            identity[extra] = "on"
+    if settings.resampling is not Resampling.MODEL:  # absent for the default: keys made before stay
+        identity["resampling"] = str(settings.resampling)
+    if settings.outputs:  # optional outputs beside each SEG: absent when none is asked for
+        identity["outputs"] = list(settings.outputs)
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
 def model_parameters(info: ModelInfo, settings: Settings) -> dict[str, str]:
     """How the model was trained and is run: the SEG's AlgorithmParameters."""
-    return {**info.parameters, "resampling": settings.resampling}
+    return {**info.parameters, "resampling": str(settings.resampling)}
 
 
 def model_provenance(info: ModelInfo, settings: Settings, key: str) -> dict[str, Any]:

@@ -9,16 +9,15 @@ wrote: a partial volume is never returned.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from asyncflow.artifact import Artifact, Delivery
 from asyncflow.case import Case, CaseReport, SkippedFile
-from asyncflow.enums import CaseStatus, OutputFormat, RequestStatus, Stage
+from asyncflow.enums import CaseStatus, RequestStatus, Stage
 from asyncflow.log import get_logger, scrub
+from asyncflow.reading.archives import UnpackedInput
 from asyncflow.result import Progress, Result
-
-if TYPE_CHECKING:
-    from asyncflow.reading.archives import UnpackedInput
-    from asyncflow.writing.export import Exported
+from asyncflow.writing.registry import report_defaults, result_keys
 
 __all__ = ["Ledger", "case_identity"]
 
@@ -54,14 +53,10 @@ class Ledger:
         self.reports: dict[str, CaseReport] = {}
         self.keys: dict[str, str | None] = {}  # case id -> its key (asyncflow.pipeline.keys)
         self.withdrawn: set[str] = set()  # case ids whose results must not be returned
-        # case id -> its outputs: (the Result's map, folder in an output folder, name)
-        self.written: dict[str, list[tuple[dict[str, bytes], str, str]]] = {}
+        # case id -> the files it wrote: (the Result's map they are in, folder in an output folder, name)
+        self.written: dict[str, list[tuple[str | None, str, str]]] = {}
         self.inputs: list[dict[str, Any]] = []  # the report's, one per input read
-        self.dicom: dict[str, bytes] = {}
-        self.nifti: dict[str, bytes] = {}
-        self.label_json: dict[str, bytes] = {}
-        self.dicom_sr: dict[str, bytes] = {}
-        self.dicom_rtstruct: dict[str, bytes] = {}
+        self.files: dict[str, dict[str, bytes]] = {key: {} for key in result_keys()}  # the Result's
         self.total: int | None = None  # cases, once every input is assembled
         self.objects = objects  # inputs to fetch from a store
         self.fetched = 0  # of those, the ones whose fetch has ended
@@ -94,7 +89,9 @@ class Ledger:
 
     def open(self, case: Case, key: str | None) -> None:
         """A case leaves assembly, with its key (None when a source's hash is unknown)."""
-        self.reports[case.case_id] = CaseReport(case.case_id, case.kind, case.origin, source=case.source)
+        self.reports[case.case_id] = CaseReport(
+            case.case_id, case.kind, case.origin, source=case.source, outputs=report_defaults()
+        )
         self.keys[case.case_id] = key
         log.info(
             "case.assembled",
@@ -157,20 +154,18 @@ class Ledger:
             report.status = CaseStatus.DONE
         self._finished(case, report)
 
-    def resume(self, case: Case, earlier: Mapping[str, Any], outputs: list[tuple[str, str]]) -> None:
-        """Book a case an earlier run finished (its journal line's report): its ``outputs``
-        ((folder, name) in the output folder) are kept, and go if the case is withdrawn."""
-        self.written[case.case_id] = [({}, folder, name) for folder, name in outputs]
+    def resume(self, case: Case, earlier: Mapping[str, Any]) -> None:
+        """Book a case an earlier run finished, from its journal line: its artifacts and report
+        fields as that run booked them (its files stay, and go if the case is withdrawn)."""
         report = self.reports[case.case_id]
+        artifacts = [Artifact.from_record(record) for record in earlier["artifacts"]]
+        booked = earlier["report"]
+        present, absent = booked.get("labels_present") or [], booked.get("labels_absent") or []
+        self._book(report, artifacts, present, absent)
+        delivered = booked.get("delivery")  # sent: a resumed case is never sent again
+        report.delivery = Delivery.from_dict(delivered) if delivered is not None else None
+        self.written[case.case_id] = [(None, a.folder, a.name) for a in artifacts if a.name is not None]
         report.status = CaseStatus.RESUMED
-        report.output = earlier.get("output")
-        report.labels_present = list(earlier.get("labels_present") or [])
-        report.labels_absent = list(earlier.get("labels_absent") or [])
-        report.fallback = earlier.get("fallback")
-        report.statistics = earlier.get("statistics")
-        report.measurement_report = earlier.get("measurement_report")
-        report.rtstruct = earlier.get("rtstruct")
-        report.delivery = earlier.get("delivery")  # sent: a resumed case is never sent again
         log.info("case.resumed", case_id=case.case_id, **case_identity(case))
         self._finished(case, report)
 
@@ -188,32 +183,32 @@ class Ledger:
         if self.on_progress is not None:
             self.on_progress(self.progress())
 
-    def keep(self, case: Case, exported: Exported) -> list[tuple[str, str, bytes]]:
-        """Book what a case's export made (its output, and a label file beside a SEG), name it in
-        the case's report; the files as (output folder, name, bytes)."""
-        kept = self.dicom if exported.format is OutputFormat.DICOM_SEG else self.nifti
-        files = [(kept, exported.format.folder, exported.name, exported.data)]
-        if exported.label_json is not None:  # beside its SEG
-            files.append((self.label_json, OutputFormat.DICOM_SEG.folder, *exported.label_json))
-        if exported.sr is not None:  # its measurements as DICOM SR, beside its SEG
-            files.append((self.dicom_sr, OutputFormat.DICOM_SEG.folder, *exported.sr))
-        if exported.rtstruct is not None:  # its label map as an RT Structure Set, beside its SEG
-            files.append((self.dicom_rtstruct, OutputFormat.DICOM_SEG.folder, *exported.rtstruct))
-        for outputs, where, name, data in files:
-            if self.keep_bytes:
-                outputs[name] = data
-            self.written.setdefault(case.case_id, []).append((outputs, where, name))
-        report = self.reports[case.case_id]
-        report.output, report.fallback = exported.name, exported.fallback
-        report.labels_present, report.labels_absent = exported.labels_present, exported.labels_absent
-        if exported.statistics is not None:
-            report.statistics = [label.as_dict() for label in exported.statistics]
-        report.statistics_error = exported.statistics_error
-        report.measurement_report = exported.sr[0] if exported.sr is not None else None
-        report.measurement_report_error = exported.sr_error
-        report.rtstruct = exported.rtstruct[0] if exported.rtstruct is not None else None
-        report.rtstruct_error = exported.rtstruct_error
-        return [(where, name, data) for _, where, name, data in files]
+    def keep(self, case: Case, artifacts: list[Artifact], present: list[int], absent: list[int]) -> None:
+        """Book what a case's export made: its files (into the Result's maps, unless they go to a
+        sink) and its report's fields."""
+        self._book(self.reports[case.case_id], artifacts, present, absent)
+        for artifact in artifacts:
+            if artifact.name is None or artifact.data is None:
+                continue
+            if self.keep_bytes and artifact.result_key is not None:
+                self.files[artifact.result_key][artifact.name] = artifact.data
+            where = (artifact.result_key, artifact.folder, artifact.name)
+            self.written.setdefault(case.case_id, []).append(where)
+
+    @staticmethod
+    def _book(report: CaseReport, artifacts: list[Artifact], present: list[int], absent: list[int]) -> None:
+        """A case's artifacts into its report: each one's fields, its output's name, its labels."""
+        report.artifacts = [artifact.without_data() for artifact in artifacts]
+        report.outputs = report_defaults()
+        for artifact in artifacts:
+            report.outputs.update(artifact.report)
+        primary = next((a for a in artifacts if a.primary and a.made), None)
+        report.output = primary.name if primary is not None else None
+        report.labels_present, report.labels_absent = list(present), list(absent)
+
+    def delivered(self, case: Case, delivery: Delivery) -> None:
+        """What became of a case's DICOM objects at its PACS."""
+        self.reports[case.case_id].delivery = delivery
 
     def withdraw(self, case: Case) -> None:
         """Drop a case the assembly withdrew: now if it has ended, else when it ends."""
@@ -230,8 +225,9 @@ class Ledger:
         # A file of the same name another case wrote since (the grown series' case) stays.
         claimed = {(where, name) for files in self.written.values() for _, where, name in files}
         written = [entry for entry in written if (entry[1], entry[2]) not in claimed]
-        for outputs, _, name in written:
-            outputs.pop(name, None)
+        for key, _, name in written:
+            if key is not None:
+                self.files[key].pop(name, None)
         if written and self.on_withdraw is not None:
             self.on_withdraw(self.keys.get(case_id), [(where, name) for _, where, name in written])
 
@@ -254,7 +250,7 @@ class Ledger:
         # An input that could not be read, or whose members were refused, is lost like a failed case.
         lost_inputs = any(i["error"] for i in self.inputs) or any(s.refused for s in skipped)
         # A case segmented whose outputs did not reach their PACS is not done as asked.
-        undelivered = any(r.delivery is not None and r.delivery["status"] != "sent" for r in reports)
+        undelivered = any(r.delivery is not None and not r.delivery.sent for r in reports)
         if status is None:
             status = (
                 RequestStatus.FAILED
@@ -266,11 +262,7 @@ class Ledger:
         return Result(
             request_id=request_id,
             status=status,
-            dicom_seg_bytes=self.dicom,
-            nifti_seg_bytes=self.nifti,
-            label_json_bytes=self.label_json,
-            dicom_sr_bytes=self.dicom_sr,
-            dicom_rtstruct_bytes=self.dicom_rtstruct,
+            files=self.files,
             cases=reports,
             inputs=sorted(self.inputs, key=lambda i: i["index"]),
             skipped=skipped,

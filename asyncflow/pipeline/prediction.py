@@ -16,20 +16,15 @@ from typing import Any
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from asyncflow.backends.base import Backend, NetworkTimed
+from asyncflow.backends.base import Backend, NetworkTimed, nbytes
 from asyncflow.case import PreparedCase
 from asyncflow.enums import Stage
 from asyncflow.log import Stopwatch, bound_case, get_logger, scrub
 from asyncflow.pipeline.flow import CaseFlow
 
-__all__ = ["PredictionWorker", "nbytes"]
+__all__ = ["PredictionWorker"]
 
 log = get_logger(__name__)
-
-
-def nbytes(value: Any) -> int:
-    """The size of a model input or backend output, for the events (0 when it has no size)."""
-    return int(getattr(value, "nbytes", 0))
 
 
 class PredictionWorker:
@@ -112,8 +107,8 @@ class PredictionWorker:
         send: MemoryObjectSendStream[tuple[PreparedCase, Any]],
     ) -> None:
         """A case predicted: booked, logged and sent to export (waiting for room there)."""
-        self.flow.ledger.report(prepared.case).stage_s[Stage.PREDICT] = seconds
-        # The model's input is not needed any more: export reads the sources.
+        self.flow.ledger.add_seconds(prepared.case, Stage.PREDICT, seconds)
+        # The model's input is not needed any more (export reads the intensities, kept apart).
         prepared.images, prepared.model_input = [], None
         network = {"network_s": round(outcome.network_s, 4)} if isinstance(outcome, NetworkTimed) else {}
         log.info(

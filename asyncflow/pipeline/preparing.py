@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from asyncflow.backends.base import ModelSteps
+from asyncflow.backends.base import ModelSteps, nbytes
 from asyncflow.case import Case, PreparedCase
 from asyncflow.enums import Stage
 from asyncflow.log import Stopwatch, bound_case, get_logger
 from asyncflow.pipeline.flow import CaseFlow
-from asyncflow.pipeline.prediction import nbytes
 from asyncflow.reading.prepare import prepare_case
 
 __all__ = ["Preparation"]

@@ -37,7 +37,7 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from asyncflow.backends.base import Backend
-from asyncflow.backends.build import build_backends
+from asyncflow.backends.plan import ModelPlan
 from asyncflow.case import SkippedFile
 from asyncflow.enums import CaseStatus, RequestStatus
 from asyncflow.errors import RequestError
@@ -51,6 +51,7 @@ from asyncflow.pipeline.intake import Intake
 from asyncflow.pipeline.journal import CaseSink
 from asyncflow.pipeline.keys import model_key, model_provenance
 from asyncflow.pipeline.ledger import Ledger
+from asyncflow.pipeline.model import build_plan
 from asyncflow.pipeline.prediction import PredictionWorker
 from asyncflow.pipeline.preparing import Preparation
 from asyncflow.pipeline.workspace import Workspace, check_free_space
@@ -67,12 +68,12 @@ def _stream(size: int) -> tuple[MemoryObjectSendStream[Any], MemoryObjectReceive
     return anyio.create_memory_object_stream[Any](size)
 
 
-def prepared_queue_size(settings: Settings, backends: Sequence[Backend]) -> int:
+def prepared_queue_size(settings: Settings, plan: ModelPlan) -> int:
     """Room for a whole batch: the prediction worker takes every prepared case that waits."""
-    return max(settings.queue_size, *(b.max_batch for b in backends))
+    return max(settings.queue_size, plan.max_batch)
 
 
-def inputs_on_disk_at_once(settings: Settings, backends: Sequence[Backend]) -> int:
+def inputs_on_disk_at_once(settings: Settings, plan: ModelPlan) -> int:
     """At most how many inputs have files on disk at once: those fetched (a store's objects),
     being unpacked, queued or assembled, and one per case in flight (a file is deleted when
     its last case ends)."""
@@ -81,8 +82,8 @@ def inputs_on_disk_at_once(settings: Settings, backends: Sequence[Backend]) -> i
     in_flight = (
         size  # assembled cases queued for prepare
         + settings.prepare_workers
-        + prepared_queue_size(settings, backends)
-        + len(backends)  # one batch per prediction worker
+        + prepared_queue_size(settings, plan)
+        + len(plan.workers)  # one batch per prediction worker
         + size  # predicted cases queued for export
         + settings.export_workers
     )
@@ -95,22 +96,18 @@ class _Request:
     def __init__(
         self,
         settings: Settings,
-        backends: Sequence[Backend],
+        plan: ModelPlan,
         flow: CaseFlow,
         label_config: Mapping[int, Mapping[str, Any]],
         sink: CaseSink | None,
         model: str,
     ) -> None:
         self.settings = settings
-        self.backends = backends  # one prediction worker each
+        self.plan = plan  # one prediction worker per backend
         self.flow = flow
         self.intake = Intake(settings, flow, sink, model)
-        # The model's CPU work around the network (v2), done by the prepare and export workers.
-        steps = backends[0].steps
-        needs_files = any(b.needs_files for b in backends)  # else the model input stays in memory
-        self.preparation = Preparation(flow, steps, needs_files)
-        info = backends[0].info
-        self.export = Export(flow, settings, info, steps, label_config, sink, model, self.intake.sources)
+        self.preparation = Preparation(flow, plan.steps, plan.needs_files)
+        self.export = Export(flow, settings, plan, label_config, sink, model, self.intake.sources)
 
     async def run(self, items: list[InputItem]) -> None:
         """Every stage until the last case has ended; a stage's error (no usable case, a model
@@ -130,7 +127,7 @@ class _Request:
         fed_send, fed_recv = _stream(0)  # the fetch window, not this stream, bounds what waits
         unpacked_send, unpacked_recv = _stream(size)
         cases_send, cases_recv = _stream(size)
-        prepared_send, prepared_recv = _stream(prepared_queue_size(self.settings, self.backends))
+        prepared_send, prepared_recv = _stream(prepared_queue_size(self.settings, self.plan))
         predicted_send, predicted_recv = _stream(size)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self.intake.fetcher.feed, items, fed_send, unpacked_send.clone())
@@ -139,7 +136,7 @@ class _Request:
             tg.start_soon(self.intake.assemble, unpacked_recv, cases_send)
             prepare = self.preparation.worker
             _fan_out(tg, self.settings.prepare_workers, prepare, cases_recv, prepared_send)
-            for number, backend in enumerate(self.backends):  # each takes the next prepared case
+            for number, backend in enumerate(self.plan.workers):  # each takes the next prepared case
                 worker = PredictionWorker(number, backend, self.flow)
                 tg.start_soon(worker.run, prepared_recv.clone(), predicted_send.clone())
             prepared_recv.close()
@@ -168,7 +165,7 @@ async def run_request(
     entries: Iterable[Entry],
     settings: Settings | None = None,
     *,
-    backend: Backend | Sequence[Backend] | None = None,
+    backend: ModelPlan | Backend | Sequence[Backend] | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     on_finish: Callable[[Result], None] | None = None,
     sink: CaseSink | None = None,
@@ -180,7 +177,8 @@ async def run_request(
     store (:class:`~asyncflow.reading.request.RemoteObject`: each fetched to disk as the
     pipeline is ready for it, within ``settings.fetch_window``).
     Pass a loaded ``backend`` to reuse a model across requests, or several
-    (one per device): each is one prediction worker, one call at a time (v2: one case;
+    (one per device), or their :class:`~asyncflow.backends.plan.ModelPlan` (by default the
+    settings' own, :func:`asyncflow.pipeline.model.build_plan`): each backend is one prediction worker, one call at a time (v2: one case;
     v1: a batch of waiting cases per ``nnUNet_predict``). ``on_progress`` is called as each
     case ends, ``on_stage`` as a case enters a stage (and with None as it ends), with the
     progress so far. ``on_finish`` receives the result as it stands when the request ends
@@ -196,35 +194,34 @@ async def run_request(
     if not items:
         raise RequestError("the request has no inputs")
     label_config = load_label_config(settings.label_config) if settings.label_config else {}
-    backends = build_backends(settings) if backend is None else _as_list(backend)
-    at_once = inputs_on_disk_at_once(settings, backends)
+    plan = build_plan(settings) if backend is None else ModelPlan.of(backend)
+    at_once = inputs_on_disk_at_once(settings, plan)
     check_free_space(settings.work_dir, settings.disk_headroom, [i.size for i in items], at_once)
     request_id = uuid.uuid4().hex[:12]
     watch = Stopwatch()
-    model = await anyio.to_thread.run_sync(model_key, backends[0].info, settings)  # before any file
-    workspace = Workspace(request_id, settings.work_dir, items, settings.archive_limits())
-    on_withdraw = sink.withdraw if sink is not None else None
-    objects = sum(1 for item in items if item.remote is not None)
+    model = await anyio.to_thread.run_sync(model_key, plan.model, settings)  # before any file
     ledger = Ledger(
         on_progress,
         keep_bytes=sink is None,
-        on_withdraw=on_withdraw,
+        on_withdraw=sink.withdraw if sink is not None else None,
         on_stage=on_stage,
-        objects=objects,
-        model=model_provenance(backends[0].info, settings, model),
+        objects=sum(1 for item in items if item.remote is not None),
+        model=model_provenance(plan.model, settings, model),
     )
+    budget = MemoryBudget(settings.memory_budget_bytes())
     with structlog.contextvars.bound_contextvars(request_id=request_id):
-        budget = MemoryBudget(settings.memory_budget_bytes())
         log.info(
             "request.started",
             inputs=len(items),
             bytes=sum(i.size for i in items),
             memory_budget_bytes=budget.limit,
         )
-        flow = CaseFlow(ledger, workspace, budget)
-        request = _Request(settings, backends, flow, label_config, sink, model)
         status, error = RequestStatus.ERROR, None
+        request: _Request | None = None
+        # The request's folder exists from here: whatever happens next, ``finally`` removes it.
+        workspace = Workspace(request_id, settings.work_dir, items, settings.archive_limits())
         try:
+            request = _Request(settings, plan, CaseFlow(ledger, workspace, budget), label_config, sink, model)
             await request.run(items)
             result = ledger.result(request_id, watch.seconds, request.intake.skipped)
             status = result.status
@@ -237,15 +234,12 @@ async def run_request(
             raise
         finally:
             workspace.close()
+            skipped = request.intake.skipped if request is not None else []
             reason = f"{type(error).__name__}: {error}" if error is not None else None
             if on_finish is not None:
                 final = status if status in (RequestStatus.ERROR, RequestStatus.CANCELLED) else None
-                on_finish(ledger.result(request_id, watch.seconds, request.intake.skipped, final, reason))
-            _log_finished(ledger, request.intake.skipped, status, error, watch)
-
-
-def _as_list(backend: Backend | Sequence[Backend]) -> list[Backend]:
-    return list(backend) if isinstance(backend, Sequence) else [backend]
+                on_finish(ledger.result(request_id, watch.seconds, skipped, final, reason))
+            _log_finished(ledger, skipped, status, error, watch)
 
 
 def _log_finished(

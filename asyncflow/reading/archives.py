@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from asyncflow.case import Found, SkippedFile
+from asyncflow.digests import sha256_file
 from asyncflow.enums import InputFailure, InputKind
 from asyncflow.reading.dicom import series_uid
 from asyncflow.reading.names import has_tar_suffix, sanitise_relpath
@@ -36,7 +37,6 @@ __all__ = [
     "UnpackedInput",
     "Withhold",
     "restore_files",
-    "sha256_file",
     "unpack",
 ]
 
@@ -250,15 +250,6 @@ def _withheld(result: UnpackedInput, withhold: Withhold, target: Path, data: byt
     result.files.append(target)
     result.bytes_withheld += len(data)
     return True
-
-
-def sha256_file(path: Path) -> str:
-    """The sha256 of a file's content, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def unpack(

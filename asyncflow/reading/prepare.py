@@ -16,7 +16,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
-from asyncflow.case import Case, DicomInstance, Geometry, PreparedCase
+from asyncflow.case import Case, DicomInstance, Geometry, PreparedCase, Shear
 from asyncflow.enums import SourceKind
 from asyncflow.reading.dicom import (
     frame_pixel_spacing,
@@ -27,9 +27,9 @@ from asyncflow.reading.dicom import (
     slice_normal,
 )
 from asyncflow.reading.names import NIFTI_SUFFIXES
-from asyncflow.reading.tilt import Shear, shear_of, untilted
+from asyncflow.reading.tilt import shear_of, untilted
 
-__all__ = ["prepare_case", "source_image"]
+__all__ = ["prepare_case"]
 
 # Level 1 keeps most of gzip's size gain at a fraction of its time (nnU-Net v1 wants .nii.gz).
 _COMPRESSION_LEVEL = 1
@@ -49,7 +49,9 @@ def _prepared(
         for number, image in enumerate(images):
             files.append(workdir / f"{case.case_id}_{number:04d}.nii.gz")
             sitk.WriteImage(image, str(files[-1]), useCompression=True, compressionLevel=_COMPRESSION_LEVEL)
-    return PreparedCase(case, workdir, images, Geometry.of(images[0]), files, sources, frame_order)
+    prepared = PreparedCase(case, workdir, images, Geometry.of(images[0]), files, sources, frame_order)
+    prepared.intensities = images[0]
+    return prepared
 
 
 def _check_volume(image: sitk.Image, what: str) -> None:
@@ -219,18 +221,3 @@ def prepare_case(case: Case, workdir: Path, write_files: bool = True) -> Prepare
                 f"NIfTI channel {number} has size {image.GetSize()}, channel 0 {reference.GetSize()}"
             )
     return _prepared(case, workdir, images, sources, write_files)
-
-
-def source_image(prepared: PreparedCase) -> sitk.Image:
-    """Channel 0 of a prepared case read again from its sources, as :func:`prepare_case` read it
-    (CT in HU, the rescale applied, a tilted series untilted): its voxels lie on the prediction's grid."""
-    case = prepared.case
-    if case.kind is SourceKind.DICOM and prepared.frame_order is not None:
-        return _multiframe_volume(case.instances[0], case.frames)[0]
-    if case.kind is SourceKind.DICOM and case.instances[0].mosaic:
-        return _mosaic_volume(case.instances[0])
-    if case.kind is SourceKind.DICOM and prepared.shear is not None:
-        return _single_frame_volume(case)[0]
-    if case.kind is SourceKind.DICOM:
-        return _read_series(prepared.source_files)
-    return _read_nifti(prepared.source_files[0], prepared.workdir, 0)

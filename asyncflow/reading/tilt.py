@@ -20,40 +20,17 @@ slice by more than :data:`TILT_TOLERANCE` of the gap, are refused with the reaso
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["MAX_TILT_DEGREES", "TILT_TOLERANCE", "Shear", "shear_of", "to_source_grid", "untilted"]
+from asyncflow.case import Shear
+
+__all__ = ["MAX_TILT_DEGREES", "TILT_TOLERANCE", "shear_of", "to_source_grid", "untilted"]
 
 MAX_TILT_DEGREES = 30.0  # gantries tilt up to about 30 degrees
 TILT_TOLERANCE = 0.01  # sideways step, relative to the gap, taken as no tilt (and its variation)
-
-
-@dataclass(frozen=True)
-class Shear:
-    """The sideways step from one slice to the next, in pixels (rows, columns), and its tilt."""
-
-    rows: float
-    columns: float
-    degrees: float
-
-    def extent(self, shape: tuple[int, ...]) -> tuple[tuple[int, int], tuple[int, int]]:
-        """For a (z, y, x) ``shape`` on the sheared grid: the untilted grid's first row and column,
-        counted in the first slice's pixels (0 or negative), and its rows and columns, which hold
-        every source pixel of every slice."""
-        slices = shape[0]
-        extent = []
-        for size, step in ((shape[1], self.rows), (shape[2], self.columns)):
-            total = (slices - 1) * step
-            first = math.floor(min(0.0, total) + 1e-6)
-            last = math.ceil(size - 1 + max(0.0, total) - 1e-6)
-            extent.append((first, last - first + 1))
-        (row, rows), (column, columns) = extent
-        return (row, column), (rows, columns)
 
 
 def shear_of(

@@ -197,6 +197,9 @@ class Choice:
     value: str | None = None
     number: int | None = None
 
+    def __str__(self) -> str:
+        return self.text
+
 
 def parse_choice(text: str) -> Choice:
     """The ``volumes`` setting; ValueError says what is accepted."""

@@ -52,6 +52,12 @@ class LabelStatistics:
     extent_mm: tuple[float, float, float] | None = None  # (x, y, z)
     flags: list[str] = field(default_factory=list)
 
+    @classmethod
+    def from_dict(cls, entry: Mapping[str, Any]) -> LabelStatistics:
+        """The inverse of :meth:`as_dict`."""
+        extent = entry.get("extent_mm")
+        return cls(**{**entry, "extent_mm": tuple(extent) if extent else None, "flags": list(entry["flags"])})
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "label": self.label,

@@ -10,14 +10,18 @@ from __future__ import annotations
 import gzip
 import struct
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import SimpleITK as sitk
 
+from asyncflow.artifact import Artifact
 from asyncflow.case import Geometry
+from asyncflow.writing.base import LabelMap, Writer
 
-__all__ = ["nifti_seg_bytes", "read_nifti_seg"]
+__all__ = ["NiftiWriter", "nifti_seg_bytes", "read_nifti_seg"]
 
 _NIFTI1_HEADER_BYTES = 348
 _NIFTI1_XFORM_CODES = 252  # byte offset of qform_code, sform_code (two int16) in a NIfTI-1 header
@@ -59,3 +63,29 @@ def read_nifti_seg(data: bytes) -> sitk.Image:
         path = Path(tmp) / "seg.nii.gz"
         path.write_bytes(data)
         return sitk.ReadImage(str(path))
+
+
+class NiftiWriter(Writer):
+    """The label map as NIfTI on the prediction's grid: the output of a case without a DICOM
+    source, and of a DICOM case whose SEG failed (``fallback`` says why)."""
+
+    name = "nifti"
+    title = "NIfTI"
+    folder = "nifti_seg"
+    result_key = "nifti_seg_bytes"
+    report_defaults: ClassVar[Mapping[str, object]] = {"fallback": None}
+    primary = True
+
+    def applies(self, job: LabelMap, made: Mapping[str, Artifact]) -> bool:
+        seg = made.get("dicom_seg")
+        return seg is None or not seg.made
+
+    def write(self, job: LabelMap, made: Mapping[str, Artifact]) -> Artifact:
+        prepared = job.prepared
+        data = nifti_seg_bytes(job.labels, prepared.geometry, prepared.workdir / "seg.nii.gz")
+        seg = made.get("dicom_seg")
+        if seg is None:
+            return self.artifact(f"{job.stem}.nii.gz", data)
+        # The prediction has the series' geometry in slice order: it is kept, with the reason.
+        reason = f"DICOM SEG failed ({seg.error}); written as NIfTI"
+        return self.artifact(f"{job.stem}.nii.gz", data, fallback=reason)

@@ -26,11 +26,12 @@ from pydicom.uid import ExplicitVRLittleEndian
 from skimage import measure
 
 from asyncflow._version import __version__
+from asyncflow.artifact import Artifact
 from asyncflow.labels.segment import SegmentLabel, label_for
+from asyncflow.writing.base import Algorithm, LabelMap, OutputOptions, Writer, uid_for
 from asyncflow.writing.deidentify import deidentify
-from asyncflow.writing.seg import Algorithm, SegOptions, uid_for
 
-__all__ = ["RT_STRUCTURE_SET_STORAGE", "contours_of", "rtstruct_bytes"]
+__all__ = ["RT_STRUCTURE_SET_STORAGE", "RtStructWriter", "contours_of", "rtstruct_bytes"]
 
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 _COPIED = (  # the Patient and General Study modules, from the source
@@ -66,7 +67,7 @@ def rtstruct_bytes(
     labels: np.ndarray,
     declared: Mapping[int, SegmentLabel],
     algorithm: Algorithm,
-    options: SegOptions,
+    options: OutputOptions,
 ) -> bytes:
     """The RT Structure Set of ``labels`` ((z, y, x) on ``source_files``, in slice order)."""
     sources = [pydicom.dcmread(path, stop_before_pixels=True) for path in source_files]
@@ -166,3 +167,35 @@ def rtstruct_bytes(
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+class RtStructWriter(Writer):
+    """Asked for: beside each DICOM SEG of a series of single-frame images, its label map as an
+    RT Structure Set."""
+
+    name = "rtstruct"
+    title = "RT Structure Set"
+    folder = "dicom_seg"
+    result_key = "dicom_rtstruct_bytes"
+    report_field = "rtstruct"
+    deliver = True
+    optional = True
+    flag = "--rtstruct"
+    setting = "rtstruct"
+    help = (
+        "beside each DICOM SEG, its label map as a DICOM RT Structure Set (contours per source "
+        "image, <case>.rtstruct.dcm), for radiotherapy planning systems; sent with the SEG under --send"
+    )
+
+    def applies(self, job: LabelMap, made: Mapping[str, Artifact]) -> bool:
+        seg = made.get("dicom_seg")
+        return seg is not None and seg.made
+
+    def write(self, job: LabelMap, made: Mapping[str, Artifact]) -> Artifact:
+        labels, grid = job.on_source
+        if grid is not None or job.prepared.frame_order is not None:
+            return self.missing(
+                "an RT Structure Set needs a series of single-frame images (not a multi-frame image or a mosaic)"
+            )
+        data = rtstruct_bytes(job.prepared.source_files, labels, job.definitions, job.algorithm, job.options)
+        return self.artifact(f"{job.stem}.rtstruct.dcm", data)

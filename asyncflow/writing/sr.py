@@ -21,11 +21,13 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from asyncflow._version import __version__
+from asyncflow.artifact import Artifact
+from asyncflow.labels.segment import segment_values
 from asyncflow.stats.measure import LabelStatistics
+from asyncflow.writing.base import Algorithm, LabelMap, OutputOptions, Writer, uid_for
 from asyncflow.writing.deidentify import deidentify
-from asyncflow.writing.seg import Algorithm, SegOptions, uid_for
 
-__all__ = ["measurement_report_bytes"]
+__all__ = ["MeasurementReportWriter", "measurement_report_bytes"]
 
 MILLILITER = Code("ml", "UCUM", "milliliter")
 # Modality -> (what the intensity is, its unit); other modalities get the volume alone.
@@ -55,7 +57,7 @@ def measurement_report_bytes(
     statistics: Sequence[LabelStatistics],
     segments: Mapping[int, int],
     algorithm: Algorithm,
-    options: SegOptions,
+    options: OutputOptions,
 ) -> bytes:
     """The SR of ``statistics`` (per label value) for the segments of the SEG ``seg_bytes``
     (``segments``: label value -> segment number), on the SEG's study and sources."""
@@ -114,3 +116,39 @@ def measurement_report_bytes(
     buffer = io.BytesIO()
     sr.save_as(buffer)
     return buffer.getvalue()
+
+
+class MeasurementReportWriter(Writer):
+    """Asked for: beside each DICOM SEG, its measurements as a TID 1500 Measurement Report."""
+
+    name = "sr"
+    title = "DICOM SR"
+    folder = "dicom_seg"
+    result_key = "dicom_sr_bytes"
+    report_field = "measurement_report"
+    deliver = True
+    optional = True
+    flag = "--sr"
+    setting = "measurement_report"
+    help = (
+        "beside each DICOM SEG, its label volumes and intensities as a DICOM SR (TID 1500 "
+        "Measurement Report, <case>.sr.dcm), sent with the SEG under --send"
+    )
+
+    def applies(self, job: LabelMap, made: Mapping[str, Artifact]) -> bool:
+        seg = made.get("dicom_seg")
+        return seg is not None and seg.made
+
+    def write(self, job: LabelMap, made: Mapping[str, Artifact]) -> Artifact:
+        seg, statistics = made["dicom_seg"], made.get("statistics")
+        if statistics is None or not statistics.made:
+            reason = statistics.error if statistics is not None else "not measured"
+            return self.missing(f"no measurements: {reason}")
+        measured = [LabelStatistics.from_dict(row) for row in statistics.report["statistics"]]
+        values = segment_values(job.present, job.definitions)
+        segments = {value: number for number, value in enumerate(values, start=1)}
+        assert seg.data is not None
+        data = measurement_report_bytes(
+            seg.data, job.prepared.source_files, measured, segments, job.algorithm, job.options
+        )
+        return self.artifact(f"{job.stem}.sr.dcm", data)
