@@ -259,3 +259,10 @@ def test_each_folder_of_the_package_says_what_it_holds() -> None:
         inside = [m for m in MODULES if m.rpartition(".")[0] == package]
         missing = [m for m in inside if m.rpartition(".")[2] not in doc]
         assert missing == [], f"{package}'s docstring does not name {missing}"
+
+
+def test_the_tests_mirror_the_package() -> None:
+    """Each folder of tests/ is named after the package folder whose modules its tests hold."""
+    tests = Path(__file__).parent
+    folders = {p.name for p in tests.iterdir() if p.is_dir() and any(p.glob("test_*.py"))}
+    assert folders <= {_folder(m) for m in MODULES if _is_package(m) and m != "asyncflow"}

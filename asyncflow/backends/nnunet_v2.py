@@ -167,7 +167,7 @@ class NnUNetV2Steps:
         works in float64 (order 3 for the image: a spline-filtered copy beside the output);
         thick slices copied along the coarse axis cost one slice at a time
         (:mod:`asyncflow.backends.resampling`). The coefficients were measured on nnU-Net
-        2.8.1, with tracemalloc (numpy) and the peak RSS (torch); ``tests/test_memory.py``
+        2.8.1, with tracemalloc (numpy) and the peak RSS (torch); ``tests/pipeline/test_memory.py``
         checks that they bound what the steps allocate. Cropping to the non-zero region only
         makes a case smaller than estimated.
         """

@@ -73,7 +73,7 @@ def _keep_seg(seg: Any, new_shape: Sequence[int], *_: object) -> Any:
 
 class PlannedResampling(ConfigurationManager):
     """The plans' configuration with the plans' resampling, thick slices resampled in bounded
-    memory (identical values: ``tests/test_resampling.py``) and the unused mask left alone.
+    memory (identical values: ``tests/backends/test_resampling.py``) and the unused mask left alone.
     Where the plans name nnU-Net's torch resampling (``*_torchres`` plans), torch's thread
     count is left as the caller set it: that function sets it for the whole process, to 4
     unless told, which threads running at once could leave changed."""

@@ -33,7 +33,7 @@ from asyncflow.writing.seg import read_dicom_seg
 
 pytestmark = pytest.mark.anyio
 
-RESULTS = Path(__file__).resolve().parents[1] / "asyncflow" / "models" / "tiny_v1"
+RESULTS = Path(__file__).resolve().parents[2] / "asyncflow" / "models" / "tiny_v1"
 TASK = "Task998_AsyncflowTiny"
 MODEL = RESULTS / "nnUNet" / "3d_fullres" / TASK / "nnUNetTrainerV2__nnUNetPlansv2.1"
 NNUNET_PREDICT = shutil.which("nnUNet_predict") or str(Path(sys.executable).with_name("nnUNet_predict"))

@@ -22,7 +22,7 @@ from asyncflow.cli.synthetic import make_phantom, nifti_bytes
 
 pytestmark = pytest.mark.model  # runs asyncflow on the packaged tiny models
 
-MODELS = Path(__file__).parents[1] / "asyncflow" / "models"
+MODELS = Path(__file__).parents[2] / "asyncflow" / "models"
 V1_MODEL = Path("nnUNet/3d_fullres/Task998_AsyncflowTiny/nnUNetTrainerV2__nnUNetPlansv2.1")
 
 

@@ -58,7 +58,7 @@ CASES: dict[str, tuple[dict, tuple[float, float, float], Callable | None, str | 
     "non_square_pixels": ({}, (0.6, 1.1, 2.0), None, None),
     "localizer_mixed_in": ({}, (0.8, 0.8, 2.0), _with_localizer, None),
     "missing_slice": ({}, (0.8, 0.8, 2.0), _without_slice, "non-uniform slice spacing"),
-    "gantry_tilt_too_steep": (  # a tilt up to 30 degrees is resampled (tests/test_scanner_shapes.py)
+    "gantry_tilt_too_steep": (  # a tilt up to 30 degrees is resampled (tests/reading/test_scanner_shapes.py)
         {"slice_shift": (0.0, 1.6, 0.0)},
         (0.8, 0.8, 2.0),
         None,

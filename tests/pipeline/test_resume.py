@@ -63,7 +63,7 @@ SLOW_CLI = textwrap.dedent(
     """
 )
 SCHEMA = jsonschema.Draft202012Validator(
-    json.loads((Path(__file__).resolve().parents[1] / "ops" / "events.schema.json").read_text())
+    json.loads((Path(__file__).resolve().parents[2] / "ops" / "events.schema.json").read_text())
 )
 ONE_AT_A_TIME = ["--set", "unpack_workers=1", "--set", "prepare_workers=1", "--set", "export_workers=1"]
 

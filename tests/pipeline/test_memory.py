@@ -144,14 +144,14 @@ def test_the_estimate_bounds_what_torch_resampling_holds(
     """torch allocates outside Python's allocator, where tracemalloc sees nothing: measured as
     the rise of a fresh process's peak RSS over each step."""
     code = (
-        "import json, sys; sys.path.insert(0, sys.argv[1]); import test_memory as t; "
+        "import json, os, sys; sys.path[:0] = sys.argv[1].split(os.pathsep); import test_memory as t; "
         "print(json.dumps(t._torch_peaks(t.Path(sys.argv[2]), *json.loads(sys.argv[3]))))"
     )
     argv = [
         sys.executable,
         "-c",
         code,
-        str(Path(__file__).parent),
+        os.pathsep.join(str(folder) for folder in (Path(__file__).parent, Path(__file__).parents[1])),
         str(tmp_path),
         json.dumps([shape, spacing]),
     ]

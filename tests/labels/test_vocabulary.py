@@ -22,7 +22,7 @@ from asyncflow.reading.scan import scan
 from asyncflow.writing.base import Algorithm, LabelMap, OutputOptions
 from asyncflow.writing.registry import write_outputs
 
-PUBLIC = json.loads((Path(__file__).parent / "data" / "public_label_names.json").read_text())
+PUBLIC = json.loads((Path(__file__).parents[1] / "data" / "public_label_names.json").read_text())
 NAMES = [(model, name, codes) for model, names in PUBLIC["models"].items() for name, codes in names.items()]
 
 

@@ -26,7 +26,7 @@ from asyncflow.cli.monitor import Monitor
 from asyncflow.cli.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom
 from asyncflow.log import configure_logging
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OPS = ROOT / "ops"
 SCHEMA = json.loads((OPS / "events.schema.json").read_text())
 EVENTS: dict[str, dict[str, Any]] = SCHEMA["$defs"]
@@ -100,11 +100,11 @@ def test_the_schema_rejects_undocumented_events_and_fields() -> None:
 
 
 def test_every_event_in_the_code_is_in_the_schema_and_the_runbook() -> None:
-    code = "\n".join(p.read_text() for p in (ROOT / "asyncflow").rglob("*.py"))
+    code = "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "asyncflow").rglob("*.py"))
     emitted = set(re.findall(r"log\.(?:debug|info|warning|error)\(\s*\"([a-z0-9_]+\.[a-z0-9_]+)\"", code))
     emitted.add("library.logged")  # set by the stdlib bridge in log.py
     assert emitted == set(EVENTS)
-    runbook = (OPS / "README.md").read_text()
+    runbook = (OPS / "README.md").read_text(encoding="utf-8")
     assert all(f"| `{event}` |" in runbook for event in EVENTS)
 
 
