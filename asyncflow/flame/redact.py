@@ -47,8 +47,8 @@ def redact_report(report: Mapping[str, Any]) -> dict[str, Any]:
     for case in report.get("cases", []):
         case = {k: v for k, v in case.items() if k != "location"}
         case["origin"] = names.get(str(case.get("origin")), "input-unknown")
-        for key in ("error", "fallback"):
-            case[key] = clean(case.get(key))
+        for key in ("error", "fallback", *(k for k in case if k.endswith("_error"))):
+            case[key] = clean(case.get(key))  # an output's error (statistics_error ...) may quote a path
         cases.append(case)
     return {
         **report,

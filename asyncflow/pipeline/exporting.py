@@ -170,15 +170,19 @@ class Export:
 
 
 def _event_fields(artifacts: Iterable[Artifact]) -> dict[str, Any]:
-    """What ``case.exported`` says of the artifacts: every report field but their file names
-    (which may carry a patient's name), messages scrubbed of paths."""
+    """What ``case.exported`` says of the artifacts: each report field of those made but their
+    file names (which may carry a patient's name), and why each missing one is missing
+    (``outputs_missing``), messages scrubbed of paths."""
     fields: dict[str, Any] = {}
+    missing: dict[str, str] = {}
     for artifact in artifacts:
+        if artifact.error is not None:
+            missing[artifact.writer] = scrub(artifact.error)
+            continue
         for name, value in artifact.report.items():
-            if value is None or value == artifact.name:
-                continue
-            fields[name] = scrub(value) if isinstance(value, str) else value
-    return fields
+            if value is not None and value != artifact.name:
+                fields[name] = scrub(value) if isinstance(value, str) else value
+    return {**fields, **({"outputs_missing": missing} if missing else {})}
 
 
 def _finish_case(

@@ -133,7 +133,8 @@ class Writer:
     ``name`` is the artifact's kind; ``title`` what people call it; ``folder`` where its files go;
     ``result_key`` the result map that holds them; ``report_field`` the case report's field that
     names its file (its error: ``<report_field>_error``); ``report_defaults`` fields every case's
-    report holds before anything is written; ``primary``: it is the case's output; ``deliver``:
+    report holds before anything is written; ``beside``: the writer whose output this one goes
+    with (it applies once that one is made, unless :meth:`applies` says otherwise); ``primary``: it is the case's output; ``deliver``:
     sent to a PACS with the case. An ``optional`` writer runs only when asked for by ``name``
     (setting ``outputs``), by the command-line ``flag`` or by the boolean ``setting`` that named it
     before; ``help`` says what it writes.
@@ -145,6 +146,7 @@ class Writer:
     result_key: str | None = None
     report_field: str | None = None
     report_defaults: ClassVar[Mapping[str, object]] = {}
+    beside: str | None = None
     primary: bool = False
     deliver: bool = False
     optional: bool = False
@@ -154,7 +156,10 @@ class Writer:
 
     def applies(self, job: LabelMap, made: Mapping[str, Artifact]) -> bool:
         """Whether this case gets this output, given what the writers before made (by name)."""
-        raise NotImplementedError
+        if self.beside is None:
+            return True
+        companion = made.get(self.beside)
+        return companion is not None and companion.made
 
     def write(self, job: LabelMap, made: Mapping[str, Artifact]) -> Artifact:
         """The output; raising means it is missing, with the error as the reason."""

@@ -19,11 +19,8 @@ class MitkLabelWriter(Writer):
     name = "mitk_label"
     title = "MITK label file"
     folder = "dicom_seg"
+    beside = "dicom_seg"
     result_key = "label_json_bytes"
-
-    def applies(self, job: LabelMap, made: Mapping[str, Artifact]) -> bool:
-        seg = made.get("dicom_seg")
-        return seg is not None and seg.made
 
     def write(self, job: LabelMap, made: Mapping[str, Artifact]) -> Artifact:
         prepared = job.prepared

@@ -176,6 +176,7 @@ class RtStructWriter(Writer):
     name = "rtstruct"
     title = "RT Structure Set"
     folder = "dicom_seg"
+    beside = "dicom_seg"
     result_key = "dicom_rtstruct_bytes"
     report_field = "rtstruct"
     deliver = True
@@ -186,10 +187,6 @@ class RtStructWriter(Writer):
         "beside each DICOM SEG, its label map as a DICOM RT Structure Set (contours per source "
         "image, <case>.rtstruct.dcm), for radiotherapy planning systems; sent with the SEG under --send"
     )
-
-    def applies(self, job: LabelMap, made: Mapping[str, Artifact]) -> bool:
-        seg = made.get("dicom_seg")
-        return seg is not None and seg.made
 
     def write(self, job: LabelMap, made: Mapping[str, Artifact]) -> Artifact:
         labels, grid = job.on_source

@@ -124,6 +124,7 @@ class MeasurementReportWriter(Writer):
     name = "sr"
     title = "DICOM SR"
     folder = "dicom_seg"
+    beside = "dicom_seg"
     result_key = "dicom_sr_bytes"
     report_field = "measurement_report"
     deliver = True
@@ -134,10 +135,6 @@ class MeasurementReportWriter(Writer):
         "beside each DICOM SEG, its label volumes and intensities as a DICOM SR (TID 1500 "
         "Measurement Report, <case>.sr.dcm), sent with the SEG under --send"
     )
-
-    def applies(self, job: LabelMap, made: Mapping[str, Artifact]) -> bool:
-        seg = made.get("dicom_seg")
-        return seg is not None and seg.made
 
     def write(self, job: LabelMap, made: Mapping[str, Artifact]) -> Artifact:
         seg, statistics = made["dicom_seg"], made.get("statistics")

@@ -22,9 +22,6 @@ class StatisticsWriter(Writer):
     report_field = "statistics"
     report_defaults: ClassVar[Mapping[str, object]] = {"statistics": None}
 
-    def applies(self, job: LabelMap, made: Mapping[str, Artifact]) -> bool:
-        return True
-
     def write(self, job: LabelMap, made: Mapping[str, Artifact]) -> Artifact:
         if job.intensities is None:
             raise ValueError("the source's intensities are not at hand")

@@ -37,6 +37,15 @@ REPORT = {
             "fallback": None,
             "series_number": 3,
         },
+        {
+            "case_id": "case-0002",
+            "origin": "bucket/Doe_Jane/ct.tar",
+            "location": "Doe_Jane/MR",
+            "status": "done",
+            "error": None,
+            "fallback": None,
+            "statistics_error": "FileNotFoundError: [Errno 2] /tmp/asyncflow-x/inputs/0000/Doe_Jane/MR/1",
+        },
     ],
     "skipped_files": [
         {
@@ -61,7 +70,8 @@ def test_a_redacted_report_names_inputs_and_files_by_position_only() -> None:
     assert "Doe" not in repr(redacted) and "Jane" not in repr(redacted)
     assert [i["name"] for i in redacted["inputs"]] == ["input-0", "input-1"]
     assert redacted["inputs"][1]["error"] == "archive could not be read: OSError: [Errno 5] <path>"
-    (case,) = redacted["cases"]
+    case, other = redacted["cases"]
+    assert other["statistics_error"] == "FileNotFoundError: [Errno 2] <path>"  # an output's error too
     assert "location" not in case and case["origin"] == "input-0" and case["series_number"] == 3
     assert case["error"] == "prepare: ValueError: series has a gap"  # reasons stay
     assert [(s["path"], s["reason"][:12]) for s in redacted["skipped_files"]] == [
