@@ -94,7 +94,7 @@ def test_every_file_a_page_names_is_there(page: Path) -> None:
 
 def test_contributing_maps_every_module_of_the_package() -> None:
     """CONTRIBUTING's "Where things are" names each module under its folder, and no other."""
-    text = (ROOT / "CONTRIBUTING.md").read_text()
+    text = (ROOT / "CONTRIBUTING.md").read_text(encoding="utf-8")
     block = text[text.index("```\nasyncflow/\n") :].split("```")[1]
     mapped: dict[str, set[str]] = {}
     for line in block.splitlines()[2:]:
