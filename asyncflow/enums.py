@@ -69,6 +69,7 @@ class InputFailure(StrEnum):
     NOT_FOUND = "object not found"  # the store has no such object (a key the analyst named)
     FETCH_REFUSED = "object refused"  # the store answered 4xx: retrying would not help
     FETCH_FAILED = "object not fetched"  # transient errors (connect, timeout, 5xx) on every try
+    NOT_READ = "not read"  # the request stopped before it read the input (or all of it)
 
 
 class FileKind(StrEnum):

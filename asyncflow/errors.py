@@ -7,7 +7,15 @@ All are raised with a message that says what to fix. ``run_request`` raises
 
 from __future__ import annotations
 
-__all__ = ["LabelError", "ModelError", "RequestError", "SegCheckError", "SettingsError", "V1RunError"]
+__all__ = [
+    "Interrupted",
+    "LabelError",
+    "ModelError",
+    "RequestError",
+    "SegCheckError",
+    "SettingsError",
+    "V1RunError",
+]
 
 
 class SettingsError(ValueError):
@@ -32,3 +40,17 @@ class SegCheckError(ValueError):
 
 class V1RunError(RuntimeError):
     """``nnUNet_predict`` failed as a whole: non-zero exit, timeout, or no start (a case's failure)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A request stopped by a signal (SIGINT, SIGTERM, SIGHUP): what finished is kept, the rest is
+    ``pending``. A KeyboardInterrupt, so that code which handles Ctrl-C handles every stop."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal's number, as a shell reports a process ended by it."""
+        return 128 + self.signum

@@ -72,7 +72,7 @@ def configure_logging(
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
-    _route_standard_logging(stream, level, shared, renderer)
+    _route_standard_logging(stream, level, shared, renderer, json_file)
     global _configured_level
     _configured_level = level
 
@@ -159,20 +159,32 @@ def _library_record(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Mu
     return event_dict
 
 
-def _route_standard_logging(stream: TextIO, level: int, shared: list[Any], renderer: Any) -> None:
-    handler = logging.StreamHandler(stream)
-    handler.set_name(_HANDLER_NAME)
-    handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=[*shared, _library_record],
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+def _route_standard_logging(
+    stream: TextIO, level: int, shared: list[Any], renderer: Any, json_file: TextIO | None
+) -> None:
+    """Libraries' records (``library.logged``) to ``stream`` at ``level`` (warnings at least),
+    and to ``json_file`` from warnings up, whatever ``stream`` shows."""
+    console_level = level if level < logging.INFO else max(level, logging.WARNING)
+    outputs = [(stream, renderer, console_level, _HANDLER_NAME)]
+    if json_file is not None:
+        outputs.append(
+            (json_file, structlog.processors.JSONRenderer(), logging.WARNING, f"{_HANDLER_NAME}-file")
         )
-    )
     root = logging.getLogger()
-    for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
+    for old in [h for h in root.handlers if (h.get_name() or "").startswith(_HANDLER_NAME)]:
         root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(level if level < logging.INFO else max(level, logging.WARNING))
+    for target, render, threshold, name in outputs:
+        handler = logging.StreamHandler(target)
+        handler.set_name(name)
+        handler.setLevel(threshold)
+        handler.setFormatter(
+            structlog.stdlib.ProcessorFormatter(
+                foreign_pre_chain=[*shared, _library_record],
+                processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, render],
+            )
+        )
+        root.addHandler(handler)
+    root.setLevel(min(threshold for _, _, threshold, _ in outputs))
     logging.captureWarnings(True)  # warnings.warn (torch, nnU-Net) as records of "py.warnings"
 
 

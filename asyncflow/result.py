@@ -25,6 +25,9 @@ class Progress:
     total: int | None
     fetched: int = 0  # objects whose fetch has ended, fetched or lost
     objects: int = 0  # objects the request fetches (0: its inputs came as bytes or files)
+    known: int = 0  # cases assembled so far (``total`` once every input is read)
+    inputs_read: int = 0  # inputs unpacked and assembled, or lost
+    inputs: int = 0  # the request's inputs
 
 
 @dataclass

@@ -184,6 +184,10 @@ class Settings:
     fetch_window: int = 0
     fetch_tries: int = 4  # tries per object (and per listing page) before it is given up
     fetch_backoff_s: float = 1.0  # wait after the first failed try; doubled after each next one
+    # After a first interrupt (Ctrl-C, SIGTERM, SIGHUP) no new case starts and those in flight
+    # finish; after this many seconds, or a second interrupt, the request stops now
+    # (asyncflow.pipeline.stopping)
+    grace_s: float = 60.0
 
     # Limits on untrusted input (docs/explanation/security.md): an input over one fails alone, with the reason.
     max_archive_bytes: int = 100 << 30  # bytes one archive may expand to
@@ -224,6 +228,10 @@ class Settings:
             raise SettingsError(
                 f"memory_budget_gb must be 0 (automatic) or positive, got {self.memory_budget_gb}"
             )
+        if self.grace_s < 0:
+            raise SettingsError(f"grace_s must not be negative, got {self.grace_s}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise SettingsError(f"torch_threads must be at least 1, got {self.torch_threads}")
         if not 0 < self.tile_step_size <= 1:
             raise SettingsError(f"tile_step_size must be in (0, 1], got {self.tile_step_size}")
         if self.v1_case_timeout_s <= 0:

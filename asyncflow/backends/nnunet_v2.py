@@ -21,15 +21,18 @@ the logits and takes their argmax on its device (:class:`CroppedLabels`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
 import numpy as np
 import SimpleITK as sitk
 
@@ -43,6 +46,7 @@ from asyncflow.machine import half_the_cores
 __all__ = ["CroppedLabels", "Logits", "ModelInput", "NnUNetV2Backend", "NnUNetV2Steps"]
 
 log = get_logger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -301,7 +305,7 @@ class NnUNetV2Backend:
         return predictor
 
     async def predict(self, cases: Sequence[PreparedCase]) -> list[Logits | CroppedLabels | Exception]:
-        return [await anyio.to_thread.run_sync(self.logits, case) for case in cases]
+        return [await _abandonable(self.logits, case) for case in cases]
 
     def logits(self, prepared: PreparedCase) -> Logits | CroppedLabels:
         """The network's logits for a preprocessed case, or with ``resampling="torch-device"``
@@ -349,3 +353,26 @@ def _as_simpleitkio_read(images: Sequence[sitk.Image]) -> tuple[np.ndarray, dict
         "spacing": [abs(s) for s in first.GetSpacing()[::-1]],
     }
     return data, properties
+
+
+async def _abandonable(fn: Callable[[PreparedCase], T], case: PreparedCase) -> T:
+    """``fn(case)`` in a daemon thread of its own: cancelling the caller (a request stopped now)
+    abandons it, and the process's exit does not wait for it (a worker thread's would)."""
+    token = anyio.lowlevel.current_token()
+    done = anyio.Event()
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, fn(case)))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            outcome.append((False, exc))
+        with contextlib.suppress(RuntimeError):  # the event loop has ended: nobody waits
+            anyio.from_thread.run_sync(done.set, token=token)
+
+    threading.Thread(target=run, name="asyncflow-network", daemon=True).start()
+    await done.wait()
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value

@@ -2,19 +2,22 @@
 ``monitor`` over what runs leave.
 
 Exit codes: 0 every case done, 1 some cases failed, 2 usage or request error, 3 internal error,
-130 interrupted, 141 the reader of the output went away.
+128 + the signal when stopped by one (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP), 141 the reader of
+the output went away.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -22,11 +25,12 @@ from asyncflow.backends.base import Backend, ModelInfo
 from asyncflow.cli.manifest import MANIFEST, run_manifest
 from asyncflow.cli.parser import build_parser, overrides, statistics_bounds
 from asyncflow.cli.progress import ProgressDisplay
-from asyncflow.errors import LabelError, ModelError, RequestError, SettingsError
+from asyncflow.errors import Interrupted, LabelError, ModelError, RequestError, SettingsError
 from asyncflow.log import Stopwatch, configure_logging
 from asyncflow.pipeline.journal import OutputFolder
 from asyncflow.pipeline.model import locate_model
 from asyncflow.pipeline.run import run_request_sync
+from asyncflow.pipeline.stopping import Stop, can_watch_signals
 from asyncflow.result import Result
 from asyncflow.settings import Settings, packaged_demo_model
 from asyncflow.stats.measure import statistics_csv
@@ -139,6 +143,11 @@ def _monitor(args: argparse.Namespace) -> int:
             pass  # the summary of what was read so far
     if live:  # the final state stays on screen above the summary
         print("\r\033[K" + render_live(monitor.snapshot()), file=sys.stderr)
+    if not monitor.events and monitor.ignored:
+        raise SettingsError(
+            f"{args.log.name}: no asyncflow event in its {monitor.ignored} line(s): monitor reads the JSON "
+            "lines of --log-file or --json-logs (report.json is a report: asyncflow stats reads it)"
+        )
     summary = monitor.summary()
     print(json.dumps(summary, indent=2) if args.json else render_summary(summary))
     return EXIT_DONE
@@ -152,9 +161,11 @@ def _configure_logs(args: argparse.Namespace, bar: ProgressDisplay | None = None
         level = logging.WARNING if args.quiet else logging.INFO
     else:  # above a live line only warnings (info lines go to --log-file); without one, info as well
         level = logging.ERROR if args.quiet else logging.WARNING if bar.enabled else logging.INFO
+    # The demo is for people: beside its table only warnings, readable, unless JSON is asked for.
+    people = args.command == "demo" and not args.json_logs
     configure_logging(
-        json=True if args.json_logs else None,
-        level=level,
+        json=True if args.json_logs else False if people else None,
+        level=max(level, logging.WARNING) if people else level,
         stream=bar.stream() if bar is not None else None,
         json_file=log_file,
     )
@@ -180,6 +191,9 @@ def _request(
     args.output = args.output or settings.output_dir
     if not entries or args.output is None:
         raise SettingsError("name INPUT... and --output DIR (or set nnUNet_input and nnUNet_output)")
+    missing = [str(entry) for entry in entries if not Path(entry).exists()]
+    if missing:  # before the output folder is made
+        raise SettingsError(f"no such input: {', '.join(missing)}")
     return settings, entries, OutputFolder(args.output, resume=args.resume, overwrite=args.overwrite), None
 
 
@@ -200,6 +214,7 @@ def _segment(args: argparse.Namespace, backend: Backend | Sequence[Backend] | No
                 on_stage=bar.stage,
                 on_finish=ended.append,
                 sink=folder,
+                stop=Stop(settings.grace_s, _announce(bar)),
             )
         except BaseException:
             if ended:  # interrupted, no usable case, a crash: the report says what was known by then
@@ -214,7 +229,8 @@ def _segment(args: argparse.Namespace, backend: Backend | Sequence[Backend] | No
         bar.close()
         if log_file is not None:
             log_file.close()
-    _write_report(result, settings, folder)
+    with _signals_interrupt():  # the request's own handlers are gone: a signal now ends the command
+        _write_report(result, settings, folder)
     scores = None
     if demo_inputs is not None:
         from asyncflow.cli.demo import score
@@ -223,6 +239,42 @@ def _segment(args: argparse.Namespace, backend: Backend | Sequence[Backend] | No
         scores = score(args.output, demo_inputs, {label.name: value for value, label in labels.items()})
     print(_summary(result, args.output, scores))
     return EXIT_DONE if result.status == "done" else EXIT_SOME_FAILED
+
+
+def _announce(bar: ProgressDisplay) -> Callable[[int, int, float], None]:
+    """What the first interrupt does, said at once."""
+
+    def announce(signum: int, in_flight: int, grace_s: float) -> None:
+        again = "Ctrl-C" if signum == signal.SIGINT else f"{signal.Signals(signum).name} or Ctrl-C"
+        print(
+            f"asyncflow: stopping: no new case starts; finishing {in_flight} case(s) in flight "
+            f"(for at most {grace_s:g} s); {again} again to stop now",
+            file=bar.stream() or sys.stderr,
+            flush=True,
+        )
+
+    return announce
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP end the command as Ctrl-C does, outside a request (whose own handlers
+    stop it in two steps); the handlers before are put back."""
+    if not can_watch_signals():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        for signum in before:
+            signal.signal(signum, interrupt)
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
 
 
 # The commands that segment nothing; run and demo are _segment's.
@@ -240,14 +292,17 @@ def main(argv: Sequence[str] | None = None, *, backend: Backend | Sequence[Backe
     args = build_parser().parse_args(argv)
     watch = Stopwatch()
     try:
-        command = _COMMANDS.get(args.command)
-        return command(args) if command is not None else _segment(args, backend)
+        with _signals_interrupt():
+            command = _COMMANDS.get(args.command)
+            return command(args) if command is not None else _segment(args, backend)
     except (SettingsError, ModelError, RequestError, LabelError) as exc:
         print(f"asyncflow: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        print(f"asyncflow: interrupted after {watch.seconds:.1f} s", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        code = exc.exit_code if isinstance(exc, Interrupted) else 128 + signal.SIGINT
+        name = signal.Signals(code - 128).name
+        print(f"asyncflow: interrupted ({name}) after {watch.seconds:.1f} s", file=sys.stderr)
+        return code
     except BrokenPipeError:  # the reader went away (| head): no traceback, and none at exit either
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, as a shell reports a command killed by it

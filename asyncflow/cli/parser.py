@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,11 @@ __all__ = ["build_parser", "overrides", "statistics_bounds"]
 
 # Settings a model option names; the demo has none of these (its model is the built-in one).
 _MODEL_FIELDS = ("backend", "results_folder", "task_name", "trainer", "plans", "configuration", "folds")
+
+
+def _values(choices: type[StrEnum]) -> list[str]:
+    """An enum's values as plain strings: argparse shows choices by their repr."""
+    return [member.value for member in choices]
 
 
 def _stock(name: str) -> str:
@@ -69,7 +75,7 @@ def _add_seg_options(parser: argparse.ArgumentParser) -> None:
             group.add_argument(writer.flag, action="store_true", dest=f"output_{name}", help=writer.help)
     group.add_argument(
         "--seg-type",
-        choices=list(SegType),
+        choices=_values(SegType),
         type=str.upper,
         help="segmentation type (default BINARY; LABELMAP is new and not every reader knows it)",
     )
@@ -82,12 +88,12 @@ def _add_seg_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--seg-compression",
-        choices=list(SegCompression),
+        choices=_values(SegCompression),
         help="lossless frame compression, FRACTIONAL/LABELMAP only (default none: every reader opens it)",
     )
     group.add_argument(
         "--deidentify",
-        choices=list(DeidentifyProfile),
+        choices=_values(DeidentifyProfile),
         help="basic: DICOM PS3.15's Basic Profile with the Retain UIDs Option on every SEG "
         "(default none here; the FLAME analyzer's default is basic)",
     )
@@ -97,7 +103,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument(
         "--backend",
-        choices=list(ModelGeneration),
+        choices=_values(ModelGeneration),
         help="nnU-Net generation: v2 in process, v1 through nnUNet_predict (default auto: by the model's files)",
     )
     group.add_argument(
@@ -134,12 +140,19 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--threads", type=int, dest="torch_threads", help="torch CPU threads")
     group.add_argument(
         "--resampling",
-        choices=tuple(Resampling),
+        choices=_values(Resampling),
         help="model (default: the plans' own, as nnUNetv2_predict), torch (nnU-Net's torch "
         "resampling, several times less CPU), torch-device (the logits' on the prediction device)",
     )
     parser.add_argument(
         "--work-dir", type=Path, help="parent folder of temporary files (default: system temp)"
+    )
+    parser.add_argument(
+        "--grace-s",
+        type=float,
+        metavar="SECONDS",
+        help="after a first Ctrl-C (or SIGTERM, SIGHUP) no new case starts and those in flight finish; "
+        "after this long, or a second one, it stops now (default 60)",
     )
     parser.add_argument(
         "--set",
@@ -327,6 +340,7 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
         "tile_step_size",
         "use_mirroring",
         "torch_threads",
+        "grace_s",
         "resampling",
         "volumes",
         "send",

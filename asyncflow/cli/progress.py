@@ -69,13 +69,20 @@ class ProgressDisplay:
         ended = progress.done + progress.failed
         running = " · ".join(f"{stage} {stages[stage]}" for stage in _STAGES)
         postfix = f"failed {progress.failed} | {running}"
+        prefix, total = "segmenting", progress.total
+        if total is None and progress.known:  # inputs still being read: what is known so far
+            prefix = (
+                f"segmenting (at least {progress.known} cases, {progress.inputs_read} of "
+                f"{progress.inputs} inputs read)"
+            )
+            total = progress.known if ended else None  # an ETA for those, once one case has ended
         return str(
             tqdm.format_meter(
                 n=ended,
-                total=progress.total,
+                total=total,
                 elapsed=time.monotonic() - self._started,
                 ncols=width,
-                prefix="segmenting",
+                prefix=prefix,
                 unit="case",
                 postfix=postfix,
             )

@@ -19,8 +19,9 @@ shape it:
   result goes through ``bytes(result)`` with ``output_type="bytes"`` (the SDK
   falls back to pickle when that fails).
 - In FLAME's local test mode each node is a thread of one process:
-  ``analysis_method`` installs no signal handler and runs the pipeline with
-  :func:`anyio.run` in the calling thread.
+  ``analysis_method`` runs the pipeline with :func:`anyio.run` in the calling thread and
+  installs a signal handler only in the main thread (one node per process, as
+  ``asyncflow flame`` runs it: SIGTERM then stops the request in two steps).
 """
 
 from __future__ import annotations

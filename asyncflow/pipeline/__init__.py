@@ -13,6 +13,7 @@
 - :mod:`~asyncflow.pipeline.budget`: the memory budget of the cases in flight
 - :mod:`~asyncflow.pipeline.keys`: what names a case and a model (resume, SEG UIDs)
 - :mod:`~asyncflow.pipeline.journal`: the output folder and its journal (``--resume``)
+- :mod:`~asyncflow.pipeline.stopping`: stopping in two steps on SIGINT, SIGTERM, SIGHUP
 """
 
 __all__: list[str] = []

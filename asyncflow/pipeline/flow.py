@@ -21,6 +21,7 @@ from asyncflow.enums import Stage
 from asyncflow.log import Stopwatch
 from asyncflow.pipeline.budget import MemoryBudget
 from asyncflow.pipeline.ledger import Ledger
+from asyncflow.pipeline.stopping import Stop
 from asyncflow.pipeline.workspace import Workspace
 
 __all__ = ["CaseFlow"]
@@ -31,11 +32,14 @@ R = TypeVar("R")
 class CaseFlow:
     """A request's cases as they move through the stages (used from its event loop)."""
 
-    def __init__(self, ledger: Ledger, workspace: Workspace, budget: MemoryBudget) -> None:
-        self.ledger, self.workspace, self.budget = ledger, workspace, budget
+    def __init__(self, ledger: Ledger, workspace: Workspace, budget: MemoryBudget, stop: Stop) -> None:
+        self.ledger, self.workspace, self.budget, self.stop = ledger, workspace, budget, stop
 
     def enter(self, case: Case, stage: Stage) -> bool:
-        """True: ``case`` is now in ``stage``. False: the assembly withdrew it, and it has ended."""
+        """True: ``case`` is now in ``stage``. False: the assembly withdrew it, and it has ended;
+        or the request is stopping and the case has not started (it stays ``pending``)."""
+        if stage is Stage.PREPARE and self.stop.draining:
+            return False
         if self.ledger.is_withdrawn(case):
             self.end(case)
             return False

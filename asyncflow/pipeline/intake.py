@@ -79,9 +79,9 @@ class Intake:
         """Unpack and scan inputs (scanning here, not in ``assemble``, spreads it over the workers)."""
         leader = not self.unpack_leader_taken
         self.unpack_leader_taken = True
-        if not leader:
-            await self.first_input_assembled.wait()
         async with items, send:
+            if not leader:
+                await self.first_input_assembled.wait()
             async for item in items:  # each worker takes the next input the feed sends
                 watch = Stopwatch()
                 try:

@@ -5,7 +5,8 @@ case's outputs as the case ends (to a temporary name in the same folder, fsync'd
 then renamed: a killed run leaves no partial file), then appends the case's journal
 line (``journal.jsonl``, fsync'd): its key and the model key
 (:mod:`asyncflow.pipeline.keys`), its artifacts (:class:`asyncflow.artifact.Artifact`, less
-their bytes), its report and the sha256 of its source files. A resumed request does not write an archive member with one of those
+their bytes), its report and the sha256 of its source files. Its first line, written as the folder is taken, says that asyncflow started
+there: a run stopped before any case ended can be resumed too. A resumed request does not write an archive member with one of those
 hashes (:class:`asyncflow.reading.archives.Withhold`). A line that cannot be read,
 or names outputs that are gone, is ignored: the case is done again, never resumed
 wrongly.
@@ -19,6 +20,7 @@ import os
 import threading
 import uuid
 from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -108,6 +110,10 @@ class OutputFolder:
             probe.unlink()
         except OSError as exc:
             raise SettingsError(f"output folder {path} cannot be written: {exc.strerror}") from None
+        if not (path / JOURNAL).is_file():  # from the start: a run stopped before any case ends resumes
+            self._append(
+                {"journal": JOURNAL_VERSION, "started": datetime.now(UTC).isoformat(timespec="seconds")}
+            )
 
     # -- the journal ------------------------------------------------------------------
 

@@ -8,14 +8,15 @@ wrote: a partial volume is never returned.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from asyncflow.artifact import Artifact, Delivery
 from asyncflow.case import Case, CaseReport, SkippedFile
-from asyncflow.enums import CaseStatus, RequestStatus, Stage
+from asyncflow.enums import CaseStatus, InputFailure, RequestStatus, Stage
 from asyncflow.log import get_logger, scrub
 from asyncflow.reading.archives import UnpackedInput
+from asyncflow.reading.request import InputItem
 from asyncflow.result import Progress, Result
 from asyncflow.writing.registry import report_defaults, result_keys
 
@@ -44,6 +45,7 @@ class Ledger:
         on_stage: Callable[[str, str | None, Progress], None] | None = None,
         objects: int = 0,
         model: dict[str, Any] | None = None,
+        items: Sequence[InputItem] = (),
     ) -> None:
         self.on_progress = on_progress
         self.model = model  # the report's: what produced the outputs (asyncflow.pipeline.keys)
@@ -53,12 +55,14 @@ class Ledger:
         self.reports: dict[str, CaseReport] = {}
         self.keys: dict[str, str | None] = {}  # case id -> its key (asyncflow.pipeline.keys)
         self.withdrawn: set[str] = set()  # case ids whose results must not be returned
+        self.started: set[str] = set()  # case ids in a stage, not ended
         # case id -> the files it wrote: (the Result's map they are in, folder in an output folder, name)
         self.written: dict[str, list[tuple[str | None, str, str]]] = {}
         self.inputs: list[dict[str, Any]] = []  # the report's, one per input read
         self.files: dict[str, dict[str, bytes]] = {key: {} for key in result_keys()}  # the Result's
         self.total: int | None = None  # cases, once every input is assembled
         self.objects = objects  # inputs to fetch from a store
+        self.items = items  # the request's inputs, read or not
         self.fetched = 0  # of those, the ones whose fetch has ended
 
     def add_input(self, unpacked: UnpackedInput) -> None:
@@ -75,6 +79,23 @@ class Ledger:
                 "failure": unpacked.failure,
             }
         )
+
+    def _unread(self) -> list[dict[str, Any]]:
+        """The report's entries of the inputs a stopped request did not read (or not whole)."""
+        read = {entry["index"] for entry in self.inputs}
+        return [
+            {
+                "index": item.index,
+                "name": item.name,
+                "kind": None,
+                "files": 0,
+                "bytes": item.size,
+                "error": "not read (or not whole): the request stopped first",
+                "failure": InputFailure.NOT_READ,
+            }
+            for item in self.items
+            if item.index not in read
+        ]
 
     def fetch_ended(self) -> None:
         """One more object of the request is on disk, or lost: progress says so."""
@@ -103,6 +124,7 @@ class Ledger:
 
     def enter(self, case: Case, stage: Stage) -> None:
         """``case`` is now in ``stage`` (for a live display)."""
+        self.started.add(case.case_id)
         if self.on_stage is not None:
             self.on_stage(case.case_id, str(stage), self.progress())
 
@@ -114,6 +136,9 @@ class Ledger:
             total=self.total,
             fetched=self.fetched,
             objects=self.objects,
+            known=len(statuses),
+            inputs_read=len(self.inputs),
+            inputs=len(self.items),
         )
 
     def add_seconds(self, case: Case, stage: Stage, seconds: float) -> None:
@@ -169,7 +194,12 @@ class Ledger:
         log.info("case.resumed", case_id=case.case_id, **case_identity(case))
         self._finished(case, report)
 
+    def in_flight(self) -> int:
+        """Cases that entered a stage and have not ended."""
+        return len(self.started)
+
     def _finished(self, case: Case, report: CaseReport) -> None:
+        self.started.discard(case.case_id)
         if self.on_stage is not None:
             self.on_stage(case.case_id, None, self.progress())
         log.info(
@@ -219,6 +249,7 @@ class Ledger:
 
     def forget(self, case_id: str) -> None:
         self.reports.pop(case_id, None)
+        self.started.discard(case_id)
         if self.on_stage is not None:
             self.on_stage(case_id, None, self.progress())
         written = self.written.pop(case_id, [])
@@ -264,7 +295,7 @@ class Ledger:
             status=status,
             files=self.files,
             cases=reports,
-            inputs=sorted(self.inputs, key=lambda i: i["index"]),
+            inputs=sorted([*self.inputs, *self._unread()], key=lambda i: i["index"]),
             skipped=skipped,
             duration_s=duration_s,
             error=error,

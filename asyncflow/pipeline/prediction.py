@@ -22,7 +22,10 @@ from asyncflow.enums import Stage
 from asyncflow.log import Stopwatch, bound_case, get_logger, scrub
 from asyncflow.pipeline.flow import CaseFlow
 
-__all__ = ["PredictionWorker"]
+__all__ = ["SLOW_ON_CPU_S", "PredictionWorker"]
+
+# Seconds per case on the CPU from which the worker says, once, what would be faster.
+SLOW_ON_CPU_S = 60.0
 
 log = get_logger(__name__)
 
@@ -33,6 +36,7 @@ class PredictionWorker:
 
     def __init__(self, number: int, backend: Backend, flow: CaseFlow) -> None:
         self.number, self.backend, self.flow = number, backend, flow
+        self.advised = False  # predict.slow said once
 
     async def run(
         self,
@@ -97,6 +101,20 @@ class PredictionWorker:
                 else:
                     await self._hand_on(prepared, outcome, seconds, len(batch), receive, send)
 
+    def _advise(self, seconds: float) -> None:
+        """Once: a first case slow on the CPU, and what would make the next ones faster."""
+        if self.advised or str(self.backend.device) != "cpu" or seconds < SLOW_ON_CPU_S:
+            return
+        self.advised = True
+        log.warning(
+            "predict.slow",
+            worker=self.number,
+            device="cpu",
+            duration_s=round(seconds, 1),
+            advice="on the CPU: --no-mirroring predicts several times faster, --resampling torch cuts "
+            "the CPU work around the network, and a GPU (--device cuda) is what nnU-Net is made for",
+        )
+
     async def _hand_on(
         self,
         prepared: PreparedCase,
@@ -121,6 +139,7 @@ class PredictionWorker:
             worker=self.number,
             predict_queue=receive.statistics().current_buffer_used,
         )
+        self._advise(seconds / batch)
         waited = Stopwatch()
         await send.send((prepared, outcome))
         if waited.seconds >= 0.001:  # every export worker busy and the queue full: CPU shortage

@@ -38,9 +38,9 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from asyncflow.backends.base import Backend
 from asyncflow.backends.plan import ModelPlan
-from asyncflow.case import SkippedFile
+from asyncflow.case import Case, SkippedFile
 from asyncflow.enums import CaseStatus, RequestStatus
-from asyncflow.errors import RequestError
+from asyncflow.errors import Interrupted, RequestError
 from asyncflow.labels.config import load_label_config
 from asyncflow.log import Stopwatch, get_logger, scrub
 from asyncflow.machine import peak_rss_bytes
@@ -54,7 +54,8 @@ from asyncflow.pipeline.ledger import Ledger
 from asyncflow.pipeline.model import build_plan
 from asyncflow.pipeline.prediction import PredictionWorker
 from asyncflow.pipeline.preparing import Preparation
-from asyncflow.pipeline.workspace import Workspace, check_free_space
+from asyncflow.pipeline.stopping import Stop, can_watch_signals
+from asyncflow.pipeline.workspace import Workspace, check_free_space, sweep_stale
 from asyncflow.reading.request import Entry, InputItem, request_items
 from asyncflow.result import Progress, Result
 from asyncflow.settings import Settings
@@ -109,31 +110,61 @@ class _Request:
         self.preparation = Preparation(flow, plan.steps, plan.needs_files)
         self.export = Export(flow, settings, plan, label_config, sink, model, self.intake.sources)
 
-    async def run(self, items: list[InputItem]) -> None:
+    async def run(self, items: list[InputItem], watch_signals: bool) -> None:
         """Every stage until the last case has ended; a stage's error (no usable case, a model
-        that cannot load) cancels the others and is raised alone."""
+        that cannot load) cancels the others and is raised alone. With ``watch_signals``,
+        interrupts stop the request in two steps (:mod:`asyncflow.pipeline.stopping`); a
+        stopped request raises :class:`~asyncflow.errors.Interrupted` once its stages end."""
+        stop = self.flow.stop
         try:
-            await self._stages(items)
+            async with anyio.create_task_group() as watcher:
+                if watch_signals:
+                    watcher.start_soon(stop.watch, self.flow.ledger.in_flight)
+                with stop.stages:
+                    await self._stages(items)
+                watcher.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             if group.subgroup(KeyboardInterrupt):  # Ctrl-C reached a stage: the request is cancelled
                 raise KeyboardInterrupt from None
-            errors = [e for e in group.exceptions if not isinstance(e, anyio.get_cancelled_exc_class())]
+            errors = [e for e in _leaves(group) if not isinstance(e, anyio.get_cancelled_exc_class())]
             if len(errors) == 1 and isinstance(errors[0], Exception):
                 raise errors[0] from None
             raise
+        if stop.signum is not None:
+            raise Interrupted(stop.signum)
+
+    async def _intake(self, items: list[InputItem], cases: MemoryObjectSendStream[Case]) -> None:
+        """Feed, unpack and assemble until every input is read, or the request stops taking new
+        cases (``stop.intake``); every stream end it made is closed either way, so the stages
+        after it see their input end."""
+        fed_send, fed_recv = _stream(0)  # the fetch window, not this stream, bounds what waits
+        unpacked_send, unpacked_recv = _stream(self.settings.queue_size)
+        ends: list[Any] = []
+
+        def end(stream: Any) -> Any:
+            ends.append(stream.clone())
+            return ends[-1]
+
+        try:
+            with self.flow.stop.intake:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self.intake.fetcher.feed, items, end(fed_send), end(unpacked_send))
+                    for _ in range(self.settings.unpack_workers):
+                        tg.start_soon(self.intake.unpack_worker, end(fed_recv), end(unpacked_send))
+                    tg.start_soon(self.intake.assemble, end(unpacked_recv), end(cases))
+                    for stream in (fed_send, fed_recv, unpacked_send, unpacked_recv, cases):
+                        stream.close()
+        finally:
+            for stream in ends:  # a task cancelled before it ran never closed its own
+                stream.close()
 
     async def _stages(self, items: list[InputItem]) -> None:
         size = self.settings.queue_size
-        fed_send, fed_recv = _stream(0)  # the fetch window, not this stream, bounds what waits
-        unpacked_send, unpacked_recv = _stream(size)
         cases_send, cases_recv = _stream(size)
         prepared_send, prepared_recv = _stream(prepared_queue_size(self.settings, self.plan))
         predicted_send, predicted_recv = _stream(size)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self.intake.fetcher.feed, items, fed_send, unpacked_send.clone())
-            unpack = self.intake.unpack_worker
-            _fan_out(tg, self.settings.unpack_workers, unpack, fed_recv, unpacked_send)
-            tg.start_soon(self.intake.assemble, unpacked_recv, cases_send)
+            tg.start_soon(self._intake, items, cases_send)
             prepare = self.preparation.worker
             _fan_out(tg, self.settings.prepare_workers, prepare, cases_recv, prepared_send)
             for number, backend in enumerate(self.plan.workers):  # each takes the next prepared case
@@ -170,6 +201,7 @@ async def run_request(
     on_finish: Callable[[Result], None] | None = None,
     sink: CaseSink | None = None,
     on_stage: Callable[[str, str | None, Progress], None] | None = None,
+    stop: Stop | None = None,
 ) -> Result:
     """Segment every volume of a request.
 
@@ -187,7 +219,9 @@ async def run_request(
     as the case ends, the result's byte maps stay empty, and cases the sink's journal holds
     as finished with the same content, model and settings are not done again (status
     ``resumed``). Raises :class:`~asyncflow.errors.RequestError` when the request holds no
-    usable case, and :class:`~asyncflow.errors.ModelError` when the model cannot load.
+    usable case, and :class:`~asyncflow.errors.ModelError` when the model cannot load. With a
+    ``stop`` (:class:`~asyncflow.pipeline.stopping.Stop`) and in the main thread, SIGINT, SIGTERM
+    and SIGHUP stop the request in two steps, and it raises :class:`~asyncflow.errors.Interrupted`.
     """
     settings = settings or Settings.from_env()
     items = request_items(entries)
@@ -207,6 +241,7 @@ async def run_request(
         on_stage=on_stage,
         objects=sum(1 for item in items if item.remote is not None),
         model=model_provenance(plan.model, settings, model),
+        items=items,
     )
     budget = MemoryBudget(settings.memory_budget_bytes())
     with structlog.contextvars.bound_contextvars(request_id=request_id):
@@ -216,13 +251,17 @@ async def run_request(
             bytes=sum(i.size for i in items),
             memory_budget_bytes=budget.limit,
         )
+        swept, swept_bytes = await anyio.to_thread.run_sync(sweep_stale, settings.work_dir)
+        if swept:
+            log.info("workspace.swept", folders=swept, bytes=swept_bytes)
         status, error = RequestStatus.ERROR, None
         request: _Request | None = None
         # The request's folder exists from here: whatever happens next, ``finally`` removes it.
         workspace = Workspace(request_id, settings.work_dir, items, settings.archive_limits())
         try:
-            request = _Request(settings, plan, CaseFlow(ledger, workspace, budget), label_config, sink, model)
-            await request.run(items)
+            flow = CaseFlow(ledger, workspace, budget, stop or Stop(settings.grace_s))
+            request = _Request(settings, plan, flow, label_config, sink, model)
+            await request.run(items, watch_signals=stop is not None and can_watch_signals())
             result = ledger.result(request_id, watch.seconds, request.intake.skipped)
             status = result.status
             return result
@@ -240,6 +279,14 @@ async def run_request(
                 final = status if status in (RequestStatus.ERROR, RequestStatus.CANCELLED) else None
                 on_finish(ledger.result(request_id, watch.seconds, skipped, final, reason))
             _log_finished(ledger, skipped, status, error, watch)
+
+
+def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
+    """The exceptions of a group and of the groups inside it."""
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return found
 
 
 def _log_finished(
@@ -266,5 +313,11 @@ def _log_finished(
 
 
 def run_request_sync(entries: Iterable[Entry], settings: Settings | None = None, **kwargs: Any) -> Result:
-    """:func:`run_request` for synchronous callers (the CLI, FLAME's ``analysis_method``)."""
+    """:func:`run_request` for synchronous callers (the CLI, FLAME's ``analysis_method``). Called
+    from the main thread it stops in two steps on SIGINT, SIGTERM and SIGHUP
+    (:mod:`asyncflow.pipeline.stopping`; pass your own ``stop=`` to be told of the first), and
+    raises :class:`~asyncflow.errors.Interrupted`; from another thread it installs no handler."""
+    settings = settings or Settings.from_env()
+    if "stop" not in kwargs and can_watch_signals():
+        kwargs["stop"] = Stop(settings.grace_s)
     return anyio.run(lambda: run_request(entries, settings, **kwargs))

@@ -4,6 +4,7 @@ cases still read, the free space it needs before work starts, and its removal.
 ::
 
     asyncflow-<request_id>-XXXX/
+        owner.json              the process that owns it (pid, its start, host): see sweep_stale
         fetched/<index>         an object of a store, until it is unpacked (a window of them)
         inputs/<index>/...      what unpack wrote for input <index>
         cases/<case_id>/...     a case's working files, removed as the case ends
@@ -17,11 +18,19 @@ whole request. A case that needs a file deleted since (its
 series grew in a later archive), or one a resumed request never wrote
 (:meth:`Workspace.withhold`), gets it unpacked again from its input (an object
 of a store is fetched again for that).
+
+The folder is removed when the request ends, however it ends; a process killed
+outright (SIGKILL, power loss) cannot, so :func:`sweep_stale` removes at the next
+start the folders whose owner no longer runs on this host.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import shutil
+import socket
 import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
@@ -36,7 +45,9 @@ from asyncflow.pipeline.fetching import fetch_object
 from asyncflow.reading.archives import ArchiveLimits, restore_files
 from asyncflow.reading.request import FetchFailed, InputItem
 
-__all__ = ["Workspace", "check_free_space"]
+__all__ = ["Workspace", "check_free_space", "sweep_stale"]
+
+_OWNER = "owner.json"
 
 log = get_logger(__name__)
 
@@ -50,6 +61,8 @@ class Workspace:
         if parent is not None:
             parent.mkdir(parents=True, exist_ok=True)
         self.root = Path(tempfile.mkdtemp(prefix=f"asyncflow-{request_id}-", dir=parent))
+        owner = {"pid": os.getpid(), "started": _process_start(os.getpid()), "host": socket.gethostname()}
+        (self.root / _OWNER).write_text(json.dumps(owner))
         self.items = {item.index: item for item in items}
         self.limits = limits
         self.holds: Counter[Path] = Counter()  # unpacked file -> cases that still read it
@@ -145,6 +158,46 @@ async def _fetch_again(item: InputItem, target: Path) -> InputItem:
     except FetchFailed as exc:
         raise OSError(f"input {item.index} could not be fetched again: {exc}") from None
     return fetched
+
+
+def _process_start(pid: int) -> str | None:
+    """When a process started (clock ticks since boot, /proc/<pid>/stat), so that a new process
+    that got an old one's pid is told apart; None where /proc does not say."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _runs(pid: int, started: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return started is None or _process_start(pid) in (None, started)
+
+
+def sweep_stale(parent: Path | None) -> tuple[int, int]:
+    """Remove the request folders under ``parent`` (default: the system temp) whose owner no
+    longer runs on this host; how many, and the bytes they held. A folder without an owner (an
+    older asyncflow's), or of another host (a shared volume), is left alone."""
+    parent = parent or Path(tempfile.gettempdir())
+    removed, size = 0, 0
+    for folder in parent.glob("asyncflow-*") if parent.is_dir() else []:
+        try:
+            owner = json.loads((folder / _OWNER).read_text())
+            pid, started, host = int(owner["pid"]), owner.get("started"), str(owner["host"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if host != socket.gethostname() or _runs(pid, started):
+            continue
+        with contextlib.suppress(OSError):
+            size += sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+        shutil.rmtree(folder, ignore_errors=True)
+        removed += 1
+    return removed, size
 
 
 def check_free_space(parent: Path | None, headroom: float, sizes: Sequence[int], at_once: int) -> None:

@@ -120,7 +120,10 @@ def node_aggregates(
     if min_cases < 1:
         raise SettingsError(f"min_cases must be at least 1, not {min_cases}")
     bounds = {**DEFAULT_BOUNDS, **(bounds or {})}
-    measured = [c for c in cases if c.get("status") == "done" and c.get("statistics") is not None]
+    # A resumed case keeps the statistics its first run measured: it counts as done.
+    measured = [
+        c for c in cases if c.get("status") in ("done", "resumed") and c.get("statistics") is not None
+    ]
     values: dict[str, dict[str, list[float]]] = {}
     for case in measured:
         for row in case["statistics"]:

@@ -136,6 +136,8 @@ def _flagged(statistics: LabelStatistics, definition: SegmentLabel) -> LabelStat
 
 CSV_FIELDS = [
     "case_id",
+    "series_number",
+    "modality",
     "output",
     "label",
     "name",
@@ -155,19 +157,34 @@ CSV_FIELDS = [
 ]
 
 
+# Decimals a figure is written with in the CSV (the report keeps every digit): a thousandth of a
+# ml is a cube of 0.1 mm, a hundredth of a HU or mm is below any scanner's resolution.
+_DECIMALS = {"volume_ml": 3, "largest_component_share": 4, "extent_mm": 2} | {
+    f"intensity_{figure}": 2 for figure in ("mean", "sd", "p5", "p50", "p95")
+}
+
+
+def _rounded(key: str, value: Any) -> Any:
+    return round(value, _DECIMALS[key]) if isinstance(value, float) and key in _DECIMALS else value
+
+
 def statistics_csv(cases: Iterable[Mapping[str, Any]]) -> str:
-    """One line per case and label, from report case entries (``statistics`` lists of dicts);
-    empty cells where a figure does not exist, flags joined by ``;``."""
+    """One line per case and label, from report case entries (``statistics`` lists of dicts),
+    with the case's output and its source series' number and modality (no patient data);
+    figures rounded (:data:`_DECIMALS`), empty cells where a figure does not exist, flags
+    joined by ``;``."""
     out = io.StringIO()
     writer = csv.DictWriter(out, CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
     for case in cases:
         for row in case.get("statistics") or []:
-            extent = row.get("extent_mm") or [None, None, None]
+            extent = [_rounded("extent_mm", v) for v in row.get("extent_mm") or [None, None, None]]
             writer.writerow(
                 {
-                    **{key: row.get(key) for key in CSV_FIELDS if key in row},
+                    **{key: _rounded(key, row.get(key)) for key in CSV_FIELDS if key in row},
                     "case_id": case["case_id"],
+                    "series_number": case.get("series_number"),
+                    "modality": case.get("modality"),
                     "output": case.get("output"),
                     "extent_x_mm": extent[0],
                     "extent_y_mm": extent[1],

@@ -35,7 +35,10 @@ def test_demo_then_run_on_its_inputs(
 ) -> None:
     demo = tmp_path / "demo"
     assert main(["demo", "--output", str(demo), *FAST]) == 0
-    summary = capsys.readouterr().out
+    captured = capsys.readouterr()
+    summary = captured.out
+    # The demo is for people: no JSON log line beside its table (off a terminal, as here).
+    assert not [line for line in captured.err.splitlines() if line.startswith("{")]
     assert "done: 4/4 cases" in summary and "Dice liver=" in summary
     for line in summary.splitlines()[1:-1]:
         dice = dict(part.split("=") for part in line.split() if "=" in part)

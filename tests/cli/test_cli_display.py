@@ -136,3 +136,16 @@ async def test_a_request_that_ends_in_error_logs_its_cause_for_the_monitor(
     assert error["error_type"] == "RequestError" and error["reason"].startswith(
         "no usable case in the request"
     )
+
+
+def test_while_inputs_are_read_the_line_says_what_is_known_and_an_eta_once_a_case_ended() -> None:
+    from asyncflow.cli.progress import ProgressDisplay
+    from asyncflow.result import Progress
+
+    display = ProgressDisplay(enabled=False)
+    display(Progress(done=0, failed=0, total=None, known=9, inputs_read=3, inputs=4))
+    assert "at least 9 cases, 3 of 4 inputs read" in display.line() and "<" not in display.line()
+    display(Progress(done=2, failed=0, total=None, known=9, inputs_read=3, inputs=4))
+    assert "2/9" in display.line() and "<" in display.line()  # elapsed<remaining
+    display(Progress(done=2, failed=0, total=14, known=14, inputs_read=4, inputs=4))
+    assert "2/14" in display.line() and "inputs read" not in display.line()

@@ -172,9 +172,10 @@ def test_ctrl_c_in_the_cli_writes_a_partial_report(tmp_path: Path, rng, monkeypa
             time.sleep(1.0)  # the cancel reaches the request while this case is still predicting
         return np.zeros(tuple(reversed(case.geometry.size)), np.uint8)
 
-    def interrupt(self, progress) -> None:  # the user presses Ctrl-C after the first case
+    def interrupt(self, progress) -> None:  # the user presses Ctrl-C twice (stop now) after the first case
         if not pressed.is_set():
             try:
+                signal.raise_signal(signal.SIGINT)
                 signal.raise_signal(signal.SIGINT)
             finally:
                 pressed.set()

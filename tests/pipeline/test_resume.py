@@ -98,6 +98,12 @@ def _with_member(tar: Path, name: str, text: str) -> bytes:
     return buffer.getvalue()
 
 
+def _cases_journaled(out: Path) -> list[dict]:
+    """The journal's case lines (its first line says when the run started)."""
+    lines = (out / JOURNAL).read_text().splitlines() if (out / JOURNAL).exists() else []
+    return [entry for entry in map(json.loads, lines) if "case" in entry]
+
+
 def _events(stderr: str, name: str) -> list[dict]:
     return [e for e in map(json.loads, stderr.splitlines()) if e.get("event") == name]
 
@@ -132,13 +138,13 @@ def test_a_killed_run_resumes_and_redoes_exactly_what_changed(
     # Run 1, killed with SIGKILL once three cases are in the journal.
     run = _cli(tmp_path, inputs, out, delay=1.0)
     deadline = time.monotonic() + 240
-    while len((out / JOURNAL).read_text().splitlines() if (out / JOURNAL).exists() else []) < 3:
+    while len(_cases_journaled(out)) < 3:
         assert run.poll() is None, run.communicate()[1][-3000:]
         assert time.monotonic() < deadline, "three cases did not finish"
         time.sleep(0.05)
     os.killpg(run.pid, signal.SIGKILL)
     run.wait()
-    finished = {json.loads(line)["report"]["output"] for line in (out / JOURNAL).read_text().splitlines()}
+    finished = {entry["report"]["output"] for entry in _cases_journaled(out)}
     assert {"a.dcm", "b.dcm", "c.nii.gz"} <= finished and len(finished) < 5, finished
     # Whatever is in the output folders is whole (a write cut short has a temporary name).
     for path in [*(out / "dicom_seg").glob("*.dcm"), *(out / "nifti_seg").glob("*.nii.gz")]:
@@ -223,7 +229,9 @@ def test_the_output_folder_is_refused_overwritten_or_resumed_as_asked(tmp_path: 
     assert again.finished("key-1", "model-1") is not None
 
     OutputFolder(out, overwrite=True)
-    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["notes.txt"]
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [JOURNAL, "notes.txt"]
+    assert OutputFolder(out, resume=True).finished("key-1", "model-1") is None  # started, nothing finished
+    (out / JOURNAL).unlink()
     with pytest.raises(SettingsError, match="holds no asyncflow journal"):
         OutputFolder(out, resume=True)
     with pytest.raises(SettingsError, match="is a file: name a folder"):

@@ -79,6 +79,9 @@ def test_a_node_below_the_minimum_cell_size_sends_only_its_count() -> None:
     merged = merge_nodes({"big": aggregate, "small": small})
     assert merged["overall"]["suppressed_cases"] == 4 and merged["nodes"]["small"]["labels"] == {}
     assert node_aggregates([_case(1, 1, 1)], min_cases=1)["labels"]["liver"]["volume_ml"]["count"] == 1
+    # A case resumed from an earlier run keeps that run's statistics: it counts.
+    resumed = node_aggregates([_case(1, 1, 1, "resumed"), _case(2, 1, 1)], min_cases=1)
+    assert resumed["cases"] == 2 and resumed["labels"]["liver"]["volume_ml"]["count"] == 2
 
 
 def test_values_are_clipped_to_their_bounds_and_bounds_can_be_set_per_label() -> None:

@@ -192,5 +192,7 @@ def test_the_cli_writes_a_line_per_case_and_label(
     ]
     report = json.loads((out / "report.json").read_text())
     liver = report["cases"][0]["statistics"][0]
-    assert float(rows[0]["volume_ml"]) == liver["volume_ml"] > 0
+    assert float(rows[0]["volume_ml"]) == round(liver["volume_ml"], 3) > 0  # to a thousandth of a ml
+    assert all(len(r["volume_ml"].partition(".")[2]) <= 3 for r in rows)
+    assert all(len(r["intensity_mean"].partition(".")[2]) <= 2 for r in rows)
     assert rows[1]["flags"] == "empty" and rows[1]["intensity_mean"] == ""  # the fake finds no tumour
