@@ -11,7 +11,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from helpers import DCIODVFY_MISSING, dciodvfy_findings
+from helpers import dciodvfy_findings
 
 from asyncflow import LabelError, run_request
 from asyncflow.backends import Backend
@@ -195,9 +195,8 @@ async def test_a_supplied_mitk_label_json_renames_and_recolours_the_segments(
         1,
     )
     assert seg.SoftwareVersions.startswith("asyncflow")
-    if not DCIODVFY_MISSING:
-        for data in result.dicom_seg_bytes.values():
-            assert dciodvfy_findings(data, tmp_path) == []
+    for data in result.dicom_seg_bytes.values():
+        assert dciodvfy_findings(data, tmp_path) == []
 
 
 def test_declared_labels_not_found_are_reported_not_renumbered(

@@ -9,7 +9,7 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pytest
-from helpers import DCIODVFY_MISSING, dciodvfy_findings, dcmqi_meta, dicom_bytes, make_tar
+from helpers import dciodvfy_findings, dcmqi_meta, dicom_bytes, make_tar
 
 from asyncflow.cli.synthetic import dicom_series_datasets, make_phantom
 from asyncflow.labels.segment import TISSUE, labels_from_dataset_json
@@ -90,11 +90,8 @@ def test_the_seg_carries_types_laterality_and_regions_that_readers_accept(
         "kidney_right": ("64033007", "Right", None),
         "kidney_cyst_left": ("367643001", "Left", "Kidney"),
     }
-    if not DCIODVFY_MISSING:
-        assert dciodvfy_findings(exported.data, tmp_path) == []
+    assert dciodvfy_findings(exported.data, tmp_path) == []
     meta = dcmqi_meta(path, tmp_path / "dcmqi")
-    if meta is None:  # the dev extra installs it
-        pytest.skip("dcmqi is not installed")
     attributes = [a for group in meta["segmentAttributes"] for a in group]
     modifiers = {
         a["SegmentLabel"]: a["SegmentedPropertyTypeModifierCodeSequence"]["CodeMeaning"] for a in attributes

@@ -16,7 +16,7 @@ import highdicom as hd
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from helpers import DCIODVFY_MISSING, dciodvfy_findings, dicom_bytes
+from helpers import dciodvfy_findings, dicom_bytes
 from pydicom.dataset import FileDataset
 from pydicom.uid import generate_uid
 
@@ -111,8 +111,7 @@ def test_geometry_edge_case(tmp_path: Path, rng: np.random.Generator, name: str)
     assert names == {1: "liver", 2: "tumor"}
     np.testing.assert_array_equal(numbers, phantom.labels)
     assert not np.array_equal(phantom.labels[::-1], phantom.labels)  # a flip would be caught
-    if not DCIODVFY_MISSING:
-        assert dciodvfy_findings(data, tmp_path) == []
+    assert dciodvfy_findings(data, tmp_path) == []
 
 
 def test_multi_frame_enhanced_ct(tmp_path: Path, rng: np.random.Generator) -> None:
@@ -152,5 +151,4 @@ def test_multi_frame_enhanced_ct(tmp_path: Path, rng: np.random.Generator) -> No
     assert slice_of_frame != sorted(slice_of_frame)  # the frames are not in slice order
     np.testing.assert_array_equal(numbers, phantom.labels[slice_of_frame])
     assert names == {1: "liver", 2: "tumor"}
-    if not DCIODVFY_MISSING:
-        assert dciodvfy_findings(exported.data, tmp_path) == []
+    assert dciodvfy_findings(exported.data, tmp_path) == []

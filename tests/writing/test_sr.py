@@ -16,7 +16,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from helpers import DCIODVFY_MISSING, dciodvfy_lines, dicom_bytes, make_tar, phantom_backend
+from helpers import dciodvfy_lines, dicom_bytes, make_tar, phantom_backend
 
 from asyncflow import Result, run_request
 from asyncflow.cli.synthetic import dicom_series_datasets, make_phantom
@@ -75,22 +75,19 @@ def test_each_seg_has_an_sr_of_its_measurements_that_readers_accept(
         },
         rel=1e-6,
     )
-    if not DCIODVFY_MISSING:
-        (tmp_path / "checked.dcm").write_bytes(data)
-        assert dciodvfy_lines(tmp_path / "checked.dcm") == []
+    (tmp_path / "checked.dcm").write_bytes(data)
+    assert dciodvfy_lines(tmp_path / "checked.dcm") == []
     reader = shutil.which("tid1500reader") or str(Path(sys.executable).with_name("tid1500reader"))
-    if Path(reader).is_file():  # dcmqi (the dev extra)
-        (tmp_path / "sr.dcm").write_bytes(data)
-        subprocess.run(
-            [reader, "--inputDICOM", tmp_path / "sr.dcm", "--outputMetadata", tmp_path / "meta.json"],
-            check=True,
-        )
-        (measurement,) = json.loads((tmp_path / "meta.json").read_text(encoding="utf-8"))["Measurements"]
-        volume = next(m for m in measurement["measurementItems"] if m["quantity"]["CodeMeaning"] == "Volume")
-        assert (volume["units"]["CodeValue"], float(volume["value"])) == (
-            "ml",
-            pytest.approx(liver["volume_ml"]),
-        )
+    if not Path(reader).is_file():
+        pytest.skip("dcmqi (the dev extra) is not installed: the SR was not read back by its tid1500reader")
+    (tmp_path / "sr.dcm").write_bytes(data)
+    subprocess.run(
+        [reader, "--inputDICOM", tmp_path / "sr.dcm", "--outputMetadata", tmp_path / "meta.json"],
+        check=True,
+    )
+    (measurement,) = json.loads((tmp_path / "meta.json").read_text(encoding="utf-8"))["Measurements"]
+    volume = next(m for m in measurement["measurementItems"] if m["quantity"]["CodeMeaning"] == "Volume")
+    assert (volume["units"]["CodeValue"], float(volume["value"])) == ("ml", pytest.approx(liver["volume_ml"]))
 
 
 def test_the_sr_is_de_identified_as_the_seg_and_keeps_its_identity_across_runs(
