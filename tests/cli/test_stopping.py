@@ -140,6 +140,9 @@ def test_a_second_interrupt_or_the_grace_s_end_stops_now(
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "cancelled" and {c["status"] for c in report["cases"]} <= {"pending"}
     assert list((tmp_path / "work").iterdir()) == []
+    # Stopped before any case ended: --resume still goes on (the journal was begun as the run began).
+    argv = ["run", str(inputs), "-o", str(out), "--work-dir", str(tmp_path / "work"), "--resume"]
+    assert main([*argv, "--json-logs"], backend=phantom_backend()) == 0
 
 
 def test_sighup_outside_a_request_ends_the_command_as_ctrl_c_does(tmp_path: Path) -> None:

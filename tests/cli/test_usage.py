@@ -62,3 +62,9 @@ def test_the_log_file_gets_libraries_warnings_too(tmp_path: Path) -> None:
     lines = [json.loads(line) for line in file.getvalue().splitlines()]
     assert [(line["event"], line["message"]) for line in lines] == [("library.logged", "a library's warning")]
     assert console.getvalue() == ""
+
+
+def test_a_bad_choice_lists_the_values_a_user_can_type(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["run", "x", "-o", "y", "--resampling", "fast"])
+    assert "(choose from 'model', 'torch', 'torch-device')" in capsys.readouterr().err
