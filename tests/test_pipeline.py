@@ -142,7 +142,7 @@ async def test_a_request_of_archives_and_nifti_is_segmented_exactly(
         assert dice(decoded > 0, phantom.labels > 0) >= 0.95, name
 
     assert _workdir_is_empty(work)
-    assert progress[-1] == Progress(done=4, failed=0, total=4)
+    assert progress[-1] == Progress(done=4, failed=0, total=4, known=4, inputs_read=3, inputs=3)
     assert [p.done for p in progress] == sorted(p.done for p in progress)
 
     # Logs: JSON lines with the request id, cases by opaque id, no patient data or input names.

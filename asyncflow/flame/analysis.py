@@ -42,6 +42,7 @@ from asyncflow.flame.redact import redact_report
 from asyncflow.log import take_over_logging
 from asyncflow.pipeline.model import build_plan, locate_model
 from asyncflow.pipeline.run import run_request, run_request_sync
+from asyncflow.pipeline.stopping import Stop, can_watch_signals
 from asyncflow.reading.request import RemoteObject
 from asyncflow.result import Result
 from asyncflow.settings import Settings
@@ -181,8 +182,9 @@ class nnUNetAnalyzer(StarAnalyzer):  # the reference's name, which users know
             if not objects:
                 raise RequestError(f"the node's {len(sources)} data source(s) hold no object")
             self.hub.started(len(objects), sum(o.size for o in objects))
+            stop = Stop(settings.grace_s) if can_watch_signals() else None  # as run_request_sync's
             return await run_request(
-                objects, settings, backend=plan, on_progress=self.hub, on_finish=on_finish
+                objects, settings, backend=plan, on_progress=self.hub, on_finish=on_finish, stop=stop
             )
 
     def _no_usable_case(self, error: RequestError, report: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -7,7 +7,7 @@ that changes a result is named by the *model key* (:func:`model_key`): the model
 folder, configuration, trainer, plans, folds, the sha256 of the checkpoints and of
 the folder's plans and dataset files, and the settings that change what a case's
 outputs hold. The journal (:mod:`asyncflow.pipeline.journal`) resumes a case whose
-two keys match; the SEG's UIDs derive from them (:attr:`asyncflow.writing.seg.SegOptions.uid_seed`).
+two keys match; the SEG's UIDs derive from them (:attr:`asyncflow.writing.base.OutputOptions.uid_seed`).
 """
 
 from __future__ import annotations
