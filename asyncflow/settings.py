@@ -151,9 +151,8 @@ class Settings:
     label_config: Path | None = None  # JSON/YAML label names, codes, colours (asyncflow.labels.config)
     seg_type: SegType = SegType.BINARY  # BINARY, FRACTIONAL or LABELMAP (readers may not know LABELMAP yet)
     seg_keep_empty_frames: bool = False  # a frame for every slice and segment, even empty ones
-    seg_compression: SegCompression = (
-        SegCompression.NONE
-    )  # none, rle, jpeg2000, jpegls (FRACTIONAL and LABELMAP only)
+    # none, rle, jpeg2000, jpegls (FRACTIONAL and LABELMAP only)
+    seg_compression: SegCompression = SegCompression.NONE
     # none, or basic: PS3.15's Basic Profile with the Retain UIDs Option on every SEG (the FLAME
     # analyzer's default; asyncflow.writing.deidentify)
     deidentify: DeidentifyProfile = DeidentifyProfile.NONE
