@@ -112,7 +112,15 @@ class Settings:
     # holding plans.pkl and fold_N/<checkpoint>.model(.pkl). When unset it is resolved from
     # results_folder and task_name; "auto" tells the generations apart by their files.
     backend: ModelGeneration = ModelGeneration.AUTO  # auto, v1 (nnUNet_predict subprocess) or v2 (in process)
+    # A v2 dataset folder in which nnUNetv2_find_best_configuration wrote inference_information.json
+    # runs the configuration or ensemble it chose, with its folds and postprocessing.
     model_dir: Path | None = None
+    # More v2 model folders (configurations of model_dir's dataset) whose probabilities are averaged
+    # with model_dir's, as nnUNetv2_ensemble averages them (--model given more than once)
+    ensemble: tuple[Path, ...] = ()
+    # auto: the postprocessing nnUNetv2_find_best_configuration chose (none for a plain model folder);
+    # none; or a postprocessing.json/.pkl file (asyncflow.backends.postprocessing)
+    postprocessing: str = "auto"
     results_folder: Path | None = None  # nnUNet_results (v2) or RESULTS_FOLDER (v1)
     task_name: str | None = None  # dataset/task folder name under results_folder (v1: or its id, "29")
     trainer: str | None = None  # default: nnUNetTrainer (v2), nnUNetTrainerV2 (v1)
@@ -270,12 +278,18 @@ class Settings:
             except ValueError as exc:
                 raise SettingsError(f"send: {exc}") from None
         object.__setattr__(self, "outputs", _outputs(self.outputs))
+        if isinstance(self.model_dir, list | tuple):  # several folders: the first and its ensemble
+            folders = [Path(f) for f in self.model_dir]
+            object.__setattr__(self, "model_dir", folders[0] if folders else None)
+            object.__setattr__(self, "ensemble", (*folders[1:], *self.ensemble))
+        object.__setattr__(self, "ensemble", tuple(Path(f) for f in self.ensemble))
 
     def model_source(self) -> ModelSource:
-        """Where the model is, as these settings name it (:meth:`ModelSource.locate` finds it)."""
+        """Where the model is, as these settings name it (:meth:`ModelSource.select` finds it)."""
         return ModelSource(
             self.backend,
             self.model_dir,
+            self.ensemble,
             self.results_folder,
             self.task_name,
             self.configuration,

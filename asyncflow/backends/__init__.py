@@ -3,10 +3,14 @@
 - :mod:`~asyncflow.backends.base`: the ``Backend`` and ``ModelSteps`` protocols, ``ModelInfo``
 - :mod:`~asyncflow.backends.nnunet_v2`: nnU-Net v2 in process, split where the hardware changes
 - :mod:`~asyncflow.backends.resampling`: nnU-Net's resampling one class at a time, or its torch one
+- :mod:`~asyncflow.backends.ensemble`: configurations of one dataset, probabilities averaged
+- :mod:`~asyncflow.backends.postprocessing`: nnU-Net's postprocessing, read safely and applied
 - :mod:`~asyncflow.backends.nnunet_v1`: nnU-Net v1 through ``nnUNet_predict``, a batch per run
-- :mod:`~asyncflow.backends.locate`: where a model is (a folder, or a task under a results folder)
+- :mod:`~asyncflow.backends.locate`: where a model is (a folder, a task under a results folder, a
+  best configuration)
 - :mod:`~asyncflow.backends.build`: what a model folder declares, and the backend it needs
-- :mod:`~asyncflow.backends.plan`: the model plan a request runs (model, workers, steps, labels)
+- :mod:`~asyncflow.backends.plan`: the model plan a request runs (model, ensemble, workers, steps,
+  postprocessing, labels)
 """
 
 from asyncflow.backends.base import Backend, ModelInfo, ModelSteps

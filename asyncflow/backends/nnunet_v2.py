@@ -43,7 +43,7 @@ from asyncflow.errors import ModelError
 from asyncflow.log import Stopwatch, get_logger
 from asyncflow.machine import half_the_cores
 
-__all__ = ["CroppedLabels", "Logits", "ModelInput", "NnUNetV2Backend", "NnUNetV2Steps"]
+__all__ = ["CroppedLabels", "Logits", "ModelInput", "NnUNetV2Backend", "NnUNetV2Steps", "abandonable"]
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -119,6 +119,11 @@ class NnUNetV2Steps:
                 f"nnU-Net v2 cannot read the plans of {info.folder} for configuration "
                 f"{info.configuration!r}: {type(exc).__name__}: {exc}"
             ) from exc
+        if planned.previous_stage_name:  # its network also reads the previous stage's segmentation
+            raise ModelError(
+                f"{info.folder.name} is the second stage of a cascade ({planned.previous_stage_name} "
+                "first), which asyncflow does not run yet: use nnUNetv2_predict -prev_stage_predictions"
+            )
 
     def preprocess(self, prepared: PreparedCase) -> ModelInput:
         """nnU-Net's preprocessing of the case's channels, as ``nnUNetv2_predict`` does it."""
@@ -135,23 +140,37 @@ class NnUNetV2Steps:
 
     def to_labels(self, prepared: PreparedCase, output: Logits | CroppedLabels) -> np.ndarray:
         """nnU-Net's label map in the source grid, as a (z, y, x) array on ``prepared.geometry``."""
-        from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
-
-        from asyncflow.backends.resampling import uncropped
-
         cropped = (
             self.cropped_labels(output.array, output.properties)
             if isinstance(output, Logits)
             else output.array
         )
-        labels = uncropped(cropped, self.plans_manager, self.label_manager, output.properties)
+        return self.finish_labels(prepared, cropped, output.properties)
+
+    def finish_labels(
+        self, prepared: PreparedCase, cropped: np.ndarray, properties: dict[str, Any]
+    ) -> np.ndarray:
+        """A label map on the cropped source grid (model axes) uncropped, on ``prepared.geometry``."""
+        from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+        from asyncflow.backends.resampling import uncropped
+
+        labels = uncropped(cropped, self.plans_manager, self.label_manager, properties)
         reader = self.plans_manager.image_reader_writer_class()
         if type(reader) is SimpleITKIO:  # SimpleITKIO.write_seg writes this array as it is
             return labels
         # Another reader (and axis order): written by it, read back through SimpleITK.
         written = prepared.workdir / "prediction.nii.gz"
-        reader.write_seg(labels, str(written), output.properties)
+        reader.write_seg(labels, str(written), properties)
         return sitk.GetArrayFromImage(sitk.ReadImage(str(written)))
+
+    def cropped_probabilities(self, logits: Any, properties: dict[str, Any]) -> np.ndarray:
+        """The probabilities on the cropped source grid (model axes), as ``--save_probabilities``."""
+        from asyncflow.backends.resampling import cropped_probabilities
+
+        return cropped_probabilities(
+            logits, self.plans_manager, self.configuration_manager, self.label_manager, properties
+        )
 
     def cropped_labels(self, logits: Any, properties: dict[str, Any], device: Any = None) -> np.ndarray:
         """The logits resampled to the source grid (cropped) and their argmax, on ``device``
@@ -305,18 +324,21 @@ class NnUNetV2Backend:
         return predictor
 
     async def predict(self, cases: Sequence[PreparedCase]) -> list[Logits | CroppedLabels | Exception]:
-        return [await _abandonable(self.logits, case) for case in cases]
+        return [await abandonable(self.logits, case) for case in cases]
 
     def logits(self, prepared: PreparedCase) -> Logits | CroppedLabels:
         """The network's logits for a preprocessed case, or with ``resampling="torch-device"``
         their label map (blocking: call it from a worker thread)."""
+        if not isinstance(prepared.model_input, ModelInput):
+            raise TypeError("predict() needs the case as NnUNetV2Steps.preprocess() left it")
+        return self.network(prepared.model_input)
+
+    def network(self, model_input: ModelInput) -> Logits | CroppedLabels:
+        """The network's logits for one preprocessed input (see :meth:`logits`)."""
         import torch
 
         if self._predictor is None:
             raise ModelError("predict() before load()")
-        model_input = prepared.model_input
-        if not isinstance(model_input, ModelInput):
-            raise TypeError("predict() needs the case as NnUNetV2Steps.preprocess() left it")
         watch = Stopwatch()
         array = self._predictor.predict_logits_from_preprocessed_data(torch.from_numpy(model_input.data))
         network_s = watch.seconds
@@ -355,7 +377,7 @@ def _as_simpleitkio_read(images: Sequence[sitk.Image]) -> tuple[np.ndarray, dict
     return data, properties
 
 
-async def _abandonable(fn: Callable[[PreparedCase], T], case: PreparedCase) -> T:
+async def abandonable(fn: Callable[[PreparedCase], T], case: PreparedCase) -> T:
     """``fn(case)`` in a daemon thread of its own: cancelling the caller (a request stopped now)
     abandons it, and the process's exit does not wait for it (a worker thread's would)."""
     token = anyio.lowlevel.current_token()

@@ -1,30 +1,57 @@
 """What a request runs: one explicit plan that every stage consults.
 
-A :class:`ModelPlan` names the model, the prediction workers (one backend per
-device, each loading the model once), the model's CPU steps around the network
-and the labels the outputs describe. The stages read the plan, never a backend
-of their own choosing; ensembles, cascades and several models per request grow
-from here.
+A :class:`ModelPlan` names the model (one configuration, or ``members``: configurations of one
+dataset whose probabilities are averaged), the prediction workers (one backend per device, each
+loading every configuration once), the postprocessing, the model's CPU steps around the network
+and the labels the outputs describe. The stages read the plan, never a backend of their own
+choosing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from asyncflow.backends.base import Backend, ModelInfo, ModelSteps
+from asyncflow.backends.postprocessing import Postprocessing
+from asyncflow.case import PreparedCase
+from asyncflow.enums import Generation
 from asyncflow.errors import ModelError
 from asyncflow.labels.segment import SegmentLabel
 
-__all__ = ["ModelPlan"]
+__all__ = ["ModelPlan", "Postprocessed"]
 
 
 @dataclass(frozen=True)
 class ModelPlan:
-    """``model`` runs on ``workers``: one prediction worker per backend, each on its device."""
+    """``model`` runs on ``workers``: one prediction worker per backend, each on its device.
+    ``members``: every configuration the workers run, in the ensemble's order (``model`` first);
+    ``postprocessing``: applied to each label map; ``best``: the ``inference_information.json``
+    the plan was read from."""
 
     model: ModelInfo
     workers: tuple[Backend, ...]
+    members: tuple[ModelInfo, ...] = ()
+    postprocessing: Postprocessing | None = None
+    best: Path | None = None
+    _steps: ModelSteps | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.members:
+            object.__setattr__(self, "members", (self.model,))
+        steps = self.workers[0].steps if self.workers else None
+        if self.postprocessing is not None and self.postprocessing.steps:
+            if steps is None:
+                raise ModelError(
+                    "postprocessing is applied by nnU-Net v1's nnUNet_predict itself (the model's "
+                    "postprocessing.json): --postprocessing applies to nnU-Net v2 models"
+                )
+            steps = Postprocessed(steps, self.postprocessing)
+        object.__setattr__(self, "_steps", steps)
 
     @classmethod
     def of(cls, backends: ModelPlan | Backend | Sequence[Backend]) -> ModelPlan:
@@ -40,7 +67,9 @@ class ModelPlan:
             raise ModelError(
                 f"every prediction worker runs the same model: {model.folder} and {', '.join(sorted(others))}"
             )
-        return cls(model, workers)
+        # An ensemble's backend names its configurations (asyncflow.backends.ensemble).
+        members = tuple(member.info for member in getattr(workers[0], "members", ()))
+        return cls(model, workers, members)
 
     @property
     def devices(self) -> tuple[str, ...]:
@@ -48,9 +77,9 @@ class ModelPlan:
 
     @property
     def steps(self) -> ModelSteps | None:
-        """The model's CPU work around the network (v2), done by the prepare and export workers;
-        None when each backend call does it all (v1)."""
-        return self.workers[0].steps
+        """The model's CPU work around the network (v2), postprocessing included, done by the
+        prepare and export workers; None when each backend call does it all (v1)."""
+        return self._steps
 
     @property
     def labels(self) -> dict[int, SegmentLabel]:
@@ -65,3 +94,45 @@ class ModelPlan:
     @property
     def max_batch(self) -> int:
         return max(worker.max_batch for worker in self.workers)
+
+    @property
+    def parameters(self) -> dict[str, str]:
+        """How the plan's model was trained and is run (the SEG's AlgorithmParameters): one
+        configuration's facts as they were; an ensemble's configurations joined with ``+`` in
+        its order (each other fact once where every configuration shares it); the postprocessing,
+        and what chose the plan, when there are."""
+        each = [m.parameters for m in self.members]
+        parameters = {
+            name: value
+            if name != "configuration" and all(p[name] == value for p in each)
+            else "+".join(p[name] for p in each)
+            for name, value in each[0].items()
+        }
+        if len(self.members) > 1:
+            parameters["ensemble"] = f"{len(self.members)} configurations, probabilities averaged"
+        if self.postprocessing is not None:
+            parameters["postprocessing"] = self.postprocessing.description
+        if self.best is not None:
+            parameters["chosen_by"] = f"nnUNetv2_find_best_configuration ({self.best.name})"
+        return parameters
+
+    @property
+    def generation(self) -> Generation:
+        return self.model.generation
+
+
+class Postprocessed:
+    """A model's steps with postprocessing after its label map (the export stage's work)."""
+
+    def __init__(self, steps: ModelSteps, postprocessing: Postprocessing) -> None:
+        self.steps, self.postprocessing = steps, postprocessing
+
+    def memory_bytes(self, prepared: PreparedCase) -> int:
+        voxels = int(np.prod(prepared.images[0].GetSize())) if prepared.images else 0
+        return self.steps.memory_bytes(prepared) + self.postprocessing.memory_bytes(voxels)
+
+    def preprocess(self, prepared: PreparedCase) -> Any:
+        return self.steps.preprocess(prepared)
+
+    def to_labels(self, prepared: PreparedCase, output: Any) -> np.ndarray:
+        return self.postprocessing.apply(self.steps.to_labels(prepared, output))

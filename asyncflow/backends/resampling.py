@@ -49,7 +49,14 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from scipy.ndimage import map_coordinates
 from skimage.transform import resize
 
-__all__ = ["PlannedResampling", "TorchResampling", "cropped_labels", "picks_slices", "uncropped"]
+__all__ = [
+    "PlannedResampling",
+    "TorchResampling",
+    "cropped_labels",
+    "cropped_probabilities",
+    "picks_slices",
+    "uncropped",
+]
 
 SCIPY = resample_data_or_seg_to_shape.__name__
 TORCH = resample_torch_fornnunet.__name__
@@ -162,6 +169,48 @@ def cropped_labels(
     return _argmax_by_channel(
         len(array), lambda c: _scipy_by_channel(array[c : c + 1], shape, model, source, kwargs=kwargs)[0]
     )
+
+
+def cropped_probabilities(
+    logits: Any,
+    plans: PlansManager,
+    configuration: ConfigurationManager,
+    label_manager: LabelManager,
+    properties: dict[str, Any],
+) -> np.ndarray:
+    """The probabilities on the cropped source grid (model axes), float32, as nnU-Net's
+    ``convert_predicted_logits_to_segmentation_with_correct_shape(return_probabilities=True)``
+    makes them before it uncrops them: the logits resampled one class at a time into one array
+    (both resampling functions treat each channel alone: the same values), then the model's
+    inference nonlinearity (softmax, or sigmoid for regions) on all classes at once, in torch
+    as nnU-Net applies it. An ensemble averages these (:mod:`asyncflow.backends.ensemble`)."""
+    name = probabilities_function(configuration)
+    shape = [int(n) for n in properties["shape_after_cropping_and_before_resampling"]]
+    source = [properties["spacing"][i] for i in plans.transpose_forward]
+    model = list(configuration.spacing)
+    if len(model) < len(shape):  # 2D configurations keep the slice spacing
+        model = [source[0], *model]
+    resampled: Any
+    if name == TORCH:
+        tensor = torch.as_tensor(logits)
+        fn = configuration.resampling_fn_probabilities
+        first = fn(tensor[0:1], shape, model, source)
+        resampled = torch.empty((tensor.shape[0], *shape), dtype=first.dtype)
+        resampled[0] = first[0]
+        del first
+        for c in range(1, tensor.shape[0]):
+            resampled[c] = fn(tensor[c : c + 1], shape, model, source)[0]
+    elif name == SCIPY:
+        array = logits.numpy() if isinstance(logits, torch.Tensor) else np.asarray(logits)
+        kwargs = configuration.configuration["resampling_fn_probabilities_kwargs"]
+        resampled = np.empty((len(array), *shape), dtype=array.dtype)
+        for c in range(len(array)):
+            resampled[c] = _scipy_by_channel(array[c : c + 1], shape, model, source, kwargs=kwargs)[0]
+    else:  # a resampling function not known to work channel by channel: all classes at once
+        resampled = configuration.resampling_fn_probabilities(torch.as_tensor(logits), shape, model, source)
+    probabilities = label_manager.apply_inference_nonlin(resampled)
+    del resampled
+    return np.asarray(probabilities.numpy() if isinstance(probabilities, torch.Tensor) else probabilities)
 
 
 def uncropped(

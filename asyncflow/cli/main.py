@@ -75,6 +75,11 @@ def _summary(result: Result, output: Path, scores: dict[str, dict[str, float]] |
     return "\n".join(lines)
 
 
+def _model_dirs(given: list[Path] | None) -> Path | list[Path] | None:
+    """``--model`` as given once (a folder) or more often (an ensemble, a list)."""
+    return given[0] if given and len(given) == 1 else given
+
+
 def _flame(args: argparse.Namespace) -> int:
     """``asyncflow flame``: this process is one node of a FLAME analysis."""
     from asyncflow.flame import run_star_model
@@ -82,7 +87,7 @@ def _flame(args: argparse.Namespace) -> int:
     _configure_logs(args)  # the --log-file stays open while the node runs
     settings = {
         **overrides(args),
-        "model_dir": args.model,
+        "model_dir": _model_dirs(args.model),
         "multi_modal": args.multi_modal,
         "data_gateway": args.data_gateway,
         "fetch_window": args.fetch_window,
@@ -184,7 +189,9 @@ def _request(
         folder = OutputFolder(args.output, overwrite=True)  # the demo's folder is its own
         demo_inputs = write_demo_inputs(args.output / "inputs")
         return settings, demo_inputs.paths, folder, demo_inputs
-    settings = Settings.from_env(**overrides(args), model_dir=args.model, multi_modal=args.multi_modal)
+    settings = Settings.from_env(
+        **overrides(args), model_dir=_model_dirs(args.model), multi_modal=args.multi_modal
+    )
     if check_model:
         locate_model(settings)
     entries = args.inputs or ([settings.input_dir] if settings.input_dir else [])

@@ -28,7 +28,16 @@ from asyncflow.writing.registry import OPTIONAL
 __all__ = ["build_parser", "overrides", "statistics_bounds"]
 
 # Settings a model option names; the demo has none of these (its model is the built-in one).
-_MODEL_FIELDS = ("backend", "results_folder", "task_name", "trainer", "plans", "configuration", "folds")
+_MODEL_FIELDS = (
+    "backend",
+    "results_folder",
+    "task_name",
+    "trainer",
+    "plans",
+    "configuration",
+    "folds",
+    "postprocessing",
+)
 
 
 def _values(choices: type[StrEnum]) -> list[str]:
@@ -46,8 +55,12 @@ def _add_model_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         type=Path,
+        action="append",
+        metavar="DIR",
         help="trained model folder: v2 <task>/<trainer>__<plans>__<config> (dataset.json, plans.json, "
-        "fold_N/), v1 nnUNet/<config>/<task>/<trainer>__<plans> (plans.pkl, fold_N/); "
+        "fold_N/), v1 nnUNet/<config>/<task>/<trainer>__<plans> (plans.pkl, fold_N/); a v2 dataset "
+        "folder with nnUNetv2_find_best_configuration's inference_information.json runs what it chose; "
+        "given more than once, an ensemble of the configurations (nnUNetv2_ensemble); "
         "default: found from --results-folder and --task",
     )
     parser.add_argument(
@@ -119,6 +132,12 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         "--folds", help="folds to ensemble, comma-separated, e.g. 0,1,2 (default: every fold_N found)"
     )
     group.add_argument("--checkpoint", help=_stock("checkpoint"))
+    group.add_argument(
+        "--postprocessing",
+        metavar="FILE|auto|none",
+        help="nnU-Net v2 postprocessing (postprocessing.json or .pkl); default auto: what "
+        "nnUNetv2_find_best_configuration chose, none for a plain model folder",
+    )
     _add_run_options(parser)
 
 

@@ -77,7 +77,7 @@ class Export:
             extras=frozenset(settings.outputs),
         )
         info = plan.model
-        self.algorithm = Algorithm(f"nnU-Net {info.name}", info.framework, model_parameters(info, settings))
+        self.algorithm = Algorithm(f"nnU-Net {info.name}", info.framework, model_parameters(plan, settings))
 
     async def worker(self, receive: MemoryObjectReceiveStream[tuple[PreparedCase, Any]], _: None) -> None:
         async with receive:

@@ -5,8 +5,8 @@ and part, or its input and path), the sha256 of every source file (taken as the
 bytes were unpacked) and of a label file supplied with it. A model and everything
 that changes a result is named by the *model key* (:func:`model_key`): the model
 folder, configuration, trainer, plans, folds, the sha256 of the checkpoints and of
-the folder's plans and dataset files, and the settings that change what a case's
-outputs hold. The journal (:mod:`asyncflow.pipeline.journal`) resumes a case whose
+the folder's plans and dataset files (of every configuration of an ensemble), the
+postprocessing, and the settings that change what a case's outputs hold. The journal (:mod:`asyncflow.pipeline.journal`) resumes a case whose
 two keys match; the SEG's UIDs derive from them (:attr:`asyncflow.writing.base.OutputOptions.uid_seed`).
 """
 
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from asyncflow.backends.base import ModelInfo
+from asyncflow.backends.plan import ModelPlan
 from asyncflow.case import Case
 from asyncflow.digests import sha256_file
 from asyncflow.enums import Resampling
@@ -73,26 +74,40 @@ def _checkpoint_sha256(path: Path) -> str:
         return _checkpoint_hashes[key]
 
 
-def model_key(info: ModelInfo, settings: Settings) -> str:
-    """The model's identity and every setting that changes a result, as one hex digest."""
+def _model_identity(info: ModelInfo) -> dict[str, Any]:
+    """One model folder's identity: where it is, its plans and dataset files, its folds'
+    checkpoints by sha256."""
     checkpoints = {}
     for fold in info.folds:
         folder = info.folder / f"fold_{fold}"
         for path in sorted(folder.glob(f"{info.checkpoint}*")) if folder.is_dir() else []:
             checkpoints[f"fold_{fold}/{path.name}"] = _checkpoint_sha256(path)
-    label_config = sha256_file(settings.label_config) if settings.label_config else None
     # plans.json and dataset.json (v2), plans.pkl (v1): spacing, normalisation, labels
     plans = {path.name: sha256_file(path) for path in sorted(info.folder.glob("*.json"))}
     plans |= {path.name: sha256_file(path) for path in sorted(info.folder.glob("*.pkl"))}
-    identity = {
+    return {
         "folder": str(info.folder.resolve()) if info.folder.exists() else str(info.folder),
         "plans": plans,
         "model": [info.name, info.configuration, info.trainer, info.plans, info.generation],
         "folds": [str(f) for f in info.folds],
         "checkpoints": checkpoints,
+    }
+
+
+def model_key(plan: ModelPlan | ModelInfo, settings: Settings) -> str:
+    """The model's identity (every configuration of an ensemble, in order, and the
+    postprocessing) and every setting that changes a result, as one hex digest."""
+    plan = plan if isinstance(plan, ModelPlan) else ModelPlan(plan, ())
+    label_config = sha256_file(settings.label_config) if settings.label_config else None
+    identity = {
+        **_model_identity(plan.model),
         "settings": {name: _plain(getattr(settings, name)) for name in RESULT_SETTINGS},
         "label_config": label_config,
     }
+    if len(plan.members) > 1:  # absent for one configuration: keys made before stay
+        identity["ensemble"] = [_model_identity(m) for m in plan.members[1:]]
+    if plan.postprocessing is not None:
+        identity["postprocessing"] = plan.postprocessing.description
     if settings.resampling is not Resampling.MODEL:  # absent for the default: keys made before stay
         identity["resampling"] = str(settings.resampling)
     if settings.outputs:  # optional outputs beside each SEG: absent when none is asked for
@@ -100,17 +115,18 @@ def model_key(info: ModelInfo, settings: Settings) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-def model_parameters(info: ModelInfo, settings: Settings) -> dict[str, str]:
+def model_parameters(plan: ModelPlan, settings: Settings) -> dict[str, str]:
     """How the model was trained and is run: the SEG's AlgorithmParameters."""
-    return {**info.parameters, "resampling": str(settings.resampling)}
+    return {**plan.parameters, "resampling": str(settings.resampling)}
 
 
-def model_provenance(info: ModelInfo, settings: Settings, key: str) -> dict[str, Any]:
+def model_provenance(plan: ModelPlan, settings: Settings, key: str) -> dict[str, Any]:
     """The report's ``model``: what produced the request's outputs, and its model ``key``."""
+    info = plan.model
     return {
         "name": info.name,
         "framework": info.framework,
-        "parameters": model_parameters(info, settings),
+        "parameters": model_parameters(plan, settings),
         "key": key,
     }
 

@@ -233,14 +233,14 @@ async def run_request(
     check_free_space(settings.work_dir, settings.disk_headroom, [i.size for i in items], at_once)
     request_id = uuid.uuid4().hex[:12]
     watch = Stopwatch()
-    model = await anyio.to_thread.run_sync(model_key, plan.model, settings)  # before any file
+    model = await anyio.to_thread.run_sync(model_key, plan, settings)  # before any file
     ledger = Ledger(
         on_progress,
         keep_bytes=sink is None,
         on_withdraw=sink.withdraw if sink is not None else None,
         on_stage=on_stage,
         objects=sum(1 for item in items if item.remote is not None),
-        model=model_provenance(plan.model, settings, model),
+        model=model_provenance(plan, settings, model),
         items=items,
     )
     budget = MemoryBudget(settings.memory_budget_bytes())

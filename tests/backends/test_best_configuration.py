@@ -1,0 +1,256 @@
+"""Ensembles of configurations and postprocessing equal nnU-Net's own command-line sequence,
+voxel for voxel: ``nnUNetv2_predict --save_probabilities`` per configuration, ``nnUNetv2_ensemble``,
+``nnUNetv2_apply_postprocessing`` (run through their console scripts' entry points), on an
+anisotropic, rotated NIfTI and on a DICOM series; and a plan that cannot run fails before any
+case, with nothing written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from helpers import dicom_bytes, make_tar
+from nnunet_models import DATASET, ENSEMBLE, PREFIX, make_results
+
+from asyncflow import run_request
+from asyncflow.cli.synthetic import dicom_series_datasets, make_phantom, nifti_bytes
+from asyncflow.errors import ModelError
+from asyncflow.writing.nifti import read_nifti_seg
+from asyncflow.writing.seg import read_dicom_seg
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.model]
+
+LABELS = {"liver": 1, "tumor": 2}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Path:
+    return make_results(tmp_path_factory.mktemp("best"), model_dir)
+
+
+def _rotated_nifti(rng: np.random.Generator) -> bytes:
+    """An anisotropic phantom whose axes are rotated 20 degrees about z and flipped in y."""
+    phantom = make_phantom(rng, (22, 52, 48), spacing=(0.9, 0.8, 2.2))
+    image = sitk.ReadImage(_temporary(nifti_bytes(phantom.image, phantom.spacing, phantom.origin)))
+    angle = np.deg2rad(20)
+    image.SetDirection((np.cos(angle), np.sin(angle), 0.0, np.sin(angle), -np.cos(angle), 0.0, 0.0, 0.0, 1.0))
+    return _bytes_of(image)
+
+
+def _temporary(data: bytes) -> str:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False) as f:
+        f.write(data)
+    return f.name
+
+
+def _bytes_of(image: sitk.Image) -> bytes:
+    path = Path(_temporary(b""))
+    sitk.WriteImage(image, str(path))
+    data = path.read_bytes()
+    path.unlink()
+    return data
+
+
+def _nnunet_cli(tmp: Path, results: Path, inputs: Path) -> dict[str, dict[str, np.ndarray]]:
+    """nnU-Net's own sequence, through its console scripts' entry points in one fresh process:
+    each configuration predicted with --save_probabilities, the ensembles, and the postprocessing
+    that inference_information.json names applied to the two-configuration ensemble."""
+    out = {name: tmp / name for name in ("fullres", "lowres", "2d", "e2", "e3", "pp")}
+    predict = ["-i", str(inputs), "-d", DATASET, "-f", "0", "-device", "cpu", "-npp", "0", "-nps", "0"]
+    predict += ["--save_probabilities", "--disable_tta", "--disable_progress_bar"]
+    chosen = results / "ensembles" / ENSEMBLE
+    postprocess = ["-i", str(out["e2"]), "-o", str(out["pp"]), "-np", "1"]
+    postprocess += ["-pp_pkl_file", str(chosen / "postprocessing.pkl")]
+    postprocess += ["-plans_json", str(results / f"{PREFIX}3d_fullres" / "plans.json")]
+    steps = [
+        ("predict", [*predict, "-c", "3d_fullres", "-o", str(out["fullres"])]),
+        ("predict", [*predict, "-c", "3d_lowres", "-o", str(out["lowres"])]),
+        ("predict", [*predict, "-c", "2d", "-o", str(out["2d"])]),
+        ("ensemble", ["-i", str(out["fullres"]), str(out["lowres"]), "-o", str(out["e2"]), "-np", "1"]),
+        (
+            "ensemble",
+            ["-i", *(str(out[n]) for n in ("fullres", "lowres", "2d")), "-o", str(out["e3"]), "-np", "1"],
+        ),
+        ("postprocess", postprocess),
+    ]
+    script = (
+        "import json, sys\n"
+        "from nnunetv2.inference.predict_from_raw_data import predict_entry_point\n"
+        "from nnunetv2.ensembling.ensemble import entry_point_ensemble_folders\n"
+        "from nnunetv2.postprocessing.remove_connected_components import entry_point_apply_postprocessing\n"
+        "run = {'predict': predict_entry_point, 'ensemble': entry_point_ensemble_folders,\n"
+        "       'postprocess': entry_point_apply_postprocessing}\n"
+        "if __name__ == '__main__':\n"
+        "    for name, argv in json.loads(sys.argv[1]):\n"
+        "        sys.argv = [name, *argv]\n"
+        "        run[name]()\n"
+    )
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "sequence.py").write_text(script, encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "nnUNet_results": str(results.parent)}
+    env |= {"nnUNet_raw": str(tmp), "nnUNet_preprocessed": str(tmp)}  # read by nnU-Net's imports only
+    argv = [sys.executable, str(tmp / "sequence.py"), json.dumps(steps)]
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return {
+        name: {
+            path.name.removesuffix(".nii.gz"): sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+            for path in folder.glob("*.nii.gz")
+        }
+        for name, folder in out.items()
+    }
+
+
+def _dicom_labels(seg: bytes, series: list) -> np.ndarray:
+    numbers, names = read_dicom_seg(seg, [str(ds.SOPInstanceUID) for ds in series])
+    labels = np.zeros_like(numbers)
+    for number, label in names.items():
+        labels[numbers == number] = LABELS[label]
+    return labels
+
+
+async def test_best_configuration_and_an_ensemble_equal_nnunet_cli_sequence(
+    tmp_path: Path, settings_factory, results: Path, rng: np.random.Generator
+) -> None:
+    rotated = _rotated_nifti(rng)
+    # Spacings whose model shapes are no half voxel from rounding the other way: the reference reads
+    # the series from NIfTI, which keeps spacing in float32.
+    series = dicom_series_datasets(make_phantom(rng, (18, 56, 52), spacing=(0.7, 0.85, 2.5)))
+    reference_inputs = tmp_path / "reference_in"
+    reference_inputs.mkdir()
+    (reference_inputs / "rotated_0000.nii.gz").write_bytes(rotated)
+    dicom_folder = tmp_path / "series"
+    dicom_folder.mkdir()
+    paths = [dicom_folder / f"{k:04d}.dcm" for k in range(len(series))]
+    for path, ds in zip(paths, series, strict=True):
+        path.write_bytes(dicom_bytes(ds))
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames([str(p) for p in paths])
+    sitk.WriteImage(reader.Execute(), str(reference_inputs / "dicom_0000.nii.gz"))
+    cli = _nnunet_cli(tmp_path / "cli", results, reference_inputs)
+    # The test bites: each step changes nnU-Net's answer on these inputs.
+    for name in ("rotated", "dicom"):
+        assert set(np.unique(cli["e2"][name])) == {0, 1, 2}, name
+        assert (cli["e2"][name] != cli["fullres"][name]).any(), f"{name}: the ensemble changes nothing"
+        assert (cli["e3"][name] != cli["e2"][name]).any(), f"{name}: the 2d configuration changes nothing"
+    assert any((cli["pp"][n] != cli["e2"][n]).any() for n in ("rotated", "dicom")), (
+        "postprocessing changes nothing"
+    )
+
+    entries = [
+        {"rotated.nii.gz": rotated},
+        {"study.tar": make_tar({f"s/{k}.dcm": dicom_bytes(ds) for k, ds in enumerate(series)})},
+    ]
+    # What find_best_configuration chose: the two configurations, their folds, the postprocessing.
+    best = await run_request(entries, settings_factory(tmp_path / "work_best", model_dir=results))
+    assert best.status == "done", best.report()
+    # Three configurations named one by one: an ensemble, no postprocessing.
+    folders = [results / f"{PREFIX}{c}" for c in ("3d_fullres", "3d_lowres", "2d")]
+    three = await run_request(entries, settings_factory(tmp_path / "work_three", model_dir=folders))
+    assert three.status == "done", three.report()
+
+    for result, expected in ((best, cli["pp"]), (three, cli["e3"])):
+        got = sitk.GetArrayFromImage(read_nifti_seg(result.nifti_seg_bytes["rotated.nii.gz"]))
+        np.testing.assert_array_equal(got, expected["rotated"])
+        (seg,) = result.dicom_seg_bytes.values()
+        np.testing.assert_array_equal(_dicom_labels(seg, series), expected["dicom"])
+
+    parameters = best.report()["model"]["parameters"]
+    assert parameters["configuration"] == "3d_fullres+3d_lowres"
+    assert parameters["postprocessing"].count("remove_all_but_largest_component_from_segmentation") == 2
+    assert three.report()["model"]["parameters"]["configuration"] == "3d_fullres+3d_lowres+2d"
+
+
+def _copy(results: Path, tmp_path: Path) -> Path:
+    target = tmp_path / DATASET
+    shutil.copytree(results, target, symlinks=True)
+    return target
+
+
+@pytest.mark.parametrize(
+    "fault", ["labels", "missing fold", "foreign pickle", "lost postprocessing", "cascade", "v1 member"]
+)
+async def test_a_plan_that_cannot_run_fails_before_any_case_with_nothing_written(
+    fault: str, tmp_path: Path, settings_factory, results: Path
+) -> None:
+    dataset = _copy(results, tmp_path)
+    chosen = dataset / "ensembles" / ENSEMBLE
+    lowres = dataset / f"{PREFIX}3d_lowres"
+    model_dir: Path | list[Path] = dataset
+    if fault == "labels":
+        spec = json.loads((lowres / "dataset.json").read_text())
+        spec["labels"] = {"background": 0, "liver": 1, "kidney": 2}
+        (lowres / "dataset.json").write_text(json.dumps(spec))
+        expected = "differ in their labels"
+    elif fault == "missing fold":
+        information = json.loads((dataset / "inference_information.json").read_text())
+        information["folds"] = [0, 1]
+        (dataset / "inference_information.json").write_text(json.dumps(information))
+        expected = "fold(s) [1]"
+    elif fault == "foreign pickle":
+        import pickle
+
+        (chosen / "postprocessing.json").unlink()
+        (chosen / "postprocessing.pkl").write_bytes(pickle.dumps(([os.system], [{"command": "true"}])))
+        expected = "neither plain data nor nnU-Net's postprocessing"
+    elif fault == "lost postprocessing":
+        shutil.rmtree(chosen)
+        expected = "copy the dataset's whole results folder"
+    elif fault == "cascade":  # a cascade's second stage named alone
+        cascade = dataset / f"{PREFIX}3d_cascade_fullres"
+        shutil.copytree(lowres, cascade)
+        plans = json.loads((cascade / "plans.json").read_text())
+        plans["configurations"]["3d_cascade_fullres"] = {
+            "inherits_from": "3d_fullres",
+            "previous_stage": "3d_lowres",
+        }
+        (cascade / "plans.json").write_text(json.dumps(plans))
+        model_dir = cascade
+        expected = "second stage of a cascade"
+    else:
+        v1 = Path(__file__).parents[2] / "asyncflow/models/tiny_v1/nnUNet/3d_fullres/Task998_AsyncflowTiny"
+        model_dir = [dataset / f"{PREFIX}3d_fullres", v1 / "nnUNetTrainerV2__nnUNetPlansv2.1"]
+        expected = "nnUNet_ensemble is not supported"
+    work, output = tmp_path / "work", tmp_path / "out"
+    settings = settings_factory(work, model_dir=model_dir, output_dir=output)
+    with pytest.raises(ModelError, match=re.escape(expected)):
+        await run_request([{"case.nii.gz": b"never read"}], settings)
+    assert not work.exists() and not output.exists()
+
+
+def test_the_model_key_covers_every_configuration_and_the_postprocessing(
+    tmp_path: Path, settings_factory, results: Path
+) -> None:
+    from asyncflow.pipeline.keys import model_key
+    from asyncflow.pipeline.model import build_plan
+
+    fullres, lowres = (results / f"{PREFIX}{c}" for c in ("3d_fullres", "3d_lowres"))
+    plans = {
+        "best": {"model_dir": results},
+        "best, no postprocessing": {"model_dir": results, "postprocessing": "none"},
+        "the same two named": {"model_dir": [fullres, lowres]},
+        "the other order": {"model_dir": [lowres, fullres]},
+        "one configuration": {"model_dir": fullres},
+    }
+    keys = {}
+    for name, values in plans.items():
+        settings = settings_factory(tmp_path, **values)
+        keys[name] = model_key(build_plan(settings), settings)
+    assert keys["best, no postprocessing"] == keys["the same two named"]
+    del keys["the same two named"]
+    assert len(set(keys.values())) == len(keys), keys
+    one = build_plan(settings_factory(tmp_path, model_dir=fullres))
+    assert keys["one configuration"] == model_key(
+        one.model, settings_factory(tmp_path)
+    )  # keys made before stay

@@ -1,0 +1,134 @@
+"""A dataset's results folder as nnU-Net leaves it after ``nnUNetv2_find_best_configuration``,
+built from the tiny model (tests of ensembles and postprocessing).
+
+``nnUNet_results/Dataset999_AsyncflowTiny/`` holds three configurations of one dataset in one
+``plans.json``, each in its own ``nnUNetTrainer__nnUNetPlans__<configuration>`` folder:
+
+- ``3d_fullres``: the tiny model itself (1 mm);
+- ``3d_lowres``: the same network at 1.6 mm, its weights perturbed (another network);
+- ``2d``: the tiny model's network made 2D (each 3D kernel summed over its first axis, so it
+  still finds the phantom's organs slice by slice), built by nnU-Net's own network factory.
+
+``inference_information.json`` names the ``3d_fullres`` + ``3d_lowres`` ensemble as
+``find_best_configuration`` writes it (absolute paths of the machine that "trained" it), and its
+``postprocessing.pkl``/``.json`` (keep the largest component of all foreground, then of label 2)
+are written with nnU-Net's own ``save_pickle`` of its own function, and ``save_json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+DATASET = "Dataset999_AsyncflowTiny"
+PREFIX = "nnUNetTrainer__nnUNetPlans__"
+ENSEMBLE = f"ensemble___{PREFIX}3d_fullres___{PREFIX}3d_lowres___0"
+POSTPROCESSING = (
+    ("remove_all_but_largest_component_from_segmentation", {"labels_or_regions": [1, 2]}),
+    ("remove_all_but_largest_component_from_segmentation", {"labels_or_regions": 2}),
+)
+
+
+def _plans(tiny: Path) -> dict[str, Any]:
+    plans = json.loads((tiny / "plans.json").read_text())
+    fullres = plans["configurations"]["3d_fullres"]
+    lowres = copy.deepcopy(fullres)
+    lowres["spacing"] = [1.6, 1.6, 1.6]
+    lowres["data_identifier"] = "nnUNetPlans_3d_lowres"
+    two_d = copy.deepcopy(fullres)
+    two_d["data_identifier"] = "nnUNetPlans_2d"
+    two_d["spacing"] = fullres["spacing"][1:]
+    two_d["patch_size"] = fullres["patch_size"][1:]
+    two_d["median_image_size_in_voxels"] = fullres["median_image_size_in_voxels"][1:]
+    arch = two_d["architecture"]["arch_kwargs"]
+    arch["conv_op"] = "torch.nn.modules.conv.Conv2d"
+    arch["norm_op"] = "torch.nn.modules.instancenorm.InstanceNorm2d"
+    arch["kernel_sizes"] = [k[1:] for k in arch["kernel_sizes"]]
+    arch["strides"] = [s[1:] for s in arch["strides"]]
+    plans["configurations"] = {"2d": two_d, "3d_fullres": fullres, "3d_lowres": lowres}
+    return plans
+
+
+def _checkpoint(tiny: Path, configuration: str, plans: dict[str, Any], dataset: dict[str, Any]) -> dict:
+    import torch
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    checkpoint = torch.load(tiny / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    weights = checkpoint["network_weights"]
+    generator = torch.Generator().manual_seed(20261206)
+    if configuration == "3d_lowres":
+        weights = {
+            k: v * (1 + 0.15 * torch.randn(v.shape, generator=generator)) if v.is_floating_point() else v
+            for k, v in weights.items()
+        }
+    elif configuration == "2d":
+        flat = {}
+        for name, value in weights.items():
+            if value.dim() == 5:  # transposed convolutions copy, convolutions sum over the slices
+                value = value.mean(2) if "transpconvs" in name else value.sum(2)
+            flat[name] = value
+        config = plans["configurations"]["2d"]["architecture"]
+        network = get_network_from_plans(
+            config["network_class_name"],
+            config["arch_kwargs"],
+            config["_kw_requires_import"],
+            len(dataset["channel_names"]),
+            len(dataset["labels"]),
+            allow_init=True,
+            deep_supervision=False,
+        )
+        network.load_state_dict(flat)  # strict: every weight of nnU-Net's own 2D network
+        weights = network.state_dict()
+        checkpoint["inference_allowed_mirroring_axes"] = (0, 1)
+    return {**checkpoint, "network_weights": weights, "init_args": {"configuration": configuration}}
+
+
+def make_results(root: Path, tiny: Path) -> Path:
+    """``root/nnUNet_results/Dataset999_AsyncflowTiny`` as described above; returns that folder."""
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import save_json, save_pickle
+    from nnunetv2.postprocessing.remove_connected_components import (
+        remove_all_but_largest_component_from_segmentation,
+    )
+
+    folder = root / "nnUNet_results" / DATASET
+    plans = _plans(tiny)
+    dataset = json.loads((tiny / "dataset.json").read_text())
+    for configuration in ("3d_fullres", "3d_lowres", "2d"):
+        model = folder / f"{PREFIX}{configuration}"
+        (model / "fold_0").mkdir(parents=True)
+        (model / "plans.json").write_text(json.dumps(plans, indent=1))
+        shutil.copy(tiny / "dataset.json", model / "dataset.json")
+        torch.save(
+            _checkpoint(tiny, configuration, plans, dataset), model / "fold_0" / "checkpoint_final.pth"
+        )
+
+    chosen = folder / "ensembles" / ENSEMBLE
+    chosen.mkdir(parents=True)
+    functions = [remove_all_but_largest_component_from_segmentation for _ in POSTPROCESSING]
+    save_pickle((functions, [kwargs for _, kwargs in POSTPROCESSING]), str(chosen / "postprocessing.pkl"))
+    save_json(
+        {
+            "postprocessing_fns": [name for name, _ in POSTPROCESSING],
+            "postprocessing_kwargs": [kwargs for _, kwargs in POSTPROCESSING],
+        },
+        str(chosen / "postprocessing.json"),
+    )
+    trained_at = Path("/home/trainer/nnUNet_results") / DATASET  # as the training machine wrote it
+    information = {
+        "folds": [0],
+        "dataset_name_or_id": DATASET,
+        "best_model_or_ensemble": {
+            "postprocessing_file": str(trained_at / "ensembles" / ENSEMBLE / "postprocessing.pkl"),
+            "some_plans_file": str(trained_at / "ensembles" / ENSEMBLE / "plans.json"),
+            "selected_model_or_models": [
+                {"configuration": c, "trainer": "nnUNetTrainer", "plans_identifier": "nnUNetPlans"}
+                for c in ("3d_fullres", "3d_lowres")
+            ],
+        },
+    }
+    save_json(information, str(folder / "inference_information.json"))
+    return folder
