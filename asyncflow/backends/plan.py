@@ -19,7 +19,6 @@ import numpy as np
 from asyncflow.backends.base import Backend, ModelInfo, ModelSteps
 from asyncflow.backends.postprocessing import Postprocessing
 from asyncflow.case import PreparedCase
-from asyncflow.enums import Generation
 from asyncflow.errors import ModelError
 from asyncflow.labels.segment import SegmentLabel
 
@@ -115,10 +114,6 @@ class ModelPlan:
         if self.best is not None:
             parameters["chosen_by"] = f"nnUNetv2_find_best_configuration ({self.best.name})"
         return parameters
-
-    @property
-    def generation(self) -> Generation:
-        return self.model.generation
 
 
 class Postprocessed:

@@ -150,11 +150,7 @@ def cropped_labels(
     name = probabilities_function(configuration)
     if label_manager.has_regions or name not in (SCIPY, TORCH):  # nnU-Net's own, all classes at once
         return _nnunet_whole(logits, plans, configuration, label_manager, properties)
-    shape = [int(n) for n in properties["shape_after_cropping_and_before_resampling"]]
-    source = [properties["spacing"][i] for i in plans.transpose_forward]
-    model = list(configuration.spacing)
-    if len(model) < len(shape):  # 2D configurations keep the slice spacing
-        model = [source[0], *model]
+    shape, model, source = _grids(plans, configuration, properties)
     if name == TORCH:
         tensor = torch.as_tensor(logits)
         tensor = tensor.to(device) if device is not None else tensor
@@ -185,11 +181,7 @@ def cropped_probabilities(
     inference nonlinearity (softmax, or sigmoid for regions) on all classes at once, in torch
     as nnU-Net applies it. An ensemble averages these (:mod:`asyncflow.backends.ensemble`)."""
     name = probabilities_function(configuration)
-    shape = [int(n) for n in properties["shape_after_cropping_and_before_resampling"]]
-    source = [properties["spacing"][i] for i in plans.transpose_forward]
-    model = list(configuration.spacing)
-    if len(model) < len(shape):  # 2D configurations keep the slice spacing
-        model = [source[0], *model]
+    shape, model, source = _grids(plans, configuration, properties)
     resampled: Any
     if name == TORCH:
         tensor = torch.as_tensor(logits)
@@ -211,6 +203,18 @@ def cropped_probabilities(
     probabilities = label_manager.apply_inference_nonlin(resampled)
     del resampled
     return np.asarray(probabilities.numpy() if isinstance(probabilities, torch.Tensor) else probabilities)
+
+
+def _grids(
+    plans: PlansManager, configuration: ConfigurationManager, properties: dict[str, Any]
+) -> tuple[list[int], list[float], list[float]]:
+    """The cropped source grid's shape, the model's spacing and the source's (model axes)."""
+    shape = [int(n) for n in properties["shape_after_cropping_and_before_resampling"]]
+    source = [properties["spacing"][i] for i in plans.transpose_forward]
+    model = list(configuration.spacing)
+    if len(model) < len(shape):  # 2D configurations keep the slice spacing
+        model = [source[0], *model]
+    return shape, model, source
 
 
 def uncropped(
