@@ -1,0 +1,150 @@
+"""An ensemble of two configurations: asyncflow's one request against nnU-Net's CLI sequence.
+
+The request of ``network_hold.py`` (``--tars`` TARs of ``--series`` synthetic CT series, 512 x
+512, 0.7-0.9 mm pixels, 1-5 mm slices) against a two-configuration dataset made from the tiny
+model: ``3d_fullres`` planned at 1.0 x 0.8 x 0.8 mm (as CT models are) and ``3d_lowres`` at
+twice that. The network is the GPU stand-in of ``fixed_service.py`` (``--service-s`` seconds
+per configuration and case; every CPU step around it is the real code). Runs, each a child
+process (CPU: user + system of its tree; RSS: the peak of its tree):
+
+- ``asyncflow_one``: ``asyncflow run`` with ``3d_fullres`` alone (what the ensemble adds to);
+- ``asyncflow_ensemble``: ``asyncflow run --model A --model B``, DICOM in, SEG out;
+- ``nnunet_sequence``: on the same series as NIfTI, ``nnUNetv2_predict_from_modelfolder
+  --save_probabilities`` per configuration (``-npp 1 -nps 1``: nnU-Net's default worker
+  processes held more memory than this machine has in RESULTS-resampling.md), then
+  ``nnUNetv2_ensemble -np 1``.
+
+Usage: ``python benchmarks/ensemble.py [--tars 1 --series 2] [--out benchmarks/results-ensemble]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from network_hold import (  # noqa: E402
+    MODEL_SPACING,
+    _from_events,
+    _me,
+    _run,
+    add_request_arguments,
+    write_nifti_copies,
+    write_request,
+)
+
+PREFIX = "nnUNetTrainer__nnUNetPlans__"
+
+
+def two_configurations(folder: Path) -> dict[str, Path]:
+    """``3d_fullres`` at MODEL_SPACING and ``3d_lowres`` at twice it, one plans.json, as nnU-Net
+    lays out a dataset's results (the stand-in network makes their weights irrelevant)."""
+    import torch
+
+    from asyncflow.cli.synthetic import replanned_model
+
+    fullres = replanned_model(folder / f"{PREFIX}3d_fullres", MODEL_SPACING)
+    plans = json.loads((fullres / "plans.json").read_text())
+    lowres_config = copy.deepcopy(plans["configurations"]["3d_fullres"])
+    lowres_config["spacing"] = [2 * s for s in MODEL_SPACING]
+    lowres_config["data_identifier"] = "nnUNetPlans_3d_lowres"
+    plans["configurations"]["3d_lowres"] = lowres_config
+    (fullres / "plans.json").write_text(json.dumps(plans, indent=1))
+    lowres = folder / f"{PREFIX}3d_lowres"
+    shutil.copytree(fullres, lowres)
+    checkpoint_path = lowres / "fold_0" / "checkpoint_final.pth"
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    checkpoint["init_args"] = {"configuration": "3d_lowres"}
+    torch.save(checkpoint, checkpoint_path)
+    return {"3d_fullres": fullres, "3d_lowres": lowres}
+
+
+def run_asyncflow(name: str, tars: list[Path], models: list[Path], scratch: Path, service_s: float) -> dict:
+    out, log = scratch / name, scratch / f"{name}.log"
+    argv = [*map(str, tars), "-o", str(out), "--device", "cpu", "--no-mirroring", "--threads", "1"]
+    argv += ["--json-logs", "--work-dir", str(scratch / "work"), "--set", "disk_headroom=0"]
+    for model in models:
+        argv += ["--model", str(model)]
+    measured = _run([_me("asyncflow", service_s, "run", *argv)], log)
+    events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    predicted = [e for e in events if e["event"] == "case.predicted"]
+    return {
+        **measured,
+        **_from_events(events, measured),
+        "hold_s_per_case": round(sum(e["duration_s"] for e in predicted) / len(predicted), 3),
+        "network_s_per_case": round(sum(e["network_s"] for e in predicted) / len(predicted), 3),
+    }
+
+
+def run_sequence(nifti: Path, models: dict[str, Path], scratch: Path, service_s: float) -> dict[str, Any]:
+    outputs = {c: scratch / f"nnunet_{c}" for c in models}
+    options = ["-device", "cpu", "--disable_tta", "--save_probabilities", "-npp", "1", "-nps", "1"]
+    options.append("--disable_progress_bar")
+    commands = [
+        [
+            *_me("nnunet", service_s, "-i", str(nifti), "-o", str(outputs[c]), "-m", str(m), "-f", "0"),
+            *options,
+        ]
+        for c, m in models.items()
+    ]
+    ensemble = shutil.which("nnUNetv2_ensemble") or str(Path(sys.executable).parent / "nnUNetv2_ensemble")
+    commands.append(
+        [ensemble, "-i", *map(str, outputs.values()), "-o", str(scratch / "nnunet_ensemble"), "-np", "1"]
+    )
+    return _run(commands)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        from network_hold import child_main
+
+        kind, service_s, _, *rest = argv[1:]
+        return child_main(kind, float(service_s), rest)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_request_arguments(parser)
+    parser.add_argument("--service-s", type=float, default=2.0, help="stand-in seconds per configuration")
+    parser.add_argument("--out", type=Path, default=HERE / "results-ensemble")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="asyncflow-ensemble-"))
+    results: dict[str, Any] = {"machine": f"{os.cpu_count()} cores, CPU only", "service_s": args.service_s}
+    runs: dict[str, Any] = {}
+    results["runs"] = runs
+
+    def record(name: str, value: dict[str, Any]) -> None:
+        runs[name] = value
+        print(name, json.dumps(value), flush=True)
+        (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+    try:
+        models = two_configurations(scratch / "Dataset999_AsyncflowTiny")
+        tars = write_request(
+            scratch / "request", args.tars, args.series, args.matrix, np.random.default_rng(16)
+        )
+        record("request", {"tars": args.tars, "series": args.tars * args.series})
+        record("asyncflow_one", run_asyncflow("one", tars, [models["3d_fullres"]], scratch, args.service_s))
+        record(
+            "asyncflow_ensemble",
+            run_asyncflow("ensemble", tars, list(models.values()), scratch, args.service_s),
+        )
+        nifti = write_nifti_copies(tars, scratch / "nifti")
+        record("nnunet_sequence", run_sequence(nifti[0].parent, models, scratch, args.service_s))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(f"wrote {args.out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
