@@ -1,9 +1,10 @@
-"""An ensemble of two configurations: asyncflow's one request against nnU-Net's CLI sequence.
+"""An ensemble of two configurations, and a cascade: asyncflow's one request against nnU-Net's
+CLI sequence.
 
 The request of ``network_hold.py`` (``--tars`` TARs of ``--series`` synthetic CT series, 512 x
 512, 0.7-0.9 mm pixels, 1-5 mm slices) against a two-configuration dataset made from the tiny
-model: ``3d_fullres`` planned at 1.0 x 0.8 x 0.8 mm (as CT models are) and ``3d_lowres`` at
-twice that. The network is the GPU stand-in of ``fixed_service.py`` (``--service-s`` seconds
+model: ``3d_fullres`` planned at 1.0 x 0.8 x 0.8 mm (as CT models are), ``3d_lowres`` at
+twice that, and ``3d_cascade_fullres`` (after ``3d_lowres``) at 1.0 x 0.8 x 0.8 mm. The network is the GPU stand-in of ``fixed_service.py`` (``--service-s`` seconds
 per configuration and case; every CPU step around it is the real code). Runs, each a child
 process (CPU: user + system of its tree; RSS: the peak of its tree):
 
@@ -12,7 +13,10 @@ process (CPU: user + system of its tree; RSS: the peak of its tree):
 - ``nnunet_sequence``: on the same series as NIfTI, ``nnUNetv2_predict_from_modelfolder
   --save_probabilities`` per configuration (``-npp 1 -nps 1``: nnU-Net's default worker
   processes held more memory than this machine has in RESULTS-resampling.md), then
-  ``nnUNetv2_ensemble -np 1``.
+  ``nnUNetv2_ensemble -np 1``;
+- ``asyncflow_cascade``: ``asyncflow run --model .../3d_cascade_fullres``;
+- ``nnunet_cascade``: ``nnUNetv2_predict_from_modelfolder`` of ``3d_lowres``, then of
+  ``3d_cascade_fullres`` with ``-prev_stage_predictions`` (``-npp 1 -nps 1``).
 
 Usage: ``python benchmarks/ensemble.py [--tars 1 --series 2] [--out benchmarks/results-ensemble]``
 """
@@ -46,27 +50,51 @@ from network_hold import (  # noqa: E402
 PREFIX = "nnUNetTrainer__nnUNetPlans__"
 
 
-def two_configurations(folder: Path) -> dict[str, Path]:
-    """``3d_fullres`` at MODEL_SPACING and ``3d_lowres`` at twice it, one plans.json, as nnU-Net
-    lays out a dataset's results (the stand-in network makes their weights irrelevant)."""
+def three_configurations(folder: Path) -> dict[str, Path]:
+    """``3d_fullres`` at MODEL_SPACING, ``3d_lowres`` at twice it and ``3d_cascade_fullres`` after
+    it, one plans.json, as nnU-Net lays out a dataset's results (the stand-in network makes their
+    weights irrelevant: the cascade's are nnU-Net's initial ones, for its wider input)."""
     import torch
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
     from asyncflow.cli.synthetic import replanned_model
 
     fullres = replanned_model(folder / f"{PREFIX}3d_fullres", MODEL_SPACING)
     plans = json.loads((fullres / "plans.json").read_text())
-    lowres_config = copy.deepcopy(plans["configurations"]["3d_fullres"])
+    configurations = plans["configurations"]
+    lowres_config = copy.deepcopy(configurations["3d_fullres"])
     lowres_config["spacing"] = [2 * s for s in MODEL_SPACING]
     lowres_config["data_identifier"] = "nnUNetPlans_3d_lowres"
-    plans["configurations"]["3d_lowres"] = lowres_config
+    lowres_config["next_stage"] = "3d_cascade_fullres"
+    configurations["3d_lowres"] = lowres_config
+    cascade_config = copy.deepcopy(configurations["3d_fullres"])
+    cascade_config["data_identifier"] = "nnUNetPlans_3d_cascade_fullres"
+    cascade_config["previous_stage"] = "3d_lowres"
+    configurations["3d_cascade_fullres"] = cascade_config
     (fullres / "plans.json").write_text(json.dumps(plans, indent=1))
-    lowres = folder / f"{PREFIX}3d_lowres"
-    shutil.copytree(fullres, lowres)
-    checkpoint_path = lowres / "fold_0" / "checkpoint_final.pth"
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-    checkpoint["init_args"] = {"configuration": "3d_lowres"}
-    torch.save(checkpoint, checkpoint_path)
-    return {"3d_fullres": fullres, "3d_lowres": lowres}
+    dataset = json.loads((fullres / "dataset.json").read_text())
+    models = {"3d_fullres": fullres}
+    for configuration in ("3d_lowres", "3d_cascade_fullres"):
+        models[configuration] = folder / f"{PREFIX}{configuration}"
+        shutil.copytree(fullres, models[configuration])
+        checkpoint_path = models[configuration] / "fold_0" / "checkpoint_final.pth"
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        checkpoint["init_args"] = {"configuration": configuration}
+        if configuration == "3d_cascade_fullres":  # one input channel more per foreground label
+            architecture = cascade_config["architecture"]
+            channels = len(dataset["channel_names"]) + len(dataset["labels"]) - 1
+            network = get_network_from_plans(
+                architecture["network_class_name"],
+                architecture["arch_kwargs"],
+                architecture["_kw_requires_import"],
+                channels,
+                len(dataset["labels"]),
+                allow_init=True,
+                deep_supervision=False,
+            )
+            checkpoint["network_weights"] = network.state_dict()
+        torch.save(checkpoint, checkpoint_path)
+    return models
 
 
 def run_asyncflow(name: str, tars: list[Path], models: list[Path], scratch: Path, service_s: float) -> dict:
@@ -78,30 +106,43 @@ def run_asyncflow(name: str, tars: list[Path], models: list[Path], scratch: Path
     measured = _run([_me("asyncflow", service_s, "run", *argv)], log)
     events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     predicted = [e for e in events if e["event"] == "case.predicted"]
+    staged = [e for e in events if e["event"] == "case.staged"]  # a cascade's step between its stages
+    cases = len({e["case_id"] for e in predicted})
     return {
         **measured,
         **_from_events(events, measured),
-        "hold_s_per_case": round(sum(e["duration_s"] for e in predicted) / len(predicted), 3),
-        "network_s_per_case": round(sum(e["network_s"] for e in predicted) / len(predicted), 3),
+        "hold_s_per_case": round(sum(e["duration_s"] for e in predicted) / cases, 3),
+        "network_s_per_case": round(sum(e["network_s"] for e in predicted) / cases, 3),
+        "staged_s_per_case": round(sum(e["duration_s"] for e in staged) / cases, 3),
     }
+
+
+NNUNET_OPTIONS = ["-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1", "--disable_progress_bar"]
+
+
+def _predict(nifti: Path, output: Path, model: Path, service_s: float, *options: str) -> list[str]:
+    return [
+        *_me("nnunet", service_s, "-i", str(nifti), "-o", str(output), "-m", str(model), "-f", "0"),
+        *NNUNET_OPTIONS,
+        *options,
+    ]
 
 
 def run_sequence(nifti: Path, models: dict[str, Path], scratch: Path, service_s: float) -> dict[str, Any]:
     outputs = {c: scratch / f"nnunet_{c}" for c in models}
-    options = ["-device", "cpu", "--disable_tta", "--save_probabilities", "-npp", "1", "-nps", "1"]
-    options.append("--disable_progress_bar")
-    commands = [
-        [
-            *_me("nnunet", service_s, "-i", str(nifti), "-o", str(outputs[c]), "-m", str(m), "-f", "0"),
-            *options,
-        ]
-        for c, m in models.items()
-    ]
+    commands = [_predict(nifti, outputs[c], m, service_s, "--save_probabilities") for c, m in models.items()]
     ensemble = shutil.which("nnUNetv2_ensemble") or str(Path(sys.executable).parent / "nnUNetv2_ensemble")
     commands.append(
         [ensemble, "-i", *map(str, outputs.values()), "-o", str(scratch / "nnunet_ensemble"), "-np", "1"]
     )
     return _run(commands)
+
+
+def run_cascade(nifti: Path, models: dict[str, Path], scratch: Path, service_s: float) -> dict[str, Any]:
+    lowres, cascade = scratch / "nnunet_cascade_lowres", scratch / "nnunet_cascade"
+    first = _predict(nifti, lowres, models["3d_lowres"], service_s)
+    second = _predict(nifti, cascade, models["3d_cascade_fullres"], service_s)
+    return _run([first, [*second, "-prev_stage_predictions", str(lowres)]])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
     try:
-        models = two_configurations(scratch / "Dataset999_AsyncflowTiny")
+        models = three_configurations(scratch / "Dataset999_AsyncflowTiny")
+        ensemble = {c: models[c] for c in ("3d_fullres", "3d_lowres")}
         tars = write_request(
             scratch / "request", args.tars, args.series, args.matrix, np.random.default_rng(16)
         )
@@ -136,10 +178,15 @@ def main(argv: list[str] | None = None) -> int:
         record("asyncflow_one", run_asyncflow("one", tars, [models["3d_fullres"]], scratch, args.service_s))
         record(
             "asyncflow_ensemble",
-            run_asyncflow("ensemble", tars, list(models.values()), scratch, args.service_s),
+            run_asyncflow("ensemble", tars, list(ensemble.values()), scratch, args.service_s),
+        )
+        record(
+            "asyncflow_cascade",
+            run_asyncflow("cascade", tars, [models["3d_cascade_fullres"]], scratch, args.service_s),
         )
         nifti = write_nifti_copies(tars, scratch / "nifti")
-        record("nnunet_sequence", run_sequence(nifti[0].parent, models, scratch, args.service_s))
+        record("nnunet_sequence", run_sequence(nifti[0].parent, ensemble, scratch, args.service_s))
+        record("nnunet_cascade", run_cascade(nifti[0].parent, models, scratch, args.service_s))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print(f"wrote {args.out / 'results.json'}")

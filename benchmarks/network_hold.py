@@ -172,7 +172,7 @@ def run_asyncflow(
 def _from_events(events: list[dict[str, Any]], run: dict[str, Any]) -> dict[str, Any]:
     by = {name: [e for e in events if e["event"] == name] for name in {e["event"] for e in events}}
     predicted = by["case.predicted"]
-    cases = len(predicted)
+    cases = len({e["case_id"] for e in predicted})  # a cascade predicts a case twice
     network = [(event_seconds(e) - e["network_s"], event_seconds(e)) for e in predicted]
     span = max(b for _, b in network) - min(a for a, _ in network)
     first = min(predicted, key=event_seconds)["case_id"]

@@ -7,7 +7,11 @@ built from the tiny model (tests of ensembles and postprocessing).
 - ``3d_fullres``: the tiny model itself (1 mm);
 - ``3d_lowres``: the same network at 1.6 mm, its weights perturbed (another network);
 - ``2d``: the tiny model's network made 2D (each 3D kernel summed over its first axis, so it
-  still finds the phantom's organs slice by slice), built by nnU-Net's own network factory.
+  still finds the phantom's organs slice by slice), built by nnU-Net's own network factory;
+- ``3d_cascade_fullres``: the second stage of a cascade after ``3d_lowres`` (``previous_stage``
+  in the plans): nnU-Net's own network with one input channel per foreground label more (the
+  previous stage's segmentation, one-hot), the tiny model's weights for the image and random
+  ones for those channels, so that the first stage's label map changes what it finds.
 
 ``inference_information.json`` names the ``3d_fullres`` + ``3d_lowres`` ensemble as
 ``find_best_configuration`` writes it (absolute paths of the machine that "trained" it), and its
@@ -48,7 +52,16 @@ def _plans(tiny: Path) -> dict[str, Any]:
     arch["norm_op"] = "torch.nn.modules.instancenorm.InstanceNorm2d"
     arch["kernel_sizes"] = [k[1:] for k in arch["kernel_sizes"]]
     arch["strides"] = [s[1:] for s in arch["strides"]]
-    plans["configurations"] = {"2d": two_d, "3d_fullres": fullres, "3d_lowres": lowres}
+    lowres["next_stage"] = "3d_cascade_fullres"
+    cascade = copy.deepcopy(fullres)
+    cascade["data_identifier"] = "nnUNetPlans_3d_cascade_fullres"
+    cascade["previous_stage"] = "3d_lowres"
+    plans["configurations"] = {
+        "2d": two_d,
+        "3d_fullres": fullres,
+        "3d_lowres": lowres,
+        "3d_cascade_fullres": cascade,
+    }
     return plans
 
 
@@ -83,6 +96,27 @@ def _checkpoint(tiny: Path, configuration: str, plans: dict[str, Any], dataset: 
         network.load_state_dict(flat)  # strict: every weight of nnU-Net's own 2D network
         weights = network.state_dict()
         checkpoint["inference_allowed_mirroring_axes"] = (0, 1)
+    elif configuration == "3d_cascade_fullres":
+        config = plans["configurations"][configuration]["architecture"]
+        channels = len(dataset["channel_names"]) + len(dataset["labels"]) - 1  # + one-hot foreground
+        network = get_network_from_plans(
+            config["network_class_name"],
+            config["arch_kwargs"],
+            config["_kw_requires_import"],
+            channels,
+            len(dataset["labels"]),
+            allow_init=True,
+            deep_supervision=False,
+        )
+        wider = {}
+        for name, value in network.state_dict().items():
+            tiny_value = weights[name]
+            if value.shape != tiny_value.shape:  # the first convolution reads the extra channels
+                extra = 0.5 * tiny_value.abs().mean() * torch.randn(value[:, 1:].shape, generator=generator)
+                tiny_value = torch.cat([tiny_value, extra], dim=1)
+            wider[name] = tiny_value
+        network.load_state_dict(wider)  # strict: every weight of nnU-Net's own cascade network
+        weights = network.state_dict()
     return {**checkpoint, "network_weights": weights, "init_args": {"configuration": configuration}}
 
 
@@ -97,7 +131,7 @@ def make_results(root: Path, tiny: Path) -> Path:
     folder = root / "nnUNet_results" / DATASET
     plans = _plans(tiny)
     dataset = json.loads((tiny / "dataset.json").read_text())
-    for configuration in ("3d_fullres", "3d_lowres", "2d"):
+    for configuration in ("3d_fullres", "3d_lowres", "2d", "3d_cascade_fullres"):
         model = folder / f"{PREFIX}{configuration}"
         (model / "fold_0").mkdir(parents=True)
         (model / "plans.json").write_text(json.dumps(plans, indent=1))

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
+import anyio
+import anyio.from_thread
+import anyio.lowlevel
 import numpy as np
 
 from asyncflow.backends.locate import MODEL_DEFAULTS
@@ -18,7 +23,18 @@ from asyncflow.enums import Generation
 from asyncflow.errors import ModelError
 from asyncflow.labels.segment import SegmentLabel, labels_from_dataset_json
 
-__all__ = ["Backend", "HasBytes", "ModelInfo", "ModelSteps", "NetworkTimed", "nbytes"]
+T = TypeVar("T")
+
+__all__ = [
+    "Backend",
+    "HasBytes",
+    "ModelInfo",
+    "ModelSteps",
+    "NetworkTimed",
+    "NextStage",
+    "abandonable",
+    "nbytes",
+]
 
 
 @dataclass(frozen=True)
@@ -212,6 +228,18 @@ class NetworkTimed(Protocol):
 
 
 @runtime_checkable
+class NextStage(Protocol):
+    """A backend output after which the case's network runs again (a cascade's first stage):
+    ``next_input`` makes the case's next model input from it, CPU work that the prediction
+    worker runs in a worker thread without holding its device. The prediction worker then
+    predicts the case again, and only an output that is not a NextStage goes to export."""
+
+    network_s: float
+
+    def next_input(self, prepared: PreparedCase) -> Any: ...
+
+
+@runtime_checkable
 class HasBytes(Protocol):
     """A model input or backend output that knows its size (v2's preprocessed data and logits)."""
 
@@ -253,3 +281,26 @@ class Backend(Protocol):
     def load(self) -> None: ...
 
     async def predict(self, cases: Sequence[PreparedCase]) -> list[Any | Exception]: ...
+
+
+async def abandonable(fn: Callable[[PreparedCase], T], case: PreparedCase) -> T:
+    """``fn(case)`` in a daemon thread of its own: cancelling the caller (a request stopped now)
+    abandons it, and the process's exit does not wait for it (a worker thread's would)."""
+    token = anyio.lowlevel.current_token()
+    done = anyio.Event()
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, fn(case)))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            outcome.append((False, exc))
+        with contextlib.suppress(RuntimeError):  # the event loop has ended: nobody waits
+            anyio.from_thread.run_sync(done.set, token=token)
+
+    threading.Thread(target=run, name="asyncflow-network", daemon=True).start()
+    await done.wait()
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value

@@ -10,8 +10,14 @@ averages them, split where the hardware changes like one configuration is:
   one class at a time, then the softmax), summed in float32 in the ensemble's order, divided by
   their number, and their argmax; each configuration's logits are let go once summed.
 
-This is ``nnUNetv2_predict --save_probabilities`` per configuration then ``nnUNetv2_ensemble``,
-voxel for voxel, without the probabilities written to disk and read back. The probabilities
+A configuration may be a cascade (:mod:`asyncflow.backends.cascade`): the first hold runs the
+other configurations' networks and the cascade's first stage, and answers with a
+:class:`EnsembleNextStage` (its next input: the cascade's second-stage input, the other
+configurations' logits kept as they are); the second hold runs the cascade's second network.
+
+This is ``nnUNetv2_predict --save_probabilities`` per configuration (with
+``-prev_stage_predictions`` for a cascade) then ``nnUNetv2_ensemble``, voxel for voxel,
+without the probabilities written to disk and read back. The probabilities
 are averaged on the region cropped to the image's non-zero box (every configuration crops the
 same box): outside it every configuration says background with probability 1.
 """
@@ -24,24 +30,60 @@ from typing import Any
 
 import numpy as np
 
-from asyncflow.backends.base import ModelInfo
-from asyncflow.backends.nnunet_v2 import Logits, ModelInput, NnUNetV2Backend, NnUNetV2Steps, abandonable
+from asyncflow.backends.base import ModelInfo, abandonable
+from asyncflow.backends.cascade import CascadeBackend, CascadeInput, CascadeSteps, PreviousStage
+from asyncflow.backends.nnunet_v2 import Logits, ModelInput, NnUNetV2Backend, NnUNetV2Steps
 from asyncflow.case import PreparedCase
 from asyncflow.enums import Generation, Resampling
 from asyncflow.errors import ModelError
 
-__all__ = ["EnsembleBackend", "EnsembleInput", "EnsembleLogits", "EnsembleSteps", "check_members"]
+__all__ = [
+    "EnsembleBackend",
+    "EnsembleInput",
+    "EnsembleLogits",
+    "EnsembleNextStage",
+    "EnsembleSteps",
+    "check_members",
+]
+
+Member = NnUNetV2Backend | CascadeBackend
+MemberSteps = NnUNetV2Steps | CascadeSteps
 
 
 @dataclass
 class EnsembleInput:
-    """A case preprocessed for each configuration, in the ensemble's order."""
+    """A case preprocessed for each configuration, in the ensemble's order; between a cascade's
+    stages, the other configurations' logits already made."""
 
-    inputs: list[ModelInput]
+    inputs: list[ModelInput | CascadeInput | Logits]
 
     @property
     def nbytes(self) -> int:
         return sum(i.nbytes for i in self.inputs)
+
+    @property
+    def stage(self) -> int | None:
+        """The stage of a cascade among the configurations (None without one)."""
+        return next((i.stage for i in self.inputs if isinstance(i, CascadeInput)), None)
+
+
+@dataclass
+class EnsembleNextStage:
+    """The first hold's outputs when a configuration is a cascade: its first stage's output, and
+    the other configurations' logits. ``next_input``: the cascades' second-stage inputs beside
+    those logits."""
+
+    outputs: list[Logits | PreviousStage]
+    network_s: float
+
+    @property
+    def nbytes(self) -> int:
+        return sum(o.nbytes for o in self.outputs)
+
+    def next_input(self, prepared: PreparedCase) -> EnsembleInput:
+        return EnsembleInput(
+            [o.next_input(prepared) if isinstance(o, PreviousStage) else o for o in self.outputs]
+        )
 
 
 @dataclass
@@ -80,13 +122,20 @@ def check_members(members: Sequence[ModelInfo]) -> None:
             )
 
 
-class EnsembleSteps:
-    """The ensemble's CPU work: every configuration's :class:`NnUNetV2Steps`, in order."""
+def _last(steps: MemberSteps) -> NnUNetV2Steps:
+    """The steps whose logits a configuration contributes (a cascade's second stage)."""
+    return steps.second if isinstance(steps, CascadeSteps) else steps
 
-    def __init__(self, members: Sequence[NnUNetV2Steps]) -> None:
+
+class EnsembleSteps:
+    """The ensemble's CPU work: every configuration's :class:`NnUNetV2Steps` (or a cascade's
+    :class:`CascadeSteps`), in order."""
+
+    def __init__(self, members: Sequence[MemberSteps]) -> None:
         self.members = list(members)
-        first = self.members[0]
-        for steps in self.members[1:]:
+        self.last = [_last(m) for m in self.members]
+        first = self.last[0]
+        for steps in self.last[1:]:
             if list(steps.plans_manager.transpose_forward) != list(first.plans_manager.transpose_forward):
                 raise ModelError(
                     "the ensemble's configurations have different axis orders (transpose_forward)"
@@ -102,7 +151,7 @@ class EnsembleSteps:
         case is predicted), and the average's way back: per source voxel and class, one
         configuration's resampled logits (float16), its float32 copy and softmax, and the sum."""
         voxels = int(np.prod(prepared.images[0].GetSize()))
-        classes = self.members[0].label_manager.num_segmentation_heads
+        classes = self.last[0].label_manager.num_segmentation_heads
         return sum(m.memory_bytes(prepared) for m in self.members) + 14 * classes * voxels
 
     def preprocess(self, prepared: PreparedCase) -> EnsembleInput:
@@ -110,10 +159,10 @@ class EnsembleSteps:
 
     def to_labels(self, prepared: PreparedCase, output: EnsembleLogits) -> np.ndarray:
         """The average of the configurations' probabilities, its argmax, on ``prepared.geometry``."""
-        first = self.members[0]
+        first = self.last[0]
         properties = output.outputs[0].properties
         total: np.ndarray | None = None
-        for number, steps in enumerate(self.members):
+        for number, steps in enumerate(self.last):
             logits = output.outputs[number]
             box = logits.properties["bbox_used_for_cropping"]
             if [list(b) for b in box] != [list(b) for b in properties["bbox_used_for_cropping"]]:
@@ -136,13 +185,13 @@ class EnsembleSteps:
 
 
 class EnsembleBackend:
-    """Each configuration's :class:`NnUNetV2Backend` on one device, each loaded once; ``predict``
-    runs their networks one after another for each case."""
+    """Each configuration's :class:`NnUNetV2Backend` (or :class:`CascadeBackend`) on one device,
+    each loaded once; ``predict`` runs their networks one after another for each case."""
 
     max_batch = 1
     needs_files = False
 
-    def __init__(self, members: Sequence[NnUNetV2Backend]) -> None:
+    def __init__(self, members: Sequence[Member]) -> None:
         self.members = list(members)
         self.info = self.members[0].info
         self.steps = EnsembleSteps([m.steps for m in self.members])
@@ -156,14 +205,27 @@ class EnsembleBackend:
     async def predict(self, cases: Sequence[PreparedCase]) -> list[Any]:
         return [await abandonable(self.logits, case) for case in cases]
 
-    def logits(self, prepared: PreparedCase) -> EnsembleLogits:
-        """Every configuration's logits for a case (blocking: call it from a worker thread)."""
+    def logits(self, prepared: PreparedCase) -> EnsembleLogits | EnsembleNextStage:
+        """Every configuration's logits for a case, or with a cascade first its first stage's
+        output beside the others' logits (blocking: call it from a worker thread)."""
         ensemble_input = prepared.model_input
         if not isinstance(ensemble_input, EnsembleInput):
             raise TypeError("predict() needs the case as EnsembleSteps.preprocess() left it")
-        outputs = []
+        outputs: list[Logits | PreviousStage] = []
+        network_s = 0.0
         for member, model_input in zip(self.members, ensemble_input.inputs, strict=True):
-            logits = member.network(model_input)
-            assert isinstance(logits, Logits)
-            outputs.append(logits)
-        return EnsembleLogits(outputs, sum(o.network_s for o in outputs))
+            if isinstance(model_input, Logits):  # made in the hold before the cascade's second stage
+                outputs.append(model_input)
+                continue
+            if isinstance(member, CascadeBackend):
+                output = member.stage(model_input)
+            else:
+                assert isinstance(model_input, ModelInput)
+                output = member.network(model_input)
+            assert isinstance(output, Logits | PreviousStage)
+            network_s += output.network_s
+            outputs.append(output)
+        logits = [o for o in outputs if isinstance(o, Logits)]
+        if len(logits) < len(outputs):
+            return EnsembleNextStage(outputs, network_s)
+        return EnsembleLogits(logits, network_s)

@@ -21,29 +21,25 @@ the logits and takes their argmax on its device (:class:`CroppedLabels`).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import anyio
-import anyio.from_thread
-import anyio.lowlevel
 import numpy as np
 import SimpleITK as sitk
 
-from asyncflow.backends.base import ModelInfo
+from asyncflow.backends.base import ModelInfo, abandonable
 from asyncflow.case import PreparedCase
 from asyncflow.enums import Resampling
 from asyncflow.errors import ModelError
 from asyncflow.log import Stopwatch, get_logger
 from asyncflow.machine import half_the_cores
 
-__all__ = ["CroppedLabels", "Logits", "ModelInput", "NnUNetV2Backend", "NnUNetV2Steps", "abandonable"]
+__all__ = ["CroppedLabels", "Logits", "ModelInput", "NnUNetV2Backend", "NnUNetV2Steps"]
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -119,23 +115,30 @@ class NnUNetV2Steps:
                 f"nnU-Net v2 cannot read the plans of {info.folder} for configuration "
                 f"{info.configuration!r}: {type(exc).__name__}: {exc}"
             ) from exc
-        if planned.previous_stage_name:  # its network also reads the previous stage's segmentation
-            raise ModelError(
-                f"{info.folder.name} is the second stage of a cascade ({planned.previous_stage_name} "
-                "first), which asyncflow does not run yet: use nnUNetv2_predict -prev_stage_predictions"
-            )
+        self.previous_stage: str | None = planned.previous_stage_name  # a cascade's second stage
 
-    def preprocess(self, prepared: PreparedCase) -> ModelInput:
-        """nnU-Net's preprocessing of the case's channels, as ``nnUNetv2_predict`` does it."""
+    def preprocess(self, prepared: PreparedCase, previous: np.ndarray | None = None) -> ModelInput:
+        """nnU-Net's preprocessing of the case's channels, as ``nnUNetv2_predict`` does it; a
+        cascade's second stage also reads ``previous``, the first stage's (1, ...) label map as its
+        reader returns it, appended one-hot as nnU-Net's ``PreprocessAdapter`` does."""
         if len(prepared.images) != self.num_channels:
             raise ValueError(
                 f"case has {len(prepared.images)} channel(s), the model expects {self.num_channels}"
             )
+        if (previous is None) != (self.previous_stage is None):
+            raise ValueError(
+                f"the previous stage's segmentation is what a cascade reads: {self.previous_stage}"
+            )
         data, properties = self._read(prepared)
         preprocessor = self.configuration_manager.preprocessor_class(verbose=False)
-        data, _, properties = preprocessor.run_case_npy(
-            data, None, properties, self.plans_manager, self.configuration_manager, self.dataset_json
+        data, seg, properties = preprocessor.run_case_npy(
+            data, previous, properties, self.plans_manager, self.configuration_manager, self.dataset_json
         )
+        if previous is not None:
+            from nnunetv2.utilities.label_handling.label_handling import convert_labelmap_to_one_hot
+
+            one_hot = convert_labelmap_to_one_hot(seg[0], self.label_manager.foreground_labels, data.dtype)
+            data = np.vstack((data, one_hot))
         return ModelInput(np.ascontiguousarray(data, dtype=np.float32), properties)
 
     def to_labels(self, prepared: PreparedCase, output: Logits | CroppedLabels) -> np.ndarray:
@@ -220,6 +223,9 @@ class NnUNetV2Steps:
             preprocess += 48 * max(n, m)
             to_labels += 8 * m + 8 * n
         held = 4 * channels * m + 2 * classes * m  # model input and logits, both while predicted
+        if self.previous_stage:  # the previous stage's labels: float32, resampled, one-hot beside
+            one_hot = 4 * len(self.label_manager.foreground_labels) * m
+            preprocess, held = preprocess + 4 * n + 24 * m + 2 * one_hot, held + one_hot
         return 2 * channels * n + max(preprocess, held, to_labels)
 
     def _read(self, prepared: PreparedCase) -> tuple[np.ndarray, dict[str, Any]]:
@@ -375,26 +381,3 @@ def _as_simpleitkio_read(images: Sequence[sitk.Image]) -> tuple[np.ndarray, dict
         "spacing": [abs(s) for s in first.GetSpacing()[::-1]],
     }
     return data, properties
-
-
-async def abandonable(fn: Callable[[PreparedCase], T], case: PreparedCase) -> T:
-    """``fn(case)`` in a daemon thread of its own: cancelling the caller (a request stopped now)
-    abandons it, and the process's exit does not wait for it (a worker thread's would)."""
-    token = anyio.lowlevel.current_token()
-    done = anyio.Event()
-    outcome: list[Any] = []
-
-    def run() -> None:
-        try:
-            outcome.append((True, fn(case)))
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller
-            outcome.append((False, exc))
-        with contextlib.suppress(RuntimeError):  # the event loop has ended: nobody waits
-            anyio.from_thread.run_sync(done.set, token=token)
-
-    threading.Thread(target=run, name="asyncflow-network", daemon=True).start()
-    await done.wait()
-    ok, value = outcome[0]
-    if not ok:
-        raise value
-    return value

@@ -1,7 +1,8 @@
 """What a request runs: one explicit plan that every stage consults.
 
 A :class:`ModelPlan` names the model (one configuration, or ``members``: configurations of one
-dataset whose probabilities are averaged), the prediction workers (one backend per device, each
+dataset whose probabilities are averaged, any of them a cascade's second stage whose first is
+in ``previous``), the prediction workers (one backend per device, each
 loading every configuration once), the postprocessing, the model's CPU steps around the network
 and the labels the outputs describe. The stages read the plan, never a backend of their own
 choosing.
@@ -30,13 +31,15 @@ class ModelPlan:
     """``model`` runs on ``workers``: one prediction worker per backend, each on its device.
     ``members``: every configuration the workers run, in the ensemble's order (``model`` first);
     ``postprocessing``: applied to each label map; ``best``: the ``inference_information.json``
-    the plan was read from."""
+    the plan was read from; ``previous``: for each member, the first stage of the cascade it is
+    the second stage of, or None (empty: no cascade)."""
 
     model: ModelInfo
     workers: tuple[Backend, ...]
     members: tuple[ModelInfo, ...] = ()
     postprocessing: Postprocessing | None = None
     best: Path | None = None
+    previous: tuple[ModelInfo | None, ...] = ()
     _steps: ModelSteps | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -66,9 +69,12 @@ class ModelPlan:
             raise ModelError(
                 f"every prediction worker runs the same model: {model.folder} and {', '.join(sorted(others))}"
             )
-        # An ensemble's backend names its configurations (asyncflow.backends.ensemble).
-        members = tuple(member.info for member in getattr(workers[0], "members", ()))
-        return cls(model, workers, members)
+        # An ensemble's backend names its configurations (asyncflow.backends.ensemble), a
+        # cascade's its stages (asyncflow.backends.cascade).
+        backends = getattr(workers[0], "members", None) or [workers[0]]
+        previous = tuple(b.stages[0].info if hasattr(b, "stages") else None for b in backends)
+        members = tuple(b.info for b in backends)
+        return cls(model, workers, members, previous=previous if any(previous) else ())
 
     @property
     def devices(self) -> tuple[str, ...]:
@@ -98,8 +104,8 @@ class ModelPlan:
     def parameters(self) -> dict[str, str]:
         """How the plan's model was trained and is run (the SEG's AlgorithmParameters): one
         configuration's facts as they were; an ensemble's configurations joined with ``+`` in
-        its order (each other fact once where every configuration shares it); the postprocessing,
-        and what chose the plan, when there are."""
+        its order (each other fact once where every configuration shares it); a cascade's stages,
+        the postprocessing, and what chose the plan, when there are."""
         each = [m.parameters for m in self.members]
         parameters = {
             name: value
@@ -109,6 +115,14 @@ class ModelPlan:
         }
         if len(self.members) > 1:
             parameters["ensemble"] = f"{len(self.members)} configurations, probabilities averaged"
+        cascades = [
+            f"{first.configuration} (folds {first.parameters['folds']}) first, "
+            f"its segmentation read by {second.configuration}"
+            for first, second in zip(self.previous, self.members, strict=False)
+            if first is not None
+        ]
+        if cascades:
+            parameters["cascade"] = "; ".join(cascades)
         if self.postprocessing is not None:
             parameters["postprocessing"] = self.postprocessing.description
         if self.best is not None:

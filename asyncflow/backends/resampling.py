@@ -9,7 +9,8 @@
   which slices each output slice copies (the same ``map_coordinates`` rounding on the same
   coordinates) and resizes only those in plane, instead of building three float64
   coordinate grids of the output's size. The non-zero mask nnU-Net resamples beside the
-  image is left as it is: inference never reads it.
+  image is left as it is: inference never reads it (a cascade's previous-stage segmentation,
+  which takes its place, is resampled with the plans' function).
 - ``torch``: nnU-Net's ``resample_torch_fornnunet`` for the image and the logits, with the
   arguments of its ``*_torchres`` planners (:class:`TorchResampling`), on the CPU workers;
 - ``torch-device``: the same for the image; the logits are resampled and turned into labels
@@ -78,6 +79,13 @@ def _keep_seg(seg: Any, new_shape: Sequence[int], *_: object) -> Any:
     return seg
 
 
+def _seg_function(configuration: ConfigurationManager, planned: Resample) -> Resample:
+    """What ``run_case_npy`` resamples its segmentation with: the plans' function for a cascade's
+    second stage (the segmentation is the previous stage's, which its network reads), else
+    nothing (the non-zero mask, which inference never reads)."""
+    return planned if configuration.previous_stage_name else _keep_seg
+
+
 class PlannedResampling(ConfigurationManager):
     """The plans' configuration with the plans' resampling, thick slices resampled in bounded
     memory (identical values: ``tests/backends/test_resampling.py``) and the unused mask left alone.
@@ -96,7 +104,7 @@ class PlannedResampling(ConfigurationManager):
 
     @property
     def resampling_fn_seg(self) -> Resample:
-        return _keep_seg
+        return _seg_function(self, super().resampling_fn_seg)
 
     @property
     def resampling_fn_probabilities(self) -> Resample:
@@ -116,7 +124,7 @@ class TorchResampling(ConfigurationManager):
 
     @property
     def resampling_fn_seg(self) -> Resample:
-        return _keep_seg
+        return _seg_function(self, super().resampling_fn_seg)
 
     @property
     def resampling_fn_probabilities(self) -> Resample:

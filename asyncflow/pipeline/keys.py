@@ -5,8 +5,8 @@ and part, or its input and path), the sha256 of every source file (taken as the
 bytes were unpacked) and of a label file supplied with it. A model and everything
 that changes a result is named by the *model key* (:func:`model_key`): the model
 folder, configuration, trainer, plans, folds, the sha256 of the checkpoints and of
-the folder's plans and dataset files (of every configuration of an ensemble), the
-postprocessing, and the settings that change what a case's outputs hold. The journal (:mod:`asyncflow.pipeline.journal`) resumes a case whose
+the folder's plans and dataset files (of every configuration of an ensemble, of both
+stages of a cascade), the postprocessing, and the settings that change what a case's outputs hold. The journal (:mod:`asyncflow.pipeline.journal`) resumes a case whose
 two keys match; the SEG's UIDs derive from them (:attr:`asyncflow.writing.base.OutputOptions.uid_seed`).
 """
 
@@ -95,8 +95,8 @@ def _model_identity(info: ModelInfo) -> dict[str, Any]:
 
 
 def model_key(plan: ModelPlan | ModelInfo, settings: Settings) -> str:
-    """The model's identity (every configuration of an ensemble, in order, and the
-    postprocessing) and every setting that changes a result, as one hex digest."""
+    """The model's identity (every configuration of an ensemble, in order, a cascade's first
+    stage, and the postprocessing) and every setting that changes a result, as one hex digest."""
     plan = plan if isinstance(plan, ModelPlan) else ModelPlan(plan, ())
     label_config = sha256_file(settings.label_config) if settings.label_config else None
     identity = {
@@ -106,6 +106,8 @@ def model_key(plan: ModelPlan | ModelInfo, settings: Settings) -> str:
     }
     if len(plan.members) > 1:  # absent for one configuration: keys made before stay
         identity["ensemble"] = [_model_identity(m) for m in plan.members[1:]]
+    if plan.previous:  # each cascade's first stage, by configuration
+        identity["previous_stage"] = [_model_identity(p) if p else None for p in plan.previous]
     if plan.postprocessing is not None:
         identity["postprocessing"] = plan.postprocessing.description
     if settings.resampling is not Resampling.MODEL:  # absent for the default: keys made before stay

@@ -1,11 +1,11 @@
 """The request's model plan from its settings: where the model is, what it declares, its
 postprocessing, and one backend per device (:class:`~asyncflow.backends.plan.ModelPlan`), none
 loaded yet. Every fault of the model (a missing fold, configurations of different label sets,
-a postprocessing file that is not nnU-Net's) is found here, before any case runs."""
+a postprocessing file that is not nnU-Net's, a cascade without its first stage) is found here, before any case runs."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from asyncflow.backends.base import Backend, ModelInfo
@@ -15,7 +15,7 @@ from asyncflow.backends.plan import ModelPlan
 from asyncflow.backends.postprocessing import Postprocessing, read_postprocessing
 from asyncflow.settings import Settings
 
-__all__ = ["build_backend", "build_backends", "build_plan", "locate_model", "read_plan"]
+__all__ = ["PlanFacts", "build_backend", "build_backends", "build_plan", "locate_model", "read_plan"]
 
 
 def locate_model(settings: Settings) -> ModelSelection:
@@ -23,9 +23,22 @@ def locate_model(settings: Settings) -> ModelSelection:
     return settings.model_source().select()
 
 
-def read_plan(settings: Settings) -> tuple[ModelSelection, list[ModelInfo], Postprocessing | None]:
-    """The selection, what each of its model folders declares, and the postprocessing to apply:
-    a ModelError for a plan that cannot run, before anything loads."""
+@dataclass(frozen=True)
+class PlanFacts:
+    """What the settings' model folders declare: the selection, each configuration (the
+    ensemble's order), for each the first stage of its cascade or None (empty: no cascade), and
+    the postprocessing to apply."""
+
+    selection: ModelSelection
+    members: list[ModelInfo]
+    previous: tuple[ModelInfo | None, ...]
+    postprocessing: Postprocessing | None
+
+
+def read_plan(settings: Settings) -> PlanFacts:
+    """What the settings' model folders declare: a ModelError for a plan that cannot run,
+    before anything loads."""
+    from asyncflow.backends.cascade import previous_stage
     from asyncflow.backends.ensemble import check_members
 
     selection = locate_model(settings)
@@ -35,7 +48,13 @@ def read_plan(settings: Settings) -> tuple[ModelSelection, list[ModelInfo], Post
     members = [read_model(location, source) for location in selection.members]
     if len(members) > 1:
         check_members(members)
-    return selection, members, _postprocessing(settings.postprocessing, selection)
+    previous = tuple(previous_stage(m) for m in members)
+    return PlanFacts(
+        selection,
+        members,
+        previous if any(previous) else (),
+        _postprocessing(settings.postprocessing, selection),
+    )
 
 
 def _postprocessing(setting: str, selection: ModelSelection) -> Postprocessing | None:
@@ -48,14 +67,18 @@ def _postprocessing(setting: str, selection: ModelSelection) -> Postprocessing |
 
 def build_backend(settings: Settings, device: str | None = None) -> Backend:
     """The prediction backend the settings describe, on ``device`` (default: ``settings.device``),
-    not loaded: one configuration's, or an ensemble's (every configuration on that device)."""
-    _, members, _ = read_plan(settings)
-    return _backend(settings, members, device or settings.device)
+    not loaded: one configuration's, an ensemble's or a cascade's (every configuration on that
+    device)."""
+    return _backend(settings, read_plan(settings), device or settings.device)
 
 
-def _backend(settings: Settings, members: list[ModelInfo], device: str) -> Backend:
-    backends = [
-        create_backend(
+def _backend(settings: Settings, facts: PlanFacts, device: str) -> Backend:
+    from asyncflow.backends.cascade import CascadeBackend
+    from asyncflow.backends.ensemble import EnsembleBackend
+    from asyncflow.backends.nnunet_v2 import NnUNetV2Backend
+
+    def create(info: ModelInfo) -> Backend:
+        return create_backend(
             info,
             tile_step_size=settings.tile_step_size,
             use_mirroring=settings.use_mirroring,
@@ -68,25 +91,32 @@ def _backend(settings: Settings, members: list[ModelInfo], device: str) -> Backe
             v1_preprocess_threads=settings.v1_preprocess_threads,
             v1_export_threads=settings.v1_export_threads,
         )
-        for info in members
-    ]
+
+    def member(info: ModelInfo, previous: ModelInfo | None) -> Backend:
+        if previous is None:
+            return create(info)
+        first, second = create(previous), create(info)  # a cascade's stages: v2 models
+        assert isinstance(first, NnUNetV2Backend) and isinstance(second, NnUNetV2Backend)
+        return CascadeBackend(first, second)
+
+    previous = facts.previous or (None,) * len(facts.members)
+    backends = [member(info, p) for info, p in zip(facts.members, previous, strict=True)]
     if len(backends) == 1:
         return backends[0]
-    from asyncflow.backends.ensemble import EnsembleBackend
-    from asyncflow.backends.nnunet_v2 import NnUNetV2Backend
-
-    return EnsembleBackend([b for b in backends if isinstance(b, NnUNetV2Backend)])
+    # check_members (read_plan) let only v2 configurations into an ensemble
+    return EnsembleBackend([b for b in backends if isinstance(b, NnUNetV2Backend | CascadeBackend)])
 
 
 def build_backends(settings: Settings) -> list[Backend]:
     """One backend per prediction worker: one per device of ``settings.devices``, else one."""
-    _, members, _ = read_plan(settings)
-    return [_backend(settings, members, device) for device in settings.devices or (settings.device,)]
+    facts = read_plan(settings)
+    return [_backend(settings, facts, device) for device in settings.devices or (settings.device,)]
 
 
 def build_plan(settings: Settings) -> ModelPlan:
-    """The plan the settings describe: their model (or ensemble) on each of their devices, with
-    its postprocessing."""
-    selection, members, postprocessing = read_plan(settings)
-    workers = tuple(_backend(settings, members, device) for device in settings.devices or (settings.device,))
-    return ModelPlan(members[0], workers, tuple(members), postprocessing, selection.best)
+    """The plan the settings describe: their model (an ensemble, a cascade) on each of their
+    devices, with its postprocessing."""
+    facts = read_plan(settings)
+    workers = tuple(_backend(settings, facts, device) for device in settings.devices or (settings.device,))
+    members = tuple(facts.members)
+    return ModelPlan(members[0], workers, members, facts.postprocessing, facts.selection.best, facts.previous)

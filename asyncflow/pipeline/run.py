@@ -167,8 +167,10 @@ class _Request:
             tg.start_soon(self._intake, items, cases_send)
             prepare = self.preparation.worker
             _fan_out(tg, self.settings.prepare_workers, prepare, cases_recv, prepared_send)
+            # A cascade's CPU work between its stages: as many threads as prepare workers.
+            stage_threads = anyio.CapacityLimiter(self.settings.prepare_workers)
             for number, backend in enumerate(self.plan.workers):  # each takes the next prepared case
-                worker = PredictionWorker(number, backend, self.flow)
+                worker = PredictionWorker(number, backend, self.flow, stage_threads)
                 tg.start_soon(worker.run, prepared_recv.clone(), predicted_send.clone())
             prepared_recv.close()
             predicted_send.close()

@@ -1,20 +1,24 @@
-"""Ensembles of configurations and postprocessing equal nnU-Net's own command-line sequence,
-voxel for voxel: ``nnUNetv2_predict --save_probabilities`` per configuration, ``nnUNetv2_ensemble``,
-``nnUNetv2_apply_postprocessing`` (run through their console scripts' entry points), on an
-anisotropic, rotated NIfTI and on a DICOM series; and a plan that cannot run fails before any
-case, with nothing written.
+"""Ensembles of configurations, postprocessing and cascades equal nnU-Net's own command-line
+sequence, voxel for voxel: ``nnUNetv2_predict --save_probabilities`` per configuration,
+``nnUNetv2_ensemble``, ``nnUNetv2_apply_postprocessing``, and ``nnUNetv2_predict -c
+3d_cascade_fullres -prev_stage_predictions`` after ``-c 3d_lowres`` (run through their console
+scripts' entry points), on an anisotropic, rotated NIfTI and on a DICOM series; and a plan that
+cannot run fails before any case, with nothing written.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -24,6 +28,7 @@ from nnunet_models import DATASET, ENSEMBLE, PREFIX, make_results
 from asyncflow import run_request
 from asyncflow.cli.synthetic import dicom_series_datasets, make_phantom, nifti_bytes
 from asyncflow.errors import ModelError
+from asyncflow.log import configure_logging
 from asyncflow.writing.nifti import read_nifti_seg
 from asyncflow.writing.seg import read_dicom_seg
 
@@ -35,6 +40,41 @@ LABELS = {"liver": 1, "tumor": 2}
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Path:
     return make_results(tmp_path_factory.mktemp("best"), model_dir)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The two inputs (a rotated NIfTI, a DICOM series) and nnU-Net's outputs for them, by step."""
+
+    rotated: bytes
+    series: list
+    cli: dict[str, dict[str, np.ndarray]]
+
+    def entries(self) -> list:
+        tar = make_tar({f"s/{k}.dcm": dicom_bytes(ds) for k, ds in enumerate(self.series)})
+        return [{"rotated.nii.gz": self.rotated}, {"study.tar": tar}]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, results: Path) -> Reference:
+    rng = np.random.default_rng(1234)
+    tmp_path = tmp_path_factory.mktemp("reference")
+    rotated = _rotated_nifti(rng)
+    # Spacings whose model shapes are no half voxel from rounding the other way: the reference reads
+    # the series from NIfTI, which keeps spacing in float32.
+    series = dicom_series_datasets(make_phantom(rng, (18, 56, 52), spacing=(0.7, 0.85, 2.5)))
+    reference_inputs = tmp_path / "reference_in"
+    reference_inputs.mkdir()
+    (reference_inputs / "rotated_0000.nii.gz").write_bytes(rotated)
+    dicom_folder = tmp_path / "series"
+    dicom_folder.mkdir()
+    paths = [dicom_folder / f"{k:04d}.dcm" for k in range(len(series))]
+    for path, ds in zip(paths, series, strict=True):
+        path.write_bytes(dicom_bytes(ds))
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames([str(p) for p in paths])
+    sitk.WriteImage(reader.Execute(), str(reference_inputs / "dicom_0000.nii.gz"))
+    return Reference(rotated, series, _nnunet_cli(tmp_path / "cli", results, reference_inputs))
 
 
 def _rotated_nifti(rng: np.random.Generator) -> bytes:
@@ -64,15 +104,18 @@ def _bytes_of(image: sitk.Image) -> bytes:
 
 def _nnunet_cli(tmp: Path, results: Path, inputs: Path) -> dict[str, dict[str, np.ndarray]]:
     """nnU-Net's own sequence, through its console scripts' entry points in one fresh process:
-    each configuration predicted with --save_probabilities, the ensembles, and the postprocessing
-    that inference_information.json names applied to the two-configuration ensemble."""
-    out = {name: tmp / name for name in ("fullres", "lowres", "2d", "e2", "e3", "pp")}
+    each configuration predicted with --save_probabilities, the ensembles, the postprocessing
+    that inference_information.json names applied to the two-configuration ensemble, the
+    cascade's second stage fed the 3d_lowres segmentation, and its ensemble with 3d_fullres."""
+    out = {name: tmp / name for name in ("fullres", "lowres", "2d", "e2", "e3", "pp", "cascade", "ec")}
     predict = ["-i", str(inputs), "-d", DATASET, "-f", "0", "-device", "cpu", "-npp", "0", "-nps", "0"]
     predict += ["--save_probabilities", "--disable_tta", "--disable_progress_bar"]
     chosen = results / "ensembles" / ENSEMBLE
     postprocess = ["-i", str(out["e2"]), "-o", str(out["pp"]), "-np", "1"]
     postprocess += ["-pp_pkl_file", str(chosen / "postprocessing.pkl")]
     postprocess += ["-plans_json", str(results / f"{PREFIX}3d_fullres" / "plans.json")]
+    cascade = [*predict, "-c", "3d_cascade_fullres", "-o", str(out["cascade"])]
+    cascade += ["-prev_stage_predictions", str(out["lowres"])]  # the folder of 3d_lowres's outputs
     steps = [
         ("predict", [*predict, "-c", "3d_fullres", "-o", str(out["fullres"])]),
         ("predict", [*predict, "-c", "3d_lowres", "-o", str(out["lowres"])]),
@@ -83,6 +126,8 @@ def _nnunet_cli(tmp: Path, results: Path, inputs: Path) -> dict[str, dict[str, n
             ["-i", *(str(out[n]) for n in ("fullres", "lowres", "2d")), "-o", str(out["e3"]), "-np", "1"],
         ),
         ("postprocess", postprocess),
+        ("predict", cascade),
+        ("ensemble", ["-i", str(out["fullres"]), str(out["cascade"]), "-o", str(out["ec"]), "-np", "1"]),
     ]
     script = (
         "import json, sys\n"
@@ -120,25 +165,17 @@ def _dicom_labels(seg: bytes, series: list) -> np.ndarray:
     return labels
 
 
+def _assert_equal(result, expected: dict[str, np.ndarray], series: list) -> None:
+    got = sitk.GetArrayFromImage(read_nifti_seg(result.nifti_seg_bytes["rotated.nii.gz"]))
+    np.testing.assert_array_equal(got, expected["rotated"])
+    (seg,) = result.dicom_seg_bytes.values()
+    np.testing.assert_array_equal(_dicom_labels(seg, series), expected["dicom"])
+
+
 async def test_best_configuration_and_an_ensemble_equal_nnunet_cli_sequence(
-    tmp_path: Path, settings_factory, results: Path, rng: np.random.Generator
+    tmp_path: Path, settings_factory, results: Path, reference: Reference
 ) -> None:
-    rotated = _rotated_nifti(rng)
-    # Spacings whose model shapes are no half voxel from rounding the other way: the reference reads
-    # the series from NIfTI, which keeps spacing in float32.
-    series = dicom_series_datasets(make_phantom(rng, (18, 56, 52), spacing=(0.7, 0.85, 2.5)))
-    reference_inputs = tmp_path / "reference_in"
-    reference_inputs.mkdir()
-    (reference_inputs / "rotated_0000.nii.gz").write_bytes(rotated)
-    dicom_folder = tmp_path / "series"
-    dicom_folder.mkdir()
-    paths = [dicom_folder / f"{k:04d}.dcm" for k in range(len(series))]
-    for path, ds in zip(paths, series, strict=True):
-        path.write_bytes(dicom_bytes(ds))
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames([str(p) for p in paths])
-    sitk.WriteImage(reader.Execute(), str(reference_inputs / "dicom_0000.nii.gz"))
-    cli = _nnunet_cli(tmp_path / "cli", results, reference_inputs)
+    cli = reference.cli
     # The test bites: each step changes nnU-Net's answer on these inputs.
     for name in ("rotated", "dicom"):
         assert set(np.unique(cli["e2"][name])) == {0, 1, 2}, name
@@ -148,10 +185,7 @@ async def test_best_configuration_and_an_ensemble_equal_nnunet_cli_sequence(
         "postprocessing changes nothing"
     )
 
-    entries = [
-        {"rotated.nii.gz": rotated},
-        {"study.tar": make_tar({f"s/{k}.dcm": dicom_bytes(ds) for k, ds in enumerate(series)})},
-    ]
+    entries = reference.entries()
     # What find_best_configuration chose: the two configurations, their folds, the postprocessing.
     best = await run_request(entries, settings_factory(tmp_path / "work_best", model_dir=results))
     assert best.status == "done", best.report()
@@ -161,15 +195,57 @@ async def test_best_configuration_and_an_ensemble_equal_nnunet_cli_sequence(
     assert three.status == "done", three.report()
 
     for result, expected in ((best, cli["pp"]), (three, cli["e3"])):
-        got = sitk.GetArrayFromImage(read_nifti_seg(result.nifti_seg_bytes["rotated.nii.gz"]))
-        np.testing.assert_array_equal(got, expected["rotated"])
-        (seg,) = result.dicom_seg_bytes.values()
-        np.testing.assert_array_equal(_dicom_labels(seg, series), expected["dicom"])
+        _assert_equal(result, expected, reference.series)
 
     parameters = best.report()["model"]["parameters"]
     assert parameters["configuration"] == "3d_fullres+3d_lowres"
     assert parameters["postprocessing"].count("remove_all_but_largest_component_from_segmentation") == 2
     assert three.report()["model"]["parameters"]["configuration"] == "3d_fullres+3d_lowres+2d"
+
+
+async def test_an_ensemble_with_a_cascade_equals_nnunet_cli_sequence(
+    tmp_path: Path, settings_factory, results: Path, reference: Reference
+) -> None:
+    cli = reference.cli
+    for name in ("rotated", "dicom"):
+        assert (cli["ec"][name] != cli["cascade"][name]).any(), f"{name}: the ensemble changes nothing"
+    folders = [results / f"{PREFIX}{c}" for c in ("3d_fullres", "3d_cascade_fullres")]
+    result = await run_request(reference.entries(), settings_factory(tmp_path, model_dir=folders))
+    assert result.status == "done", result.report()
+    _assert_equal(result, cli["ec"], reference.series)
+    parameters = result.report()["model"]["parameters"]
+    assert parameters["configuration"] == "3d_fullres+3d_cascade_fullres"
+    assert parameters["cascade"] == "3d_lowres (folds 0) first, its segmentation read by 3d_cascade_fullres"
+
+
+async def test_a_cascade_equals_nnunet_predict_with_prev_stage_predictions(
+    tmp_path: Path, settings_factory, results: Path, reference: Reference
+) -> None:
+    cli = reference.cli
+    for name in ("rotated", "dicom"):  # the test bites: the first stage changes the second's answer
+        assert set(np.unique(cli["cascade"][name])) == {0, 1, 2}, name
+        assert (cli["cascade"][name] != cli["fullres"][name]).any(), f"{name}: the cascade is 3d_fullres"
+    cascade = results / f"{PREFIX}3d_cascade_fullres"
+    logs = io.StringIO()
+    configure_logging(json=True, stream=logs)
+    result = await run_request(reference.entries(), settings_factory(tmp_path, model_dir=cascade))
+    assert result.status == "done", result.report()
+    _assert_equal(result, cli["cascade"], reference.series)
+    parameters = result.report()["model"]["parameters"]
+    assert parameters["configuration"] == "3d_cascade_fullres"
+    assert parameters["cascade"] == "3d_lowres (folds 0) first, its segmentation read by 3d_cascade_fullres"
+
+    # Each case through both networks, its next input made between them; both stages loaded once.
+    events = [json.loads(line) for line in logs.getvalue().splitlines()]
+    schema = json.loads((Path(__file__).parents[2] / "ops" / "events.schema.json").read_text())
+    for event in events:
+        jsonschema.validate(event, schema)
+    cases = {r["case_id"] for r in result.report()["cases"]}
+    staged = [e for e in events if e["event"] == "case.staged"]
+    assert sorted(e["case_id"] for e in staged) == sorted(cases) and {e["stage"] for e in staged} == {2}
+    predicted = [(e["case_id"], e["stage"]) for e in events if e["event"] == "case.predicted"]
+    assert sorted(predicted) == sorted((case, stage) for case in cases for stage in (1, 2))
+    assert [e["event"] for e in events].count("model.loaded") == 1
 
 
 def _copy(results: Path, tmp_path: Path) -> Path:
@@ -179,7 +255,15 @@ def _copy(results: Path, tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize(
-    "fault", ["labels", "missing fold", "foreign pickle", "lost postprocessing", "cascade", "v1 member"]
+    "fault",
+    [
+        "labels",
+        "missing fold",
+        "foreign pickle",
+        "lost postprocessing",
+        "cascade without its first stage",
+        "v1 member",
+    ],
 )
 async def test_a_plan_that_cannot_run_fails_before_any_case_with_nothing_written(
     fault: str, tmp_path: Path, settings_factory, results: Path
@@ -207,17 +291,10 @@ async def test_a_plan_that_cannot_run_fails_before_any_case_with_nothing_written
     elif fault == "lost postprocessing":
         shutil.rmtree(chosen)
         expected = "copy the dataset's whole results folder"
-    elif fault == "cascade":  # a cascade's second stage named alone
-        cascade = dataset / f"{PREFIX}3d_cascade_fullres"
-        shutil.copytree(lowres, cascade)
-        plans = json.loads((cascade / "plans.json").read_text())
-        plans["configurations"]["3d_cascade_fullres"] = {
-            "inherits_from": "3d_fullres",
-            "previous_stage": "3d_lowres",
-        }
-        (cascade / "plans.json").write_text(json.dumps(plans))
-        model_dir = cascade
-        expected = "second stage of a cascade"
+    elif fault == "cascade without its first stage":
+        shutil.rmtree(lowres)
+        model_dir = dataset / f"{PREFIX}3d_cascade_fullres"
+        expected = "reads the segmentation of 3d_lowres"
     else:
         v1 = Path(__file__).parents[2] / "asyncflow/models/tiny_v1/nnUNet/3d_fullres/Task998_AsyncflowTiny"
         model_dir = [dataset / f"{PREFIX}3d_fullres", v1 / "nnUNetTrainerV2__nnUNetPlansv2.1"]
@@ -229,7 +306,7 @@ async def test_a_plan_that_cannot_run_fails_before_any_case_with_nothing_written
     assert not work.exists() and not output.exists()
 
 
-def test_the_model_key_covers_every_configuration_and_the_postprocessing(
+def test_the_model_key_covers_every_configuration_stage_and_the_postprocessing(
     tmp_path: Path, settings_factory, results: Path
 ) -> None:
     from asyncflow.pipeline.keys import model_key
@@ -242,6 +319,7 @@ def test_the_model_key_covers_every_configuration_and_the_postprocessing(
         "the same two named": {"model_dir": [fullres, lowres]},
         "the other order": {"model_dir": [lowres, fullres]},
         "one configuration": {"model_dir": fullres},
+        "a cascade": {"model_dir": results / f"{PREFIX}3d_cascade_fullres"},
     }
     keys = {}
     for name, values in plans.items():
@@ -254,3 +332,9 @@ def test_the_model_key_covers_every_configuration_and_the_postprocessing(
     assert keys["one configuration"] == model_key(
         one.model, settings_factory(tmp_path)
     )  # keys made before stay
+    # A cascade's key covers its first stage: another 3d_lowres checkpoint, another key.
+    dataset = _copy(results, tmp_path)
+    checkpoint = dataset / f"{PREFIX}3d_lowres" / "fold_0" / "checkpoint_final.pth"
+    checkpoint.write_bytes(checkpoint.read_bytes() + b"\0")
+    settings = settings_factory(tmp_path, model_dir=dataset / f"{PREFIX}3d_cascade_fullres")
+    assert model_key(build_plan(settings), settings) != keys["a cascade"]

@@ -1,0 +1,180 @@
+"""A cascade of nnU-Net v2 configurations (``3d_lowres``, then ``3d_cascade_fullres`` reading its
+segmentation), in one request, as ``nnUNetv2_predict -c 3d_lowres`` followed by
+``nnUNetv2_predict -c 3d_cascade_fullres -prev_stage_predictions`` makes it:
+
+- :class:`CascadeSteps` ``.preprocess`` (prepare stage): the first stage's preprocessing; the
+  case's channels are kept for the second;
+- :class:`CascadeBackend` ``.predict`` (the prediction worker): the first stage's network, whose
+  output is a :class:`~asyncflow.backends.base.NextStage`;
+- :meth:`PreviousStage.next_input` (CPU, in a worker thread, the device not held): the first
+  stage's label map on the source grid as nnU-Net writes it (its resampling and argmax, on the
+  reader's axes), then the second stage's preprocessing of the channels with that map beside
+  them (cropped and resampled with them as the plans say, one-hot);
+- :class:`CascadeBackend` ``.predict`` again: the second stage's network;
+- :class:`CascadeSteps` ``.to_labels`` (export stage): its logits to the label map.
+
+The label map between the stages is never written: ``-prev_stage_predictions`` writes it
+(as the reader's integers) and reads it back as float32, which is what the second stage's
+preprocessing is given here. Both stages run with the same folds (as the commands
+``nnUNetv2_find_best_configuration`` prints do); the first stage is not postprocessed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from asyncflow.backends.base import ModelInfo, abandonable
+from asyncflow.backends.nnunet_v2 import CroppedLabels, Logits, ModelInput, NnUNetV2Backend, NnUNetV2Steps
+from asyncflow.case import PreparedCase
+from asyncflow.enums import Generation
+from asyncflow.errors import ModelError
+
+__all__ = ["CascadeBackend", "CascadeInput", "CascadeSteps", "PreviousStage", "previous_stage"]
+
+
+def _previous_stage_name(info: ModelInfo) -> str | None:
+    if info.generation is not Generation.V2:
+        return None  # nnUNet_predict runs a v1 cascade's first stage itself
+    try:
+        plans = json.loads((info.folder / "plans.json").read_text())
+        name = plans["configurations"][info.configuration].get("previous_stage")
+    except (OSError, ValueError, KeyError, AttributeError):
+        return None  # the model's own reading says what is wrong with its plans
+    return str(name) if name else None
+
+
+def previous_stage(info: ModelInfo) -> ModelInfo | None:
+    """The first stage of the cascade whose second stage ``info`` is (None for any other model):
+    ``<trainer>__<plans>__<previous_stage>`` beside it in the dataset's results folder, with the
+    same folds and checkpoint. A ModelError when it is not there or cannot run with it."""
+    name = _previous_stage_name(info)
+    if name is None:
+        return None
+    folder = info.folder.parent / f"{info.trainer}__{info.plans}__{name}"
+    if not folder.is_dir():
+        raise ModelError(
+            f"{info.folder.name} is the second stage of a cascade: it reads the segmentation of "
+            f"{name}, which asyncflow runs first from {folder.name} beside it, but that folder is not "
+            f"in {info.folder.parent} (nnUNetv2_predict -c {name} makes it; copy that model there)"
+        )
+    previous = ModelInfo.from_folder(folder, folds=info.folds, checkpoint=info.checkpoint)
+    if _previous_stage_name(previous):
+        raise ModelError(
+            f"{folder.name} is itself a cascade's second stage: nnU-Net cascades have two stages"
+        )
+    if previous.labels != info.labels or previous.num_channels != info.num_channels:
+        raise ModelError(
+            f"the cascade's stages differ in their labels or input channels: {folder.name} and {info.folder.name}"
+        )
+    return previous
+
+
+@dataclass
+class CascadeInput:
+    """A case preprocessed for one stage: ``stage`` 1 (its channels kept for stage 2) or 2."""
+
+    model_input: ModelInput
+    images: list[sitk.Image]
+    stage: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.model_input.nbytes
+
+
+@dataclass
+class PreviousStage:
+    """The first stage's output for a case; ``next_input`` makes the second stage's input."""
+
+    output: Logits | CroppedLabels
+    images: list[sitk.Image]
+    steps: CascadeSteps
+
+    @property
+    def network_s(self) -> float:
+        return self.output.network_s
+
+    @property
+    def nbytes(self) -> int:
+        return self.output.nbytes
+
+    def next_input(self, prepared: PreparedCase) -> CascadeInput:
+        return self.steps.second_input(prepared, self)
+
+
+class CascadeSteps:
+    """The cascade's CPU work: each stage's :class:`NnUNetV2Steps`, and the map between them."""
+
+    def __init__(self, first: NnUNetV2Steps, second: NnUNetV2Steps) -> None:
+        self.first, self.second = first, second
+
+    def memory_bytes(self, prepared: PreparedCase) -> int:
+        """Both stages' estimates (a case's first-stage arrays may still be held when its second
+        stage's are made), and the channels kept between them."""
+        kept = sum(i.GetNumberOfPixels() * i.GetSizeOfPixelComponent() for i in prepared.images)
+        return self.first.memory_bytes(prepared) + self.second.memory_bytes(prepared) + kept
+
+    def preprocess(self, prepared: PreparedCase) -> CascadeInput:
+        return CascadeInput(self.first.preprocess(prepared), list(prepared.images), 1)
+
+    def second_input(self, prepared: PreparedCase, previous: PreviousStage) -> CascadeInput:
+        """The first stage's label map on the source grid, on the reader's axes (what nnU-Net
+        writes and reads back, as float32), preprocessed with the channels for the second stage."""
+        from asyncflow.backends.resampling import uncropped
+
+        first, output = self.first, previous.output
+        cropped = (
+            output.array
+            if isinstance(output, CroppedLabels)
+            else first.cropped_labels(output.array, output.properties)
+        )
+        labels = uncropped(cropped, first.plans_manager, first.label_manager, output.properties)
+        del cropped
+        segmentation = labels[None].astype(np.float32)
+        del labels
+        model_input = self.second.preprocess(replace(prepared, images=previous.images), segmentation)
+        return CascadeInput(model_input, [], 2)
+
+    def to_labels(self, prepared: PreparedCase, output: Logits | CroppedLabels) -> np.ndarray:
+        return self.second.to_labels(prepared, output)
+
+
+class CascadeBackend:
+    """Both stages' :class:`NnUNetV2Backend` on one device, each loaded once; ``predict`` runs the
+    network of the stage a case is at."""
+
+    max_batch = 1
+    needs_files = False
+
+    def __init__(self, first: NnUNetV2Backend, second: NnUNetV2Backend) -> None:
+        self.stages = (first, second)
+        self.info = second.info
+        self.steps = CascadeSteps(first.steps, second.steps)
+        self.device = second.device
+
+    def load(self) -> None:
+        for stage in self.stages:
+            stage.load()
+        self.device = self.stages[1].device  # "auto" resolved by the load
+
+    async def predict(self, cases: Sequence[PreparedCase]) -> list[Any]:
+        return [await abandonable(self.logits, case) for case in cases]
+
+    def logits(self, prepared: PreparedCase) -> PreviousStage | Logits | CroppedLabels:
+        """The network of the case's stage (blocking: call it from a worker thread)."""
+        return self.stage(prepared.model_input)
+
+    def stage(self, staged: Any) -> PreviousStage | Logits | CroppedLabels:
+        """The network of the stage ``staged`` is at (see :meth:`logits`)."""
+        if not isinstance(staged, CascadeInput):
+            raise TypeError("predict() needs the case as CascadeSteps.preprocess() left it")
+        output = self.stages[staged.stage - 1].network(staged.model_input)
+        if staged.stage == 1:
+            return PreviousStage(output, staged.images, self.steps)
+        return output
