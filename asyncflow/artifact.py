@@ -25,7 +25,8 @@ class Artifact:
     (None once booked or read back from a journal); ``result_key`` the result map that holds it
     (``dicom_seg_bytes`` ...); ``report`` the fields it puts in its case's report; ``error`` why
     it was asked for and not made. ``primary``: the case's output (the report's ``output``);
-    ``deliver``: sent to a PACS with the case; ``seconds``: what its writer took.
+    ``deliver``: sent to a PACS with the case; ``seconds``: what its writer took; ``model``: which
+    of several models made it (its tag; None for a request of one model).
     """
 
     writer: str
@@ -38,6 +39,7 @@ class Artifact:
     primary: bool = False
     deliver: bool = False
     seconds: float = 0.0  # its writer's
+    model: str | None = None
 
     @property
     def made(self) -> bool:
@@ -58,6 +60,7 @@ class Artifact:
             "primary": self.primary,
             "deliver": self.deliver,
             "seconds": self.seconds,
+            **({"model": self.model} if self.model is not None else {}),
         }
 
     @classmethod
@@ -76,6 +79,7 @@ class Artifact:
             primary=bool(record["primary"]),
             deliver=bool(record["deliver"]),
             seconds=float(record.get("seconds") or 0.0),
+            model=None if record.get("model") is None else str(record["model"]),
         )
 
 

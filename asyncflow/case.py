@@ -220,6 +220,8 @@ class CaseReport:
     artifacts: list[Artifact] = field(default_factory=list)
     outputs: dict[str, Any] = field(default_factory=dict)
     delivery: Delivery | None = None  # what became of its DICOM objects at the PACS, when sent
+    # Several models: each one's output, labels and report fields (the fields above are the first's).
+    models: list[dict[str, Any]] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -237,6 +239,7 @@ class CaseReport:
             "labels_absent": self.labels_absent,
             **self.outputs,
             **({"delivery": self.delivery.as_dict()} if self.delivery is not None else {}),
+            **({"models": self.models} if self.models is not None else {}),
         }
 
 

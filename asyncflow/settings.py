@@ -121,6 +121,9 @@ class Settings:
     # auto: the postprocessing nnUNetv2_find_best_configuration chose (none for a plain model folder);
     # none; or a postprocessing.json/.pkl file (asyncflow.backends.postprocessing)
     postprocessing: str = "auto"
+    # More models of any dataset that every case also goes through (--add-model; backends.models)
+    models: tuple[Path, ...] = ()
+    merge_labels: bool = False  # several models' label maps as one, the later model winning overlaps
     results_folder: Path | None = None  # nnUNet_results (v2) or RESULTS_FOLDER (v1)
     task_name: str | None = None  # dataset/task folder name under results_folder (v1: or its id, "29")
     trainer: str | None = None  # default: nnUNetTrainer (v2), nnUNetTrainerV2 (v1)
@@ -278,11 +281,10 @@ class Settings:
             except ValueError as exc:
                 raise SettingsError(f"send: {exc}") from None
         object.__setattr__(self, "outputs", _outputs(self.outputs))
-        if isinstance(self.model_dir, list | tuple):  # several folders: the first and its ensemble
-            folders = [Path(f) for f in self.model_dir]
-            object.__setattr__(self, "model_dir", folders[0] if folders else None)
-            object.__setattr__(self, "ensemble", (*folders[1:], *self.ensemble))
-        object.__setattr__(self, "ensemble", tuple(Path(f) for f in self.ensemble))
+        folders = list(self.model_dir) if isinstance(self.model_dir, list | tuple) else [self.model_dir]
+        object.__setattr__(self, "model_dir", Path(folders[0]) if folders and folders[0] else None)
+        object.__setattr__(self, "ensemble", _paths([*folders[1:], *_paths(self.ensemble)]))
+        object.__setattr__(self, "models", _paths(self.models))
 
     def model_source(self) -> ModelSource:
         """Where the model is, as these settings name it (:meth:`ModelSource.select` finds it)."""
@@ -347,6 +349,12 @@ _CHOICES: dict[str, type[StrEnum]] = {
     "seg_compression": SegCompression,
     "deidentify": DeidentifyProfile,
 }
+
+
+def _paths(value: object) -> tuple[Path, ...]:
+    """Folders as a tuple of paths: from a list or tuple, a path, or a comma-separated string."""
+    parts = str(value).split(",") if isinstance(value, str) else [value] if isinstance(value, Path) else value
+    return tuple(Path(str(f).strip()) for f in parts if str(f).strip())  # type: ignore[attr-defined]
 
 
 def _outputs(value: object) -> tuple[str, ...]:

@@ -27,6 +27,7 @@ T = TypeVar("T")
 
 __all__ = [
     "Backend",
+    "Composite",
     "HasBytes",
     "ModelInfo",
     "ModelSteps",
@@ -281,6 +282,22 @@ class Backend(Protocol):
     def load(self) -> None: ...
 
     async def predict(self, cases: Sequence[PreparedCase]) -> list[Any | Exception]: ...
+
+
+class Composite:
+    """A backend made of backends on one device (an ensemble's configurations, a cascade's
+    stages, several models), each loaded once: ``parts`` names them, in order."""
+
+    device: str
+
+    @property
+    def parts(self) -> Sequence[Backend]:
+        raise NotImplementedError
+
+    def load(self) -> None:
+        for part in self.parts:
+            part.load()
+        self.device = self.parts[0].device  # "auto" resolved by the load
 
 
 async def abandonable(fn: Callable[[PreparedCase], T], case: PreparedCase) -> T:

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from asyncflow.backends.base import ModelInfo, abandonable
+from asyncflow.backends.base import Composite, ModelInfo, abandonable
 from asyncflow.backends.nnunet_v2 import CroppedLabels, Logits, ModelInput, NnUNetV2Backend, NnUNetV2Steps
 from asyncflow.case import PreparedCase
 from asyncflow.enums import Generation
@@ -145,7 +145,7 @@ class CascadeSteps:
         return self.second.to_labels(prepared, output)
 
 
-class CascadeBackend:
+class CascadeBackend(Composite):
     """Both stages' :class:`NnUNetV2Backend` on one device, each loaded once; ``predict`` runs the
     network of the stage a case is at."""
 
@@ -158,10 +158,9 @@ class CascadeBackend:
         self.steps = CascadeSteps(first.steps, second.steps)
         self.device = second.device
 
-    def load(self) -> None:
-        for stage in self.stages:
-            stage.load()
-        self.device = self.stages[1].device  # "auto" resolved by the load
+    @property
+    def parts(self) -> Sequence[NnUNetV2Backend]:
+        return self.stages
 
     async def predict(self, cases: Sequence[PreparedCase]) -> list[Any]:
         return [await abandonable(self.logits, case) for case in cases]

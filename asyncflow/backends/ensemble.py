@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from asyncflow.backends.base import ModelInfo, abandonable
+from asyncflow.backends.base import Composite, ModelInfo, abandonable
 from asyncflow.backends.cascade import CascadeBackend, CascadeInput, CascadeSteps, PreviousStage
 from asyncflow.backends.nnunet_v2 import Logits, ModelInput, NnUNetV2Backend, NnUNetV2Steps
 from asyncflow.case import PreparedCase
@@ -184,7 +184,7 @@ class EnsembleSteps:
         return first.finish_labels(prepared, labels, properties)
 
 
-class EnsembleBackend:
+class EnsembleBackend(Composite):
     """Each configuration's :class:`NnUNetV2Backend` (or :class:`CascadeBackend`) on one device,
     each loaded once; ``predict`` runs their networks one after another for each case."""
 
@@ -197,10 +197,9 @@ class EnsembleBackend:
         self.steps = EnsembleSteps([m.steps for m in self.members])
         self.device = self.members[0].device
 
-    def load(self) -> None:
-        for member in self.members:
-            member.load()
-        self.device = self.members[0].device  # "auto" resolved by the load
+    @property
+    def parts(self) -> Sequence[Member]:
+        return self.members
 
     async def predict(self, cases: Sequence[PreparedCase]) -> list[Any]:
         return [await abandonable(self.logits, case) for case in cases]

@@ -131,6 +131,9 @@ class NnUNetV2Steps:
             )
         data, properties = self._read(prepared)
         preprocessor = self.configuration_manager.preprocessor_class(verbose=False)
+        # With a segmentation, run_case_npy also samples its voxels per class for training's
+        # patches (properties["class_locations"]); inference never reads them.
+        preprocessor._sample_foreground_locations = lambda *_, **__: {}
         data, seg, properties = preprocessor.run_case_npy(
             data, previous, properties, self.plans_manager, self.configuration_manager, self.dataset_json
         )

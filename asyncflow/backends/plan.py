@@ -2,9 +2,9 @@
 
 A :class:`ModelPlan` names the model (one configuration, or ``members``: configurations of one
 dataset whose probabilities are averaged, any of them a cascade's second stage whose first is
-in ``previous``), the prediction workers (one backend per device, each
-loading every configuration once), the postprocessing, the model's CPU steps around the network
-and the labels the outputs describe. The stages read the plan, never a backend of their own
+in ``previous``; or several different ``models``, each a plan of its own), the prediction
+workers (one backend per device, each loading every configuration once), the postprocessing,
+the model's CPU steps around the network and the labels the outputs describe. The stages read the plan, never a backend of their own
 choosing.
 """
 
@@ -18,12 +18,13 @@ from typing import Any
 import numpy as np
 
 from asyncflow.backends.base import Backend, ModelInfo, ModelSteps
+from asyncflow.backends.models import MERGE_RULE, LabelMerge, ModelsBackend, ModelsSteps
 from asyncflow.backends.postprocessing import Postprocessing
 from asyncflow.case import PreparedCase
 from asyncflow.errors import ModelError
 from asyncflow.labels.segment import SegmentLabel
 
-__all__ = ["ModelPlan", "Postprocessed"]
+__all__ = ["ModelPlan", "Postprocessed", "model_tags"]
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,9 @@ class ModelPlan:
     ``members``: every configuration the workers run, in the ensemble's order (``model`` first);
     ``postprocessing``: applied to each label map; ``best``: the ``inference_information.json``
     the plan was read from; ``previous``: for each member, the first stage of the cascade it is
-    the second stage of, or None (empty: no cascade)."""
+    the second stage of, or None (empty: no cascade). ``models``: the plans of several
+    different models that every case goes through (:meth:`several`; ``model`` is the first's),
+    their label maps merged into one by ``merge``, or (None) each written as its own output."""
 
     model: ModelInfo
     workers: tuple[Backend, ...]
@@ -40,6 +43,8 @@ class ModelPlan:
     postprocessing: Postprocessing | None = None
     best: Path | None = None
     previous: tuple[ModelInfo | None, ...] = ()
+    models: tuple[ModelPlan, ...] = ()
+    merge: LabelMerge | None = None
     _steps: ModelSteps | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -56,6 +61,21 @@ class ModelPlan:
         object.__setattr__(self, "_steps", steps)
 
     @classmethod
+    def several(cls, plans: Sequence[ModelPlan], merge: bool) -> ModelPlan:
+        """Every case through each of ``plans`` (each loaded once per device), their label maps
+        merged into one (``merge``) or each written as its own output."""
+        if any(p.steps is None for p in plans):
+            raise ModelError(
+                "several models in one request run nnU-Net v2 models only: "
+                "run a v1 model in a request of its own"
+            )
+        merging = LabelMerge.of(model_tags(plans), [p.labels for p in plans]) if merge else None
+        steps = ModelsSteps([p.steps for p in plans], merging)
+        devices = len(plans[0].workers)
+        workers = tuple(ModelsBackend([p.workers[d] for p in plans], steps, plans) for d in range(devices))
+        return cls(plans[0].model, workers, models=tuple(plans), merge=merging)
+
+    @classmethod
     def of(cls, backends: ModelPlan | Backend | Sequence[Backend]) -> ModelPlan:
         """The plan of backends built (or loaded) already: one model, one backend per device."""
         if isinstance(backends, ModelPlan):
@@ -63,6 +83,9 @@ class ModelPlan:
         workers = tuple(backends) if isinstance(backends, Sequence) else (backends,)
         if not workers:
             raise ModelError("a model plan needs at least one backend")
+        if isinstance(workers[0], ModelsBackend):  # several models: each one's plan, as built
+            plans = tuple(workers[0].plans)
+            return cls(plans[0].model, workers, models=plans, merge=workers[0].steps.merge)
         model = workers[0].info
         others = {str(b.info.folder) for b in workers} - {str(model.folder)}
         if others:
@@ -88,8 +111,19 @@ class ModelPlan:
 
     @property
     def labels(self) -> dict[int, SegmentLabel]:
-        """The labels the model declares: what its outputs' segments are named and coded from."""
-        return self.model.labels
+        """The labels the model declares: what its outputs' segments are named and coded from
+        (several models merged: the merged labels)."""
+        return self.merge.labels if self.merge is not None else self.model.labels
+
+    @property
+    def name(self) -> str:
+        """The model's dataset; several models' joined with `` + ``."""
+        return " + ".join(self.tags) if self.models else self.model.name
+
+    @property
+    def tags(self) -> list[str]:
+        """What names each of several models (its dataset, numbered where two share one)."""
+        return model_tags(self.models)
 
     @property
     def needs_files(self) -> bool:
@@ -105,7 +139,15 @@ class ModelPlan:
         """How the plan's model was trained and is run (the SEG's AlgorithmParameters): one
         configuration's facts as they were; an ensemble's configurations joined with ``+`` in
         its order (each other fact once where every configuration shares it); a cascade's stages,
-        the postprocessing, and what chose the plan, when there are."""
+        the postprocessing, and what chose the plan, when there are. Several models: each
+        one's, prefixed with its tag, and how their labels were merged."""
+        if self.models:
+            parameters = {"models": ", ".join(self.tags)}
+            for tag, plan in zip(self.tags, self.models, strict=True):
+                parameters |= {f"{tag} {name}": value for name, value in plan.parameters.items()}
+            if self.merge is not None:
+                parameters["merge"] = f"labels renumbered in the models' order; {MERGE_RULE}"
+            return parameters
         each = [m.parameters for m in self.members]
         parameters = {
             name: value
@@ -145,3 +187,12 @@ class Postprocessed:
 
     def to_labels(self, prepared: PreparedCase, output: Any) -> np.ndarray:
         return self.postprocessing.apply(self.steps.to_labels(prepared, output))
+
+
+def model_tags(plans: Sequence[ModelPlan]) -> list[str]:
+    """Each plan's dataset name, ``-2``, ``-3`` ... after it where plans share one."""
+    names = [plan.model.name for plan in plans]
+    return [
+        name if names.count(name) == 1 else f"{name}-{names[:number].count(name) + 1}"
+        for number, name in enumerate(names)
+    ]

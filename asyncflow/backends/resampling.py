@@ -12,7 +12,9 @@
   image is left as it is: inference never reads it (a cascade's previous-stage segmentation,
   which takes its place, is resampled with the plans' function).
 - ``torch``: nnU-Net's ``resample_torch_fornnunet`` for the image and the logits, with the
-  arguments of its ``*_torchres`` planners (:class:`TorchResampling`), on the CPU workers;
+  arguments of its ``*_torchres`` planners (:class:`TorchResampling`), on the CPU workers; on
+  the way back to thick slices, only the slices it keeps are resized
+  (:func:`~asyncflow.backends.slices.torch_slices_first`);
 - ``torch-device``: the same for the image; the logits are resampled and turned into labels
   by the prediction worker on its device (:func:`cropped_labels` with ``device``).
 
@@ -29,7 +31,6 @@ through nnU-Net's own function whole.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -40,15 +41,13 @@ from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_imag
 from nnunetv2.configuration import ANISO_THRESHOLD
 from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 from nnunetv2.preprocessing.resampling.default_resampling import (
-    determine_do_sep_z_and_axis,
-    resample_data_or_seg,
     resample_data_or_seg_to_shape,
 )
 from nnunetv2.preprocessing.resampling.resample_torch import resample_torch_fornnunet
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
-from scipy.ndimage import map_coordinates
-from skimage.transform import resize
+
+from asyncflow.backends.slices import SCIPY_DEFAULTS, picked_axis, scipy_by_channel, torch_slices_first
 
 __all__ = [
     "PlannedResampling",
@@ -81,9 +80,14 @@ def _keep_seg(seg: Any, new_shape: Sequence[int], *_: object) -> Any:
 
 def _seg_function(configuration: ConfigurationManager, planned: Resample) -> Resample:
     """What ``run_case_npy`` resamples its segmentation with: the plans' function for a cascade's
-    second stage (the segmentation is the previous stage's, which its network reads), else
-    nothing (the non-zero mask, which inference never reads)."""
-    return planned if configuration.previous_stage_name else _keep_seg
+    second stage (the segmentation is the previous stage's, which its network reads; nnU-Net's
+    scipy one with thick slices picked first), else nothing (the non-zero mask, which inference
+    never reads)."""
+    if not configuration.previous_stage_name:
+        return _keep_seg
+    if configuration.configuration["resampling_fn_seg"] == SCIPY:
+        return partial(scipy_by_channel, kwargs=configuration.configuration["resampling_fn_seg_kwargs"])
+    return planned
 
 
 class PlannedResampling(ConfigurationManager):
@@ -99,7 +103,7 @@ class PlannedResampling(ConfigurationManager):
         if self.configuration["resampling_fn_data"] == TORCH:
             return _torch(kwargs)
         if self.configuration["resampling_fn_data"] == SCIPY:
-            return partial(_scipy_by_channel, kwargs=kwargs)
+            return partial(scipy_by_channel, kwargs=kwargs)
         return super().resampling_fn_data
 
     @property
@@ -132,7 +136,7 @@ class TorchResampling(ConfigurationManager):
 
 
 def _torch(kwargs: dict[str, Any]) -> Resample:
-    return partial(resample_torch_fornnunet, **{**kwargs, "num_threads": torch.get_num_threads()})
+    return partial(torch_slices_first, **{**kwargs, "num_threads": torch.get_num_threads()})
 
 
 def probabilities_function(configuration: ConfigurationManager) -> str:
@@ -171,7 +175,7 @@ def cropped_labels(
     array = logits.numpy() if isinstance(logits, torch.Tensor) else np.asarray(logits)
     kwargs = configuration.configuration["resampling_fn_probabilities_kwargs"]
     return _argmax_by_channel(
-        len(array), lambda c: _scipy_by_channel(array[c : c + 1], shape, model, source, kwargs=kwargs)[0]
+        len(array), lambda c: scipy_by_channel(array[c : c + 1], shape, model, source, kwargs=kwargs)[0]
     )
 
 
@@ -205,7 +209,7 @@ def cropped_probabilities(
         kwargs = configuration.configuration["resampling_fn_probabilities_kwargs"]
         resampled = np.empty((len(array), *shape), dtype=array.dtype)
         for c in range(len(array)):
-            resampled[c] = _scipy_by_channel(array[c : c + 1], shape, model, source, kwargs=kwargs)[0]
+            resampled[c] = scipy_by_channel(array[c : c + 1], shape, model, source, kwargs=kwargs)[0]
     else:  # a resampling function not known to work channel by channel: all classes at once
         resampled = configuration.resampling_fn_probabilities(torch.as_tensor(logits), shape, model, source)
     probabilities = label_manager.apply_inference_nonlin(resampled)
@@ -298,77 +302,5 @@ def picks_slices(
         or configuration.configuration["resampling_fn_data"] != SCIPY
     ):
         return False
-    options = {**_SCIPY_DEFAULTS, **configuration.configuration["resampling_fn_data_kwargs"]}
-    return _picked_axis(options, current_spacing, new_spacing, shape, new_shape) is not None
-
-
-def _picked_axis(
-    options: dict[str, Any],
-    current_spacing: Sequence[float],
-    new_spacing: Sequence[float],
-    shape: Sequence[int],
-    new_shape: Sequence[int],
-) -> int | None:
-    """The coarse axis along which nnU-Net copies whole slices (order_z 0), if it does."""
-    separate, axis = determine_do_sep_z_and_axis(
-        options["force_separate_z"], current_spacing, new_spacing, options["separate_z_anisotropy_threshold"]
-    )
-    if options["is_seg"] or not separate or axis is None or options["order_z"] != 0:
-        return None
-    return int(axis) if shape[axis] != new_shape[axis] else None
-
-
-def _scipy_by_channel(
-    data: np.ndarray | torch.Tensor,
-    new_shape: Sequence[int],
-    current_spacing: Sequence[float],
-    new_spacing: Sequence[float],
-    *,
-    kwargs: dict[str, Any],
-) -> np.ndarray:
-    """nnU-Net's ``resample_data_or_seg_to_shape`` (not for masks), each channel alone, thick
-    slices picked before they are resized."""
-    options = {**_SCIPY_DEFAULTS, **kwargs}
-    data = data.numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
-    shape, new_shape = data.shape[1:], [int(n) for n in new_shape]
-    if list(shape) == new_shape:
-        return data
-    order, order_z = options["order"], options["order_z"]
-    out = np.zeros((len(data), *new_shape), dtype=data.dtype)
-    axis = _picked_axis(options, current_spacing, new_spacing, shape, new_shape)
-    if axis is None:
-        separate, nn_axis = determine_do_sep_z_and_axis(
-            options["force_separate_z"],
-            current_spacing,
-            new_spacing,
-            options["separate_z_anisotropy_threshold"],
-        )
-        for c in range(len(data)):
-            out[c] = resample_data_or_seg(
-                data[c : c + 1], new_shape, options["is_seg"], nn_axis, order, separate, order_z=order_z
-            )[0]
-        return out
-    # nnU-Net's coordinates along the coarse axis (its map_rows/map_cols/map_dims), rounded
-    # to a slice as its order-0 map_coordinates rounds them.
-    scale = float(shape[axis]) / new_shape[axis]
-    coordinates = scale * (np.arange(new_shape[axis]) + 0.5) - 0.5
-    ramp = np.arange(shape[axis], dtype=float)
-    picked = map_coordinates(ramp, coordinates[None], order=0, mode="nearest").astype(int)
-    in_plane = [n for i, n in enumerate(new_shape) if i != axis]
-    for c in range(len(data)):
-        last, resized = -1, None
-        for k, s in enumerate(picked):
-            if s != last:  # consecutive output slices often copy the same slice
-                plane = np.take(data[c], s, axis=axis).astype(float)
-                last, resized = s, resize(plane, in_plane, order, mode="edge", anti_aliasing=False)
-            index: list[Any] = [c, slice(None), slice(None), slice(None)]
-            index[axis + 1] = k
-            out[tuple(index)] = resized
-    return out
-
-
-_SCIPY_DEFAULTS = {
-    name: p.default
-    for name, p in inspect.signature(resample_data_or_seg_to_shape).parameters.items()
-    if p.default is not inspect.Parameter.empty
-} | {"separate_z_anisotropy_threshold": ANISO_THRESHOLD}
+    options = {**SCIPY_DEFAULTS, **configuration.configuration["resampling_fn_data_kwargs"]}
+    return picked_axis(options, current_spacing, new_spacing, shape, new_shape) is not None

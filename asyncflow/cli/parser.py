@@ -37,6 +37,8 @@ _MODEL_FIELDS = (
     "configuration",
     "folds",
     "postprocessing",
+    "models",
+    "merge_labels",
 )
 
 
@@ -137,6 +139,22 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         metavar="FILE|auto|none",
         help="nnU-Net v2 postprocessing (postprocessing.json or .pkl); default auto: what "
         "nnUNetv2_find_best_configuration chose, none for a plain model folder",
+    )
+    group.add_argument(
+        "--add-model",
+        dest="models",
+        type=Path,
+        action="append",
+        metavar="DIR",
+        help="another model (of any dataset: a model folder, a best configuration, a cascade) that "
+        "every case also goes through; its outputs are named <case>_<dataset>; repeatable",
+    )
+    group.add_argument(
+        "--merge-labels",
+        action="store_true",
+        default=None,
+        help="with --add-model: one output per case, the models' labels merged (each model's after "
+        "the previous ones'; where they overlap, the later model wins)",
     )
     _add_run_options(parser)
 

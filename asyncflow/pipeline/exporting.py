@@ -4,7 +4,9 @@ For each case, in a worker thread: the backend's output to a label map on the
 prediction grid (the plan's steps; v2: nnU-Net's resampling of the logits), the
 case's label definitions merged once (the model's, the user's configuration, a
 MITK label file supplied with the case), then every writer that applies
-(:func:`asyncflow.writing.registry.write_outputs`). Then the artifacts into the
+(:func:`asyncflow.writing.registry.write_outputs`). Several models not merged: each
+model's label map and outputs in turn, its files named after the model
+(``<case>_<tag>``), its artifacts tagged with it. Then the artifacts into the
 ledger, with ``send`` the case's DICOM objects to its PACS
 (:mod:`asyncflow.delivery.pacs`) and, with a sink, onto disk with the case's
 journal line, before the case ends.
@@ -20,6 +22,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from asyncflow.artifact import Artifact, Delivery
+from asyncflow.backends.models import ModelsSteps
 from asyncflow.backends.plan import ModelPlan
 from asyncflow.case import Case, PreparedCase
 from asyncflow.delivery.pacs import Sender
@@ -28,6 +31,7 @@ from asyncflow.log import Stopwatch, bound_case, get_logger, scrub
 from asyncflow.pipeline.flow import CaseFlow
 from asyncflow.pipeline.journal import CaseSink
 from asyncflow.pipeline.keys import model_parameters
+from asyncflow.pipeline.ledger import Labels
 from asyncflow.settings import Settings
 from asyncflow.writing.base import Algorithm, LabelMap, OutputOptions
 from asyncflow.writing.registry import write_outputs
@@ -39,11 +43,11 @@ log = get_logger(__name__)
 
 @dataclass(frozen=True)
 class _Exported:
-    """What one case's export made, and the seconds of its two steps."""
+    """What one case's export made (the labels of each model's label map, by its tag), and the
+    seconds of its two steps."""
 
     artifacts: list[Artifact]
-    present: list[int]
-    absent: list[int]
+    labels: dict[str | None, Labels]
     to_labels_s: float
     write_s: float
 
@@ -76,8 +80,11 @@ class Export:
             settings.deidentify,
             extras=frozenset(settings.outputs),
         )
-        info = plan.model
-        self.algorithm = Algorithm(f"nnU-Net {info.name}", info.framework, model_parameters(plan, settings))
+        # What each label map is written as: the plan's (one model, or several merged), or each of
+        # several models' own, with its tag.
+        self.each: list[tuple[str | None, ModelPlan, Algorithm]] = [(None, plan, _algorithm(plan, settings))]
+        if plan.models and plan.merge is None:
+            self.each = [(t, p, _algorithm(p, settings)) for t, p in zip(plan.tags, plan.models, strict=True)]
 
     async def worker(self, receive: MemoryObjectReceiveStream[tuple[PreparedCase, Any]], _: None) -> None:
         async with receive:
@@ -98,16 +105,33 @@ class Export:
                         await self._finish(case, exported)
 
     def _export(self, prepared: PreparedCase, output: Any, options: OutputOptions) -> _Exported:
-        """One case's outputs (in a worker thread): its label map on the prediction grid, then
-        every writer that applies."""
+        """One case's outputs (in a worker thread): its label map on the prediction grid (or each
+        of several models'), then every writer that applies."""
         watch = Stopwatch()
         steps = self.plan.steps
-        labels = output if steps is None else steps.to_labels(prepared, output)
+        if len(self.each) > 1:
+            assert isinstance(steps, ModelsSteps)
+            maps = steps.each_labels(prepared, output)
+        else:
+            maps = [output if steps is None else steps.to_labels(prepared, output)]
         to_labels_s = watch.seconds
-        job = LabelMap.of(prepared, labels, self.plan.labels, self.label_config, self.algorithm, options)
         watch = Stopwatch()
-        artifacts = write_outputs(job)
-        return _Exported(artifacts, job.present, job.absent, to_labels_s, watch.seconds)
+        artifacts: list[Artifact] = []
+        labels: dict[str | None, Labels] = {}
+        for (tag, plan, algorithm), label_map in zip(self.each, maps, strict=True):
+            seed = f"{options.uid_seed}|{tag}" if tag is not None and options.uid_seed else options.uid_seed
+            job = LabelMap.of(
+                prepared,
+                label_map,
+                plan.labels,
+                self.label_config,
+                algorithm,
+                replace(options, uid_seed=seed),
+            )
+            job = replace(job, suffix=f"_{tag}") if tag is not None else job
+            artifacts += [replace(a, model=tag) for a in write_outputs(job)]
+            labels[tag] = (job.present, job.absent)
+        return _Exported(artifacts, labels, to_labels_s, watch.seconds)
 
     async def _finish(self, case: Case, exported: _Exported) -> None:
         """Book the artifacts, send the case's DICOM objects to the PACS, write its files to the
@@ -115,7 +139,7 @@ class Export:
         again), log, end the case."""
         ledger = self.flow.ledger
         artifacts = exported.artifacts
-        ledger.keep(case, artifacts, exported.present, exported.absent)
+        ledger.keep(case, artifacts, exported.labels)
         journaled = True
         if self.sender is not None:
             journaled = await self._send(case, artifacts)
@@ -127,7 +151,8 @@ class Export:
             )
             if not finished:
                 return
-        primary = next((a for a in artifacts if a.primary and a.made), None)
+        first = [a for a in artifacts if a.model == artifacts[0].model] if artifacts else []
+        primary = next((a for a in first if a.primary and a.made), None)
         log.info(
             "case.exported",
             format=primary.writer if primary is not None else None,
@@ -136,8 +161,8 @@ class Export:
             duration_s=round(ledger.seconds(case, Stage.EXPORT), 4),
             to_labels_s=round(exported.to_labels_s, 4),
             write_s=round(exported.write_s, 4),
-            writers_s={a.writer: round(a.seconds, 4) for a in artifacts},
-            **_event_fields(artifacts),
+            writers_s={a.writer: round(a.seconds, 4) for a in first},
+            **_event_fields(first),  # several models: the first's, as in the report
         )
         self.flow.end(case)
 
@@ -167,6 +192,11 @@ class Export:
         else:
             log.warning("case.delivered", **fields, reason=scrub(delivery.reason or ""))
         return delivery.sent or not objects
+
+
+def _algorithm(plan: ModelPlan, settings: Settings) -> Algorithm:
+    """What made a plan's segments (the SEG's AlgorithmIdentification)."""
+    return Algorithm(f"nnU-Net {plan.name}", plan.model.framework, model_parameters(plan, settings))
 
 
 def _event_fields(artifacts: Iterable[Artifact]) -> dict[str, Any]:

@@ -94,22 +94,34 @@ def _model_identity(info: ModelInfo) -> dict[str, Any]:
     }
 
 
-def model_key(plan: ModelPlan | ModelInfo, settings: Settings) -> str:
-    """The model's identity (every configuration of an ensemble, in order, a cascade's first
-    stage, and the postprocessing) and every setting that changes a result, as one hex digest."""
-    plan = plan if isinstance(plan, ModelPlan) else ModelPlan(plan, ())
-    label_config = sha256_file(settings.label_config) if settings.label_config else None
-    identity = {
-        **_model_identity(plan.model),
-        "settings": {name: _plain(getattr(settings, name)) for name in RESULT_SETTINGS},
-        "label_config": label_config,
-    }
-    if len(plan.members) > 1:  # absent for one configuration: keys made before stay
+def _plan_identity(plan: ModelPlan) -> dict[str, Any]:
+    """A plan's model: its folder's identity, and (only when there are, so that the keys of one
+    configuration stay) the ensemble's other configurations, the cascades' first stages, the
+    postprocessing, and several models' plans and how they are merged."""
+    identity = _model_identity(plan.model)
+    if len(plan.members) > 1:
         identity["ensemble"] = [_model_identity(m) for m in plan.members[1:]]
     if plan.previous:  # each cascade's first stage, by configuration
         identity["previous_stage"] = [_model_identity(p) if p else None for p in plan.previous]
     if plan.postprocessing is not None:
         identity["postprocessing"] = plan.postprocessing.description
+    if plan.models:
+        identity["models"] = [_plan_identity(p) for p in plan.models]
+        identity["merge"] = plan.merge is not None
+    return identity
+
+
+def model_key(plan: ModelPlan | ModelInfo, settings: Settings) -> str:
+    """The model's identity (every configuration of an ensemble, in order, a cascade's first
+    stage, the postprocessing, several models) and every setting that changes a result, as one
+    hex digest."""
+    plan = plan if isinstance(plan, ModelPlan) else ModelPlan(plan, ())
+    label_config = sha256_file(settings.label_config) if settings.label_config else None
+    identity = {
+        **_plan_identity(plan),
+        "settings": {name: _plain(getattr(settings, name)) for name in RESULT_SETTINGS},
+        "label_config": label_config,
+    }
     if settings.resampling is not Resampling.MODEL:  # absent for the default: keys made before stay
         identity["resampling"] = str(settings.resampling)
     if settings.outputs:  # optional outputs beside each SEG: absent when none is asked for
@@ -126,7 +138,7 @@ def model_provenance(plan: ModelPlan, settings: Settings, key: str) -> dict[str,
     """The report's ``model``: what produced the request's outputs, and its model ``key``."""
     info = plan.model
     return {
-        "name": info.name,
+        "name": plan.name,
         "framework": info.framework,
         "parameters": model_parameters(plan, settings),
         "key": key,

@@ -20,7 +20,10 @@ from asyncflow.reading.request import InputItem
 from asyncflow.result import Progress, Result
 from asyncflow.writing.registry import report_defaults, result_keys
 
-__all__ = ["Ledger", "case_identity"]
+__all__ = ["Labels", "Ledger", "case_identity"]
+
+# The values a label map holds (present) and those its model declares that it does not (absent).
+Labels = tuple[list[int], list[int]]
 
 # Told of a withdrawn case's key and the (folder, name) outputs it had written.
 OnWithdraw = Callable[[str | None, list[tuple[str, str]]], None]
@@ -185,8 +188,9 @@ class Ledger:
         report = self.reports[case.case_id]
         artifacts = [Artifact.from_record(record) for record in earlier["artifacts"]]
         booked = earlier["report"]
-        present, absent = booked.get("labels_present") or [], booked.get("labels_absent") or []
-        self._book(report, artifacts, present, absent)
+        each = booked.get("models") or [{**booked, "model": None}]
+        labels = {m["model"]: (m.get("labels_present") or [], m.get("labels_absent") or []) for m in each}
+        self._book(report, artifacts, labels)
         delivered = booked.get("delivery")  # sent: a resumed case is never sent again
         report.delivery = Delivery.from_dict(delivered) if delivered is not None else None
         self.written[case.case_id] = [(None, a.folder, a.name) for a in artifacts if a.name is not None]
@@ -213,10 +217,11 @@ class Ledger:
         if self.on_progress is not None:
             self.on_progress(self.progress())
 
-    def keep(self, case: Case, artifacts: list[Artifact], present: list[int], absent: list[int]) -> None:
+    def keep(self, case: Case, artifacts: list[Artifact], labels: Mapping[str | None, Labels]) -> None:
         """Book what a case's export made: its files (into the Result's maps, unless they go to a
-        sink) and its report's fields."""
-        self._book(self.reports[case.case_id], artifacts, present, absent)
+        sink) and its report's fields; ``labels``: the values present and absent in each model's
+        label map (by the tag of its artifacts)."""
+        self._book(self.reports[case.case_id], artifacts, labels)
         for artifact in artifacts:
             if artifact.name is None or artifact.data is None:
                 continue
@@ -226,15 +231,26 @@ class Ledger:
             self.written.setdefault(case.case_id, []).append(where)
 
     @staticmethod
-    def _book(report: CaseReport, artifacts: list[Artifact], present: list[int], absent: list[int]) -> None:
-        """A case's artifacts into its report: each one's fields, its output's name, its labels."""
+    def _book(report: CaseReport, artifacts: list[Artifact], labels: Mapping[str | None, Labels]) -> None:
+        """A case's artifacts into its report: each one's fields, its output's name, its labels.
+        Several models: the report's fields are the first model's, and ``models`` holds each one's."""
         report.artifacts = [artifact.without_data() for artifact in artifacts]
-        report.outputs = report_defaults()
-        for artifact in artifacts:
-            report.outputs.update(artifact.report)
-        primary = next((a for a in artifacts if a.primary and a.made), None)
-        report.output = primary.name if primary is not None else None
-        report.labels_present, report.labels_absent = list(present), list(absent)
+        tags = list(dict.fromkeys(a.model for a in artifacts)) or [None]
+        sections: list[dict[str, Any]] = []
+        for tag in tags:
+            made = [a for a in artifacts if a.model == tag]
+            fields = report_defaults()
+            for artifact in made:
+                fields.update(artifact.report)
+            primary = next((a for a in made if a.primary and a.made), None)
+            output = primary.name if primary is not None else None
+            present, absent = (list(values) for values in labels.get(tag, ([], [])))
+            if tag == tags[0]:
+                report.outputs, report.output = fields, output
+                report.labels_present, report.labels_absent = present, absent
+            section = {"model": tag, "output": output, "labels_present": present, "labels_absent": absent}
+            sections.append({**section, **fields})
+        report.models = sections if tags[0] is not None else None
 
     def delivered(self, case: Case, delivery: Delivery) -> None:
         """What became of a case's DICOM objects at its PACS."""

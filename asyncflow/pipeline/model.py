@@ -1,7 +1,8 @@
 """The request's model plan from its settings: where the model is, what it declares, its
 postprocessing, and one backend per device (:class:`~asyncflow.backends.plan.ModelPlan`), none
 loaded yet. Every fault of the model (a missing fold, configurations of different label sets,
-a postprocessing file that is not nnU-Net's, a cascade without its first stage) is found here, before any case runs."""
+a postprocessing file that is not nnU-Net's, a cascade without its first stage) is found here,
+before any case runs."""
 
 from __future__ import annotations
 
@@ -67,9 +68,9 @@ def _postprocessing(setting: str, selection: ModelSelection) -> Postprocessing |
 
 def build_backend(settings: Settings, device: str | None = None) -> Backend:
     """The prediction backend the settings describe, on ``device`` (default: ``settings.device``),
-    not loaded: one configuration's, an ensemble's or a cascade's (every configuration on that
-    device)."""
-    return _backend(settings, read_plan(settings), device or settings.device)
+    not loaded: one configuration's, an ensemble's, a cascade's, or several models' (every
+    configuration on that device)."""
+    return build_plan(replace(settings, devices=None, device=device or settings.device)).workers[0]
 
 
 def _backend(settings: Settings, facts: PlanFacts, device: str) -> Backend:
@@ -109,13 +110,24 @@ def _backend(settings: Settings, facts: PlanFacts, device: str) -> Backend:
 
 def build_backends(settings: Settings) -> list[Backend]:
     """One backend per prediction worker: one per device of ``settings.devices``, else one."""
-    facts = read_plan(settings)
-    return [_backend(settings, facts, device) for device in settings.devices or (settings.device,)]
+    return list(build_plan(settings).workers)
 
 
 def build_plan(settings: Settings) -> ModelPlan:
     """The plan the settings describe: their model (an ensemble, a cascade) on each of their
-    devices, with its postprocessing."""
+    devices, with its postprocessing; with ``models``, each of those too (:meth:`ModelPlan.several`)."""
+    first = _plan(settings)
+    if not settings.models:
+        return first
+    # Each added model alone: every fold it has (or its best configuration's), its own postprocessing.
+    others = [
+        _plan(replace(settings, model_dir=folder, ensemble=(), folds=None, postprocessing="auto", models=()))
+        for folder in settings.models
+    ]
+    return ModelPlan.several([first, *others], settings.merge_labels)
+
+
+def _plan(settings: Settings) -> ModelPlan:
     facts = read_plan(settings)
     workers = tuple(_backend(settings, facts, device) for device in settings.devices or (settings.device,))
     members = tuple(facts.members)

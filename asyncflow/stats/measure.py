@@ -172,12 +172,13 @@ def statistics_csv(cases: Iterable[Mapping[str, Any]]) -> str:
     """One line per case and label, from report case entries (``statistics`` lists of dicts),
     with the case's output and its source series' number and modality (no patient data);
     figures rounded (:data:`_DECIMALS`), empty cells where a figure does not exist, flags
-    joined by ``;``."""
+    joined by ``;``. A case of several models: a line per model and label, with that model's
+    output."""
     out = io.StringIO()
     writer = csv.DictWriter(out, CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
-    for case in cases:
-        for row in case.get("statistics") or []:
+    for case, section in ((c, s) for c in cases for s in c.get("models") or [c]):
+        for row in section.get("statistics") or []:
             extent = [_rounded("extent_mm", v) for v in row.get("extent_mm") or [None, None, None]]
             writer.writerow(
                 {
@@ -185,7 +186,7 @@ def statistics_csv(cases: Iterable[Mapping[str, Any]]) -> str:
                     "case_id": case["case_id"],
                     "series_number": case.get("series_number"),
                     "modality": case.get("modality"),
-                    "output": case.get("output"),
+                    "output": section.get("output"),
                     "extent_x_mm": extent[0],
                     "extent_y_mm": extent[1],
                     "extent_z_mm": extent[2],

@@ -74,7 +74,8 @@ class LabelMap:
     """One case's label map on its prediction grid (``prepared.geometry``), with what the writers
     need beside it: ``present`` (its foreground values) and ``absent`` (declared, not found),
     ``definitions`` (the model's labels, the user's configuration and the case's MITK label file,
-    merged once), and the source's ``intensities`` on the same grid (None: not at hand)."""
+    merged once), and the source's ``intensities`` on the same grid (None: not at hand);
+    ``suffix`` follows the case's name in its files' names (one of several models: its tag)."""
 
     prepared: PreparedCase
     labels: np.ndarray
@@ -84,6 +85,7 @@ class LabelMap:
     algorithm: Algorithm
     options: OutputOptions
     intensities: sitk.Image | None = None
+    suffix: str = ""
 
     @classmethod
     def of(
@@ -105,7 +107,7 @@ class LabelMap:
 
     @property
     def stem(self) -> str:
-        return self.prepared.case.output_name
+        return self.prepared.case.output_name + self.suffix
 
     @functools.cached_property
     def on_source(self) -> tuple[np.ndarray, Geometry | None]:

@@ -191,6 +191,8 @@ def _description(
         anatomic_regions=[_coded(label.anatomic_region)] if label.anatomic_region else None,
         display_color=hd.color.CIELabColor.from_rgb(*(round(255 * c) for c in label.rgb)),
     )
+    if label.description:  # Segment Description (0062,0006), ST: what highdicom does not take
+        description.SegmentDescription = label.description[:1024]
     if label.type_modifier is not None:  # highdicom takes no modifier: it goes into the type's item
         item = description.SegmentedPropertyTypeCodeSequence[0]
         item.SegmentedPropertyTypeModifierCodeSequence = [_coded(label.type_modifier)]

@@ -8,6 +8,7 @@ cannot run fails before any case, with nothing written.
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -15,7 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import jsonschema
@@ -29,6 +30,7 @@ from asyncflow import run_request
 from asyncflow.cli.synthetic import dicom_series_datasets, make_phantom, nifti_bytes
 from asyncflow.errors import ModelError
 from asyncflow.log import configure_logging
+from asyncflow.stats.measure import statistics_csv
 from asyncflow.writing.nifti import read_nifti_seg
 from asyncflow.writing.seg import read_dicom_seg
 
@@ -263,6 +265,7 @@ def _copy(results: Path, tmp_path: Path) -> Path:
         "lost postprocessing",
         "cascade without its first stage",
         "v1 member",
+        "v1 among several models",
     ],
 )
 async def test_a_plan_that_cannot_run_fails_before_any_case_with_nothing_written(
@@ -272,6 +275,7 @@ async def test_a_plan_that_cannot_run_fails_before_any_case_with_nothing_written
     chosen = dataset / "ensembles" / ENSEMBLE
     lowres = dataset / f"{PREFIX}3d_lowres"
     model_dir: Path | list[Path] = dataset
+    models: list[Path] = []
     if fault == "labels":
         spec = json.loads((lowres / "dataset.json").read_text())
         spec["labels"] = {"background": 0, "liver": 1, "kidney": 2}
@@ -299,8 +303,11 @@ async def test_a_plan_that_cannot_run_fails_before_any_case_with_nothing_written
         v1 = Path(__file__).parents[2] / "asyncflow/models/tiny_v1/nnUNet/3d_fullres/Task998_AsyncflowTiny"
         model_dir = [dataset / f"{PREFIX}3d_fullres", v1 / "nnUNetTrainerV2__nnUNetPlansv2.1"]
         expected = "nnUNet_ensemble is not supported"
+        if fault == "v1 among several models":
+            model_dir, models = model_dir[0], model_dir[1:]
+            expected = "several models in one request run nnU-Net v2 models only"
     work, output = tmp_path / "work", tmp_path / "out"
-    settings = settings_factory(work, model_dir=model_dir, output_dir=output)
+    settings = settings_factory(work, model_dir=model_dir, output_dir=output, models=models)
     with pytest.raises(ModelError, match=re.escape(expected)):
         await run_request([{"case.nii.gz": b"never read"}], settings)
     assert not work.exists() and not output.exists()
@@ -338,3 +345,127 @@ def test_the_model_key_covers_every_configuration_stage_and_the_postprocessing(
     checkpoint.write_bytes(checkpoint.read_bytes() + b"\0")
     settings = settings_factory(tmp_path, model_dir=dataset / f"{PREFIX}3d_cascade_fullres")
     assert model_key(build_plan(settings), settings) != keys["a cascade"]
+
+
+def _other_dataset(results: Path, tmp_path: Path) -> Path:
+    """Another dataset's model: the 3d_lowres network as ``Dataset998_AsyncflowOther``, its two
+    labels named ``left`` and ``right`` (another model, another label set)."""
+    folder = tmp_path / "Dataset998_AsyncflowOther" / f"{PREFIX}3d_lowres"
+    shutil.copytree(results / f"{PREFIX}3d_lowres", folder)
+    plans = json.loads((folder / "plans.json").read_text())
+    plans["dataset_name"] = "Dataset998_AsyncflowOther"
+    (folder / "plans.json").write_text(json.dumps(plans))
+    dataset = json.loads((folder / "dataset.json").read_text())
+    dataset["labels"] = {"background": 0, "left": 1, "right": 2}
+    (folder / "dataset.json").write_text(json.dumps(dataset))
+    return folder
+
+
+def _outputs(result, series: list, suffix: str = "") -> dict[str, np.ndarray]:
+    """The label maps of a result's NIfTI and SEG (its segment numbers), read back."""
+    (nifti,) = [n for n in result.nifti_seg_bytes if n.endswith(f"{suffix}.nii.gz")]
+    (seg,) = [n for n in result.dicom_seg_bytes if n.endswith(f"{suffix}.dcm")]
+    numbers, _ = read_dicom_seg(result.dicom_seg_bytes[seg], [str(ds.SOPInstanceUID) for ds in series])
+    return {"nifti": sitk.GetArrayFromImage(read_nifti_seg(result.nifti_seg_bytes[nifti])), "seg": numbers}
+
+
+async def test_several_models_each_loaded_once_equal_their_runs_alone(
+    tmp_path: Path, settings_factory, results: Path, reference: Reference, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from asyncflow.backends.nnunet_v2 import NnUNetV2Backend
+
+    first, other = results / f"{PREFIX}3d_fullres", _other_dataset(results, tmp_path)
+    entries = reference.entries()
+    alone = [
+        await run_request(entries, settings_factory(tmp_path / f"alone{n}", model_dir=folder))
+        for n, folder in enumerate((first, other))
+    ]
+    loads: list[str] = []
+    load = NnUNetV2Backend._load
+
+    def counted(self: NnUNetV2Backend) -> None:
+        loads.append(self.info.name)
+        load(self)
+
+    monkeypatch.setattr(NnUNetV2Backend, "_load", counted)
+    both = await run_request(entries, settings_factory(tmp_path / "both", model_dir=first, models=[other]))
+    assert both.status == "done", both.report()
+    assert sorted(loads) == ["Dataset998_AsyncflowOther", "Dataset999_AsyncflowTiny"]  # once each
+
+    # Each model's outputs are its own, named after its dataset, equal to its run alone.
+    tags = ("_Dataset999_AsyncflowTiny", "_Dataset998_AsyncflowOther")
+    assert len(both.nifti_seg_bytes) == 2 and len(both.dicom_seg_bytes) == 2
+    for tag, result in zip(tags, alone, strict=True):
+        got, expected = _outputs(both, reference.series, tag), _outputs(result, reference.series)
+        for kind in ("nifti", "seg"):
+            np.testing.assert_array_equal(got[kind], expected[kind])
+    assert (
+        _outputs(alone[0], reference.series)["nifti"] != _outputs(alone[1], reference.series)["nifti"]
+    ).any()
+    report = both.report()
+    assert report["model"]["name"] == "Dataset999_AsyncflowTiny + Dataset998_AsyncflowOther"
+    assert report["model"]["parameters"]["Dataset998_AsyncflowOther configuration"] == "3d_lowres"
+    for case in report["cases"]:
+        sections = case["models"]
+        assert [s["model"] for s in sections] == [t[1:] for t in tags]
+        assert case["output"] == sections[0]["output"]  # the report's fields are the first model's
+        for tag, section in zip(tags, sections, strict=True):
+            assert section["output"].removesuffix(".dcm").removesuffix(".nii.gz").endswith(tag)
+            assert section["labels_present"] == [1, 2]
+    # statistics.csv: a line per model and label of each case, named by that model's output
+    rows = list(csv.DictReader(io.StringIO(statistics_csv(report["cases"]))))
+    assert {r["output"] for r in rows} == {s["output"] for c in report["cases"] for s in c["models"]}
+    assert len(rows) == 2 * 2 * 2  # cases x models x labels
+
+
+async def test_several_models_merged_into_one_output_the_later_model_wins(
+    tmp_path: Path, settings_factory, results: Path, reference: Reference
+) -> None:
+    import pydicom
+
+    first, other = results / f"{PREFIX}3d_fullres", _other_dataset(results, tmp_path)
+    entries = reference.entries()
+    alone = [
+        _outputs(
+            await run_request(entries, settings_factory(tmp_path / f"alone{n}", model_dir=folder)),
+            reference.series,
+        )
+        for n, folder in enumerate((first, other))
+    ]
+    settings = settings_factory(tmp_path / "merged", model_dir=first, models=[other], merge_labels=True)
+    merged = await run_request(entries, settings)
+    assert merged.status == "done", merged.report()
+    got = _outputs(merged, reference.series)  # one output per case
+    expected = alone[0]["nifti"].copy()
+    expected[alone[1]["nifti"] > 0] = alone[1]["nifti"][alone[1]["nifti"] > 0] + 2  # left 3, right 4
+    assert ((alone[0]["nifti"] > 0) & (alone[1]["nifti"] > 0)).any()  # the models overlap somewhere
+    np.testing.assert_array_equal(got["nifti"], expected)
+
+    (seg,) = merged.dicom_seg_bytes.values()
+    segments = pydicom.dcmread(io.BytesIO(seg)).SegmentSequence
+    assert [s.SegmentLabel for s in segments] == ["liver", "tumor", "left", "right"]
+    assert all("the later model's label wins" in s.SegmentDescription for s in segments)
+    assert "later model's label wins" in merged.report()["model"]["parameters"]["merge"]
+
+
+async def test_several_models_resume_as_they_were_and_redo_when_one_changes(
+    tmp_path: Path, settings_factory, results: Path, reference: Reference
+) -> None:
+    from asyncflow.pipeline.journal import OutputFolder
+
+    first, other = results / f"{PREFIX}3d_fullres", _other_dataset(results, tmp_path)
+    out = tmp_path / "out"
+    settings = settings_factory(tmp_path / "work", model_dir=first, models=[other])
+    done = await run_request(reference.entries(), settings, sink=OutputFolder(out))
+    assert done.status == "done", done.report()
+    names = sorted(p.name for p in out.rglob("*.dcm")) + sorted(p.name for p in out.rglob("*.nii.gz"))
+    assert len(names) == 4 and all("_Dataset99" in n for n in names)
+
+    again = await run_request(reference.entries(), settings, sink=OutputFolder(out, resume=True))
+    cases = again.report()["cases"]
+    assert {c["status"] for c in cases} == {"resumed"}
+    assert [c["models"] for c in cases] == [c["models"] for c in done.report()["cases"]]
+
+    merged = replace(settings, merge_labels=True)  # another plan: every case is done again
+    redone = await run_request(reference.entries(), merged, sink=OutputFolder(out, resume=True))
+    assert {c["status"] for c in redone.report()["cases"]} == {"done"}

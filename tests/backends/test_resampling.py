@@ -145,6 +145,87 @@ def test_torch_resampling_is_nnunets_torchres_planning(
         assert not np.array_equal(_nnunet(steps, planned, prepared, classes, ties=False)[0], expected_input)
 
 
+@pytest.mark.parametrize(
+    ("shape", "spacing", "new_spacing"),
+    [
+        ((16, 64, 56), (5.0, 0.7, 0.7), (1.0, 0.8, 0.8)),  # thick slices to the model: picked
+        ((60, 40, 48), (1.0, 0.8, 0.8), (3.0, 0.9, 0.9)),  # fewer, coarser slices: picked
+        ((30, 56, 48), (2.0, 0.8, 0.8), (1.0, 0.8, 0.8)),  # resampled with the volume
+        ((24, 40, 36), (0.8, 0.8, 3.0), (0.8, 0.8, 1.0)),  # the coarse axis is x
+    ],
+)
+def test_a_cascade_segmentation_is_resampled_as_nnunet_does(
+    shape: tuple[int, ...], spacing: tuple[float, ...], new_spacing: tuple[float, ...]
+) -> None:
+    """The previous stage's label map (float32, -1 outside the non-zero mask) to the second
+    stage's grid: nnU-Net's resample_data_or_seg_to_shape with the plans' segmentation arguments,
+    voxel for voxel, with thick slices picked before they are resized."""
+    from nnunetv2.preprocessing.resampling.default_resampling import (
+        compute_new_shape,
+        resample_data_or_seg_to_shape,
+    )
+
+    from asyncflow.backends.slices import scipy_by_channel
+
+    kwargs = {"is_seg": True, "order": 1, "order_z": 0}  # what nnU-Net's planners write
+    rng = np.random.default_rng(7)
+    seg = rng.integers(-1, 3, size=(1, *shape)).astype(np.float32)
+    seg[:, : shape[0] // 2] = np.where(rng.random(seg[:, : shape[0] // 2].shape) < 0.9, 1, 2)  # regions
+    new_shape = compute_new_shape(shape, spacing, new_spacing)
+    expected = resample_data_or_seg_to_shape(seg, new_shape, spacing, new_spacing, **kwargs)
+    got = scipy_by_channel(seg, new_shape, spacing, new_spacing, kwargs=kwargs)
+    assert got.dtype == expected.dtype and set(np.unique(got)) == {-1, 0, 1, 2}
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("axis", [0, 2])
+@pytest.mark.parametrize(("count", "new_count"), [(300, 60), (97, 23), (41, 40), (23, 97), (50, 50)])
+@pytest.mark.parametrize(("plane", "new_plane"), [(64, 80), (19, 23)], ids=["plane-64", "plane-19"])
+@pytest.mark.parametrize("as_tensor", [True, False], ids=["tensor", "numpy"])
+def test_torch_resampling_picks_the_slices_it_keeps_first(
+    axis: int,
+    count: int,
+    new_count: int,
+    plane: int,
+    new_plane: int,
+    as_tensor: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The way back from a 1 mm model to thick slices: resample_torch_fornnunet resizes every
+    model slice in plane and keeps a few; asyncflow picks those first. The same tensor on planes
+    of 64 (and CT's 512); on some small planes torch's CPU kernel rounds the planes at the end of
+    a batch differently, by float32 rounding, and the argmax is the same."""
+    from nnunetv2.preprocessing.resampling.resample_torch import resample_torch_fornnunet
+
+    from asyncflow.backends import resampling, slices
+
+    shape = [count if a == axis else plane for a in range(3)]
+    new_shape = [new_count if a == axis else new_plane for a in range(3)]
+    model_spacing, source_spacing = [1.0] * 3, [5.0 if a == axis else 0.8 for a in range(3)]
+    values = np.random.default_rng(count).standard_normal((3, *shape)).astype(np.float16)
+    data = torch.from_numpy(values) if as_tensor else values
+    # The same thread count as asyncflow's (torch's chunks of work decide some float roundings).
+    kwargs = {"is_seg": False, **TORCH_KWARGS, "num_threads": torch.get_num_threads()}
+    expected = np.asarray(resample_torch_fornnunet(data, new_shape, model_spacing, source_spacing, **kwargs))
+
+    resized: list[int] = []
+
+    def recording(data, *args, **kw):  # what asyncflow hands to nnU-Net's function
+        resized.append(data.shape[axis + 1])
+        return resample_torch_fornnunet(data, *args, **kw)
+
+    monkeypatch.setattr(slices, "resample_torch_fornnunet", recording)
+    got = resampling._torch({"is_seg": False, **TORCH_KWARGS})(data, new_shape, model_spacing, source_spacing)
+    assert resized == [min(count, new_count)]  # only the slices kept were resized
+    assert isinstance(got, torch.Tensor) == as_tensor
+    got = np.asarray(got)
+    if plane == 64:
+        np.testing.assert_array_equal(got, expected)
+    else:
+        np.testing.assert_allclose(got, expected, rtol=0, atol=8 * np.finfo(np.float32).eps)
+        np.testing.assert_array_equal(got.argmax(0), expected.argmax(0))
+
+
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum()))
 
