@@ -29,6 +29,7 @@ __all__ = [
     "Backend",
     "Composite",
     "HasBytes",
+    "MemoryPhases",
     "ModelInfo",
     "ModelSteps",
     "NetworkTimed",
@@ -202,6 +203,26 @@ def _framework(package: str) -> str:
         return f"{package} {metadata.version(package)}"
     except metadata.PackageNotFoundError:
         return f"{package} unknown"
+
+
+@dataclass(frozen=True)
+class MemoryPhases:
+    """What a case holds at once, in bytes, in each phase of one configuration's steps: ``base``
+    (its channels) throughout, and ``preprocess`` (nnU-Net's preprocessing at its peak), the
+    ``model_input`` and ``logits`` held together while it is predicted, or ``to_labels`` (the
+    logits' way back, the logits included); ``voxels`` and ``classes`` of the source grid."""
+
+    base: int
+    preprocess: int
+    model_input: int
+    logits: int
+    to_labels: int
+    voxels: int
+    classes: int
+
+    @property
+    def peak(self) -> int:
+        return self.base + max(self.preprocess, self.model_input + self.logits, self.to_labels)
 
 
 class ModelSteps(Protocol):

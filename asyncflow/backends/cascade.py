@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from asyncflow.backends.base import Composite, ModelInfo, abandonable
+from asyncflow.backends.base import Composite, MemoryPhases, ModelInfo, abandonable
 from asyncflow.backends.nnunet_v2 import CroppedLabels, Logits, ModelInput, NnUNetV2Backend, NnUNetV2Steps
 from asyncflow.case import PreparedCase
 from asyncflow.enums import Generation
@@ -90,19 +90,17 @@ class CascadeInput:
 
 @dataclass
 class PreviousStage:
-    """The first stage's output for a case; ``next_input`` makes the second stage's input."""
+    """The first stage's output for a case; ``next_input`` makes the second stage's input (and
+    lets the output go once its label map is made)."""
 
-    output: Logits | CroppedLabels
+    output: Logits | CroppedLabels | None
     images: list[sitk.Image]
     steps: CascadeSteps
-
-    @property
-    def network_s(self) -> float:
-        return self.output.network_s
+    network_s: float
 
     @property
     def nbytes(self) -> int:
-        return self.output.nbytes
+        return self.output.nbytes if self.output is not None else 0
 
     def next_input(self, prepared: PreparedCase) -> CascadeInput:
         return self.steps.second_input(prepared, self)
@@ -115,10 +113,16 @@ class CascadeSteps:
         self.first, self.second = first, second
 
     def memory_bytes(self, prepared: PreparedCase) -> int:
-        """Both stages' estimates (a case's first-stage arrays may still be held when its second
-        stage's are made), and the channels kept between them."""
+        return self.memory_phases(prepared).peak
+
+    def memory_phases(self, prepared: PreparedCase) -> MemoryPhases:
+        """The second stage's phases, its preprocessing phase also covering the whole first stage
+        (whose arrays are let go once its label map is made, which the second's preprocessing
+        counts), and the channels kept between the stages."""
+        first, second = self.first.memory_phases(prepared), self.second.memory_phases(prepared)
         kept = sum(i.GetNumberOfPixels() * i.GetSizeOfPixelComponent() for i in prepared.images)
-        return self.first.memory_bytes(prepared) + self.second.memory_bytes(prepared) + kept
+        before = max(first.peak - first.base, second.preprocess)
+        return replace(second, base=second.base + kept, preprocess=before)
 
     def preprocess(self, prepared: PreparedCase) -> CascadeInput:
         return CascadeInput(self.first.preprocess(prepared), list(prepared.images), 1)
@@ -129,13 +133,15 @@ class CascadeSteps:
         from asyncflow.backends.resampling import uncropped
 
         first, output = self.first, previous.output
+        assert output is not None, "the first stage's output was used already"
+        previous.output = None  # its logits go with this step's reference
         cropped = (
             output.array
             if isinstance(output, CroppedLabels)
             else first.cropped_labels(output.array, output.properties)
         )
         labels = uncropped(cropped, first.plans_manager, first.label_manager, output.properties)
-        del cropped
+        del cropped, output
         segmentation = labels[None].astype(np.float32)
         del labels
         model_input = self.second.preprocess(replace(prepared, images=previous.images), segmentation)
@@ -175,5 +181,5 @@ class CascadeBackend(Composite):
             raise TypeError("predict() needs the case as CascadeSteps.preprocess() left it")
         output = self.stages[staged.stage - 1].network(staged.model_input)
         if staged.stage == 1:
-            return PreviousStage(output, staged.images, self.steps)
+            return PreviousStage(output, staged.images, self.steps, output.network_s)
         return output

@@ -147,12 +147,17 @@ class EnsembleSteps:
             )
 
     def memory_bytes(self, prepared: PreparedCase) -> int:
-        """Every configuration's estimate (their inputs and logits are held together while the
-        case is predicted), and the average's way back: per source voxel and class, one
-        configuration's resampled logits (float16), its float32 copy and softmax, and the sum."""
-        voxels = int(np.prod(prepared.images[0].GetSize()))
-        classes = self.last[0].label_manager.num_segmentation_heads
-        return sum(m.memory_bytes(prepared) for m in self.members) + 14 * classes * voxels
+        """The larger of two phases, over the channels: one configuration's preprocessing (or a
+        cascade's step between its stages) while every configuration's model input and logits
+        may be held; and the average's way back, every configuration's logits held until summed,
+        one configuration's resampling at a time and, per source voxel and class, its resampled
+        logits (float16), their float32 copy and softmax, and the sum."""
+        phases = [m.memory_phases(prepared) for m in self.members]
+        held = sum(p.model_input + p.logits for p in phases)
+        logits = sum(p.logits for p in phases)
+        resampling = max(p.to_labels - p.logits for p in phases)
+        back = logits + resampling + 14 * phases[0].classes * phases[0].voxels
+        return max(p.base for p in phases) + max(max(p.preprocess for p in phases) + held, back)
 
     def preprocess(self, prepared: PreparedCase) -> EnsembleInput:
         return EnsembleInput([m.preprocess(prepared) for m in self.members])

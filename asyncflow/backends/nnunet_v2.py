@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 import numpy as np
 import SimpleITK as sitk
 
-from asyncflow.backends.base import ModelInfo, abandonable
+from asyncflow.backends.base import MemoryPhases, ModelInfo, abandonable
 from asyncflow.case import PreparedCase
 from asyncflow.enums import Resampling
 from asyncflow.errors import ModelError
@@ -188,7 +188,12 @@ class NnUNetV2Steps:
         )
 
     def memory_bytes(self, prepared: PreparedCase) -> int:
-        """At most how many bytes the case holds at once from preprocessing to its label map.
+        """At most how many bytes the case holds at once from preprocessing to its label map
+        (the largest of :meth:`memory_phases`)."""
+        return self.memory_phases(prepared).peak
+
+    def memory_phases(self, prepared: PreparedCase) -> MemoryPhases:
+        """What the case holds at once in each phase, from preprocessing to its label map.
 
         Estimated from the case's size and spacing, before any of it runs: the largest of
         nnU-Net's preprocessing, the model input and logits held between stages, and the
@@ -225,11 +230,11 @@ class NnUNetV2Steps:
         elif not picks_slices(self.configuration_manager, spacing, target, shape, model_shape):
             preprocess += 48 * max(n, m)
             to_labels += 8 * m + 8 * n
-        held = 4 * channels * m + 2 * classes * m  # model input and logits, both while predicted
+        model_input, logits = 4 * channels * m, 2 * classes * m  # both held while predicted
         if self.previous_stage:  # the previous stage's labels: float32, resampled, one-hot beside
             one_hot = 4 * len(self.label_manager.foreground_labels) * m
-            preprocess, held = preprocess + 4 * n + 24 * m + 2 * one_hot, held + one_hot
-        return 2 * channels * n + max(preprocess, held, to_labels)
+            preprocess, model_input = preprocess + 4 * n + 24 * m + 2 * one_hot, model_input + one_hot
+        return MemoryPhases(2 * channels * n, preprocess, model_input, logits, to_labels, n, classes)
 
     def _read(self, prepared: PreparedCase) -> tuple[np.ndarray, dict[str, Any]]:
         """The channels as the model's reader class (from ``plans.json``) would read their files."""

@@ -93,6 +93,109 @@ def test_the_estimate_bounds_what_nnunet_allocates(
     assert measured <= estimate <= 2.5 * measured, (estimate, preprocess_peak, to_labels_peak)
 
 
+def _traced(step: Callable[..., object], *args: object) -> tuple[object, int]:
+    """``step(*args)`` and the most it allocated at once beyond what it was given (tracemalloc)."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        return step(*args), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize(
+    ("shape", "spacing"),
+    [
+        ((40, 96, 96), (0.8, 0.8, 2.0)),  # z resampled with the volume
+        ((24, 128, 112), (0.7, 0.7, 5.0)),  # thick slices: nnU-Net resamples z separately
+    ],
+)
+def test_the_estimate_bounds_what_a_cascade_allocates(
+    model_dir: Path, tmp_path: Path, shape: tuple[int, int, int], spacing: tuple[float, float, float]
+) -> None:
+    """From the first stage's preprocessing to the second stage's label map, as the pipeline holds
+    a case: its channels until the step between the stages, each stage's model input and logits
+    while predicted (the logits made outside the measure, as the network makes them), the first
+    stage's label map made into the second's input."""
+    from nnunet_models import PREFIX, make_results
+
+    from asyncflow.backends.cascade import CascadeInput, CascadeSteps, PreviousStage
+
+    results = make_results(tmp_path, model_dir)
+    first, second = (
+        NnUNetV2Steps(ModelInfo.from_folder(results / f"{PREFIX}{c}"))
+        for c in ("3d_lowres", "3d_cascade_fullres")
+    )
+    steps = CascadeSteps(first, second)
+    for size in ((8, 16, 16), shape):  # the first: nnU-Net's first-use caches, not measured
+        image = sitk.GetImageFromArray(np.random.default_rng(0).normal(0, 100, size).astype(np.int16))
+        image.SetSpacing(spacing)
+        prepared = _case(image, tmp_path)
+        estimate = steps.memory_bytes(prepared)
+        staged, preprocess = _traced(steps.preprocess, prepared)
+        assert isinstance(staged, CascadeInput)
+        prepared.images = []
+        model_input = staged.model_input
+        logits = _logits(first, model_input.data.shape[1:], model_input.properties)
+        first_held = model_input.nbytes + logits.array.nbytes
+        previous = PreviousStage(logits, staged.images, steps, 0.0)
+        del staged, model_input, logits
+        second_input, between = _traced(previous.next_input, prepared)
+        assert isinstance(second_input, CascadeInput)
+        del previous
+        logits = _logits(second, second_input.model_input.data.shape[1:], second_input.model_input.properties)
+        second_held = second_input.nbytes + logits.array.nbytes
+        del second_input
+        labels, to_labels = _traced(steps.to_labels, prepared, logits)
+    assert labels.shape == shape
+    peaks = (preprocess, first_held, between, second_held, to_labels + logits.array.nbytes)
+    measured = max(peaks) + image.GetNumberOfPixels() * 2  # the channels: SimpleITK's, not traced
+    assert measured <= estimate <= 2.5 * measured, (estimate, peaks)
+
+
+@pytest.mark.parametrize(
+    ("shape", "spacing"),
+    [
+        ((40, 96, 96), (0.8, 0.8, 2.0)),  # z resampled with the volume
+        ((24, 128, 112), (0.7, 0.7, 5.0)),  # thick slices: nnU-Net resamples z separately
+    ],
+)
+def test_the_estimate_bounds_what_an_ensemble_allocates(
+    model_dir: Path, tmp_path: Path, shape: tuple[int, int, int], spacing: tuple[float, float, float]
+) -> None:
+    """Two configurations (1 and 1.6 mm), as the pipeline holds a case: both model inputs, then
+    both logits beside them while predicted (made outside the measure, as the network makes
+    them), then their average's way back."""
+    from nnunet_models import PREFIX, make_results
+
+    from asyncflow.backends.ensemble import EnsembleInput, EnsembleLogits, EnsembleSteps
+
+    results = make_results(tmp_path, model_dir)
+    members = [
+        NnUNetV2Steps(ModelInfo.from_folder(results / f"{PREFIX}{c}")) for c in ("3d_fullres", "3d_lowres")
+    ]
+    steps = EnsembleSteps(members)
+    for size in ((8, 16, 16), shape):  # the first: nnU-Net's first-use caches, not measured
+        image = sitk.GetImageFromArray(np.random.default_rng(0).normal(0, 100, size).astype(np.int16))
+        image.SetSpacing(spacing)
+        prepared = _case(image, tmp_path)
+        estimate = steps.memory_bytes(prepared)
+        inputs, preprocess = _traced(steps.preprocess, prepared)
+        assert isinstance(inputs, EnsembleInput)
+        prepared.images = []
+        outputs = [
+            _logits(m, i.data.shape[1:], i.properties) for m, i in zip(members, inputs.inputs, strict=True)
+        ]
+        logits = sum(o.array.nbytes for o in outputs)
+        held = inputs.nbytes + logits
+        del inputs
+        labels, to_labels = _traced(steps.to_labels, prepared, EnsembleLogits(outputs, 0.0))
+    assert labels.shape == shape
+    peaks = (preprocess, held, to_labels + logits)
+    measured = max(peaks) + image.GetNumberOfPixels() * 2  # the channels: SimpleITK's, not traced
+    assert measured <= estimate <= 2.5 * measured, (estimate, peaks)
+
+
 def _rss(field: str) -> int:
     """This process's ``VmRSS`` or ``VmHWM`` (its peak since the last reset), in bytes."""
     status = Path("/proc/self/status").read_text(encoding="utf-8")
