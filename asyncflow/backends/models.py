@@ -112,20 +112,20 @@ class LabelMerge:
 
 
 class ModelsSteps:
-    """The models' CPU work, each model's steps (None: its backend does it all) in order."""
+    """The models' CPU work, each model's steps in order."""
 
-    def __init__(self, steps: Sequence[ModelSteps | None], merge: LabelMerge | None) -> None:
+    def __init__(self, steps: Sequence[ModelSteps], merge: LabelMerge | None) -> None:
         self.steps, self.merge = list(steps), merge
 
     def memory_bytes(self, prepared: PreparedCase) -> int:
         """Every model's estimate (their arrays may be held together while the case is
         predicted), and the label maps made one after another, kept until written."""
         voxels = int(np.prod(prepared.images[0].GetSize()))
-        models = sum(s.memory_bytes(prepared) for s in self.steps if s is not None)
+        models = sum(s.memory_bytes(prepared) for s in self.steps)
         return models + 2 * voxels * (len(self.steps) + 1)
 
     def preprocess(self, prepared: PreparedCase) -> ModelsInput:
-        inputs = [s.preprocess(prepared) if s is not None else None for s in self.steps]
+        inputs = [s.preprocess(prepared) for s in self.steps]
         return ModelsInput(inputs, [None] * len(inputs))
 
     def each_labels(self, prepared: PreparedCase, output: ModelsOutput) -> list[np.ndarray]:
@@ -133,7 +133,7 @@ class ModelsSteps:
         each = []
         for number, steps in enumerate(self.steps):
             answer, output.outputs[number] = output.outputs[number], None
-            each.append(np.asarray(answer if steps is None else steps.to_labels(prepared, answer)))
+            each.append(np.asarray(steps.to_labels(prepared, answer)))
             del answer
         return each
 

@@ -64,13 +64,14 @@ class ModelPlan:
     def several(cls, plans: Sequence[ModelPlan], merge: bool) -> ModelPlan:
         """Every case through each of ``plans`` (each loaded once per device), their label maps
         merged into one (``merge``) or each written as its own output."""
-        if any(p.steps is None for p in plans):
+        each = [p.steps for p in plans]
+        if any(s is None for s in each):
             raise ModelError(
                 "several models in one request run nnU-Net v2 models only: "
                 "run a v1 model in a request of its own"
             )
         merging = LabelMerge.of(model_tags(plans), [p.labels for p in plans]) if merge else None
-        steps = ModelsSteps([p.steps for p in plans], merging)
+        steps = ModelsSteps([s for s in each if s is not None], merging)
         devices = len(plans[0].workers)
         workers = tuple(ModelsBackend([p.workers[d] for p in plans], steps, plans) for d in range(devices))
         return cls(plans[0].model, workers, models=tuple(plans), merge=merging)

@@ -94,6 +94,7 @@ class PredictionWorker:
         watch = Stopwatch()
         try:
             async with self.device:
+                watch = Stopwatch()  # the hold: from the device's turn (a cascade's stages take turns)
                 outcomes = await self.backend.predict(batch)
             if len(outcomes) != len(batch):
                 raise RuntimeError(f"the backend returned {len(outcomes)} result(s) for {len(batch)} case(s)")
