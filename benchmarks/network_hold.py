@@ -193,6 +193,7 @@ def _from_events(events: list[dict[str, Any]], run: dict[str, Any]) -> dict[str,
     return {
         "cases": cases,
         "hold_over_network": {
+            "min": round(min(holds), 4),
             "max": round(max(holds), 4),
             "median": round(float(np.median(holds)), 4),
             "total": round(

@@ -34,8 +34,10 @@ def test_the_network_hold_benchmark_smoke_run_reads_its_events(tmp_path: Path) -
     results = json.loads((tmp_path / "results.json").read_text())
     (run,) = results["runs"].values()
     assert run["cases"] == 2
-    # The stand-in sleeps S = 0.1 s inside nnU-Net's network call; the worker holds a case for little more.
-    assert 1 <= run["hold_over_network"]["max"] < 1.5
+    # The stand-in sleeps S = 0.1 s inside nnU-Net's network call; the worker holds a case for little
+    # more. CPU steps inside the hold would lengthen every case's; on a busy 2-core machine one case's
+    # hold also took the event loop's wake-up (0.38 s seen in CI), so the least is what is asserted.
+    assert 1 <= run["hold_over_network"]["min"] < 1.5
     assert run["step_s_per_case"]["preprocess"] > 0 and run["step_s_per_case"]["to_labels"] > 0
     assert run["logits_mb_max"] > 0 and run["peak_rss_bytes"] > 0
 
