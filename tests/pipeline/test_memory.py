@@ -103,13 +103,18 @@ def _traced(step: Callable[..., object], *args: object) -> tuple[object, int]:
         tracemalloc.stop()
 
 
-@pytest.mark.parametrize(
-    ("shape", "spacing"),
-    [
-        ((40, 96, 96), (0.8, 0.8, 2.0)),  # z resampled with the volume
-        ((24, 128, 112), (0.7, 0.7, 5.0)),  # thick slices: nnU-Net resamples z separately
-    ],
-)
+# Two geometries for the models made of several configurations: resampled with the volume, and
+# thick slices (nnU-Net resamples z separately).
+SEVERAL_GEOMETRIES = [((40, 96, 96), (0.8, 0.8, 2.0)), ((24, 128, 112), (0.7, 0.7, 5.0))]
+
+
+def _ct_image(size: tuple[int, ...], spacing: tuple[float, ...]) -> sitk.Image:
+    image = sitk.GetImageFromArray(np.random.default_rng(0).normal(0, 100, size).astype(np.int16))
+    image.SetSpacing(spacing)
+    return image
+
+
+@pytest.mark.parametrize(("shape", "spacing"), SEVERAL_GEOMETRIES)
 def test_the_estimate_bounds_what_a_cascade_allocates(
     model_dir: Path, tmp_path: Path, shape: tuple[int, int, int], spacing: tuple[float, float, float]
 ) -> None:
@@ -128,8 +133,7 @@ def test_the_estimate_bounds_what_a_cascade_allocates(
     )
     steps = CascadeSteps(first, second)
     for size in ((8, 16, 16), shape):  # the first: nnU-Net's first-use caches, not measured
-        image = sitk.GetImageFromArray(np.random.default_rng(0).normal(0, 100, size).astype(np.int16))
-        image.SetSpacing(spacing)
+        image = _ct_image(size, spacing)
         prepared = _case(image, tmp_path)
         estimate = steps.memory_bytes(prepared)
         staged, preprocess = _traced(steps.preprocess, prepared)
@@ -153,13 +157,7 @@ def test_the_estimate_bounds_what_a_cascade_allocates(
     assert measured <= estimate <= 2.5 * measured, (estimate, peaks)
 
 
-@pytest.mark.parametrize(
-    ("shape", "spacing"),
-    [
-        ((40, 96, 96), (0.8, 0.8, 2.0)),  # z resampled with the volume
-        ((24, 128, 112), (0.7, 0.7, 5.0)),  # thick slices: nnU-Net resamples z separately
-    ],
-)
+@pytest.mark.parametrize(("shape", "spacing"), SEVERAL_GEOMETRIES)
 def test_the_estimate_bounds_what_an_ensemble_allocates(
     model_dir: Path, tmp_path: Path, shape: tuple[int, int, int], spacing: tuple[float, float, float]
 ) -> None:
@@ -176,8 +174,7 @@ def test_the_estimate_bounds_what_an_ensemble_allocates(
     ]
     steps = EnsembleSteps(members)
     for size in ((8, 16, 16), shape):  # the first: nnU-Net's first-use caches, not measured
-        image = sitk.GetImageFromArray(np.random.default_rng(0).normal(0, 100, size).astype(np.int16))
-        image.SetSpacing(spacing)
+        image = _ct_image(size, spacing)
         prepared = _case(image, tmp_path)
         estimate = steps.memory_bytes(prepared)
         inputs, preprocess = _traced(steps.preprocess, prepared)
