@@ -31,7 +31,9 @@ import numpy as np
 __all__ = ["STAGES", "Monitor", "render_live", "render_summary"]
 
 STAGES = ("unpack", "prepare", "predict", "export")
-_WAITING_FOR = {"assembled": "prepare", "prepared": "predict", "predicted": "export"}
+# A case's state after its latest event, and the stage it is in or waits for. A cascade's case
+# is "staging" between its two networks: CPU work that makes its next model input.
+_WAITING_FOR = {"assembled": "prepare", "staging": "prepare", "prepared": "predict", "predicted": "export"}
 
 
 def _seconds(timestamp: str) -> float:
@@ -118,8 +120,9 @@ class Monitor:
         elif case_id in request.withdrawn:
             if name == "case.predicted":  # the GPU did the work all the same
                 request.predictions.append((at - event["duration_s"], at))
-        elif name in ("case.assembled", "case.prepared", "case.predicted"):
-            request.cases[case_id] = name.split(".")[1]
+        elif name in ("case.assembled", "case.prepared", "case.predicted", "case.staged"):
+            state = "prepared" if name == "case.staged" else name.split(".")[1]
+            request.cases[case_id] = "staging" if event.get("stage") == 1 else state
             if name == "case.predicted":
                 request.predictions.append((at - event["duration_s"], at))
         elif name == "case.failed":
@@ -166,7 +169,10 @@ class Monitor:
             "cases_known": known,
             "cases_done": counts["done"] + counts["resumed"],
             "cases_failed": counts["failed"],
-            "in_stage": {stage: counts[state] for state, stage in _WAITING_FOR.items()},
+            "in_stage": {
+                stage: sum(counts[s] for s, waits in _WAITING_FOR.items() if waits == stage)
+                for stage in dict.fromkeys(_WAITING_FOR.values())
+            },
             "cases_per_min": rate,
             "eta_s": eta_s,
             "gpu_busy_share": self.gpu_busy_share(),

@@ -177,6 +177,14 @@ def test_monitor_live_view_while_requests_run() -> None:
     assert snapshot["cases_per_min"] == pytest.approx(10.0)  # 1 case in 6 s
     assert snapshot["eta_s"] == pytest.approx(12.0)
     assert snapshot["gpu_busy_share"] == pytest.approx(1.0)  # 2..4 and 4..6: no gap
+    # A cascade's case between its networks is in the CPU work of its next input, then waits for
+    # the device again, then for export.
+    feed(7, "case.predicted", case_id="case-0003", voxels=8, duration_s=1.0, predict_queue=0, stage=1)
+    assert monitor.snapshot()["in_stage"] == {"prepare": 1, "predict": 0, "export": 1}
+    feed(8, "case.staged", case_id="case-0003", stage=2, duration_s=1.0, worker=0)
+    assert monitor.snapshot()["in_stage"] == {"prepare": 0, "predict": 1, "export": 1}
+    feed(9, "case.predicted", case_id="case-0003", voxels=8, duration_s=1.0, predict_queue=0, stage=2)
+    assert monitor.snapshot()["in_stage"] == {"prepare": 0, "predict": 0, "export": 2}
 
 
 def _queries() -> list[str]:
