@@ -12,6 +12,15 @@ The package's folders follow the data flow: ``reading`` (inputs -> cases),
 two shells over it, ``cli`` and ``flame``. See docs/explanation/pipeline.md.
 """
 
+import sys
+
+# tarfile's extraction filters (PEP 706), on which reading.archives relies, came with 3.11.4.
+if sys.version_info < (3, 11, 4):
+    raise ImportError(
+        f"asyncflow needs Python 3.11.4 or newer (tarfile's extraction filters); this is Python "
+        f"{sys.version.split()[0]} at {sys.executable}"
+    )
+
 from asyncflow._version import __version__
 from asyncflow.errors import LabelError, ModelError, RequestError, SettingsError
 from asyncflow.pipeline.journal import CaseSink, OutputFolder

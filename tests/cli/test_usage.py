@@ -68,3 +68,48 @@ def test_a_bad_choice_lists_the_values_a_user_can_type(capsys: pytest.CaptureFix
     with pytest.raises(SystemExit):
         main(["run", "x", "-o", "y", "--resampling", "fast"])
     assert "(choose from 'model', 'torch', 'torch-device')" in capsys.readouterr().err
+
+
+def _older_python() -> str | None:
+    """A Python 3.11 older than 3.11.4 on this machine (Debian 12's /usr/bin/python3 is 3.11.2)."""
+    import shutil
+    import subprocess
+
+    for name in ("python3.11", "python3"):
+        found = shutil.which(name, path="/usr/bin")
+        if found is None:
+            continue
+        version = subprocess.run(
+            [
+                found,
+                "-c",
+                "import sys; print(sys.version_info[:3] < (3, 11, 4) <= sys.version_info[:2] + (9,))",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if version.stdout.strip() == "True":
+            return found
+    return None
+
+
+@pytest.mark.skipif(_older_python() is None, reason="no Python 3.11 older than 3.11.4 in /usr/bin")
+def test_an_older_python_is_told_what_it_lacks_at_start() -> None:
+    """Python 3.11.0 to 3.11.3 have no tarfile extraction filters: asyncflow says so on import,
+    before any request, instead of failing on the first archive with an internal error."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    started = subprocess.run(
+        [str(_older_python()), "-m", "asyncflow", "demo", "-o", "/nonexistent"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
+    )
+    assert started.returncode == 1
+    last = started.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        "ImportError: asyncflow needs Python 3.11.4 or newer (tarfile's extraction filters)"
+    )
