@@ -103,6 +103,16 @@ class CaseSource:
         }
 
 
+@dataclass(frozen=True)
+class Origin:
+    """The request input a case or a file came from. Its index identifies it: two data sources
+    may hold objects of the same key, so names alone can collide. The name (object key, file
+    path) is for the local report only, never logged."""
+
+    index: int
+    name: str
+
+
 @dataclass
 class Case:
     """One volume to segment: a DICOM series or a NIfTI volume (one file per channel)."""
@@ -110,7 +120,7 @@ class Case:
     case_id: str  # opaque and stable within the request: never patient data
     kind: SourceKind
     output_name: str  # unique stem of the output file
-    origin: str  # the request input it came from (report only, never logged)
+    origin: Origin  # the request input it came from
     files: list[Path]  # NIfTI: one per channel, in channel order; DICOM: unordered
     instances: list[DicomInstance] = field(default_factory=list)
     label_file: Path | None = None  # a *.mitklabel.json supplied with the case's input
@@ -205,7 +215,7 @@ class PreparedCase:
 class CaseReport:
     case_id: str
     kind: SourceKind
-    origin: str
+    origin: Origin
     output: str | None = None  # the name of its output (its primary artifact)
     status: CaseStatus = CaseStatus.PENDING
     error: str | None = None  # "<stage>: <ErrorType>: <message>"
@@ -227,7 +237,8 @@ class CaseReport:
         return {
             "case_id": self.case_id,
             "kind": str(self.kind),
-            "origin": self.origin,
+            "origin": self.origin.name,
+            "input": self.origin.index,
             **(self.source.as_dict() if self.source else {}),
             "output": self.output,
             "status": str(self.status),
@@ -247,21 +258,22 @@ class CaseReport:
 class SkippedFile:
     """A file of the request that became no case, and why."""
 
-    origin: str
+    origin: Origin
     path: str  # relative to its input
     reason: str
     # Refused for safety (an archive member outside its folder, a link): a failure of the
     # request's input, unlike a file that is simply no image (an SR, a DICOMDIR).
     refused: bool = False
-    kept: tuple[str, str] | None = None  # a duplicate: (input, path) of the copy that was kept
+    kept: tuple[Origin, str] | None = None  # a duplicate: (input, path) of the copy that was kept
 
     def as_dict(self) -> dict[str, Any]:
         entry: dict[str, Any] = {
-            "origin": self.origin,
+            "origin": self.origin.name,
+            "input": self.origin.index,
             "path": self.path,
             "reason": self.reason,
             "refused": self.refused,
         }
         if self.kept is not None:
-            entry["kept"] = {"origin": self.kept[0], "path": self.kept[1]}
+            entry["kept"] = {"origin": self.kept[0].name, "input": self.kept[0].index, "path": self.kept[1]}
         return entry

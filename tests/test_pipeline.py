@@ -180,7 +180,7 @@ async def test_one_bad_case_fails_alone_with_a_reason(
     work = tmp_path / "work"
     result = await run_request(entries, fake_settings(work), backend=phantom_backend())
     assert result.status == "partial"
-    by_output = {c.origin: c for c in result.cases}
+    by_output = {c.origin.name: c for c in result.cases}
     assert by_output["good.nii.gz"].status == "done"
     assert by_output["flat.nii.gz"].status == "failed"
     assert (

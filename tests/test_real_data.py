@@ -171,10 +171,11 @@ def test_the_same_image_twice_is_one_slice_and_the_copy_is_named(tmp_path: Path,
     (duplicate,) = report["skipped_files"]
     assert duplicate == {
         "origin": "twice.tar",
+        "input": 0,
         "path": "b/copy",
         "reason": "same SOPInstanceUID as another file, which was kept (see kept)",
         "refused": False,
-        "kept": {"origin": "twice.tar", "path": "a/2392"},
+        "kept": {"origin": "twice.tar", "input": 0, "path": "a/2392"},
     }
 
 

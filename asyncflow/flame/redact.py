@@ -2,7 +2,8 @@
 name taken from the data.
 
 Object keys, archive names, member paths and file names may carry a patient's
-name. :func:`redact_report` renames every input ``input-<index>``, every skipped
+name. :func:`redact_report` renames every input ``input-<index>`` (inputs are told apart
+by index, never by name: two data sources may hold the same key), every skipped
 file ``input-<index>/skipped-<k>`` (its rank among that input's skipped files,
 sorted by path: whoever holds the input can list it again), drops each case's
 ``location``, and removes those names and any path from reasons and errors. The
@@ -24,14 +25,15 @@ __all__ = ["redact_report"]
 def redact_report(report: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of ``report`` (``Result.report()``) without any name from the data."""
     inputs = [dict(i) for i in report.get("inputs", [])]
-    names = {str(i["name"]): f"input-{i['index']}" for i in inputs}
-    by_input: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    # By index: two data sources may hold objects of the same key.
+    ids: dict[Any, str] = {int(i["index"]): f"input-{i['index']}" for i in inputs}
+    renamed = {str(i["name"]): ids[int(i["index"])] for i in inputs}  # for the names in messages
+    by_input: dict[Any, list[dict[str, Any]]] = defaultdict(list)
     for skipped in report.get("skipped_files", []):
-        by_input[str(skipped["origin"])].append(dict(skipped))
-    renamed: dict[str, str] = dict(names)
+        by_input[skipped.get("input")].append(dict(skipped))
     skipped_files = []
-    for origin, files in by_input.items():
-        input_id = names.get(origin, "input-unknown")
+    for index, files in by_input.items():
+        input_id = ids.get(index, "input-unknown")
         for rank, entry in enumerate(sorted(files, key=lambda f: str(f["path"])), start=1):
             renamed[str(entry["path"])] = f"{input_id}/skipped-{rank}"
             skipped_files.append({**entry, "origin": input_id, "path": f"{input_id}/skipped-{rank}"})
@@ -41,12 +43,12 @@ def redact_report(report: Mapping[str, Any]) -> dict[str, Any]:
         if "kept" in entry:
             entry["kept"] = "another copy of the same image"
     for entry in inputs:
-        entry["name"] = names[str(entry["name"])]
+        entry["name"] = ids[int(entry["index"])]
         entry["error"] = clean(entry.get("error"))
     cases = []
     for case in report.get("cases", []):
         case = {k: v for k, v in case.items() if k != "location"}
-        case["origin"] = names.get(str(case.get("origin")), "input-unknown")
+        case["origin"] = ids.get(case.get("input"), "input-unknown")
         for key in ("error", "fallback", *(k for k in case if k.endswith("_error"))):
             case[key] = clean(case.get(key))  # an output's error (statistics_error ...) may quote a path
         cases.append(case)

@@ -54,7 +54,7 @@ def case_key(case: Case, hashes: Mapping[Path, str]) -> str | None:
     place = (
         [source.series_instance_uid, source.part]
         if source and source.series_instance_uid
-        else [case.origin, source.location if source else case.output_name]
+        else [case.origin.name, source.location if source else case.output_name]
     )
     text = json.dumps([str(case.kind), place, contents, label_file, case.output_name])
     return hashlib.sha256(text.encode()).hexdigest()

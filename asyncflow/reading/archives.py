@@ -160,7 +160,7 @@ class _Extraction:
         self.members = 0
 
     def refuse(self, name: str, reason: str) -> None:
-        self.result.skipped.append(SkippedFile(self.item.name, name, reason, refused=True))
+        self.result.skipped.append(SkippedFile(self.item.origin, name, reason, refused=True))
 
     def extract(self, tar: tarfile.TarFile, into: Path, prefix: str, depth: int) -> None:
         for member in tar:

@@ -19,7 +19,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from asyncflow.case import Case, CaseSource, DicomInstance, SkippedFile
+from asyncflow.case import Case, CaseSource, DicomInstance, Origin, SkippedFile
 from asyncflow.enums import InputKind, SourceKind
 from asyncflow.labels.mitk import MITK_SUFFIX
 from asyncflow.log import get_logger, scrub
@@ -69,7 +69,7 @@ def _label_file_for(stem: str, label_files: list[Path]) -> Path | None:
 @dataclass
 class _Series:
     uid: str  # SeriesInstanceUID
-    origin: str  # the input the first instance came from (report)
+    origin: Origin  # the input the first instance came from (report)
     label: str  # what the series is named after
     instances: dict[str, DicomInstance] = field(default_factory=dict)  # by SOPInstanceUID
     cases: list[Case] = field(default_factory=list)  # the cases made of it as it stands
@@ -87,15 +87,15 @@ class CaseBuilder:
         self._count = 0
         self._names: set[str] = set()
         self._series: dict[str, _Series] = {}
-        self._label_files: dict[str, list[Path]] = {}  # input name -> its *.mitklabel.json
+        self._label_files: dict[Origin, list[Path]] = {}  # input -> its *.mitklabel.json
         self._broken: dict[str, int] = {}  # SeriesInstanceUID -> the unreadable input that held part of it
-        self._where: dict[Path, tuple[str, str]] = {}  # DICOM file -> (its input, its path there)
+        self._where: dict[Path, tuple[Origin, str]] = {}  # DICOM file -> (its input, its path there)
         self.skipped: list[SkippedFile] = []
         # Cases made of a series that then grew or lost an input: their results must not be returned.
         self.withdrawn: list[Case] = []
 
     def _new_case(
-        self, kind: SourceKind, stem: str, origin: str, files: list[Path], source: CaseSource
+        self, kind: SourceKind, stem: str, origin: Origin, files: list[Path], source: CaseSource
     ) -> Case:
         self._count += 1
         name, n = stem, 1
@@ -156,7 +156,7 @@ class CaseBuilder:
                 self._skip(instance, what)
         return chosen
 
-    def _stack_case(self, stack: Stack, stem: str, origin: str, label_files: list[Path]) -> Case:
+    def _stack_case(self, stack: Stack, stem: str, origin: Origin, label_files: list[Path]) -> Case:
         source = self._dicom_source(stack)
         case = self._new_case(SourceKind.DICOM, stem, origin, [i.path for i in stack.instances], source)
         case.instances = stack.instances
@@ -174,7 +174,7 @@ class CaseBuilder:
     def add(self, result: Scan) -> list[Case]:
         """The cases this scan completes: its NIfTI volumes, multi-frame images and the series
         it delivered slices of (a series it grew replaces that series' earlier cases)."""
-        origin = result.unpacked.item.name
+        origin = result.unpacked.item.origin
         self.skipped.extend(result.skipped)
         label = _opaque(result.unpacked) if self.opaque_names else _series_label(result.unpacked)
         cases = []
@@ -230,7 +230,7 @@ class CaseBuilder:
                 for path in channels.values():
                     self.skipped.append(
                         SkippedFile(
-                            unpacked.item.name,
+                            unpacked.item.origin,
                             unpacked.relative(path),
                             f"the channels of its set are {sorted(channels)}, not 0..{len(channels) - 1}",
                         )

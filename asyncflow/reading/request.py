@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from asyncflow.case import Origin
 from asyncflow.enums import InputFailure
 from asyncflow.errors import RequestError
 
@@ -68,6 +69,11 @@ class InputItem:
     path: Path | None = None
     remote: RemoteObject | None = None
     fetched: bool = False  # ``path`` is the remote object's bytes, fetched for this request
+
+    @property
+    def origin(self) -> Origin:
+        """What a case or skipped file says it came from: this input, by index."""
+        return Origin(self.index, self.name)
 
     @property
     def size(self) -> int:

@@ -127,7 +127,7 @@ def scan(unpacked: UnpackedInput, max_file_bytes: int = 16 << 30) -> Scan:
             result.nifti.append(path)
         else:
             reason = found.reason or "could not be classified"
-            result.skipped.append(SkippedFile(unpacked.item.name, unpacked.relative(path), reason))
+            result.skipped.append(SkippedFile(unpacked.item.origin, unpacked.relative(path), reason))
     return result
 
 

@@ -26,11 +26,12 @@ from asyncflow.flame.bundle import MANIFEST
 from asyncflow.log import configure_logging
 
 PATIENT = "Mustermann^Erika"
-# node 0 holds one source, node 1 two; the last key of node 1 is never served.
+# node 0 holds one source, node 1 two, which both hold an object of the same key; the last key
+# of node 1 is never served.
 OBJECTS: dict[str, list[str]] = {
     "site-a": ["Mustermann Erika/CT 2019-01-01.tar.gz", "Müller Jörg/scan ü.nii.gz"],
     "site-b": ["ct/Erika & Co <1>.tar"],
-    "site-c": ["x/c.tar.gz", "zz never served.tar.gz"],
+    "site-c": ["ct/Erika & Co <1>.tar", "zz never served.tar.gz"],
 }
 SECRETS = ("Mustermann", "Erika", "Müller", "Jörg", "never served", "2019-01-01", "site-")
 
@@ -57,7 +58,7 @@ def _bodies(rng: np.random.Generator) -> dict[str, dict[str, bytes]]:
         },
         "site-b": {OBJECTS["site-b"][0]: dicom_series_tar([series(2)], compression="")},
         "site-c": {
-            OBJECTS["site-c"][0]: dicom_series_tar([series(3)]),
+            OBJECTS["site-c"][0]: dicom_series_tar([series(3)], compression=""),
             OBJECTS["site-c"][1]: make_tar({"v.nii.gz": phantom_nifti(rng, (24, 40, 40))}),
         },
     }
@@ -124,7 +125,10 @@ def test_two_nodes_over_s3_give_the_in_memory_result_and_lose_only_the_object_ne
     node_1 = next(n for n in streamed_manifest["nodes"] if n["node"] == "node_1")["report"]
     lost_inputs = [(i["index"], i["name"], i["failure"]) for i in node_1["inputs"] if i["failure"]]
     assert lost_inputs == [(2, "input-2", "object not fetched")]  # named by index and reason class
-    assert [c["status"] for c in streamed_manifest["cases"] if c["node"] == "node_1"] == ["done", "done"]
+    node_1_cases = [c for c in streamed_manifest["cases"] if c["node"] == "node_1"]
+    assert [c["status"] for c in node_1_cases] == ["done", "done"]
+    # The same key in two sources: each case keeps its own input.
+    assert sorted(c["origin"] for c in node_1_cases) == ["input-0", "input-1"]
 
     # The Hub: progress rises through the fetching to 100; counts and classes, no names.
     for hub in streamed.hubs.values():

@@ -31,6 +31,7 @@ REPORT = {
         {
             "case_id": "case-0001",
             "origin": "bucket/Doe_Jane/ct.tar",
+            "input": 0,
             "location": "Doe_Jane/CT",
             "status": "failed",
             "error": "prepare: ValueError: series has a gap",
@@ -40,6 +41,7 @@ REPORT = {
         {
             "case_id": "case-0002",
             "origin": "bucket/Doe_Jane/ct.tar",
+            "input": 0,
             "location": "Doe_Jane/MR",
             "status": "done",
             "error": None,
@@ -50,16 +52,18 @@ REPORT = {
     "skipped_files": [
         {
             "origin": "bucket/Doe_Jane/ct.tar",
+            "input": 0,
             "path": "Doe_Jane/notes.txt",
             "reason": "neither DICOM nor NIfTI",
             "refused": False,
         },
         {
             "origin": "bucket/Doe_Jane/ct.tar",
+            "input": 0,
             "path": "Doe_Jane/CT/copy",
             "reason": "same SOPInstanceUID as another file, which was kept (see kept)",
             "refused": False,
-            "kept": {"origin": "a", "path": "Doe_Jane/CT/1"},
+            "kept": {"origin": "a", "input": 1, "path": "Doe_Jane/CT/1"},
         },
     ],
 }
@@ -82,3 +86,24 @@ def test_a_redacted_report_names_inputs_and_files_by_position_only() -> None:
     # A short input name ("a") is replaced only as a whole token, never inside words.
     assert "another" in redacted["skipped_files"][0]["reason"]
     assert REPORT["inputs"][0]["name"] == "bucket/Doe_Jane/ct.tar"  # the local report is untouched
+
+
+def test_inputs_of_the_same_name_keep_their_own_cases() -> None:
+    """Two data sources may both hold ``study.tar``: each case and skipped file stays with its input."""
+    report = {
+        "inputs": [
+            {"index": 0, "name": "study.tar", "error": None},
+            {"index": 1, "name": "study.tar", "error": None},
+        ],
+        "cases": [
+            {"case_id": "case-0001", "origin": "study.tar", "input": 0, "error": None},
+            {"case_id": "case-0002", "origin": "study.tar", "input": 1, "error": None},
+        ],
+        "skipped_files": [
+            {"origin": "study.tar", "input": 1, "path": "notes.txt", "reason": "neither DICOM nor NIfTI"},
+            {"origin": "study.tar", "input": 0, "path": "notes.txt", "reason": "neither DICOM nor NIfTI"},
+        ],
+    }
+    redacted = redact_report(report)
+    assert [c["origin"] for c in redacted["cases"]] == ["input-0", "input-1"]
+    assert [s["path"] for s in redacted["skipped_files"]] == ["input-0/skipped-1", "input-1/skipped-1"]

@@ -137,7 +137,7 @@ def test_a_flaky_store_loses_only_the_object_it_never_serves(
     assert result.status == "partial"
     lost = [(i["index"], i["failure"]) for i in result.inputs if i["failure"]]
     assert lost == [(6, InputFailure.FETCH_FAILED)]
-    assert sorted(c.origin for c in result.cases) == sorted(k for k in keys if k != keys[6])
+    assert sorted(c.origin.name for c in result.cases) == sorted(k for k in keys if k != keys[6])
     assert all(c.status == "done" for c in result.cases) and len(result.nifti_seg_bytes) == 7
     assert node.gateway.most_in_flight <= 2  # the window
     assert not list((tmp_path / "work").iterdir())  # the request's folder is gone

@@ -130,7 +130,7 @@ def test_the_same_file_name_in_several_archives_stays_apart(tmp_path: Path, rng:
     for item in request_items([{"a.tar": archives[0]}, {"b.tar": archives[1]}]):
         builder.add(scan(unpack(item, tmp_path / str(item.index))))
     assert builder.finish() == []  # two series of one slice each: skipped, but both seen
-    assert sorted(s.origin for s in builder.skipped) == ["a.tar", "b.tar"]
+    assert sorted(s.origin.name for s in builder.skipped) == ["a.tar", "b.tar"]
 
 
 def _nifti_header(dims: tuple[int, ...]) -> bytes:

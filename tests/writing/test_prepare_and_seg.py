@@ -12,7 +12,7 @@ import SimpleITK as sitk
 from helpers import DCIODVFY_MISSING, dciodvfy_findings, dicom_bytes
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
-from asyncflow.case import Case, Geometry
+from asyncflow.case import Case, Geometry, Origin
 from asyncflow.cli.synthetic import dicom_series_datasets, make_phantom, nifti_bytes
 from asyncflow.enums import SegCompression, SegType, SourceKind
 from asyncflow.errors import SegCheckError
@@ -39,7 +39,9 @@ def _dicom_case(tmp_path: Path, rng: np.random.Generator, orientation=(1, 0, 0, 
         path = source / f"file{k:03d}"  # names unrelated to slice order
         path.write_bytes(dicom_bytes(ds))
         paths.append(path)
-    case = Case("case-0001", SourceKind.DICOM, "x", "origin", paths, [read_instance(p) for p in paths])
+    case = Case(
+        "case-0001", SourceKind.DICOM, "x", Origin(0, "origin"), paths, [read_instance(p) for p in paths]
+    )
     return phantom, datasets, case
 
 
@@ -109,7 +111,7 @@ def test_nifti_prepare_and_export_keep_the_source_geometry(tmp_path: Path, rng: 
     phantom = make_phantom(rng, (10, 12, 14), spacing=(0.6, 0.7, 3.0), origin=(10.0, -20.0, 5.0))
     source = tmp_path / "scan.nii.gz"
     source.write_bytes(nifti_bytes(phantom.image, phantom.spacing, phantom.origin))
-    case = Case("case-0002", SourceKind.NIFTI, "scan", "origin", [source])
+    case = Case("case-0002", SourceKind.NIFTI, "scan", Origin(0, "origin"), [source])
     prepared = prepare_case(case, tmp_path / "work")
     np.testing.assert_array_equal(
         sitk.GetArrayFromImage(sitk.ReadImage(str(prepared.channel_files[0]))), phantom.image
@@ -132,7 +134,7 @@ def test_nifti_that_is_not_a_3d_volume_fails_clearly(tmp_path: Path, shape: tupl
     image = sitk.GetImageFromArray(np.zeros(shape, np.int16), isVector=False)
     source = tmp_path / "odd.nii.gz"
     sitk.WriteImage(image, str(source))
-    case = Case("case-0003", SourceKind.NIFTI, "odd", "origin", [source])
+    case = Case("case-0003", SourceKind.NIFTI, "odd", Origin(0, "origin"), [source])
     with pytest.raises(ValueError, match=rf"{len(shape)}D; a 3D volume is needed"):
         prepare_case(case, tmp_path / "work")
 
@@ -187,7 +189,7 @@ def test_nifti_recognised_by_content_needs_no_suffix(
     sitk.WriteImage(image, str(named))
     bare = tmp_path / "input-3"  # a raw-bytes entry or an S3 key without suffix
     bare.write_bytes(named.read_bytes())
-    case = Case("case-0004", SourceKind.NIFTI, "input-3", "origin", [bare])
+    case = Case("case-0004", SourceKind.NIFTI, "input-3", Origin(0, "origin"), [bare])
     prepared = prepare_case(case, tmp_path / "work")
     np.testing.assert_array_equal(
         sitk.GetArrayFromImage(sitk.ReadImage(str(prepared.channel_files[0]))), phantom.image
