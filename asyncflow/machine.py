@@ -1,4 +1,5 @@
-"""What this machine offers the process: cores, memory still available, and the peak it used.
+"""What this machine offers the process: cores, memory still available, the peak it used, and
+why an NVIDIA GPU it shows cannot be used.
 
 Read from the operating system each time they are asked for (a container's cgroup
 limits included); the settings' defaults and the backends' thread counts come from here.
@@ -7,10 +8,26 @@ limits included); the settings' defaults and the backends' thread counts come fr
 from __future__ import annotations
 
 import os
+import re
 import resource
+import warnings
 from pathlib import Path
 
-__all__ = ["available_memory_bytes", "cores", "half_the_cores", "peak_rss_bytes"]
+__all__ = [
+    "MIN_DRIVER",
+    "available_memory_bytes",
+    "cores",
+    "gpu_problem",
+    "half_the_cores",
+    "nvidia_driver",
+    "peak_rss_bytes",
+    "unusable_gpu",
+]
+
+#: The oldest NVIDIA Linux driver that runs each major CUDA version (CUDA's minor version
+#: compatibility, CUDA Toolkit release notes): what a torch build for that CUDA needs of a node.
+MIN_DRIVER = {11: "450.80.02", 12: "525.60.13", 13: "580.65.06"}
+_DRIVER_FILE = Path("/proc/driver/nvidia/version")
 
 
 def cores() -> int:
@@ -62,3 +79,49 @@ def peak_rss_bytes() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def nvidia_driver(version_file: Path = _DRIVER_FILE) -> str | None:
+    """The loaded NVIDIA kernel driver's version ("580.65.06"), "unknown" when its file says none
+    legibly, None when no NVIDIA driver is loaded (no GPU visible)."""
+    try:
+        text = version_file.read_text()
+    except OSError:
+        return None
+    found = re.search(r"Kernel Module(?: for \S+)?\s+(\d+\.\d+(?:\.\d+)?)", text)
+    return found.group(1) if found else "unknown"
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("."))
+
+
+def unusable_gpu(driver: str | None, cuda: str | None, torch_version: str, torch_said: str | None) -> str:
+    """Why torch cannot use the GPU that ``driver`` (the NVIDIA driver's version, None: only a
+    device file) shows: ``cuda`` is the CUDA torch was built for (None: a CPU build), ``torch_said``
+    torch's own warning, if it gave one."""
+    shown = f"NVIDIA driver {driver}" if driver else "an NVIDIA device"
+    if cuda is None:
+        return f"{shown} is present, but torch {torch_version} is a CPU build"
+    needed = MIN_DRIVER.get(_version(cuda)[0])
+    reason = f"{shown} is present, but torch {torch_version} cannot use it"
+    if needed is not None and driver not in (None, "unknown") and _version(driver) < _version(needed):
+        reason = f"{shown} is older than {needed}, which torch {torch_version} (built for CUDA {cuda}) needs"
+    if torch_said:  # its first sentence: the rest is where to download drivers
+        reason += f" (torch: {torch_said.split('. ')[0].strip()})"
+    return reason
+
+
+def gpu_problem() -> str | None:
+    """Why torch cannot use the NVIDIA GPU this machine shows; None when it can, or shows none."""
+    driver = nvidia_driver()
+    if driver is None and not Path("/dev/nvidiactl").exists():
+        return None
+    import torch
+
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        if torch.cuda.is_available():
+            return None
+    torch_said = next((str(w.message) for w in said), None)
+    return unusable_gpu(driver, torch.version.cuda, torch.__version__, torch_said)

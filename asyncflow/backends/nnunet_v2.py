@@ -37,7 +37,7 @@ from asyncflow.case import PreparedCase
 from asyncflow.enums import Resampling
 from asyncflow.errors import ModelError
 from asyncflow.log import Stopwatch, get_logger
-from asyncflow.machine import half_the_cores
+from asyncflow.machine import gpu_problem, half_the_cores
 
 __all__ = ["CroppedLabels", "Logits", "ModelInput", "NnUNetV2Backend", "NnUNetV2Steps"]
 
@@ -288,8 +288,11 @@ class NnUNetV2Backend:
         name = self.device
         if name == "auto":
             name = "cuda" if torch.cuda.is_available() else "cpu"
+            if name == "cpu" and (problem := gpu_problem()) is not None:
+                log.warning("device.gpu_unusable", reason=problem)  # not silently on the CPU
         if name.startswith("cuda") and not torch.cuda.is_available():
-            raise ModelError(f"device {name} was asked for, but torch sees no CUDA device")
+            problem = gpu_problem() or "no NVIDIA driver is loaded"
+            raise ModelError(f"device {name} was asked for, but torch sees no CUDA device: {problem}")
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)
         elif name == "cpu":

@@ -40,6 +40,7 @@ from asyncflow.flame.gateway import GatewayStore, gateway_url
 from asyncflow.flame.hub import HubReporter
 from asyncflow.flame.redact import redact_report
 from asyncflow.log import take_over_logging
+from asyncflow.machine import gpu_problem
 from asyncflow.pipeline.model import build_plan, locate_model
 from asyncflow.pipeline.run import run_request, run_request_sync
 from asyncflow.pipeline.stopping import Stop, can_watch_signals
@@ -109,6 +110,8 @@ class nnUNetAnalyzer(StarAnalyzer):  # the reference's name, which users know
             self.hub.failed(exc)
             raise
         self._plan: ModelPlan | None = None  # built at the first analysis, loaded once
+        if self.settings.device == "auto" and (problem := gpu_problem()) is not None:
+            self.hub.log(f"GPU not used, the model runs on the CPU: {problem}", "warn")
 
     def analysis_method(self, data: list[Any] | None, aggregator_results: Any) -> dict[str, Any]:
         """The result contract (``status``, ``dicom_seg_bytes``, ``nifti_seg_bytes``) plus

@@ -101,23 +101,32 @@ class HubReporter:
 
     def __call__(self, progress: Progress) -> None:
         """The pipeline's ``on_progress`` callback: after every case that ends, and every object
-        fetched. Objects fetched count for the first :data:`FETCH_SHARE` percent while the cases
-        are not yet known, the cases that end for the rest."""
+        fetched. Objects fetched count for the first :data:`FETCH_SHARE` percent, the cases that
+        end for the rest. Until every input is read the number of cases is not known: the cases
+        found so far are the least it can be, and the share of inputs read says how many more to
+        expect, so progress moves with the work instead of waiting for the last input."""
         first = FETCH_SHARE if progress.objects else 0
-        if progress.total is None and progress.objects:
-            self.progress(first * progress.fetched // progress.objects)
-            return
-        if progress.total is None or progress.total == 0:
-            return
+        fetching = first * progress.fetched // progress.objects if progress.objects else 0
         ended = progress.done + progress.failed
-        if not self._total_announced:
-            self._total_announced = True
-            self.log(f"{progress.total} case(s) found")
+        if progress.total is not None:
+            expected, total = progress.total, str(progress.total)
+            if not self._total_announced and progress.total:
+                self._total_announced = True
+                self.log(f"{progress.total} case(s) found")
+        else:
+            read = max(1, progress.inputs_read)
+            expected, total = (
+                max(progress.known, -(-progress.known * progress.inputs // read)),
+                (f"at least {progress.known}"),
+            )
+        if expected == 0:
+            self.progress(fetching)
+            return
         # 100 is sent when the result is ready, not when the last case is exported.
-        self.progress(min(99, first + (100 - first) * ended // progress.total))
-        if ended < progress.total and 100 * ended >= self._next_quarter * progress.total:
-            self.log(f"{ended}/{progress.total} cases finished, {progress.failed} failed")
-            while self._next_quarter * progress.total <= 100 * ended:
+        self.progress(min(99, fetching + (100 - first) * ended // expected))
+        if ended < expected and 100 * ended >= self._next_quarter * expected:
+            self.log(f"{ended}/{total} cases finished, {progress.failed} failed")
+            while self._next_quarter * expected <= 100 * ended:
                 self._next_quarter += 25
 
     def finished(self, result: Result) -> None:

@@ -234,6 +234,66 @@ def test_hub_progress_only_moves_forward_and_reports_quarters() -> None:
     ]
 
 
+def test_hub_progress_follows_the_cases_before_the_last_input_is_read() -> None:
+    """A node's 32 objects, each one case: objects are fetched while earlier cases end, and the
+    number of cases is final only when the last object is read. Progress follows the cases that
+    end (the least total being the cases found so far) instead of waiting at 20 % and jumping."""
+    core = MockFlameCore("node_0", "default", ["node_0", "node_1"], "node_1", {})
+    hub = HubReporter(core)
+    objects, lag = 32, 3  # cases end three objects behind the fetching
+    sent: list[tuple[int, int]] = []  # (cases ended, progress sent so far)
+    for fetched in range(1, objects + 1):
+        ended = max(0, fetched - lag)
+        hub(
+            Progress(
+                done=ended,
+                failed=0,
+                total=None,
+                fetched=fetched,
+                objects=objects,
+                known=fetched,
+                inputs_read=fetched,
+                inputs=objects,
+            )
+        )
+        sent.append((ended, core.hub.progress[-1] if core.hub.progress else 0))
+    for ended in range(objects - lag + 1, objects + 1):
+        hub(
+            Progress(
+                done=ended,
+                failed=0,
+                total=objects,
+                fetched=objects,
+                objects=objects,
+                known=objects,
+                inputs_read=objects,
+                inputs=objects,
+            )
+        )
+        sent.append((ended, core.hub.progress[-1] if core.hub.progress else 0))
+    assert core.hub.warnings == []
+    half = next(p for ended, p in sent if ended == objects // 2)
+    assert half >= 50  # most of the objects fetched (of 20 %), half the cases ended (of 80 %)
+    steps = [b - a for a, b in zip(core.hub.progress, core.hub.progress[1:], strict=False)]
+    assert max(steps) <= 5  # no jump when the total becomes known
+    quarters = [m for _, m in core.hub.logs if "cases finished" in m]
+    assert quarters[0] == "8/at least 11 cases finished, 0 failed"
+
+
+def test_a_gpu_torch_cannot_use_is_said_on_the_hub_when_the_device_is_auto(
+    tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reason = "NVIDIA driver 550.54.15 is older than 580.65.06, which torch 2.14.1 (built for CUDA 13.0) needs"
+    monkeypatch.setattr("asyncflow.flame.analysis.gpu_problem", lambda: reason)
+    for device, said in (
+        ("auto", [("warn", f"GPU not used, the model runs on the CPU: {reason}")]),
+        ("cpu", []),
+    ):
+        core = MockFlameCore("node_0", "default", ["node_0", "node_1"], "node_1", {})
+        nnUNetAnalyzer(flame=core, **analyzer_kwargs(model_dir, tmp_path, device=device))
+        assert core.hub.logs == said  # asked for the CPU: nothing to say
+
+
 def test_hub_text_drops_names_and_paths() -> None:
     message = "entry 0: value of 'site-x/Mustermann_Erika.tar' is str; see /tmp/asyncflow-1/inputs/0001/x"
     assert hub_text(message) == "entry 0: value of <name> is str; see <path>"
