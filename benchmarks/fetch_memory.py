@@ -11,13 +11,15 @@ NIfTI): at one count of objects the request grows with ``--object-mb`` while
 every case stays the same, so what grows with it is the fetching alone; across
 counts, the cases grow too.
 
-For each count of ``--objects`` and size of ``--object-mb``, two runs, each a child process: the FLAME
-analyzer as one node of ``tests/flame_harness.py`` (``nnUNetAnalyzer``, the
+For each count of ``--objects`` and size of ``--object-mb``, a run per mode, each a child
+process: the FLAME analyzer as one node of ``tests/flame_harness.py`` (``nnUNetAnalyzer``, the
 packaged tiny model on the CPU, one worker per stage), first streaming its
-objects (``query=None``: asyncflow's way), then with every object read whole
+objects (``stream``, ``query=None``: asyncflow's way), then with every object read whole
 into memory before the analyzer runs, as flamesdk's data client does
-(``inputs="sdk"``: the SDK's way; here read with httpx through the same
-gateway). Reported per run: the child's peak RSS (VmHWM; ``ru_maxrss`` would carry
+(``sdk``, ``inputs="sdk"``: the SDK's way; here read with httpx through the same
+gateway). ``starmodel`` hands the same objects to the SDK's own ``StarModelTester``, so that
+what StarModel itself does with them counts too (it renders the whole data as text for its
+``Data extracted`` line); it needs the FLAME SDK in the Python that runs the benchmark. Reported per run: the child's peak RSS (VmHWM; ``ru_maxrss`` would carry
 over the parent's peak, and the parent holds the S3 server's objects), wall
 seconds, cases done, the request's bytes. Writes ``results.json`` and
 ``RESULTS.md`` into ``--out``. Not a test: it prints what it measured.
@@ -65,15 +67,30 @@ if mode == "stream":
     sources = [[{"id": "s", "name": source, "paths": []}]]
     run = run_star(nnUNetAnalyzer, ZipAggregator, [None], query=None, data_sources=sources,
                    output_type="bytes", analyzer_kwargs=kwargs)
-else:  # the SDK's way: every object whole in memory, kept for the analysis
+else:  # the SDK's way: every object whole in memory, kept for the analysis (sdk, starmodel)
     async def read_all():
         async with GatewayStore(url, apikey) as store:
             keys = [o.key for o in await store.list_objects([source])]
         async with httpx.AsyncClient(base_url=url, headers={"apikey": apikey}, timeout=None) as client:
             return {key: (await client.get(f"/{source}/s3/{key}")).content for key in keys}
     data = anyio.run(read_all)
-    run = run_star(nnUNetAnalyzer, ZipAggregator, [[data]], output_type="bytes", analyzer_kwargs=kwargs)
-manifest = json.loads(zipfile.ZipFile(io.BytesIO(run.final_result)).read("manifest.json"))
+    if mode == "sdk":
+        final = run_star(nnUNetAnalyzer, ZipAggregator, [[data]], output_type="bytes",
+                         analyzer_kwargs=kwargs).final_result
+    else:  # starmodel: the SDK's own StarModel, in its test mode, as a node runs it
+        from flame.star.star_model_tester import StarModelTester
+        from flame.utils.mock_flame_core import MockFlameCoreSDK
+        submitted, submit = [], MockFlameCoreSDK.submit_final_result
+        def record(self, result, *args, **more):
+            submitted.append(result)
+            return submit(self, result, *args, **more)
+        MockFlameCoreSDK.submit_final_result = record
+        StarModelTester(data_splits=[[data]], analyzer=nnUNetAnalyzer, aggregator=ZipAggregator,
+                        data_type="s3", query=[], output_type="bytes", analyzer_kwargs=kwargs)
+        final = submitted[0]
+if mode == "stream":
+    final = run.final_result
+manifest = json.loads(zipfile.ZipFile(io.BytesIO(final)).read("manifest.json"))
 print(json.dumps({"wall_s": round(time.perf_counter() - start, 2), "peak_rss_bytes": peak_rss_bytes(),
                   "cases_done": manifest["totals"]["cases_done"]}))
 """
@@ -119,6 +136,11 @@ def main() -> None:
     parser.add_argument("--objects", default="10,40", help="object counts, comma-separated")
     parser.add_argument("--object-mb", default="10,40", help="MiB of filler per object, comma-separated")
     parser.add_argument("--smoke", action="store_true", help="1 and 2 objects of 1 MiB")
+    parser.add_argument(
+        "--modes",
+        default="stream,sdk",
+        help="stream, sdk, starmodel (the SDK's own StarModel: needs the FLAME SDK installed)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results-fetch")
     args = parser.parse_args()
     counts = [1, 2] if args.smoke else [int(n) for n in args.objects.split(",")]
@@ -134,7 +156,7 @@ def main() -> None:
                 for key, body in objects.items():
                     node.put("s", key, body)
                 del objects
-                for mode in ("stream", "sdk"):
+                for mode in args.modes.split(","):
                     measured = _run(mode, node.gateway.url, model)
                     runs.append({"mode": mode, "objects": count, "request_bytes": size, **measured})
                     print(json.dumps(runs[-1]), flush=True)
