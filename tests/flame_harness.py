@@ -15,19 +15,35 @@ Mirrors python-sdk-patterns (``flame/star/star_model.py``, ``star_model_tester.p
   falling back to pickle with a warning, as ``push_result`` does;
 - ``flame_log`` accepts only FLAME's log types; ``set_progress`` warns on values
   outside 0..100 or not above the current one, as the mock does. The harness
-  records every call so tests can check what would reach the Hub.
+  records every call so tests can check what would reach the Hub;
+- the node's local storage (``save_intermediate_data(..., location="local", tag=...)``,
+  ``get_intermediate_data(location="local", tag=...)``, ``get_local_tags``): with a
+  ``storage`` folder, as the node's result service keeps it (each object pickled,
+  listed by tag in the order saved, outliving the node's process); without, the
+  SDK mock's no-ops.
 """
 
 from __future__ import annotations
 
+import gzip
+import io
+import json
+import os
 import pickle
 import queue
 import threading
-from collections.abc import Sequence
+import time
+import zipfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
+import numpy as np
+import pydicom
+
+from asyncflow.flame.bundle import MANIFEST
 from asyncflow.flame.hub import FLAME_LOG_TYPES
 from asyncflow.flame.standin import StarAggregator, StarAnalyzer
 
@@ -43,6 +59,53 @@ class HubRecord:
     warnings: list[str] = field(default_factory=list)  # the SDK's complaints about our calls
 
 
+class LocalStorage:
+    """A FLAME node's local storage, as its result service keeps it: each object pickled, listed
+    by tag in the order saved, in ``folder`` (so it outlives the node's process); without a
+    folder, the SDK mock's no-ops. ``patch(MockFlameCoreSDK)`` gives the SDK's own mock the same."""
+
+    def __init__(self, folder: Path | None) -> None:
+        self.folder = folder
+
+    def save_intermediate_data(
+        self, data: Any, location: str, remote_node_ids: list[str] | None = None, tag: str | None = None
+    ) -> dict[str, str] | None:
+        if self.folder is None or location != "local" or tag is None:
+            return None
+        folder = self.folder / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"{time.time_ns():020d}"
+        partial = folder / f".{name}"
+        partial.write_bytes(pickle.dumps(data))  # the service stores what the SDK pickled
+        os.replace(partial, folder / name)  # a node killed meanwhile leaves no half object
+        return {"status": "success"}
+
+    def get_intermediate_data(
+        self, location: str, id: str | None = None, tag: str | None = None, tag_option: str = "all", **_: Any
+    ) -> list[Any] | None:
+        if self.folder is None or tag is None or not (self.folder / tag).is_dir():
+            return None
+        names = sorted(p.name for p in (self.folder / tag).iterdir() if not p.name.startswith("."))
+        names = names[-1:] if tag_option == "last" else names[:1] if tag_option == "first" else names
+        return [pickle.loads((self.folder / tag / name).read_bytes()) for name in names]
+
+    def get_local_tags(self, filter: str | None = None) -> list[str] | None:
+        if self.folder is None or not self.folder.is_dir():
+            return None
+        return sorted(p.name for p in self.folder.iterdir() if filter is None or filter in p.name)
+
+    def patch(self, core_class: type, setter: Callable[[Any, str, Any], None] = setattr) -> None:
+        """Give ``core_class`` (the SDK's ``MockFlameCoreSDK``, whose storage calls do nothing)
+        this storage, for every node it makes (``setter``: pytest's ``monkeypatch.setattr``
+        to undo it after the test)."""
+        for call in ("save_intermediate_data", "get_intermediate_data", "get_local_tags"):
+            setter(
+                core_class,
+                call,
+                lambda _core, *args, _call=call, **kwargs: getattr(self, _call)(*args, **kwargs),
+            )
+
+
 class MockFlameCore:
     """The subset of ``FlameCoreSDK`` / ``MockFlameCoreSDK`` used by StarModel and asyncflow."""
 
@@ -55,8 +118,10 @@ class MockFlameCore:
         inboxes: dict[str, queue.Queue[tuple[str, bytes]]],
         s3_data: list[dict[str, bytes]] | None = None,
         data_sources: list[dict[str, Any]] | None = None,
+        storage: Path | None = None,
     ) -> None:
         self.node_id, self.role, self.aggregator_id = node_id, role, aggregator_id
+        self.local = LocalStorage(storage)
         self.participants = [p for p in participants if p != node_id]
         self.inboxes = inboxes
         self.s3_data = s3_data
@@ -92,6 +157,18 @@ class MockFlameCore:
         else:
             self._progress = progress
             self.hub.progress.append(progress)
+
+    def get_analysis_id(self) -> str:
+        return "analysis_id"  # as the SDK's mock says; a restart keeps the analysis' id
+
+    def save_intermediate_data(self, data: Any, location: str, **kwargs: Any) -> dict[str, str] | None:
+        return self.local.save_intermediate_data(data, location, **kwargs)
+
+    def get_intermediate_data(self, location: str, **kwargs: Any) -> list[Any] | None:
+        return self.local.get_intermediate_data(location, **kwargs)
+
+    def get_local_tags(self, filter: str | None = None) -> list[str] | None:
+        return self.local.get_local_tags(filter)
 
     def get_data_sources(self) -> list[dict[str, Any]] | None:
         return self.data_sources
@@ -166,9 +243,11 @@ def run_star(
     output_type: str = "str",
     analyzer_kwargs: dict[str, Any] | None = None,
     aggregator_kwargs: dict[str, Any] | None = None,
+    storage: Path | None = None,
 ) -> StarRun:
     """One simple (single-round) StarModel analysis over ``len(data_splits)`` analyzer nodes
-    (``data_sources``: each node's sources, for ``query=None``)."""
+    (``data_sources``: each node's sources, for ``query=None``; ``storage``: a folder holding
+    each node's local storage, in a folder of the node's id)."""
     if not issubclass(analyzer, StarAnalyzer) or not issubclass(aggregator, StarAggregator):
         raise TypeError("the analyzer and aggregator must subclass the star base classes")
     query = None if query is None else list(query)
@@ -185,6 +264,7 @@ def run_star(
             inboxes,
             s3_data=data_splits[i] if n != aggregator_id else None,
             data_sources=data_sources[i] if data_sources is not None and n != aggregator_id else None,
+            storage=storage / n if storage is not None else None,
         )
         for i, n in enumerate(everyone)
     }
@@ -258,3 +338,68 @@ def sdk_logging_setup() -> None:
         root.setLevel(logging.DEBUG)
     sys.excepthook = log_uncaught
     threading.excepthook = lambda a: log_uncaught(a.exc_type, a.exc_value, a.exc_traceback)
+
+
+def bundle_outputs(bundle: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What the analyst downloads: the bundle's manifest, and each SEG or NIfTI by its name:
+    (SOP Instance UID, voxels)."""
+    archive = zipfile.ZipFile(io.BytesIO(bundle))
+    outputs: dict[str, Any] = {}
+    for name in archive.namelist():
+        data = archive.read(name)
+        if name.endswith(".dcm"):
+            seg = pydicom.dcmread(io.BytesIO(data))
+            outputs[name] = (seg.SOPInstanceUID, seg.pixel_array.tobytes())
+        elif name.endswith(".nii.gz"):
+            image = nib.Nifti1Image.from_bytes(gzip.decompress(data))
+            outputs[name] = (None, np.asarray(image.dataobj).tobytes())
+    return json.loads(archive.read(MANIFEST)), outputs
+
+
+def star_bundle(
+    data_splits: Sequence[list[dict[str, bytes]]],
+    analyzer_kwargs: dict[str, Any],
+    *,
+    sdk: bool = False,
+    storage: Path | None = None,
+    setter: Callable[[Any, str, Any], None] = setattr,
+) -> bytes:
+    """The ZIP an analysis gives the analyst: asyncflow's analyzer on each split's node, its ZIP
+    aggregator, the objects handed out in memory; run by this harness, or (``sdk``) by the SDK's
+    own ``StarModelTester``, its mock core given ``storage`` (``setter`` as for
+    :meth:`LocalStorage.patch`). ``storage`` holds each node's folder, named by its id; the SDK's
+    tester names nodes at random, so there all nodes share ``node_0``'s."""
+    from asyncflow.flame.analysis import ZipAggregator, nnUNetAnalyzer
+
+    if not sdk:
+        run = run_star(
+            nnUNetAnalyzer,
+            ZipAggregator,
+            data_splits,
+            output_type="bytes",
+            analyzer_kwargs=analyzer_kwargs,
+            storage=storage,
+        )
+        return run.final_result
+    from flame.star.star_model_tester import StarModelTester
+    from flame.utils.mock_flame_core import MockFlameCoreSDK
+
+    LocalStorage(storage / "node_0" if storage is not None else None).patch(MockFlameCoreSDK, setter)
+    submitted: list[bytes] = []  # the tester keeps whichever node's result ends first
+    submit = MockFlameCoreSDK.submit_final_result
+
+    def record(core: Any, result: Any, *args: Any, **more: Any) -> Any:
+        submitted.append(result)
+        return submit(core, result, *args, **more)
+
+    setter(MockFlameCoreSDK, "submit_final_result", record)
+    StarModelTester(
+        data_splits=list(data_splits),
+        analyzer=nnUNetAnalyzer,
+        aggregator=ZipAggregator,
+        data_type="s3",
+        query=[],
+        output_type="bytes",
+        analyzer_kwargs=analyzer_kwargs,
+    )
+    return submitted[0]

@@ -11,6 +11,7 @@ A FLAME analysis script is two lines::
 - :mod:`~asyncflow.flame.hub`: what reaches the FLAME Hub (progress, a few lines, no patient data)
 - :mod:`~asyncflow.flame.redact`: what of a report may leave a node
 - :mod:`~asyncflow.flame.bundle`: the ZIP and manifest the analyst downloads
+- :mod:`~asyncflow.flame.storage`: each finished case in the node's storage, for a restart
 - :mod:`~asyncflow.flame.standin`: the SDK's base classes, where the SDK is not installed
 """
 

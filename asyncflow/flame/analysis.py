@@ -39,6 +39,7 @@ from asyncflow.flame.bundle import pack_node_results
 from asyncflow.flame.gateway import GatewayStore, gateway_url
 from asyncflow.flame.hub import HubReporter
 from asyncflow.flame.redact import redact_report
+from asyncflow.flame.storage import NodeStorage
 from asyncflow.log import take_over_logging
 from asyncflow.machine import gpu_problem
 from asyncflow.pipeline.model import build_plan, locate_model
@@ -87,7 +88,10 @@ class nnUNetAnalyzer(StarAnalyzer):  # the reference's name, which users know
     ``statistics_bounds`` (``{"figure" or "label.figure": [low, high, bins]}``). Two say
     where the objects come from when StarModel fetched none (``data`` is None):
     ``keys`` (the object keys to segment; default every object of every data source) and
-    ``data_gateway`` (default ``http://nginx-$DEPLOYMENT_NAME/kong``, the SDK's own).
+    ``data_gateway`` (default ``http://nginx-$DEPLOYMENT_NAME/kong``, the SDK's own). And
+    ``node_storage`` (default True): each finished case is kept in the node's local storage, and
+    a restarted analysis gives it back instead of segmenting it again
+    (:mod:`asyncflow.flame.storage`).
     """
 
     def __init__(self, flame: Any, **kwargs: Any) -> None:
@@ -97,6 +101,8 @@ class nnUNetAnalyzer(StarAnalyzer):  # the reference's name, which users know
         try:
             self.result_kind, self.statistics_options = _result_options(kwargs)
             self.keys, self.gateway = _input_options(kwargs)
+            # Each finished case kept in the node's storage: a restarted analysis skips it.
+            self.storage = NodeStorage.of(flame) if kwargs.pop("node_storage", True) else None
             # What leaves the node leaves the hospital: SEGs are de-identified unless asked otherwise.
             self.settings = Settings.from_env(
                 **{
@@ -129,7 +135,12 @@ class nnUNetAnalyzer(StarAnalyzer):  # the reference's name, which users know
             else:
                 self.hub.started(sum(len(d) if isinstance(d, dict) else 1 for d in data))
                 result = run_request_sync(
-                    data, self.settings, backend=self._plan, on_progress=self.hub, on_finish=ended.append
+                    data,
+                    self.settings,
+                    backend=self._plan,
+                    on_progress=self.hub,
+                    on_finish=ended.append,
+                    sink=self.storage,
                 )
         except RequestError as exc:  # the report says why each file became no case
             report = (
@@ -187,7 +198,13 @@ class nnUNetAnalyzer(StarAnalyzer):  # the reference's name, which users know
             self.hub.started(len(objects), sum(o.size for o in objects))
             stop = Stop(settings.grace_s) if can_watch_signals() else None  # as run_request_sync's
             return await run_request(
-                objects, settings, backend=plan, on_progress=self.hub, on_finish=on_finish, stop=stop
+                objects,
+                settings,
+                backend=plan,
+                on_progress=self.hub,
+                on_finish=on_finish,
+                stop=stop,
+                sink=self.storage,
             )
 
     def _no_usable_case(self, error: RequestError, report: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -113,12 +113,10 @@ class HubReporter:
             if not self._total_announced and progress.total:
                 self._total_announced = True
                 self.log(f"{progress.total} case(s) found")
-        else:
+        else:  # the cases found so far, and as many again per input not yet read
             read = max(1, progress.inputs_read)
-            expected, total = (
-                max(progress.known, -(-progress.known * progress.inputs // read)),
-                (f"at least {progress.known}"),
-            )
+            expected = max(progress.known, -(-progress.known * progress.inputs // read))
+            total = f"at least {progress.known}"
         if expected == 0:
             self.progress(fetching)
             return

@@ -138,7 +138,9 @@ class Intake:
     async def _emit(self, case: Case, send: MemoryObjectSendStream[Case]) -> None:
         key = case_key(case, self.hashes)
         self.ledger.open(case, key)
-        earlier = self.sink.finished(key, self.model) if self.sink is not None and key else None
+        earlier = None
+        if self.sink is not None and key:  # a FLAME node's storage asks its service
+            earlier = await anyio.to_thread.run_sync(self.sink.finished, key, self.model)
         if earlier is not None:  # an earlier run of this request finished it: nothing to do
             self.ledger.resume(case, earlier)
             self.workspace.skip(case)

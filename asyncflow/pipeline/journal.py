@@ -39,10 +39,16 @@ _OWN_FILES = ("report.json", "statistics.csv", "manifest.json", JOURNAL)
 
 class CaseSink(Protocol):
     """Where a request's outputs go as each case ends, and what an earlier run finished
-    (:class:`OutputFolder`; ``run_request(sink=...)``)."""
+    (:class:`OutputFolder`; a FLAME node's storage, :class:`asyncflow.flame.storage.NodeStorage`;
+    ``run_request(sink=...)``). ``keeps_files``: the sink holds the files, so the Result's byte
+    maps stay empty (an output folder); else the Result has them as well."""
+
+    keeps_files: bool
 
     def finished(self, case: str, model: str) -> Mapping[str, Any] | None:
-        """The journal line of a case finished with this model (``artifacts``, ``report``), or None."""
+        """The journal line of a case finished with this model (``artifacts``, ``report``; from a
+        sink that keeps no files, ``data``: each artifact's bytes), or None. Called in a worker
+        thread."""
 
     def finished_sources(self, model: str) -> frozenset[str]:
         """The sha256 of every source file of the cases finished with this model: a resumed
@@ -78,6 +84,8 @@ class OutputFolder:
     removes what asyncflow wrote there (the files its journal names, its report, statistics
     and journal) and nothing else. ``resume`` keeps the journal's finished cases.
     """
+
+    keeps_files = True
 
     def __init__(self, path: Path, *, resume: bool = False, overwrite: bool = False) -> None:
         if path.exists() and not path.is_dir():

@@ -9,6 +9,7 @@ wrote: a partial volume is never returned.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from asyncflow.artifact import Artifact, Delivery
@@ -184,7 +185,9 @@ class Ledger:
 
     def resume(self, case: Case, earlier: Mapping[str, Any]) -> None:
         """Book a case an earlier run finished, from its journal line: its artifacts and report
-        fields as that run booked them (its files stay, and go if the case is withdrawn)."""
+        fields as that run booked them. An output folder's files stay where they are (and go if
+        the case is withdrawn); a sink that keeps no files (a FLAME node's storage) gives their
+        bytes back (``data``, one per artifact), and they go into the Result's maps."""
         report = self.reports[case.case_id]
         artifacts = [Artifact.from_record(record) for record in earlier["artifacts"]]
         booked = earlier["report"]
@@ -193,7 +196,11 @@ class Ledger:
         self._book(report, artifacts, labels)
         delivered = booked.get("delivery")  # sent: a resumed case is never sent again
         report.delivery = Delivery.from_dict(delivered) if delivered is not None else None
-        self.written[case.case_id] = [(None, a.folder, a.name) for a in artifacts if a.name is not None]
+        if earlier.get("data") is not None:
+            data = earlier["data"]
+            self._keep_files(case, [replace(a, data=d) for a, d in zip(artifacts, data, strict=True)])
+        else:
+            self.written[case.case_id] = [(None, a.folder, a.name) for a in artifacts if a.name is not None]
         report.status = CaseStatus.RESUMED
         log.info("case.resumed", case_id=case.case_id, **case_identity(case))
         self._finished(case, report)
@@ -222,6 +229,9 @@ class Ledger:
         sink) and its report's fields; ``labels``: the values present and absent in each model's
         label map (by the tag of its artifacts)."""
         self._book(self.reports[case.case_id], artifacts, labels)
+        self._keep_files(case, artifacts)
+
+    def _keep_files(self, case: Case, artifacts: list[Artifact]) -> None:
         for artifact in artifacts:
             if artifact.name is None or artifact.data is None:
                 continue

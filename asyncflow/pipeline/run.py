@@ -218,7 +218,8 @@ async def run_request(
     progress so far. ``on_finish`` receives the result as it stands when the request ends
     in any way, also on error or cancellation (cases not reached are ``pending``). With a
     ``sink`` (:class:`asyncflow.pipeline.journal.OutputFolder`), each case's outputs go to it
-    as the case ends, the result's byte maps stay empty, and cases the sink's journal holds
+    as the case ends, the result's byte maps stay empty (unless the sink keeps no files, as a
+    FLAME node's storage), and cases the sink's journal holds
     as finished with the same content, model and settings are not done again (status
     ``resumed``). Raises :class:`~asyncflow.errors.RequestError` when the request holds no
     usable case, and :class:`~asyncflow.errors.ModelError` when the model cannot load. With a
@@ -238,7 +239,7 @@ async def run_request(
     model = await anyio.to_thread.run_sync(model_key, plan, settings)  # before any file
     ledger = Ledger(
         on_progress,
-        keep_bytes=sink is None,
+        keep_bytes=sink is None or not sink.keeps_files,
         on_withdraw=sink.withdraw if sink is not None else None,
         on_stage=on_stage,
         objects=sum(1 for item in items if item.remote is not None),

@@ -242,35 +242,16 @@ def test_hub_progress_follows_the_cases_before_the_last_input_is_read() -> None:
     hub = HubReporter(core)
     objects, lag = 32, 3  # cases end three objects behind the fetching
     sent: list[tuple[int, int]] = []  # (cases ended, progress sent so far)
+
+    def step(ended: int, fetched: int, total: int | None) -> None:
+        read = fetched  # each object read as it is fetched, one case each
+        hub(Progress(ended, 0, total, fetched, objects, known=read, inputs_read=read, inputs=objects))
+        sent.append((ended, core.hub.progress[-1] if core.hub.progress else 0))
+
     for fetched in range(1, objects + 1):
-        ended = max(0, fetched - lag)
-        hub(
-            Progress(
-                done=ended,
-                failed=0,
-                total=None,
-                fetched=fetched,
-                objects=objects,
-                known=fetched,
-                inputs_read=fetched,
-                inputs=objects,
-            )
-        )
-        sent.append((ended, core.hub.progress[-1] if core.hub.progress else 0))
+        step(max(0, fetched - lag), fetched, None)
     for ended in range(objects - lag + 1, objects + 1):
-        hub(
-            Progress(
-                done=ended,
-                failed=0,
-                total=objects,
-                fetched=objects,
-                objects=objects,
-                known=objects,
-                inputs_read=objects,
-                inputs=objects,
-            )
-        )
-        sent.append((ended, core.hub.progress[-1] if core.hub.progress else 0))
+        step(ended, objects, objects)
     assert core.hub.warnings == []
     half = next(p for ended, p in sent if ended == objects // 2)
     assert half >= 50  # most of the objects fetched (of 20 %), half the cases ended (of 80 %)

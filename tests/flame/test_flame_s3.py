@@ -5,24 +5,20 @@ costs that object alone; no key or byte of the data reaches the Hub or the logs.
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
-import zipfile
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from flame_harness import analyzer_kwargs, run_star
+from flame_harness import analyzer_kwargs, bundle_outputs, run_star
 from helpers import make_tar, phantom_nifti
 from s3_node import APIKEY, s3_node
 
 from asyncflow.cli.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom
 from asyncflow.flame.analysis import ZipAggregator, nnUNetAnalyzer
-from asyncflow.flame.bundle import MANIFEST
 from asyncflow.log import configure_logging
 
 PATIENT = "Mustermann^Erika"
@@ -64,21 +60,6 @@ def _bodies(rng: np.random.Generator) -> dict[str, dict[str, bytes]]:
     }
 
 
-def _segmentations(bundle: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The bundle's manifest, and each SEG or NIfTI by its name: (SOP Instance UID, voxels)."""
-    archive = zipfile.ZipFile(io.BytesIO(bundle))
-    outputs: dict[str, Any] = {}
-    for name in archive.namelist():
-        data = archive.read(name)
-        if name.endswith(".dcm"):
-            seg = pydicom.dcmread(io.BytesIO(data))
-            outputs[name] = (seg.SOPInstanceUID, seg.pixel_array.tobytes())
-        elif name.endswith(".nii.gz"):
-            image = nib.Nifti1Image.from_bytes(gzip.decompress(data))
-            outputs[name] = (None, np.asarray(image.dataobj).tobytes())
-    return json.loads(archive.read(MANIFEST)), outputs
-
-
 @pytest.mark.slow
 def test_two_nodes_over_s3_give_the_in_memory_result_and_lose_only_the_object_never_served(
     tmp_path: Path, model_dir: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
@@ -116,8 +97,8 @@ def test_two_nodes_over_s3_give_the_in_memory_result_and_lose_only_the_object_ne
         analyzer_kwargs=analyzer_kwargs(model_dir, tmp_path / "w2"),
     )
 
-    streamed_manifest, streamed_outputs = _segmentations(streamed.final_result)
-    memory_manifest, memory_outputs = _segmentations(in_memory.final_result)
+    streamed_manifest, streamed_outputs = bundle_outputs(streamed.final_result)
+    memory_manifest, memory_outputs = bundle_outputs(in_memory.final_result)
     assert len(streamed_outputs) == 4 and streamed_outputs == memory_outputs  # names, UIDs, voxels
     statuses = {n["node"]: n["status"] for n in streamed_manifest["nodes"]}
     assert statuses == {"node_0": "done", "node_1": "partial"}
@@ -265,7 +246,7 @@ def test_under_the_sdk_two_nodes_stream_from_s3_and_its_logs_hold_no_key_or_byte
         output_type="bytes",
         analyzer_kwargs=analyzer_kwargs(model_dir, tmp_path / "w2"),
     )
-    streamed, in_memory = (_segmentations(bundle) for bundle in submitted)
+    streamed, in_memory = (bundle_outputs(bundle) for bundle in submitted)
     assert sorted(n["status"] for n in streamed[0]["nodes"]) == ["done", "partial"]
     assert sorted(n["status"] for n in in_memory[0]["nodes"]) == ["done", "done"]
 
