@@ -128,9 +128,11 @@ class HubReporter:
                 self._next_quarter += 25
 
     def finished(self, result: Result) -> None:
-        done = sum(c.status == "done" for c in result.cases)
+        done = sum(c.status in ("done", "resumed") for c in result.cases)
+        resumed = sum(c.status == "resumed" for c in result.cases)
+        kept = f", {resumed} of them before a restart" if resumed else ""  # from the node's storage
         line = (
-            f"{result.status}: {done}/{len(result.cases)} cases segmented in {result.duration_s:.0f} s "
+            f"{result.status}: {done}/{len(result.cases)} cases segmented{kept} in {result.duration_s:.0f} s "
             f"({outputs_summary(a for case in result.cases for a in case.artifacts)}, "
             f"{len(result.skipped)} file(s) skipped)"
         )

@@ -21,9 +21,13 @@ from flame_harness import MockFlameCore, analyzer_kwargs, bundle_outputs, star_b
 from helpers import phantom_nifti
 
 from asyncflow.artifact import Artifact
+from asyncflow.case import CaseReport, Origin
 from asyncflow.cli.synthetic import dicom_series_datasets, dicom_series_tar, make_phantom
+from asyncflow.enums import CaseStatus, RequestStatus, SourceKind
+from asyncflow.flame.hub import HubReporter
 from asyncflow.flame.storage import TAG_PREFIX, NodeStorage
 from asyncflow.log import configure_logging
+from asyncflow.result import Result
 
 TESTS = Path(__file__).resolve().parents[1]
 
@@ -145,3 +149,16 @@ def test_a_storage_that_fails_costs_a_restart_its_shortcut_never_the_request() -
         ("save", "ConnectionError"),
     ]
     assert NodeStorage.of(object()) is None  # a core without the SDK's storage calls: no storage
+
+
+def test_the_hub_counts_the_cases_kept_from_before_the_restart_as_segmented() -> None:
+    core = MockFlameCore("node_0", "default", ["node_0", "node_1"], "node_1", {})
+    cases = [
+        CaseReport(f"case-000{n}", SourceKind.NIFTI, Origin(n, f"v{n}.nii.gz"), status=status)
+        for n, status in enumerate([CaseStatus.RESUMED, CaseStatus.RESUMED, CaseStatus.DONE])
+    ]
+    HubReporter(core).finished(Result("r", RequestStatus.DONE, {}, cases, [], [], 12.0))
+    ((log_type, line),) = core.hub.logs
+    assert log_type == "info" and line.startswith(
+        "done: 3/3 cases segmented, 2 of them before a restart in 12 s"
+    )
