@@ -29,7 +29,7 @@ from typing import Any
 
 from asyncflow.artifact import Artifact
 from asyncflow.log import get_logger
-from asyncflow.pipeline.journal import JOURNAL_VERSION
+from asyncflow.pipeline.journal import JOURNAL_VERSION, done_entry
 
 __all__ = ["TAG_PREFIX", "NodeStorage", "case_tag"]
 
@@ -114,16 +114,7 @@ class NodeStorage:
             return
         artifacts = list(artifacts)
         self._models[case] = model
-        entry = {
-            "journal": JOURNAL_VERSION,
-            "case": case,
-            "model": model,
-            "status": "done",
-            "artifacts": [artifact.record() for artifact in artifacts],
-            "data": [artifact.data for artifact in artifacts],
-            "report": dict(report),
-        }
-        self._save(case, model, entry)
+        self._save(case, model, done_entry(case, model, artifacts, report, data=[a.data for a in artifacts]))
 
     def withdraw(self, case: str | None, files: Iterable[tuple[str, str]]) -> None:
         """A stored case was withdrawn (its series grew): a later entry under its tag says so."""

@@ -28,7 +28,7 @@ from asyncflow.artifact import Artifact
 from asyncflow.errors import SettingsError
 from asyncflow.writing.registry import folders
 
-__all__ = ["JOURNAL", "CaseSink", "OutputFolder"]
+__all__ = ["JOURNAL", "CaseSink", "OutputFolder", "done_entry"]
 
 JOURNAL = "journal.jsonl"
 JOURNAL_VERSION = 2  # 2: each line lists its case's artifacts
@@ -67,6 +67,16 @@ class CaseSink(Protocol):
 
     def withdraw(self, case: str | None, files: Iterable[tuple[str, str]]) -> None:
         """A finished case was withdrawn (its series grew): its (folder, name) files go."""
+
+
+def done_entry(
+    case: str, model: str, artifacts: Iterable[Artifact], report: Mapping[str, Any], **more: Any
+) -> dict[str, Any]:
+    """A finished case's journal entry: its key, the model key, its artifacts (less their bytes)
+    and its report; ``more``: what its sink keeps besides."""
+    records = [artifact.record() for artifact in artifacts]
+    entry = {"journal": JOURNAL_VERSION, "case": case, "model": model, "status": "done", "artifacts": records}
+    return {**entry, **more, "report": dict(report)}
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -206,18 +216,7 @@ class OutputFolder:
                 self.write(artifact.folder, artifact.name, artifact.data)
                 written.append([artifact.folder, artifact.name])
         if case is not None:
-            self._append(
-                {
-                    "journal": JOURNAL_VERSION,
-                    "case": case,
-                    "model": model,
-                    "status": "done",
-                    "outputs": written,
-                    "artifacts": [artifact.record() for artifact in artifacts],
-                    "sources": sorted(sources),
-                    "report": dict(report),
-                }
-            )
+            self._append(done_entry(case, model, artifacts, report, outputs=written, sources=sorted(sources)))
 
     def withdraw(self, case: str | None, files: Iterable[tuple[str, str]]) -> None:
         """A case the assembly withdrew after it finished: its files go, its line is voided."""

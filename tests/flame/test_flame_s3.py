@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
-from flame_harness import analyzer_kwargs, bundle_outputs, run_star
+from flame_harness import analyzer_kwargs, bundle_outputs, run_star, star_bundle
 from helpers import make_tar, phantom_nifti
 from s3_node import APIKEY, s3_node
 
@@ -237,14 +237,9 @@ def test_under_the_sdk_two_nodes_stream_from_s3_and_its_logs_hold_no_key_or_byte
             ),
         )
     printed = capsys.readouterr()
-    tester.StarModelTester(  # the SDK's way, as a reference
-        data_splits=_in_memory(bodies),
-        analyzer=nnUNetAnalyzer,
-        aggregator=ZipAggregator,
-        data_type="s3",
-        query=[],
-        output_type="bytes",
-        analyzer_kwargs=analyzer_kwargs(model_dir, tmp_path / "w2"),
+    # The SDK's way, as a reference (its submission reaches ``record`` too).
+    star_bundle(
+        _in_memory(bodies), analyzer_kwargs(model_dir, tmp_path / "w2"), sdk=True, setter=monkeypatch.setattr
     )
     streamed, in_memory = (bundle_outputs(bundle) for bundle in submitted)
     assert sorted(n["status"] for n in streamed[0]["nodes"]) == ["done", "partial"]
