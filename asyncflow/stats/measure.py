@@ -4,7 +4,9 @@ Measured in the source geometry, on the label map the case's output holds, and
 the source's own voxels (channel 0; CT in HU, the rescale applied), for every
 label the model declares, present or not:
 
-- ``voxels`` and ``volume_ml``: voxel count times the voxel volume (spacing x * y * z mm^3 / 1000);
+- ``voxels`` and ``volume_ml``: voxel count times the voxel volume (spacing x * y * z mm^3 / 1000),
+  to the decimal place of a tenth of one voxel's volume (0.0001 ml for voxels of 1 to 9.99
+  mm^3): digits below it are float noise of the spacing, not a measurement;
 - ``intensity_mean``, ``intensity_sd`` (population sd), ``intensity_p5``, ``intensity_p50``,
   ``intensity_p95`` (numpy's linear percentiles) of the label's voxels;
 - ``components``: connected components under 26-connectivity (faces, edges and corners
@@ -107,7 +109,7 @@ def measure_labels(
             value,
             definition.name,
             count,
-            count * voxel_ml,
+            _volume(count, voxel_ml),
             intensity_mean=float(values.mean()),
             intensity_sd=float(values.std()),
             intensity_p5=p5,
@@ -119,6 +121,12 @@ def measure_labels(
         )
         measured.append(_flagged(statistics, definition))
     return measured
+
+
+def _volume(voxels: int, voxel_ml: float) -> float:
+    """``voxels`` of ``voxel_ml`` each, to the decimal place of a tenth of one voxel's volume."""
+    places = max(0, 1 - math.floor(math.log10(voxel_ml))) if voxel_ml > 0 else 6
+    return round(voxels * voxel_ml, places)
 
 
 def _flagged(statistics: LabelStatistics, definition: SegmentLabel) -> LabelStatistics:
@@ -157,8 +165,9 @@ CSV_FIELDS = [
 ]
 
 
-# Decimals a figure is written with in the CSV (the report keeps every digit): a thousandth of a
-# ml is a cube of 0.1 mm, a hundredth of a HU or mm is below any scanner's resolution.
+# Decimals a figure is written with in the CSV (the report keeps every digit but the volume's
+# noise): a thousandth of a ml is a cubic millimetre, a hundredth of a HU or mm is below any
+# scanner's resolution.
 _DECIMALS = {"volume_ml": 3, "largest_component_share": 4, "extent_mm": 2} | {
     f"intensity_{figure}": 2 for figure in ("mean", "sd", "p5", "p50", "p95")
 }

@@ -9,6 +9,7 @@ artifacts the writers before it made, and returns one :class:`~asyncflow.artifac
 from __future__ import annotations
 
 import functools
+import hashlib
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any, ClassVar
 
 import highdicom as hd
 import numpy as np
+import pydicom
 import SimpleITK as sitk
 
 from asyncflow.artifact import Artifact
@@ -25,7 +27,7 @@ from asyncflow.labels.mitk import case_labels
 from asyncflow.labels.segment import SegmentLabel, label_values
 from asyncflow.reading.tilt import to_source_grid
 
-__all__ = ["Algorithm", "LabelMap", "OutputOptions", "Writer", "uid_for"]
+__all__ = ["OUTPUT_SERIES", "Algorithm", "LabelMap", "OutputOptions", "Writer", "output_series", "uid_for"]
 
 _UID_NAMESPACE = uuid.UUID("3f1b7c1e-9a0e-4d55-9d0c-5a9f1f1e2b61")  # asyncflow's, fixed
 
@@ -37,11 +39,6 @@ class Algorithm:
     name: str  # e.g. "nnU-Net Dataset029_LiTS"
     version: str  # e.g. "nnunetv2 2.8.1"
     parameters: Mapping[str, str] = field(default_factory=dict)  # trainer, plans, folds...
-
-    @property
-    def series_description(self) -> str:
-        """SeriesDescription of its SEGs (and of the MITK label JSON beside them)."""
-        return f"{self.name} segmentation"[:64]
 
 
 @dataclass(frozen=True)
@@ -67,6 +64,35 @@ def uid_for(seed: str | None, role: str) -> str:
     if seed is None:
         return str(hd.UID())
     return str(hd.UID.from_uuid(str(uuid.uuid5(_UID_NAMESPACE, f"{seed}|{role}"))))
+
+
+# The output series a case may get: kind -> (the digit of its SeriesNumber, its description's word).
+OUTPUT_SERIES = {"seg": (1, "Segmentation"), "sr": (2, "Measurements"), "rtstruct": (3, "Structures")}
+
+
+def output_series(
+    source: pydicom.Dataset, kind: str, algorithm: Algorithm, seed: str | None
+) -> tuple[int, str]:
+    """SeriesNumber and SeriesDescription of a case's output series of ``kind`` (OUTPUT_SERIES),
+    made from its ``source`` (the first source image's header).
+
+    The number is the source's SeriesNumber (0 without one; its last 4 digits), the kind's
+    digit, and 4 digits of a hash of the case and model (``seed``; without one, the source
+    series and the model): source series 3 gives ``3_1_xxxx`` for its SEG, ``3_2_xxxx`` for its
+    SR, ``3_3_xxxx`` for its RT Structure Set, the same ``xxxx`` for all three. So outputs of
+    one case never share a number, nor outputs of sources numbered alike (two series numbered 3;
+    the same series through two models) but by a 1 in 10,000 chance, nor a source numbered below
+    10,000. The description says what it is, of which source series (its number and
+    description), made by which model, in at most 64 characters."""
+    digit, word = OUTPUT_SERIES[kind]
+    number = source.get("SeriesNumber")
+    number = int(number) if number not in (None, "") else None
+    identity = seed or f"{source.get('SeriesInstanceUID', '')}|{algorithm.name}"
+    case = int(hashlib.sha256(identity.encode()).hexdigest()[:8], 16) % 10_000
+    series_number = ((number or 0) % 10_000) * 100_000 + digit * 10_000 + case
+    described = str(source.get("SeriesDescription", "") or "").strip()
+    of = " ".join(part for part in (f"#{number}" if number is not None else "", described) if part)
+    return series_number, f"{word} of {of or 'series'}, {algorithm.name}"[:64]
 
 
 @dataclass(frozen=True)

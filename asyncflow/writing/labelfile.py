@@ -4,7 +4,10 @@ may carry a patient's name)."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping
+
+import pydicom
 
 from asyncflow.artifact import Artifact
 from asyncflow.enums import DeidentifyProfile
@@ -29,5 +32,11 @@ class MitkLabelWriter(Writer):
         if job.options.deidentify != DeidentifyProfile.NONE:
             uids = {instance.path: instance.sop_instance_uid for instance in prepared.case.instances}
             references = [uids[path] for path in prepared.source_files]
-        data = mitk_label_json(described, references, series_description=job.algorithm.series_description)
+        seg = made["dicom_seg"].data
+        assert seg is not None
+        header = pydicom.dcmread(
+            io.BytesIO(seg), stop_before_pixels=True, specific_tags=["SeriesDescription"]
+        )
+        description = str(header.get("SeriesDescription", ""))  # the SEG's (none when de-identified)
+        data = mitk_label_json(described, references, series_description=description)
         return self.artifact(f"{job.stem}{MITK_SUFFIX}", data)

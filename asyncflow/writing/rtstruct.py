@@ -1,13 +1,14 @@
 """A case's label map as a DICOM RT Structure Set, for radiotherapy planning systems.
 
-One ROI per label present (name and colour from the label metadata), its contours
-traced per slice on the source images' own planes (scikit-image's marching squares
-at half a pixel: around the label's pixel centres, holes as contours of their own, read
-by the even-odd rule), each contour referencing its source image. Written with pydicom:
-RT Series, Frame of Reference, Structure Set, ROI Contour, RT ROI Observations and SOP
-Common modules, the
-Patient and Study modules copied from the source (de-identified as the SEG is), and UIDs
-derived from the SEG's seed. Only for a series of single-frame images (a tilted one
+One ROI per label present (name and colour from the label metadata; RTROIInterpretedType
+from its category: ORGAN for an anatomical structure, else empty), its contours traced per
+slice on the source images' own planes (scikit-image's marching squares at half a pixel:
+around the label's pixel centres, holes as contours of their own, read by the even-odd rule),
+each contour referencing its source image. Written with pydicom: RT Series, Frame of
+Reference, Structure Set, ROI Contour, RT ROI Observations and SOP Common modules, the Patient
+and Study modules copied from the source in its character set (de-identified as the SEG is),
+its series numbered and described as :func:`asyncflow.writing.base.output_series` says, and
+UIDs derived from the SEG's seed. Only for a series of single-frame images (a tilted one
 included: the contours lie on its own images), not for a multi-frame image or a mosaic.
 """
 
@@ -27,8 +28,8 @@ from skimage import measure
 
 from asyncflow._version import __version__
 from asyncflow.artifact import Artifact
-from asyncflow.labels.segment import SegmentLabel, label_for
-from asyncflow.writing.base import Algorithm, LabelMap, OutputOptions, Writer, uid_for
+from asyncflow.labels.segment import ANATOMICAL_STRUCTURE, SegmentLabel, label_for
+from asyncflow.writing.base import Algorithm, LabelMap, OutputOptions, Writer, output_series, uid_for
 from asyncflow.writing.deidentify import deidentify
 
 __all__ = ["RT_STRUCTURE_SET_STORAGE", "RtStructWriter", "contours_of", "rtstruct_bytes"]
@@ -45,7 +46,13 @@ _COPIED = (  # the Patient and General Study modules, from the source
     "ReferringPhysicianName",
     "StudyID",
     "AccessionNumber",
+    "StudyDescription",
 )
+# RTROIInterpretedType (PS3.3 C.8.8.8) of a segment's category (CID 7150): an anatomical
+# structure is an ORGAN; anything else (a lesion, tissue, a substance, a device) has no defined
+# term that an automatic segmentation can claim (a lesion is no organ, and a target volume such
+# as GTV is a clinician's decision): empty, which Type 2 allows and reads "not known".
+_INTERPRETED_TYPE = {ANATOMICAL_STRUCTURE.value: "ORGAN"}
 
 
 def contours_of(mask: np.ndarray) -> list[np.ndarray]:
@@ -53,6 +60,15 @@ def contours_of(mask: np.ndarray) -> list[np.ndarray]:
     pixel centres of a 2D ``mask``; holes are contours of their own."""
     padded = np.pad(mask.astype(np.uint8), 1)
     return [contour[:-1] - 1 for contour in measure.find_contours(padded, 0.5) if len(contour) > 3]
+
+
+def _ascii(ds: Dataset) -> bool:
+    """Whether every text of ``ds`` (its items' included) is ASCII."""
+    return all(
+        str(element.value).isascii()
+        for element in ds.iterall()
+        if element.VR in ("LO", "SH", "PN", "ST", "LT", "UC", "UT")
+    )
 
 
 def _item(**values: object) -> Dataset:
@@ -77,15 +93,15 @@ def rtstruct_bytes(
     frame_of_reference = str(first.FrameOfReferenceUID)
     now = datetime.datetime.now(datetime.UTC)
     ds = Dataset()
+    if "SpecificCharacterSet" in first:  # the copied names are written in the source's character set
+        ds.SpecificCharacterSet = first.SpecificCharacterSet
     for keyword in _COPIED:
         setattr(ds, keyword, first.get(keyword, ""))
     ds.SOPClassUID = RT_STRUCTURE_SET_STORAGE
     ds.SOPInstanceUID = uid_for(options.uid_seed, "rtstruct instance")
     ds.Modality = "RTSTRUCT"
     ds.SeriesInstanceUID = uid_for(options.uid_seed, "rtstruct series")
-    source_number = first.get("SeriesNumber")
-    ds.SeriesNumber = int(source_number) + 2000 if source_number not in (None, "") else 2000
-    ds.SeriesDescription = f"{algorithm.name} structures"[:64]
+    ds.SeriesNumber, ds.SeriesDescription = output_series(first, "rtstruct", algorithm, options.uid_seed)
     ds.OperatorsName = ""
     ds.Manufacturer = "asyncflow"
     ds.ManufacturerModelName = algorithm.name[:64]
@@ -150,7 +166,7 @@ def rtstruct_bytes(
             _item(
                 ObservationNumber=number,
                 ReferencedROINumber=number,
-                RTROIInterpretedType="ORGAN",
+                RTROIInterpretedType=_INTERPRETED_TYPE.get(label.category.value, ""),
                 ROIInterpreter="",
             )
         )
@@ -159,6 +175,8 @@ def rtstruct_bytes(
     ds.StructureSetROISequence = DicomSequence(rois)
     ds.ROIContourSequence = DicomSequence(roi_contours)
     ds.RTROIObservationsSequence = DicomSequence(observations)
+    if "SpecificCharacterSet" not in ds and not _ascii(ds):  # names of our own (labels) beyond ASCII
+        ds.SpecificCharacterSet = "ISO_IR 192"
     deidentify(ds, options.deidentify)
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID

@@ -28,7 +28,7 @@ from asyncflow.enums import SourceKind
 from asyncflow.errors import SegCheckError
 from asyncflow.labels.segment import Code, SegmentLabel, label_for, label_values, segment_values
 from asyncflow.reading.dicom import slice_normal
-from asyncflow.writing.base import Algorithm, LabelMap, OutputOptions, Writer, uid_for
+from asyncflow.writing.base import Algorithm, LabelMap, OutputOptions, Writer, output_series, uid_for
 from asyncflow.writing.deidentify import deidentify
 from asyncflow.writing.planes import decode_on_grid, seg_planes
 
@@ -136,7 +136,7 @@ def _segmentation(
         _description(number, label, identification, uid_for(seed, f"tracking {number}"))
         for number, label in enumerate(labels, start=1)
     ]
-    source_series = sources[0].get("SeriesNumber")
+    series_number, series_description = output_series(sources[0], "seg", algorithm, seed)
     found = (
         f"{algorithm.name} automatic segmentation" if numbers.any() else f"{algorithm.name}: no segment found"
     )
@@ -146,14 +146,14 @@ def _segmentation(
         segmentation_type=kind,
         segment_descriptions=descriptions,
         series_instance_uid=uid_for(seed, "series"),
-        series_number=int(source_series) + 1000 if source_series not in (None, "") else 1000,
+        series_number=series_number,
         sop_instance_uid=uid_for(seed, "instance"),
         instance_number=1,
         manufacturer="asyncflow",
         manufacturer_model_name=algorithm.name[:64],
         software_versions=f"asyncflow {__version__}",
         device_serial_number="0",
-        series_description=algorithm.series_description,
+        series_description=series_description,
         content_label="NNUNET",
         content_description=found[:64],
         content_creator_name="asyncflow^",  # software, not a person: one component

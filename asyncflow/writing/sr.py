@@ -5,8 +5,12 @@ measurement group (TID 1411) per segment, naming the SEG's segment and its sourc
 series, with the label's volume (SNOMED CT Volume, UCUM ``ml``) and its intensity (CT:
 DICOM's Attenuation Coefficient in Hounsfield units; MR: MR signal intensity) as its
 mean, standard deviation and median (SNOMED CT derivations) — the figures of
-``statistics.csv`` (:mod:`asyncflow.stats.measure`). The observer is the device
-asyncflow. The SR is de-identified as the SEG is, and its UIDs derive from the same seed.
+``statistics.csv`` (:mod:`asyncflow.stats.measure`). Each group's Finding is its segment's
+property type and its Finding Site the segment's anatomic region (an anatomical structure's:
+the structure), with the type's laterality, as in the SEG. The observer is the device asyncflow; the contributing equipment is the source's
+scanner (acquisition) and highdicom (creation). The SR is de-identified as the SEG is, its
+series numbered and described as :func:`asyncflow.writing.base.output_series` says, and its UIDs
+derive from the same seed.
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ from pydicom.sr.coding import Code
 
 from asyncflow._version import __version__
 from asyncflow.artifact import Artifact
-from asyncflow.labels.segment import segment_values
+from asyncflow.labels.segment import Code as LabelCode
+from asyncflow.labels.segment import ANATOMICAL_STRUCTURE, SegmentLabel, label_for, segment_values
 from asyncflow.stats.measure import LabelStatistics
-from asyncflow.writing.base import Algorithm, LabelMap, OutputOptions, Writer, uid_for
+from asyncflow.writing.base import Algorithm, LabelMap, OutputOptions, Writer, output_series, uid_for
 from asyncflow.writing.deidentify import deidentify
 
 __all__ = ["MeasurementReportWriter", "measurement_report_bytes"]
@@ -51,16 +56,34 @@ def _measurements(statistics: LabelStatistics, modality: str | None) -> list[hd.
     return found
 
 
+def _code(code: LabelCode) -> Code:
+    return Code(code.value, code.scheme, code.meaning)
+
+
+def _finding_sites(label: SegmentLabel) -> list[hd.sr.FindingSite] | None:
+    """Where the segment lies: its anatomic region, or, for an anatomical structure, the
+    structure itself; with its type's laterality (CID 244)."""
+    site = label.anatomic_region
+    if site is None and label.category.value == ANATOMICAL_STRUCTURE.value:
+        site = label.type
+    if site is None:
+        return None
+    laterality = _code(label.type_modifier) if label.type_modifier is not None else None
+    return [hd.sr.FindingSite(_code(site), laterality=laterality)]
+
+
 def measurement_report_bytes(
     seg_bytes: bytes,
     source_files: Sequence[Path],
     statistics: Sequence[LabelStatistics],
     segments: Mapping[int, int],
+    definitions: Mapping[int, SegmentLabel],
     algorithm: Algorithm,
     options: OutputOptions,
 ) -> bytes:
     """The SR of ``statistics`` (per label value) for the segments of the SEG ``seg_bytes``
-    (``segments``: label value -> segment number), on the SEG's study and sources."""
+    (``segments``: label value -> segment number; ``definitions``: the labels' codes), on the
+    SEG's study and sources."""
     seg = pydicom.dcmread(io.BytesIO(seg_bytes))
     sources = [pydicom.dcmread(path, stop_before_pixels=True) for path in source_files]
     modality = str(sources[0].get("Modality", "")) or None
@@ -69,7 +92,7 @@ def measurement_report_bytes(
     for label in statistics:
         if label.label not in segments:
             continue
-        number = segments[label.label]
+        number, defined = segments[label.label], label_for(definitions, label.label)
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(
@@ -82,7 +105,8 @@ def measurement_report_bytes(
                     segment_number=number,
                     source_series=source_series,
                 ),
-                finding_type=codes.SCT.Tissue,
+                finding_type=_code(defined.type),
+                finding_sites=_finding_sites(defined),
                 measurements=_measurements(label, modality),
             )
         )
@@ -99,18 +123,18 @@ def measurement_report_bytes(
         procedure_reported=codes.SCT.ImagingProcedure,
         imaging_measurements=groups,
     )
-    source_number = seg.get("SeriesNumber")
+    series_number, series_description = output_series(sources[0], "sr", algorithm, options.uid_seed)
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[seg, *sources],
+        evidence=[*sources, seg],  # the first: whose equipment acquired the images (highdicom)
         content=report,
         series_instance_uid=uid_for(options.uid_seed, "sr series"),
-        series_number=int(source_number) + 1 if source_number not in (None, "") else 1001,
+        series_number=series_number,
         sop_instance_uid=uid_for(options.uid_seed, "sr instance"),
         instance_number=1,
         manufacturer="asyncflow",
         is_complete=True,
         software_versions=f"asyncflow {__version__}",
-        series_description=f"{algorithm.name} measurements"[:64],
+        series_description=series_description,
     )
     deidentify(sr, options.deidentify)
     buffer = io.BytesIO()
@@ -146,6 +170,12 @@ class MeasurementReportWriter(Writer):
         segments = {value: number for number, value in enumerate(values, start=1)}
         assert seg.data is not None
         data = measurement_report_bytes(
-            seg.data, job.prepared.source_files, measured, segments, job.algorithm, job.options
+            seg.data,
+            job.prepared.source_files,
+            measured,
+            segments,
+            job.definitions,
+            job.algorithm,
+            job.options,
         )
         return self.artifact(f"{job.stem}.sr.dcm", data)

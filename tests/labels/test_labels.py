@@ -188,10 +188,10 @@ async def test_a_supplied_mitk_label_json_renames_and_recolours_the_segments(
     assert written["groups"][0]["labels"][0]["name"] == "Leber"
     # The SEG header describes its producer, for viewers and PACS.
     seg = segs["plain.dcm"]
-    assert (seg.ContentLabel, seg.Manufacturer, seg.SeriesNumber, seg.InstanceNumber) == (
+    assert (seg.ContentLabel, seg.Manufacturer, seg.SeriesNumber // 10_000, seg.InstanceNumber) == (
         "NNUNET",
         "asyncflow",
-        1001,
+        11,  # source series 1, the SEG
         1,
     )
     assert seg.SoftwareVersions.startswith("asyncflow")

@@ -135,7 +135,8 @@ async def test_statistics_of_the_real_model_match_its_label_maps_the_source_and_
         for value, name in ((1, "liver"), (2, "tumor")):
             row, mask = statistics[name], predicted == value
             assert row["voxels"] == int(mask.sum()) > 0
-            assert row["volume_ml"] == pytest.approx(mask.sum() * voxel_ml, rel=1e-6)
+            # To a tenth of a voxel's volume: the digits below are the spacing's float noise.
+            assert row["volume_ml"] == pytest.approx(mask.sum() * voxel_ml, abs=voxel_ml / 10)
             assert row["intensity_mean"] == pytest.approx(source[mask].mean(), rel=1e-6)
             assert row["intensity_p50"] == pytest.approx(np.median(source[mask]), rel=1e-6)
         # Against the phantom's analytic volume (its voxels hold it to 3 %): within the tiny model's error.

@@ -268,13 +268,13 @@ def test_seg_header_names_its_producer_and_keeps_clinical_trial_attributes(
         "Sponsor", "PROTO-1", "SUBJ-9"
     )  # fmt: skip
     assert "ClinicalTrialSeriesID" not in seg and seg.PatientIdentityRemoved == "YES"
-    assert (seg.SeriesNumber, seg.InstanceNumber, seg.ContentLabel, seg.Manufacturer) == (
-        1007,
+    assert (seg.SeriesNumber // 10_000, seg.InstanceNumber, seg.ContentLabel, seg.Manufacturer) == (
+        71,  # source series 7, the SEG (asyncflow.writing.base.output_series)
         1,
         "NNUNET",
         "asyncflow",
     )
-    assert seg.SeriesDescription == "nnU-Net Dataset999_Test segmentation"
+    assert seg.SeriesDescription == "Segmentation of #7, nnU-Net Dataset999_Test"
     assert seg.ContentDescription == "nnU-Net Dataset999_Test automatic segmentation"
     assert seg.SoftwareVersions == "asyncflow 0.1.0" and str(seg.ContentCreatorName) == "asyncflow^"
     empty = pydicom.dcmread(
