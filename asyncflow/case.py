@@ -229,7 +229,8 @@ class CaseReport:
     # and the fields they put in this report (statistics, fallback, measurement_report ...).
     artifacts: list[Artifact] = field(default_factory=list)
     outputs: dict[str, Any] = field(default_factory=dict)
-    delivery: Delivery | None = None  # what became of its DICOM objects at the PACS, when sent
+    delivery: Delivery | None = None  # what became of its DICOM objects at this run's PACS, when sent
+    deliveries: list[Delivery] = field(default_factory=list)  # the last one to each PACS, this run's too
     # Several models: each one's output, labels and report fields (the fields above are the first's).
     models: list[dict[str, Any]] | None = None
 
@@ -250,6 +251,7 @@ class CaseReport:
             "labels_absent": self.labels_absent,
             **self.outputs,
             **({"delivery": self.delivery.as_dict()} if self.delivery is not None else {}),
+            **({"deliveries": [d.as_dict() for d in self.deliveries]} if self.deliveries else {}),
             **({"models": self.models} if self.models is not None else {}),
         }
 

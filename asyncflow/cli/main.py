@@ -57,19 +57,33 @@ def _write_report(result: Result, settings: Settings, folder: OutputFolder) -> P
 
 
 def _summary(result: Result, output: Path, scores: dict[str, dict[str, float]] | None = None) -> str:
-    lines = [f"{'case':<10} {'kind':<6} {'status':<7} {'seconds':>8}  output"]
+    """The console table: a line per case (with ``--send``, whether its objects reached the
+    PACS, and why not in a few words), and the request's line."""
+    sending = any(case.delivery is not None for case in result.cases)
+    lines = [f"{'case':<10} {'kind':<6} {'status':<7} {'seconds':>8}  {'sent    ' if sending else ''}output"]
     for case in result.cases:
         seconds = sum(case.stage_s.values())
         where = case.output or case.error or ""
         if scores and case.output in scores:
             where += "  Dice " + " ".join(f"{k}={v:.3f}" for k, v in scores[case.output].items())
-        lines.append(f"{case.case_id:<10} {case.kind!s:<6} {case.status!s:<7} {seconds:8.2f}  {where}")
+        column = ""
+        if sending:
+            delivery = case.delivery
+            column = f"{'-' if delivery is None else 'yes' if delivery.sent else 'NO':<6}  "
+            if delivery is not None and not delivery.sent:
+                where += f"  not sent: {delivery.reason}"
+        lines.append(
+            f"{case.case_id:<10} {case.kind!s:<6} {case.status!s:<7} {seconds:8.2f}  {column}{where}"
+        )
     finished = [c for c in result.cases if c.status in ("done", "resumed")]
     resumed = sum(c.status == "resumed" for c in finished)
+    delivered = [c.delivery for c in result.cases if c.delivery is not None]
+    reached = sum(d.sent for d in delivered)
     lines.append(
         f"{result.status}: {len(finished)}/{len(result.cases)} cases in {result.duration_s:.1f} s"
         f"{f' ({resumed} resumed)' if resumed else ''}, "
         f"{outputs_summary(a for case in finished for a in case.artifacts)}, "
+        f"{f'{reached}/{len(delivered)} sent to {delivered[0].destination}, ' if delivered else ''}"
         f"{len(result.skipped)} file(s) skipped -> {output}"
     )
     return "\n".join(lines)

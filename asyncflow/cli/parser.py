@@ -255,9 +255,10 @@ def _add_run_command(commands: Any) -> None:
     run.add_argument(
         "--send",
         metavar="DESTINATION",
-        help="send each case's DICOM SEG to a PACS as the case ends: dicomweb://host:port/path "
-        "(STOW-RS) or dimse://AET@host:port (C-STORE); a case that does not arrive is kept and "
-        "reported, and --resume sends it again (docs/how-to/cli.md#sending-to-a-pacs)",
+        help="send each case's DICOM SEG to a PACS as the case ends: dicomweb://[USER@]host:port/path "
+        "(STOW-RS; the password or a token from a file or ASYNCFLOW_SEND_PASSWORD/_TOKEN) or "
+        "dimse://AET@host:port (C-STORE); a case that does not arrive is kept and reported, and "
+        "--resume sends it again (docs/how-to/cli.md#sending-to-a-pacs)",
     )
     _add_model_argument(run)
     _add_model_options(run)

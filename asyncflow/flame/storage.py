@@ -101,6 +101,10 @@ class NodeStorage:
         unpacks all its inputs again (disk, not GPU time)."""
         return frozenset()
 
+    def data(self, entry: Mapping[str, Any]) -> list[bytes | None]:
+        """Each artifact's bytes, as stored with the case."""
+        return list(entry["data"])
+
     def finish_case(
         self,
         case: str | None,

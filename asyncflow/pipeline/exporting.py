@@ -9,7 +9,9 @@ model's label map and outputs in turn, its files named after the model
 (``<case>_<tag>``), its artifacts tagged with it. Then the artifacts into the
 ledger, with ``send`` the case's DICOM objects to its PACS
 (:mod:`asyncflow.delivery.pacs`) and, with a sink, onto disk with the case's
-journal line, before the case ends.
+journal line, before the case ends. A case an earlier run finished (``--resume``) is
+sent to this run's PACS unless the journal says it got there (:meth:`Export.resumed`),
+and its journal line then records that delivery beside the earlier ones.
 """
 
 from __future__ import annotations
@@ -165,6 +167,34 @@ class Export:
             **_event_fields(first),  # several models: the first's, as in the report
         )
         self.flow.end(case)
+
+    async def resumed(self, case: Case, key: str, earlier: Mapping[str, Any]) -> None:
+        """A case an earlier run finished (booked from its journal line ``earlier``): its DICOM
+        objects to this run's PACS unless they got there before; once sent, a journal line
+        that says so too."""
+        if self.sender is None:
+            return
+        ledger, here = self.flow.ledger, self.sender.destination.text
+        report = ledger.report(case)
+        there = next((d for d in report.deliveries if d.destination == here and d.sent), None)
+        if there is not None:
+            report.delivery = there
+            return
+        assert self.sink is not None  # resumed cases come from a sink
+        data = await anyio.to_thread.run_sync(self.sink.data, earlier)
+        records = earlier["artifacts"]
+        artifacts = [replace(Artifact.from_record(r), data=d) for r, d in zip(records, data, strict=True)]
+        with bound_case(case.case_id):
+            if not await self._send(case, artifacts) or report.delivery is None:
+                return  # not sent: its journal line stays as it was, and a resume tries again
+            deliveries = {
+                "delivery": report.delivery.as_dict(),
+                "deliveries": [d.as_dict() for d in report.deliveries],
+            }
+            kept = [a.without_data() for a in artifacts] if self.sink.keeps_files else artifacts
+            sources = earlier.get("sources") or []
+            entry = {**earlier["report"], **deliveries}
+            await anyio.to_thread.run_sync(self.sink.finish_case, key, self.model, kept, entry, sources)
 
     async def _send(self, case: Case, artifacts: list[Artifact]) -> bool:
         """The case's DICOM objects to the PACS, booked in its report and logged. False when they

@@ -17,7 +17,9 @@ between its streams.
 from __future__ import annotations
 
 import functools
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -49,6 +51,9 @@ class Intake:
         window = settings.fetch_window_size()
         self.fetcher = Fetcher(self.ledger, self.workspace.root / "fetched", window)
         self.sink = sink  # what an earlier run finished
+        # Called with each case the sink holds, its key and journal line, once it is booked resumed
+        # (the export stage's Export.resumed: it sends the case where this run sends).
+        self.resumed: Callable[[Case, str, Mapping[str, Any]], Awaitable[None]] | None = None
         self.model = model  # the model key (asyncflow.pipeline.keys)
         self.builder = CaseBuilder(
             multi_modal=settings.multi_modal, opaque_names=settings.opaque_names, volumes=settings.volumes
@@ -141,9 +146,11 @@ class Intake:
         earlier = None
         if self.sink is not None and key:  # a FLAME node's storage asks its service
             earlier = await anyio.to_thread.run_sync(self.sink.finished, key, self.model)
-        if earlier is not None:  # an earlier run of this request finished it: nothing to do
+        if earlier is not None and key:  # an earlier run of this request finished it: nothing to do
             self.ledger.resume(case, earlier)
             self.workspace.skip(case)
+            if self.resumed is not None:  # but send it where this run sends
+                await self.resumed(case, key, earlier)
             return
         watch = Stopwatch()
         with bound_case(case.case_id):  # input.restored's case

@@ -54,6 +54,10 @@ class CaseSink(Protocol):
         """The sha256 of every source file of the cases finished with this model: a resumed
         request does not write those files again (:class:`asyncflow.reading.archives.Withhold`)."""
 
+    def data(self, entry: Mapping[str, Any]) -> list[bytes | None]:
+        """The bytes of each artifact of a finished case's journal line (None: it has no file);
+        called in a worker thread."""
+
     def finish_case(
         self,
         case: str | None,
@@ -174,6 +178,13 @@ class OutputFolder:
             if entry["model"] == model and isinstance(entry.get("sources"), list)
             for digest in entry["sources"]
         )
+
+    def data(self, entry: Mapping[str, Any]) -> list[bytes | None]:
+        """Each artifact's file, read back from the folder (None: it has no file)."""
+        artifacts = [Artifact.from_record(record) for record in entry["artifacts"]]
+        return [
+            (self.path / a.folder / a.name).read_bytes() if a.name is not None else None for a in artifacts
+        ]
 
     def _append(self, entry: Mapping[str, Any]) -> None:
         line = json.dumps(entry, separators=(",", ":")) + "\n"

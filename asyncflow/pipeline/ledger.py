@@ -194,8 +194,10 @@ class Ledger:
         each = booked.get("models") or [{**booked, "model": None}]
         labels = {m["model"]: (m.get("labels_present") or [], m.get("labels_absent") or []) for m in each}
         self._book(report, artifacts, labels)
-        delivered = booked.get("delivery")  # sent: a resumed case is never sent again
+        delivered = booked.get("delivery")  # a resumed case is never sent again to the same PACS
         report.delivery = Delivery.from_dict(delivered) if delivered is not None else None
+        each = booked.get("deliveries") or ([delivered] if delivered is not None else [])
+        report.deliveries = [Delivery.from_dict(d) for d in each]
         if earlier.get("data") is not None:
             data = earlier["data"]
             self._keep_files(case, [replace(a, data=d) for a, d in zip(artifacts, data, strict=True)])
@@ -263,8 +265,11 @@ class Ledger:
         report.models = sections if tags[0] is not None else None
 
     def delivered(self, case: Case, delivery: Delivery) -> None:
-        """What became of a case's DICOM objects at its PACS."""
-        self.reports[case.case_id].delivery = delivery
+        """What became of a case's DICOM objects at this run's PACS (the last word for that PACS)."""
+        report = self.reports[case.case_id]
+        report.delivery = delivery
+        others = [d for d in report.deliveries if d.destination != delivery.destination]
+        report.deliveries = [*others, delivery]
 
     def withdraw(self, case: Case) -> None:
         """Drop a case the assembly withdrew: now if it has ended, else when it ends."""

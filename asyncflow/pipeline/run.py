@@ -109,6 +109,7 @@ class _Request:
         self.intake = Intake(settings, flow, sink, model)
         self.preparation = Preparation(flow, plan.steps, plan.needs_files)
         self.export = Export(flow, settings, plan, label_config, sink, model, self.intake.sources)
+        self.intake.resumed = self.export.resumed
 
     async def run(self, items: list[InputItem], watch_signals: bool) -> None:
         """Every stage until the last case has ended; a stage's error (no usable case, a model

@@ -26,8 +26,8 @@ from pydicom.sr.coding import Code
 
 from asyncflow._version import __version__
 from asyncflow.artifact import Artifact
-from asyncflow.labels.segment import Code as LabelCode
 from asyncflow.labels.segment import ANATOMICAL_STRUCTURE, SegmentLabel, label_for, segment_values
+from asyncflow.labels.segment import Code as LabelCode
 from asyncflow.stats.measure import LabelStatistics
 from asyncflow.writing.base import Algorithm, LabelMap, OutputOptions, Writer, output_series, uid_for
 from asyncflow.writing.deidentify import deidentify

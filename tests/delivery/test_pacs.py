@@ -124,22 +124,58 @@ def test_an_orthanc_stopped_mid_request_fails_delivery_only_and_a_resume_sends_i
         code, report = _run(
             inputs, tmp_path / "out", "--send", pacs.dicomweb, "--set", "send_tries=2", backend=backend
         )
-    assert code == 1 and report["status"] == "partial"
-    deliveries = {c["case_id"]: c["delivery"] for c in report["cases"]}
-    first, second = (deliveries[case] for case in predicted)
-    assert first["status"] == "sent"
-    assert second["status"] == "failed" and second["tries"] == 2
-    assert second["reason"].startswith("not reached on each of 2 tries: ")
-    assert [c["status"] for c in report["cases"]] == ["done", "done"] and len(
-        _seg_uids(tmp_path / "out")
-    ) == 2
+        assert code == 1 and report["status"] == "partial"
+        deliveries = {c["case_id"]: c["delivery"] for c in report["cases"]}
+        first, second = (deliveries[case] for case in predicted)
+        assert first["status"] == "sent"
+        assert second["status"] == "failed" and second["tries"] == 2
+        assert second["reason"] == "not reached on each of 2 tries: connection refused"
+        assert [c["status"] for c in report["cases"]] == ["done", "done"]
+        assert len(_seg_uids(tmp_path / "out")) == 2
 
-    with orthanc(tmp_path / "pacs2") as again:  # back up (a new one): --resume sends what did not arrive
-        code, report = _run(inputs, tmp_path / "out", "--send", again.dicomweb, "--resume")
+        pacs.start()  # back up (the same ports and storage): --resume sends what did not arrive
+        code, report = _run(inputs, tmp_path / "out", "--send", pacs.dicomweb, "--resume")
         assert code == 0
         statuses = {c["case_id"]: (c["status"], c["delivery"]["status"]) for c in report["cases"]}
         assert sorted(statuses.values()) == [("done", "sent"), ("resumed", "sent")]
-        assert again.received() == 1  # only the one that had not arrived
+        assert pacs.received() == 2  # only the one that had not arrived, once more
+
+
+def test_a_resume_sends_each_case_where_it_has_not_been_and_the_journal_keeps_every_destination(
+    tmp_path: Path, rng: np.random.Generator
+) -> None:
+    inputs = _inputs(tmp_path / "in", rng, ("P1", "P2"))
+    out = tmp_path / "out"
+    assert _run(inputs, out)[0] == 0  # no --send
+    with orthanc(tmp_path / "a") as a, orthanc(tmp_path / "b") as b:
+        code, report = _run(inputs, out, "--send", a.dicomweb, "--resume")
+        assert code == 0 and [c["status"] for c in report["cases"]] == ["resumed", "resumed"]
+        assert [c["delivery"]["destination"] for c in report["cases"]] == [a.dicomweb] * 2
+        assert a.received() == 2 and a.sop_instance_uids() == _seg_uids(out)
+        code, report = _run(inputs, out, "--send", b.dicomweb, "--resume")  # another PACS: sent there
+        assert code == 0 and (a.received(), b.received()) == (2, 2)
+        for case in report["cases"]:
+            assert (case["delivery"]["destination"], case["delivery"]["status"]) == (b.dicomweb, "sent")
+            assert [d["destination"] for d in case["deliveries"]] == [a.dicomweb, b.dicomweb]
+        code, report = _run(inputs, out, "--send", a.dicomweb, "--resume")  # been there: nothing sent
+        assert code == 0 and (a.received(), b.received()) == (2, 2)
+        assert [c["delivery"]["destination"] for c in report["cases"]] == [a.dicomweb] * 2
+
+
+def test_the_console_says_which_case_was_not_sent_and_why_in_a_few_words(
+    tmp_path: Path, rng: np.random.Generator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inputs = _inputs(tmp_path / "in", rng, ("P1",))
+    with orthanc(tmp_path / "pacs") as pacs:
+        closed = pacs.dicomweb
+    code, report = _run(inputs, tmp_path / "out", "--send", closed, "--set", "send_tries=2")
+    assert code == 1 and report["cases"][0]["status"] == "done"
+    assert report["cases"][0]["delivery"]["reason"] == "not reached on each of 2 tries: connection refused"
+    table = capsys.readouterr().out
+    (line,) = [row for row in table.splitlines() if row.startswith(report["cases"][0]["case_id"])]
+    assert line.split()[2:3] == ["done"] and line.split()[4] == "NO"
+    assert line.endswith("not sent: not reached on each of 2 tries: connection refused")
+    assert f"0/1 sent to {closed}" in table and "HTTPConnectionPool" not in table
 
 
 def test_a_dicom_case_whose_seg_failed_is_reported_as_not_delivered(

@@ -45,7 +45,9 @@ def test_outputs_of_series_numbered_alike_get_numbers_and_descriptions_of_their_
     study = pydicom.uid.generate_uid()
     sources, tars = {}, []
     for name, number, description in (("a", 3, "Abdomen 5mm"), ("b", 3, "Abdomen 1mm"), ("c", 4, "")):
-        datasets = dicom_series_datasets(make_phantom(rng, (8, 24, 24)), series_number=number, study_uid=study)
+        datasets = dicom_series_datasets(
+            make_phantom(rng, (8, 24, 24)), series_number=number, study_uid=study
+        )
         for ds in datasets:
             ds.SeriesDescription = description
         sources[str(datasets[0].SeriesInstanceUID)] = (number, description)
