@@ -51,6 +51,8 @@ class DicomInstance:
     facts: tuple[tuple[str, str], ...] = ()
     frame_facts: tuple[tuple[tuple[str, str], ...], ...] = ()
     mosaic: int = 0  # a Siemens mosaic: the number of slices tiled in its one frame, else 0
+    # What series selection reads (asyncflow.reading.select.KEYWORDS): keyword -> value as text.
+    described: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from asyncflow.enums import DeidentifyProfile, ModelGeneration, Resampling, SegC
 from asyncflow.errors import SettingsError
 from asyncflow.machine import available_memory_bytes, cores, half_the_cores
 from asyncflow.reading.archives import ArchiveLimits
+from asyncflow.reading.select import Selection
 from asyncflow.reading.volumes import Choice, parse_choice
 
 __all__ = [
@@ -39,22 +40,14 @@ _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 def default_workers() -> int:
-    """Prepare workers: one per core, at least one, at most 16.
-
-    SimpleITK's reading and nnU-Net's preprocessing, nearly all of a case's CPU time,
-    release the GIL (benchmarks/gil.py), so they scale with the cores that feed a GPU;
-    the memory budget, not the worker count, keeps them within memory.
-    """
+    """Prepare workers: one per core, at most 16. SimpleITK's reading and nnU-Net's preprocessing
+    release the GIL (benchmarks/gil.py); the memory budget keeps them within memory."""
     return min(16, cores())
 
 
 def default_python_workers() -> int:
-    """Unpack workers: one per two cores, at least one, at most four.
-
-    Their work (tarfile, pydicom header parsing) is mostly Python and holds the GIL:
-    more threads than that only take turns, and on 2 cores two of them starved the
-    prediction worker (benchmarks/RESULTS.md).
-    """
+    """Unpack workers: one per two cores, at most four. tarfile and pydicom hold the GIL: on 2
+    cores two of them starved the prediction worker (benchmarks/RESULTS.md)."""
     return min(4, half_the_cores())
 
 
@@ -154,6 +147,9 @@ class Settings:
     # first, last, a volume's number, or KEYWORD=VALUE (asyncflow.reading.volumes); the others
     # are listed in the report's skipped files with the reason
     volumes: Choice = _EVERY_VOLUME
+    # Which DICOM series a model is for: a TOML or JSON rules file (asyncflow.reading.select); the
+    # files of the others are skipped, with each rule's first failed condition
+    select: Selection | None = None
     # Output names from input indexes (input003, input003_S2, input004_1), not from archive or
     # file names, which may carry a patient's name (the FLAME analyzer's default)
     opaque_names: bool = False
@@ -275,6 +271,8 @@ class Settings:
                 object.__setattr__(self, "volumes", parse_choice(self.volumes))
             except ValueError as exc:
                 raise SettingsError(str(exc)) from None
+        if isinstance(self.select, str | os.PathLike):
+            object.__setattr__(self, "select", Selection.load(self.select))
         if isinstance(self.send, str):
             try:
                 object.__setattr__(self, "send", parse_destination(self.send))

@@ -28,18 +28,8 @@ from asyncflow.writing.registry import OPTIONAL
 __all__ = ["build_parser", "overrides", "statistics_bounds"]
 
 # Settings a model option names; the demo has none of these (its model is the built-in one).
-_MODEL_FIELDS = (
-    "backend",
-    "results_folder",
-    "task_name",
-    "trainer",
-    "plans",
-    "configuration",
-    "folds",
-    "postprocessing",
-    "models",
-    "merge_labels",
-)
+_MODEL_FIELDS = ("backend", "results_folder", "task_name", "trainer", "plans", "configuration", "folds",
+                 "postprocessing", "models", "merge_labels")  # fmt: skip
 
 
 def _values(choices: type[StrEnum]) -> list[str]:
@@ -74,6 +64,10 @@ def _add_model_argument(parser: argparse.ArgumentParser) -> None:
         help="which volumes of a 4D series become cases: all (default), first, last, a number, or "
         "KEYWORD=VALUE such as TemporalPositionIdentifier=2 or DiffusionBValue=0",
     )
+    parser.add_argument(
+        "--select", metavar="RULES", help="which DICOM series the model is for: a TOML or JSON rules file "
+        "(docs/how-to/select.md)",
+    )  # fmt: skip
 
 
 def _add_seg_options(parser: argparse.ArgumentParser) -> None:
@@ -381,6 +375,7 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
         "grace_s",
         "resampling",
         "volumes",
+        "select",
         "send",
         "work_dir",
         "label_config",

@@ -56,7 +56,10 @@ class Intake:
         self.resumed: Callable[[Case, str, Mapping[str, Any]], Awaitable[None]] | None = None
         self.model = model  # the model key (asyncflow.pipeline.keys)
         self.builder = CaseBuilder(
-            multi_modal=settings.multi_modal, opaque_names=settings.opaque_names, volumes=settings.volumes
+            multi_modal=settings.multi_modal,
+            opaque_names=settings.opaque_names,
+            volumes=settings.volumes,
+            selection=settings.select,
         )
         self.hashes: dict[Path, str] = {}  # unpacked file -> sha256 of its content
         self.limits = settings.archive_limits()

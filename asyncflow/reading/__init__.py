@@ -8,6 +8,7 @@
 - :mod:`~asyncflow.reading.series`: the volumes in one DICOM series
 - :mod:`~asyncflow.reading.volumes`: a 4D series' volumes told apart, and which become cases
 - :mod:`~asyncflow.reading.tilt`: a gantry-tilted series on an untilted grid, and labels back
+- :mod:`~asyncflow.reading.select`: series selection rules (which series a model is for)
 - :mod:`~asyncflow.reading.assemble`: scanned files -> cases (series across inputs)
 - :mod:`~asyncflow.reading.prepare`: a case's volume in memory (and as nnU-Net input files)
 

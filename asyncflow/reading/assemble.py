@@ -26,6 +26,7 @@ from asyncflow.log import get_logger, scrub
 from asyncflow.reading.archives import UnpackedInput
 from asyncflow.reading.names import stem as stem_of
 from asyncflow.reading.scan import Scan
+from asyncflow.reading.select import Selection, SeriesFacts
 from asyncflow.reading.series import Stack, split_frames, split_series
 from asyncflow.reading.volumes import Choice, choose
 
@@ -79,9 +80,15 @@ class CaseBuilder:
     """Turns scans into cases: opaque ids, unique output names, series across inputs."""
 
     def __init__(
-        self, *, multi_modal: bool = False, opaque_names: bool = False, volumes: Choice | None = None
+        self,
+        *,
+        multi_modal: bool = False,
+        opaque_names: bool = False,
+        volumes: Choice | None = None,
+        selection: Selection | None = None,
     ) -> None:
         self.multi_modal = multi_modal
+        self.selection = selection  # which DICOM series become cases (None: every one)
         self.opaque_names = opaque_names  # name outputs by input index, not by archive or file name
         self.volumes = volumes or Choice("all")  # which volumes of a 4D series become cases
         self._count = 0
@@ -182,6 +189,11 @@ class CaseBuilder:
         for instance in result.dicom:
             self._where[instance.path] = (origin, result.unpacked.relative(instance.path))
             if instance.frames > 1:  # an enhanced multi-frame image: a volume, or a 4D image's volumes
+                image = _Series(
+                    instance.series_instance_uid, origin, label, {instance.sop_instance_uid: instance}
+                )
+                if not self._selected(image, final=True):  # judged now, among the series seen so far
+                    continue
                 stacks = split_frames(instance)
                 for stack in self._chosen(stacks):
                     stem = (
@@ -285,7 +297,7 @@ class CaseBuilder:
             for instance, reason in split.skipped:
                 self._skip(instance, reason)
         stacks = self._chosen(split.stacks, record=final)  # the skips are recorded once, at the end
-        if series.cases or not stacks:
+        if series.cases or not stacks or not self._selected(series, final=final):
             return []
         stem = stem_of(series.label)
         if shares_label:
@@ -300,6 +312,45 @@ class CaseBuilder:
             for stack in stacks
         ]
         return series.cases
+
+    def _selected(self, series: _Series, *, final: bool) -> bool:
+        """Whether the selection rules choose ``series`` now. One that meets only rules that pick
+        the newest series of its study waits for the last input (``final``); then the newest of
+        the study's series that meet such a rule is chosen. At ``final`` an excluded series'
+        files are skipped with each rule's first failed condition."""
+        if self.selection is None:
+            return True
+        facts = SeriesFacts.of(list(series.instances.values()))
+        met, failed = self.selection.verdict(facts)
+        chosen = [rule.name for rule in met if not rule.newest]
+        if not chosen and met and not final:
+            return False  # its study's other series may still come
+        for rule in [rule for rule in met if rule.newest and not chosen]:
+            rivals = [
+                SeriesFacts.of(list(other.instances.values()))
+                for other in self._series.values()
+                if other is not series and other.instances
+            ]
+            rivals = [r for r in rivals if r.study == facts.study and rule.failure(r) is None]
+            newer = [r for r in rivals if r.acquired > facts.acquired]
+            if newer:
+                newest = max(newer, key=lambda r: r.acquired)
+                failed[rule.name] = ("newest", f"series {newest.series_number} of its study is newer")
+            else:
+                chosen.append(rule.name)
+        uid = series.uid
+        if chosen:
+            log.info("series.selected", series_instance_uid=uid, rules=chosen)
+            return True
+        if final:
+            reason = "not selected: " + "; ".join(f"{name}: {text}" for name, (_, text) in failed.items())
+            for instance in series.instances.values():
+                self._skip(instance, reason)
+            conditions = {name: condition for name, (condition, _) in failed.items()}
+            log.info(
+                "series.skipped", series_instance_uid=uid, files=len(series.instances), failed=conditions
+            )
+        return False
 
     def _position(self, series: _Series) -> int:
         """1-based place of a series without SeriesNumber among the series of its label."""

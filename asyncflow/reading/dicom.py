@@ -14,6 +14,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from asyncflow.case import DicomInstance
+from asyncflow.reading.select import KEYWORDS as SELECTION_KEYWORDS
 from asyncflow.reading.tilt import TILT_TOLERANCE
 from asyncflow.reading.volumes import FRAME_RULES, IMAGE_RULES, SAME_POSITION_MM, Facts, position_indices
 
@@ -92,7 +93,19 @@ def read_instance(path: Path, data: bytes | None = None) -> DicomInstance:
         facts=_facts(ds),
         frame_facts=frame_facts,
         mosaic=_mosaic_slices(ds),
+        described=_described(ds),
     )
+
+
+def _described(ds: pydicom.Dataset) -> Facts:
+    """The attributes series selection reads (a multi-frame image's SliceThickness from its
+    shared functional groups)."""
+    found = {keyword: _text(ds.get(keyword)) for keyword in SELECTION_KEYWORDS}
+    if not found["SliceThickness"]:
+        shared = ds.get("SharedFunctionalGroupsSequence")
+        measures = shared[0].get("PixelMeasuresSequence") if shared else None
+        found["SliceThickness"] = _text(measures[0].get("SliceThickness")) if measures else ""
+    return tuple((keyword, text) for keyword, text in found.items() if text)
 
 
 def _text(value: object) -> str:
