@@ -150,6 +150,20 @@ class Orthanc:
         with urllib.request.urlopen(request, timeout=10) as answer:
             return json.loads(answer.read())
 
+    def call(self, method: str, path: str, body: bytes | dict[str, Any] | str) -> Any:
+        """A REST call with a body (DICOM bytes, JSON, or text such as an id)."""
+        data = (
+            body
+            if isinstance(body, bytes)
+            else (json.dumps(body) if isinstance(body, dict) else body).encode()
+        )
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data, method=method)
+        if self._authorization is not None:
+            request.add_header("Authorization", self._authorization)
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            text = answer.read()
+        return json.loads(text) if text.strip() else None
+
     def callers(self) -> list[str]:
         """The calling AE title of each object received over DIMSE (``-``: over HTTP)."""
         if not self.callers_log.is_file():

@@ -21,7 +21,7 @@ MAX_MODULE_LINES = 400
 # The runtime and the two shells over it: the domain folders never import them.
 DOMAIN = ("reading", "writing", "delivery", "labels", "stats", "backends")
 RUNTIME = ("pipeline",)
-SHELLS = ("cli", "flame")
+SHELLS = ("cli", "flame", "listen")
 # The floors, lowest first: a module imports only from its own floor and those below.
 SHARED_TYPES = ("_version", "errors", "enums", "machine", "log", "digests", "artifact", "case", "result")
 FLOORS = (

@@ -298,9 +298,27 @@ def _signals_interrupt() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
-# The commands that segment nothing; run and demo are _segment's.
+def _listen(args: argparse.Namespace) -> int:
+    """``asyncflow listen``: a DICOM receiver that segments each series as it completes."""
+    from asyncflow.cli.listen import listen_command
+
+    log_file = _configure_logs(args)
+    try:
+        return listen_command(
+            args,
+            lambda a: Settings.from_env(
+                **overrides(a), model_dir=_model_dirs(a.model), multi_modal=a.multi_modal
+            ),
+        )
+    finally:
+        if log_file is not None:
+            log_file.close()
+
+
+# The commands other than run and demo (_segment's).
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "flame": _flame,
+    "listen": _listen,
     "monitor": _monitor,
     "stats": _stats,
 }

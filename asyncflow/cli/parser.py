@@ -14,6 +14,7 @@ from typing import Any
 
 from asyncflow._version import __version__
 from asyncflow.backends.locate import MODEL_DEFAULTS
+from asyncflow.cli.listen import add_listen_command
 from asyncflow.enums import (
     DeidentifyProfile,
     Generation,
@@ -341,13 +342,16 @@ def _add_demo_command(commands: Any) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="asyncflow",
-        description="nnU-Net segmentation of DICOM and NIfTI: asyncflow run, demo, flame, stats, monitor.",
+        description="nnU-Net segmentation of DICOM and NIfTI: asyncflow run, demo, listen, flame, stats, monitor.",
     )
     parser.add_argument("--version", action="version", version=f"asyncflow {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     for add in (_add_run_command, _add_flame_command, _add_monitor_command, _add_stats_command):
         add(commands)
     _add_demo_command(commands)
+    add_listen_command(
+        commands, lambda p: [f(p) for f in (_add_model_argument, _add_model_options, _add_seg_options)]
+    )
     return parser
 
 

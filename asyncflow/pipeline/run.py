@@ -265,7 +265,8 @@ async def run_request(
         try:
             flow = CaseFlow(ledger, workspace, budget, stop or Stop(settings.grace_s))
             request = _Request(settings, plan, flow, label_config, sink, model)
-            await request.run(items, watch_signals=stop is not None and can_watch_signals())
+            watch_signals = stop is not None and (not stop.signals or can_watch_signals())
+            await request.run(items, watch_signals=watch_signals)
             result = ledger.result(request_id, watch.seconds, request.intake.skipped)
             status = result.status
             return result

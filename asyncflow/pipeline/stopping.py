@@ -11,7 +11,9 @@ its report is written and its temporary folder removed, as on any end.
 
 Signals are only watched in the main thread (Python delivers them there): the
 FLAME analyzer, whose nodes run in threads in FLAME's local test mode, installs
-no handler.
+no handler. A driver that watches signals itself (the listener, whose requests come
+one after another) makes a ``Stop(signals=False)`` and hands each interrupt on with
+:meth:`Stop.interrupt`: the same two steps follow.
 """
 
 from __future__ import annotations
@@ -45,9 +47,13 @@ class Stop:
         self,
         grace_s: float,
         on_stopping: Callable[[int, int, float], None] | None = None,
+        *,
+        signals: bool = True,
     ) -> None:
         self.grace_s = grace_s
         self.on_stopping = on_stopping
+        self.signals = signals  # watch the process' signals; else only what interrupt() hands on
+        self._interrupts = anyio.create_memory_object_stream[int](8)
         self.signum: int | None = None  # the first interrupt's signal
         self.now = False  # the stages were cancelled: the second interrupt, or the grace ran out
         self._intake: anyio.CancelScope | None = None
@@ -92,10 +98,15 @@ class Stop:
         log.warning("request.stopped_now", reason=reason)
         self.stages.cancel()
 
+    def interrupt(self, signum: int) -> None:
+        """An interrupt from the driver (a Stop without ``signals``), in the request's event loop."""
+        self._interrupts[0].send_nowait(signum)
+
     async def watch(self, in_flight: Callable[[], int]) -> None:
         """Wait for interrupts until cancelled (the request has ended); ``in_flight`` counts the
         cases that have started and not ended."""
-        with anyio.open_signal_receiver(*SIGNALS) as signals:
+        receiver = anyio.open_signal_receiver(*SIGNALS) if self.signals else self._interrupts[1]
+        with receiver as signals:
             async for signum in signals:
                 self.drain(signum, in_flight())
                 break

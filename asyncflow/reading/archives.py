@@ -255,14 +255,20 @@ def _withheld(result: UnpackedInput, withhold: Withhold, target: Path, data: byt
 def unpack(
     item: InputItem, dest: Path, limits: ArchiveLimits | None = None, withhold: Withhold | None = None
 ) -> UnpackedInput:
-    """Extract an archive into ``dest``, or place a single file there (bytes) or in place (path);
-    with ``withhold``, files a finished case used are classified in memory, not written.
+    """Extract an archive into ``dest``, or place a single file there (bytes) or in place (path),
+    or take a folder's files in place (a LocalFolder, as an archive's members); with
+    ``withhold``, files a finished case used are classified in memory, not written.
 
     A failure leaves no files of this input behind: a half-extracted archive could
     otherwise turn into a silently incomplete DICOM series.
     """
     if item.size == 0:
         return _failed(item, dest, InputFailure.EMPTY, "empty input (0 bytes)")
+    if item.folder:
+        assert item.path is not None
+        files = sorted(p for p in item.path.rglob("*") if p.is_file())
+        hashes = {path: sha256_file(path) for path in files}
+        return UnpackedInput(item, InputKind.ARCHIVE, item.path, files=files, hashes=hashes)
     tar = _open_tar(item)
     if tar is not None:
         return _extract(item, tar, dest, limits or ArchiveLimits(), withhold)

@@ -2,10 +2,11 @@
 
 An entry is ``bytes`` (an archive or a single file), a ``{name: bytes}`` mapping
 (FLAME's s3 shape: names are full object keys and may contain ``/``), a local
-path (a file or a folder, from the CLI; a folder gives one input per file), or a
-:class:`RemoteObject`: an object in a store (a FLAME node's S3 data), fetched to
-the request's temporary folder only when the pipeline is ready for it
-(:mod:`asyncflow.pipeline.fetching`).
+path (a file or a folder, from the CLI; a folder gives one input per file), a
+:class:`LocalFolder` (a folder whose files are one input, read in place, as an
+archive's would be: the listener's complete series), or a :class:`RemoteObject`: an
+object in a store (a FLAME node's S3 data), fetched to the request's temporary folder
+only when the pipeline is ready for it (:mod:`asyncflow.pipeline.fetching`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from asyncflow.case import Origin
 from asyncflow.enums import InputFailure
 from asyncflow.errors import RequestError
 
-__all__ = ["Entry", "FetchFailed", "InputItem", "ObjectStore", "RemoteObject", "request_items"]
+__all__ = ["Entry", "FetchFailed", "InputItem", "LocalFolder", "ObjectStore", "RemoteObject", "request_items"]
 
 
 class FetchFailed(Exception):
@@ -54,7 +55,17 @@ class RemoteObject:
     store: ObjectStore = field(repr=False, compare=False)
 
 
-Entry = bytes | bytearray | memoryview | Mapping[str, bytes] | str | os.PathLike[str] | RemoteObject
+@dataclass(frozen=True)
+class LocalFolder:
+    """A folder whose files are one input, read where they are (never moved or deleted), as the
+    members of an archive: a DICOM series in it becomes a case as soon as it is scanned."""
+
+    path: Path
+
+
+Entry = (
+    bytes | bytearray | memoryview | Mapping[str, bytes] | str | os.PathLike[str] | RemoteObject | LocalFolder
+)
 
 
 @dataclass(frozen=True)
@@ -69,6 +80,7 @@ class InputItem:
     path: Path | None = None
     remote: RemoteObject | None = None
     fetched: bool = False  # ``path`` is the remote object's bytes, fetched for this request
+    folder: bool = False  # ``path`` is a LocalFolder: its files are this one input
 
     @property
     def origin(self) -> Origin:
@@ -82,6 +94,8 @@ class InputItem:
         if self.remote is not None:  # as listed, or as fetched (unpacking may move the file)
             return self.remote.size
         assert self.path is not None
+        if self.folder:
+            return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
         return self.path.stat().st_size
 
     def open(self) -> BinaryIO:
@@ -106,6 +120,10 @@ def request_items(entries: Iterable[Entry]) -> list[InputItem]:
     for position, entry in enumerate(entries):
         if isinstance(entry, RemoteObject):
             add(entry.key, remote=entry)
+        elif isinstance(entry, LocalFolder):
+            if not entry.path.is_dir():
+                raise RequestError(f"input {str(entry.path)!r} is not a folder")
+            items.append(InputItem(index=len(items), name=entry.path.name, path=entry.path, folder=True))
         elif isinstance(entry, bytes | bytearray | memoryview):
             add(f"input-{position}", data=bytes(entry))
         elif isinstance(entry, Mapping):
@@ -127,6 +145,6 @@ def request_items(entries: Iterable[Entry]) -> list[InputItem]:
         else:
             raise RequestError(
                 f"entry {position} is {type(entry).__name__}; expected bytes, "
-                "a {name: bytes} mapping, a path or a RemoteObject"
+                "a {name: bytes} mapping, a path, a LocalFolder or a RemoteObject"
             )
     return items
