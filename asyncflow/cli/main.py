@@ -25,12 +25,14 @@ from asyncflow.backends.base import Backend, ModelInfo
 from asyncflow.cli.manifest import MANIFEST, run_manifest
 from asyncflow.cli.parser import build_parser, overrides, statistics_bounds
 from asyncflow.cli.progress import ProgressDisplay
+from asyncflow.delivery.query import is_source, series_of
 from asyncflow.errors import Interrupted, LabelError, ModelError, RequestError, SettingsError
 from asyncflow.log import Stopwatch, configure_logging
 from asyncflow.pipeline.journal import OutputFolder
 from asyncflow.pipeline.model import locate_model
 from asyncflow.pipeline.run import run_request_sync
 from asyncflow.pipeline.stopping import Stop, can_watch_signals
+from asyncflow.reading.request import Entry
 from asyncflow.result import Result
 from asyncflow.settings import Settings, packaged_demo_model
 from asyncflow.stats.measure import statistics_csv
@@ -193,7 +195,7 @@ def _configure_logs(args: argparse.Namespace, bar: ProgressDisplay | None = None
 
 def _request(
     args: argparse.Namespace, *, check_model: bool
-) -> tuple[Settings, Sequence[Path], OutputFolder, DemoInputs | None]:
+) -> tuple[Settings, Sequence[Entry], OutputFolder, DemoInputs | None]:
     """What ``run`` or ``demo`` segments, with which settings, into which folder; with
     ``check_model``, a model the options fail to name fails here, before any work."""
     if args.command == "demo":
@@ -208,13 +210,21 @@ def _request(
     )
     if check_model:
         locate_model(settings)
-    entries = args.inputs or ([settings.input_dir] if settings.input_dir else [])
+    named = args.inputs or ([settings.input_dir] if settings.input_dir else [])
     args.output = args.output or settings.output_dir
-    if not entries or args.output is None:
+    if not named or args.output is None:
         raise SettingsError("name INPUT... and --output DIR (or set nnUNet_input and nnUNet_output)")
-    missing = [str(entry) for entry in entries if not Path(entry).exists()]
+    missing = [str(entry) for entry in named if not is_source(entry) and not Path(entry).exists()]
     if missing:  # before the output folder is made
         raise SettingsError(f"no such input: {', '.join(missing)}")
+    entries: list[Entry] = []
+    for entry in named:  # a PACS query is asked once, here: each series it finds is an input
+        pulled = (
+            series_of(entry, tries=settings.fetch_tries, backoff_s=settings.fetch_backoff_s)
+            if is_source(entry)
+            else None
+        )
+        entries += pulled if pulled is not None else [Path(entry)]
     return settings, entries, OutputFolder(args.output, resume=args.resume, overwrite=args.overwrite), None
 
 

@@ -228,9 +228,9 @@ def _add_run_command(commands: Any) -> None:
     run.add_argument(
         "inputs",
         nargs="*",
-        type=Path,
         metavar="INPUT",
-        help="files, folders or TAR archives (default: $nnUNet_input)",
+        help="files, folders or TAR archives (default: $nnUNet_input), or series pulled from a PACS: "
+        "dicomweb://host:port/path?StudyInstanceUID=... or dimse://AET@host:port?PatientID=...",
     )
     run.add_argument(
         "-o", "--output", type=Path, help="folder for SEG/NIfTI outputs and report (default: $nnUNet_output)"

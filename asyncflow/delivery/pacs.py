@@ -50,6 +50,7 @@ __all__ = [
     "TOKEN_ENV",
     "Destination",
     "Sender",
+    "http_session",
     "parse_destination",
     "short_reason",
 ]
@@ -251,7 +252,7 @@ class Sender:
             backoff_s,
             timeout_s,
         )
-        self._session = _session(destination) if destination.kind == "dicomweb" else None
+        self._session = http_session(destination) if destination.kind == "dicomweb" else None
 
     def send(self, objects: Sequence[bytes]) -> Delivery:
         """Send ``objects`` (DICOM Part 10 bytes); the :class:`Delivery`, never an exception."""
@@ -340,7 +341,7 @@ class Sender:
             association.release()
 
 
-def _session(destination: Destination) -> Any:
+def http_session(destination: Destination) -> Any:
     """The HTTP session of a DICOMweb destination: its authentication and TLS options."""
     import requests
 
