@@ -196,8 +196,8 @@ class Ledger:
         self._book(report, artifacts, labels)
         delivered = booked.get("delivery")  # a resumed case is never sent again to the same PACS
         report.delivery = Delivery.from_dict(delivered) if delivered is not None else None
-        each = booked.get("deliveries") or ([delivered] if delivered is not None else [])
-        report.deliveries = [Delivery.from_dict(d) for d in each]
+        every = booked.get("deliveries") or ([delivered] if delivered is not None else [])
+        report.deliveries = [Delivery.from_dict(d) for d in every]
         if earlier.get("data") is not None:
             data = earlier["data"]
             self._keep_files(case, [replace(a, data=d) for a, d in zip(artifacts, data, strict=True)])

@@ -110,7 +110,7 @@ def test_a_reader_that_goes_away_ends_the_monitor_quietly(tmp_path: Path) -> Non
 
 def test_list_options_take_one_value_and_the_demo_lists_only_what_it_uses(capsys) -> None:
     args = build_parser().parse_args(["run", "--folds", "0,1", "in.tar", "-o", "out"])
-    assert (args.folds, args.inputs) == ("0,1", [Path("in.tar")])
+    assert (args.folds, args.inputs) == ("0,1", ["in.tar"])  # a path, or a PACS query: text
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
     demo_help = capsys.readouterr().out
