@@ -59,6 +59,11 @@ class HubRecord:
     warnings: list[str] = field(default_factory=list)  # the SDK's complaints about our calls
 
 
+def stored(tag: Path) -> list[Path]:
+    """The objects stored under a tag's folder (not one a killed node left half written)."""
+    return [p for p in tag.iterdir() if not p.name.startswith(".")]
+
+
 class LocalStorage:
     """A FLAME node's local storage, as its result service keeps it: each object pickled, listed
     by tag in the order saved, in ``folder`` (so it outlives the node's process); without a
@@ -90,9 +95,13 @@ class LocalStorage:
         return [pickle.loads((self.folder / tag / name).read_bytes()) for name in names]
 
     def get_local_tags(self, filter: str | None = None) -> list[str] | None:
+        """The tags that hold an object (a node killed between making a tag's folder and
+        storing its object leaves a tag the service never had)."""
         if self.folder is None or not self.folder.is_dir():
             return None
-        return sorted(p.name for p in self.folder.iterdir() if filter is None or filter in p.name)
+        return sorted(
+            p.name for p in self.folder.iterdir() if (filter is None or filter in p.name) and stored(p)
+        )
 
     def patch(self, core_class: type, setter: Callable[[Any, str, Any], None] = setattr) -> None:
         """Give ``core_class`` (the SDK's ``MockFlameCoreSDK``, whose storage calls do nothing)
