@@ -114,7 +114,8 @@ def node_aggregates(
     epsilon: float | None = None,
 ) -> dict[str, Any]:
     """A node's cells from report case entries (``Result.report()["cases"]``): the done cases
-    with statistics count; no value of a single case is in the result. With ``epsilon``, every
+    with statistics count (a case of several models: each model's labels, as ``<model>.<label>``);
+    no value of a single case is in the result. With ``epsilon``, every
     released number carries Laplace noise (:mod:`asyncflow.stats.privacy`), and the minimum cell size
     is applied to the noisy counts."""
     if min_cases < 1:
@@ -125,14 +126,22 @@ def node_aggregates(
         c for c in cases if c.get("status") in ("done", "resumed") and c.get("statistics") is not None
     ]
     values: dict[str, dict[str, list[float]]] = {}
+    names: dict[str, str] = {}  # label -> the label's own name (bounds may name either)
     for case in measured:
-        for row in case["statistics"]:
-            figures = values.setdefault(str(row["name"]), {figure: [] for figure in DEFAULT_BOUNDS})
-            for figure, found in figures.items():
-                if row.get(figure) is not None:
-                    found.append(float(row[figure]))
+        for section in case.get("models") or [case]:  # several models: each one's labels
+            model = section.get("model")
+            for row in section.get("statistics") or []:
+                label = f"{model}.{row['name']}" if model else str(row["name"])
+                names[label] = str(row["name"])
+                figures = values.setdefault(label, {figure: [] for figure in DEFAULT_BOUNDS})
+                for figure, found in figures.items():
+                    if row.get(figure) is not None:
+                        found.append(float(row[figure]))
     cells = {
-        label: {figure: _cell(found, _bounds_for(bounds, label, figure)) for figure, found in figures.items()}
+        label: {
+            figure: _cell(found, bounds.get(f"{label}.{figure}") or _bounds_for(bounds, names[label], figure))
+            for figure, found in figures.items()
+        }
         for label, figures in sorted(values.items())
     }
     aggregate: dict[str, Any] = {"format": FORMAT, "cases": len(measured), "min_cases": min_cases}

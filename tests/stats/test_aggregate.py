@@ -210,3 +210,21 @@ def test_stats_merges_run_reports_as_the_aggregator_does(tmp_path: Path, capsys)
     (tmp_path / "other.json").write_text("[1, 2]")
     assert main(["stats", str(tmp_path / "other.json")]) == 2
     assert "not an asyncflow report.json" in capsys.readouterr().err
+
+
+def test_a_case_of_several_models_counts_every_model_s_labels() -> None:
+    def case(liver: float, kidney: float) -> dict[str, Any]:
+        first = [{"name": "liver", "volume_ml": liver, "intensity_mean": 100.0, "components": 1}]
+        second = [{"name": "kidney", "volume_ml": kidney, "intensity_mean": 30.0, "components": 2}]
+        models = [
+            {"model": "Dataset029_LiTS", "statistics": first},
+            {"model": "Dataset064_KiTS", "statistics": second},
+        ]
+        return {"case_id": "case", "status": "done", "statistics": first, "models": models}
+
+    bounds = parse_bounds({"kidney.volume_ml": ["0", "500", "50"]})  # by the label's own name
+    aggregate = node_aggregates([case(1500 + k, 150 + k) for k in range(5)], bounds=bounds)
+    assert sorted(aggregate["labels"]) == ["Dataset029_LiTS.liver", "Dataset064_KiTS.kidney"]
+    kidney = aggregate["labels"]["Dataset064_KiTS.kidney"]["volume_ml"]
+    assert kidney["count"] == 5 and kidney["sum"] == pytest.approx(sum(150 + k for k in range(5)))
+    assert kidney["bounds"] == [0.0, 500.0, 50]
