@@ -26,9 +26,10 @@ import re
 import shutil
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from asyncflow.files import fsync_folder, write_durably
 
 __all__ = ["Arrival", "Spool", "SpoolFull"]
 
@@ -55,14 +56,6 @@ class Arrival:
 
 def _name(uid: str) -> str:
     return uid if _UID.fullmatch(uid) and len(uid) <= 64 else hashlib.sha256(uid.encode()).hexdigest()
-
-
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _size(folder: Path) -> int:
@@ -111,15 +104,7 @@ class Spool:
             arrival.last = time.monotonic()
             folder = arrival.folder
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            target = folder / f"{_name(sop_uid)}.dcm"
-            temporary = folder / f"{_PARTIAL}{uuid.uuid4().hex}"
-            with temporary.open("wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temporary, target)
-            _fsync_folder(folder)
+            write_durably(folder / f"{_name(sop_uid)}.dcm", data, _PARTIAL)
         except OSError:
             with self._lock:
                 self.used -= len(data)
@@ -166,8 +151,8 @@ class Spool:
                 n += 1
                 target = self.ready / f"{name}-{n}"
             os.replace(arrival.folder, target)
-            _fsync_folder(self.ready)
-            _fsync_folder(self.incoming)
+            fsync_folder(self.ready)
+            fsync_folder(self.incoming)
         return target, arrival
 
     def waiting(self) -> list[Path]:

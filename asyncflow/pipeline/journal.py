@@ -18,7 +18,6 @@ import contextlib
 import json
 import os
 import threading
-import uuid
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any, Protocol
 
 from asyncflow.artifact import Artifact
 from asyncflow.errors import SettingsError
+from asyncflow.files import write_durably
 from asyncflow.writing.registry import folders
 
 __all__ = ["JOURNAL", "CaseSink", "OutputFolder", "done_entry"]
@@ -81,14 +81,6 @@ def done_entry(
     records = [artifact.record() for artifact in artifacts]
     entry = {"journal": JOURNAL_VERSION, "case": case, "model": model, "status": "done", "artifacts": records}
     return {**entry, **more, "report": dict(report)}
-
-
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class OutputFolder:
@@ -197,19 +189,7 @@ class OutputFolder:
 
     def write(self, folder: str, name: str, data: bytes) -> None:
         """One output file, atomically: a temporary name in the same folder, fsync, rename."""
-        target_folder = self.path / folder if folder else self.path
-        target_folder.mkdir(parents=True, exist_ok=True)
-        temporary = target_folder / f"{_TEMP_PREFIX}{uuid.uuid4().hex}"
-        try:
-            with temporary.open("wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temporary, target_folder / name)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                temporary.unlink()
-        _fsync_folder(target_folder)
+        write_durably((self.path / folder if folder else self.path) / name, data, _TEMP_PREFIX)
 
     def finish_case(
         self,
