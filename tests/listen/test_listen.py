@@ -294,3 +294,25 @@ def test_sigterm_lets_the_case_in_flight_finish_and_keeps_the_spool(
     with _listening(settings, options, phantom_backend()) as (listener, _):
         _until(lambda: len(_journal(tmp_path / "out")) == 2, "the second series done after the restart")
         _until(lambda: _spooled(tmp_path / "spool") == 0, "the spool emptied")
+
+
+def test_a_series_is_complete_when_its_association_ends_if_asked(
+    tmp_path: Path, rng: np.random.Generator
+) -> None:
+    study = pydicom.uid.generate_uid()
+    datasets = _series(rng, study, 1, "first")
+    settings = Settings(work_dir=tmp_path / "work")
+    options = ListenOptions(
+        spool=tmp_path / "spool",
+        output=tmp_path / "out",
+        host="127.0.0.1",
+        port=0,
+        quiet_s=600,
+        on_release=True,
+    )
+    with _listening(settings, options, phantom_backend()) as (listener, _):
+        assert _c_store(listener.receiver.port, datasets) == [0] * 12  # one association, released
+        waited = _until(lambda: len(_journal(tmp_path / "out")) == 1, "the series done", timeout_s=60)
+    assert waited < 60  # not the quiet period of ten minutes
+    (seg,) = (tmp_path / "out" / "dicom_seg").glob("*.dcm")
+    assert len(pydicom.dcmread(seg).ReferencedSeriesSequence[0].ReferencedInstanceSequence) == 12
