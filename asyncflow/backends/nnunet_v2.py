@@ -87,6 +87,24 @@ class CroppedLabels:
         return int(self.array.nbytes)
 
 
+_IMPORT_LOCK = threading.Lock()
+
+
+def import_nnunet() -> None:
+    """Import nnU-Net's inference and postprocessing whole (torch, torch._dynamo, sympy, its
+    preprocessing and image readers), one thread at a time, before any thread uses a part of it.
+
+    Threads that import overlapping parts of these packages at once (one loading the predictor,
+    another reading an image with ``nnunetv2.imageio``) can be handed each other's partly
+    initialised modules: CPython breaks an import cycle between threads that way. CI saw it with
+    two FLAME nodes in one process: "No module named 'sympy'" in one, "cannot import name
+    'nnUNetPredictor'" in the other.
+    """
+    with _IMPORT_LOCK:
+        import nnunetv2.inference.predict_from_raw_data
+        import nnunetv2.postprocessing.remove_connected_components  # noqa: F401
+
+
 class NnUNetV2Steps:
     """nnU-Net v2's CPU work on either side of the network, for one model and configuration.
 
@@ -96,6 +114,7 @@ class NnUNetV2Steps:
     """
 
     def __init__(self, info: ModelInfo, resampling: str = Resampling.MODEL) -> None:
+        import_nnunet()
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
         from asyncflow.backends.resampling import PlannedResampling, TorchResampling
