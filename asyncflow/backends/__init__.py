@@ -3,6 +3,7 @@
 - :mod:`~asyncflow.backends.base`: the ``Backend``, ``ModelSteps`` and ``NextStage`` protocols,
   ``ModelInfo``
 - :mod:`~asyncflow.backends.nnunet_v2`: nnU-Net v2 in process, split where the hardware changes
+- :mod:`~asyncflow.backends.imports`: nnU-Net's modules imported by one thread, before they are used
 - :mod:`~asyncflow.backends.resampling`: nnU-Net's resampling one class at a time, or its torch one
 - :mod:`~asyncflow.backends.slices`: thick slices picked before they are resized, nnU-Net's values
 - :mod:`~asyncflow.backends.ensemble`: configurations of one dataset, probabilities averaged

@@ -33,6 +33,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from asyncflow.backends.base import MemoryPhases, ModelInfo, abandonable
+from asyncflow.backends.imports import import_nnunet
 from asyncflow.case import PreparedCase
 from asyncflow.enums import Resampling
 from asyncflow.errors import ModelError
@@ -85,24 +86,6 @@ class CroppedLabels:
     @property
     def nbytes(self) -> int:
         return int(self.array.nbytes)
-
-
-_IMPORT_LOCK = threading.Lock()
-
-
-def import_nnunet() -> None:
-    """Import nnU-Net's inference and postprocessing whole (torch, torch._dynamo, sympy, its
-    preprocessing and image readers), one thread at a time, before any thread uses a part of it.
-
-    Threads that import overlapping parts of these packages at once (one loading the predictor,
-    another reading an image with ``nnunetv2.imageio``) can be handed each other's partly
-    initialised modules: CPython breaks an import cycle between threads that way. CI saw it with
-    two FLAME nodes in one process: "No module named 'sympy'" in one, "cannot import name
-    'nnUNetPredictor'" in the other.
-    """
-    with _IMPORT_LOCK:
-        import nnunetv2.inference.predict_from_raw_data
-        import nnunetv2.postprocessing.remove_connected_components  # noqa: F401
 
 
 class NnUNetV2Steps:

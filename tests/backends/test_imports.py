@@ -22,7 +22,9 @@ from pathlib import Path
 from asyncflow.backends.base import ModelInfo
 from asyncflow.backends.nnunet_v2 import NnUNetV2Steps
 NnUNetV2Steps(ModelInfo.from_folder(Path({str(packaged_demo_model())!r})))
-wanted = ["torch._dynamo", "sympy", "nnunetv2.inference.predict_from_raw_data",
+wanted = ["torch._dynamo", "sympy", "nnunetv2.inference.predict_from_raw_data", "cycler",
+          "nnunetv2.training.nnUNetTrainer.nnUNetTrainer",
+          "nnunetv2.preprocessing.normalization.map_channel_name_to_normalization",
           "nnunetv2.postprocessing.remove_connected_components"]
 print([name for name in wanted if name not in sys.modules])
 """
