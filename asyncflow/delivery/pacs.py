@@ -232,6 +232,8 @@ def short_reason(exc: BaseException) -> str:
             return f"TLS certificate not trusted: {cause.verify_message}"
         if isinstance(cause, ssl.SSLEOFError):
             return "TLS: the server ended the handshake (does it want a client certificate?)"
+        if isinstance(cause, ssl.SSLError) and "CERTIFICATE_REQUIRED" in str(cause.reason):
+            return "TLS: the server wants a client certificate"  # its alert came before the end
         if isinstance(cause, ssl.SSLError):
             return f"TLS: {cause.reason or cause}"
         if isinstance(cause, requests.HTTPError) and cause.response is not None:
