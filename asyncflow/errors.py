@@ -2,12 +2,13 @@
 
 All are raised with a message that says what to fix. ``run_request`` raises
 :class:`SettingsError`, :class:`ModelError`, :class:`LabelError` and
-:class:`RequestError`; a case's own failure never raises, it is reported.
+:class:`RequestError` (with ``cluster``, also :class:`ClusterError`); a case's own failure never raises, it is reported.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "ClusterError",
     "Interrupted",
     "LabelError",
     "ModelError",
@@ -24,6 +25,11 @@ class SettingsError(ValueError):
 
 class ModelError(RuntimeError):
     """The model folder is unusable: missing files, no folds, or it failed to load."""
+
+
+class ClusterError(RuntimeError):
+    """The cluster cannot run the request (unreachable, a node that cannot read the shared folders),
+    or lost a step on every try."""
 
 
 class LabelError(ValueError):

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
 from types import TracebackType
 from typing import Any, TextIO
 
@@ -194,10 +194,25 @@ def get_logger(name: str) -> Any:
     return structlog.get_logger(name)
 
 
-def bound_case(case_id: str) -> contextlib.AbstractContextManager[None]:
+@contextlib.contextmanager
+def bound_case(case_id: str) -> Iterator[None]:
     """Every event logged inside carries ``case_id`` (a contextvar: the worker threads that
-    ``anyio.to_thread`` starts from inside see it too)."""
-    return structlog.contextvars.bound_contextvars(case_id=case_id)
+    ``anyio.to_thread`` starts from inside see it too), and on a cluster, once a step of the case
+    ran there, the ``node`` it ran on (:func:`bind_node`), which ends here too."""
+    with structlog.contextvars.bound_contextvars(case_id=case_id):
+        try:
+            yield
+        finally:
+            bind_node(None)
+
+
+def bind_node(node: str | None) -> None:
+    """The events logged next by this task carry ``node``: where a cluster ran its last step
+    (None: no more)."""
+    if node is None:
+        structlog.contextvars.unbind_contextvars("node")
+    else:
+        structlog.contextvars.bind_contextvars(node=node)
 
 
 class Stopwatch:

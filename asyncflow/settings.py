@@ -194,6 +194,9 @@ class Settings:
     # finish; after this many seconds, or a second interrupt, the request stops now
     # (asyncflow.pipeline.stopping)
     grace_s: float = 60.0
+    # A Ray cluster that runs the steps, the driver keeping the books (asyncflow.cluster): auto,
+    # local, HOST:PORT or ray://HOST:PORT; never inside FLAME, where a node is one container
+    cluster: str | None = None
 
     # Limits on untrusted input (docs/explanation/security.md): an input over one fails alone, with the reason.
     max_archive_bytes: int = 100 << 30  # bytes one archive may expand to
@@ -390,9 +393,7 @@ def _legacy_outputs(overrides: dict[str, object]) -> dict[str, object]:
 
 
 def _default(f: Any) -> object:
-    if f.default is not MISSING:
-        return f.default
-    return f.default_factory() if f.default_factory is not MISSING else None
+    return f.default if f.default is not MISSING else f.default_factory()
 
 
 _DEFAULTS = {f.name: _default(f) for f in fields(Settings)}

@@ -20,7 +20,7 @@ PACKAGE = Path(asyncflow.__file__).parent
 MAX_MODULE_LINES = 400
 # The runtime and the two shells over it: the domain folders never import them.
 DOMAIN = ("reading", "writing", "delivery", "labels", "stats", "backends")
-RUNTIME = ("pipeline",)
+RUNTIME = ("pipeline", "cluster")
 SHELLS = ("cli", "flame", "listen")
 # The floors, lowest first: a module imports only from its own floor and those below.
 SHARED_TYPES = (

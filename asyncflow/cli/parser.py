@@ -255,6 +255,12 @@ def _add_run_command(commands: Any) -> None:
         "dimse://AET@host:port (C-STORE); a case that does not arrive is kept and reported, and "
         "--resume sends it again (docs/how-to/cli.md#sending-to-a-pacs)",
     )
+    run.add_argument(
+        "--cluster",
+        metavar="ADDRESS",
+        help="run the steps on a Ray cluster, this machine keeping the books: auto, local, HOST:PORT "
+        "or ray://HOST:PORT; --work-dir must be a folder every node reaches (docs/how-to/cluster.md)",
+    )
     _add_model_argument(run)
     _add_model_options(run)
     _add_seg_options(run)
@@ -369,25 +375,10 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
     if any(not sep or not name for name, sep, _ in pairs):
         raise SettingsError("--set takes NAME=VALUE, e.g. --set max_archive_depth=3")
     named = (
-        *_MODEL_FIELDS,
-        "checkpoint",
-        "device",
-        "devices",
-        "tile_step_size",
-        "use_mirroring",
-        "torch_threads",
-        "grace_s",
-        "resampling",
-        "volumes",
-        "select",
-        "send",
-        "work_dir",
-        "label_config",
-        "seg_type",
-        "seg_keep_empty_frames",
-        "seg_compression",
-        "deidentify",
-    )
+        *_MODEL_FIELDS, "checkpoint", "device", "devices", "tile_step_size", "use_mirroring", "torch_threads",
+        "grace_s", "resampling", "volumes", "select", "send", "cluster", "work_dir", "label_config", "seg_type",
+        "seg_keep_empty_frames", "seg_compression", "deidentify",
+    )  # fmt: skip
     asked = [name for name in OPTIONAL if getattr(args, f"output_{name}", False)]
     return {
         **{name: getattr(args, name, None) for name in named},

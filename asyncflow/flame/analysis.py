@@ -304,11 +304,16 @@ def _result_options(kwargs: dict[str, Any]) -> tuple[ResultKind, dict[str, Any]]
 
 def _input_options(kwargs: dict[str, Any]) -> tuple[frozenset[str] | None, str | None]:
     """Take ``keys`` and ``data_gateway`` out of ``kwargs``: which objects, and from where (and
-    refuse ``send``: a node's network lets nothing out but the platform's own traffic)."""
+    refuse ``send``: a node's network lets nothing out but the platform's own traffic; and
+    ``cluster``: a node is one container)."""
     if kwargs.get("send") is not None:
         raise SettingsError(
             "send is not available in FLAME: a node's network lets no traffic out but the platform's "
             "own, and what leaves a node goes to the aggregator; send from a local asyncflow run instead"
+        )
+    if kwargs.get("cluster") is not None:
+        raise SettingsError(
+            "cluster is not available in FLAME: a node is one container; use it in local runs"
         )
     keys, gateway = kwargs.pop("keys", None), kwargs.pop("data_gateway", None)
     if keys is not None and (isinstance(keys, str) or not all(isinstance(k, str) for k in keys)):

@@ -24,11 +24,13 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from asyncflow.artifact import Artifact, Delivery
+from asyncflow.backends.base import ModelSteps
 from asyncflow.backends.models import ModelsSteps
 from asyncflow.backends.plan import ModelPlan
 from asyncflow.case import Case, PreparedCase
 from asyncflow.delivery.pacs import Sender
 from asyncflow.enums import SourceKind, Stage
+from asyncflow.labels.segment import SegmentLabel
 from asyncflow.log import Stopwatch, bound_case, get_logger, scrub
 from asyncflow.pipeline.flow import CaseFlow
 from asyncflow.pipeline.journal import CaseSink
@@ -54,6 +56,46 @@ class _Exported:
     write_s: float
 
 
+@dataclass(frozen=True)
+class _Outputs:
+    """What turns a predicted case into its outputs, as a step that may run on another machine
+    (it holds no state of the request): the plan's ``steps``, and for each label map its tag,
+    labels and algorithm."""
+
+    steps: ModelSteps | None
+    each: tuple[tuple[str | None, Mapping[int, SegmentLabel], Algorithm], ...]
+    label_config: Mapping[int, Mapping[str, Any]]
+
+    def __call__(self, prepared: PreparedCase, output: Any, options: OutputOptions) -> _Exported:
+        """One case's outputs: its label map on the prediction grid (or each of several models'),
+        then every writer that applies."""
+        watch = Stopwatch()
+        steps = self.steps
+        if len(self.each) > 1:
+            assert isinstance(steps, ModelsSteps)
+            maps = steps.each_labels(prepared, output)
+        else:
+            maps = [output if steps is None else steps.to_labels(prepared, output)]
+        to_labels_s = watch.seconds
+        watch = Stopwatch()
+        artifacts: list[Artifact] = []
+        labels: dict[str | None, Labels] = {}
+        for (tag, declared, algorithm), label_map in zip(self.each, maps, strict=True):
+            seed = f"{options.uid_seed}|{tag}" if tag is not None and options.uid_seed else options.uid_seed
+            job = LabelMap.of(
+                prepared,
+                label_map,
+                declared,
+                self.label_config,
+                algorithm,
+                replace(options, uid_seed=seed),
+            )
+            job = replace(job, suffix=f"_{tag}") if tag is not None else job
+            artifacts += [replace(a, model=tag) for a in write_outputs(job)]
+            labels[tag] = (job.present, job.absent)
+        return _Exported(artifacts, labels, to_labels_s, watch.seconds)
+
+
 class Export:
     """The export workers of a request. ``sources`` gives the sha256 of a case's source files
     (its journal line keeps them); ``model`` is the model key."""
@@ -68,7 +110,7 @@ class Export:
         model: str,
         sources: Callable[[Case], list[str]],
     ) -> None:
-        self.flow, self.plan, self.label_config = flow, plan, label_config
+        self.flow = flow
         self.sink, self.model, self.sources = sink, model, sources
         self.sender = (
             Sender(settings.send, tries=settings.send_tries, backoff_s=settings.send_backoff_s)
@@ -84,9 +126,14 @@ class Export:
         )
         # What each label map is written as: the plan's (one model, or several merged), or each of
         # several models' own, with its tag.
-        self.each: list[tuple[str | None, ModelPlan, Algorithm]] = [(None, plan, _algorithm(plan, settings))]
+        each: list[tuple[str | None, Mapping[int, SegmentLabel], Algorithm]] = [
+            (None, plan.labels, _algorithm(plan, settings))
+        ]
         if plan.models and plan.merge is None:
-            self.each = [(t, p, _algorithm(p, settings)) for t, p in zip(plan.tags, plan.models, strict=True)]
+            each = [
+                (t, p.labels, _algorithm(p, settings)) for t, p in zip(plan.tags, plan.models, strict=True)
+            ]
+        self.outputs = _Outputs(plan.steps, tuple(each), dict(label_config))
 
     async def worker(self, receive: MemoryObjectReceiveStream[tuple[PreparedCase, Any]], _: None) -> None:
         async with receive:
@@ -100,40 +147,11 @@ class Export:
                     key = self.flow.ledger.key(case)
                     options = replace(self.options, uid_seed=f"{self.model}|{key}") if key else self.options
                     exported = await self.flow.step(
-                        case, Stage.EXPORT, self._export, prepared, output, options
+                        case, Stage.EXPORT, self.outputs, prepared, output, options
                     )
                     del output  # the logits: often the largest thing a case holds
                     if exported is not None:
                         await self._finish(case, exported)
-
-    def _export(self, prepared: PreparedCase, output: Any, options: OutputOptions) -> _Exported:
-        """One case's outputs (in a worker thread): its label map on the prediction grid (or each
-        of several models'), then every writer that applies."""
-        watch = Stopwatch()
-        steps = self.plan.steps
-        if len(self.each) > 1:
-            assert isinstance(steps, ModelsSteps)
-            maps = steps.each_labels(prepared, output)
-        else:
-            maps = [output if steps is None else steps.to_labels(prepared, output)]
-        to_labels_s = watch.seconds
-        watch = Stopwatch()
-        artifacts: list[Artifact] = []
-        labels: dict[str | None, Labels] = {}
-        for (tag, plan, algorithm), label_map in zip(self.each, maps, strict=True):
-            seed = f"{options.uid_seed}|{tag}" if tag is not None and options.uid_seed else options.uid_seed
-            job = LabelMap.of(
-                prepared,
-                label_map,
-                plan.labels,
-                self.label_config,
-                algorithm,
-                replace(options, uid_seed=seed),
-            )
-            job = replace(job, suffix=f"_{tag}") if tag is not None else job
-            artifacts += [replace(a, model=tag) for a in write_outputs(job)]
-            labels[tag] = (job.present, job.absent)
-        return _Exported(artifacts, labels, to_labels_s, watch.seconds)
 
     async def _finish(self, case: Case, exported: _Exported) -> None:
         """Book the artifacts, send the case's DICOM objects to the PACS, write its files to the
@@ -149,7 +167,16 @@ class Export:
             report = ledger.report(case).as_dict()
             key, sources = ledger.key(case) if journaled else None, self.sources(case)
             finished = await self.flow.step(
-                case, Stage.EXPORT, _finish_case, self.sink, key, self.model, artifacts, report, sources
+                case,
+                Stage.EXPORT,
+                _finish_case,
+                self.sink,
+                key,
+                self.model,
+                artifacts,
+                report,
+                sources,
+                here=True,
             )
             if not finished:
                 return

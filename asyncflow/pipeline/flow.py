@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anyio
 
@@ -24,16 +24,39 @@ from asyncflow.pipeline.ledger import Ledger
 from asyncflow.pipeline.stopping import Stop
 from asyncflow.pipeline.workspace import Workspace
 
-__all__ = ["CaseFlow"]
+__all__ = ["CaseFlow", "Offload", "Threads"]
 
 R = TypeVar("R")
 
 
-class CaseFlow:
-    """A request's cases as they move through the stages (used from its event loop)."""
+class Offload(Protocol):
+    """Where a stage's CPU work runs: this process's worker threads (:class:`Threads`), or the
+    tasks of a cluster (:class:`asyncflow.cluster.tasks.RayTasks`)."""
 
-    def __init__(self, ledger: Ledger, workspace: Workspace, budget: MemoryBudget, stop: Stop) -> None:
+    async def run(self, fn: Callable[..., R], *args: Any) -> R: ...
+
+
+class Threads:
+    """A stage's CPU work in this process's worker threads (anyio's)."""
+
+    async def run(self, fn: Callable[..., R], *args: Any) -> R:
+        return await anyio.to_thread.run_sync(fn, *args)
+
+
+class CaseFlow:
+    """A request's cases as they move through the stages (used from its event loop). ``offload``
+    runs the steps that may run elsewhere (:meth:`step`)."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        workspace: Workspace,
+        budget: MemoryBudget,
+        stop: Stop,
+        offload: Offload | None = None,
+    ) -> None:
         self.ledger, self.workspace, self.budget, self.stop = ledger, workspace, budget, stop
+        self.offload: Offload = offload or Threads()
 
     def enter(self, case: Case, stage: Stage) -> bool:
         """True: ``case`` is now in ``stage``. False: the assembly withdrew it, and it has ended;
@@ -46,12 +69,14 @@ class CaseFlow:
         self.ledger.enter(case, stage)
         return True
 
-    async def step(self, case: Case, stage: Stage, fn: Callable[..., R], *args: Any) -> R | None:
-        """``fn(*args)`` in a worker thread, its seconds booked to ``stage``; None when it
-        raised, which fails the case alone."""
+    async def step(
+        self, case: Case, stage: Stage, fn: Callable[..., R], *args: Any, here: bool = False
+    ) -> R | None:
+        """``fn(*args)`` offloaded (in a worker thread, or on a cluster's node unless ``here``),
+        its seconds booked to ``stage``; None when it raised, which fails the case alone."""
         watch = Stopwatch()
         try:
-            result = await anyio.to_thread.run_sync(fn, *args)
+            result = await (anyio.to_thread.run_sync(fn, *args) if here else self.offload.run(fn, *args))
         except Exception as exc:  # noqa: BLE001 - any error of one case fails that case alone
             self.fail(case, stage, exc, watch.seconds)
             return None

@@ -27,7 +27,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from asyncflow.case import Case, SkippedFile
 from asyncflow.enums import InputKind, Stage
 from asyncflow.errors import RequestError
-from asyncflow.log import Stopwatch, bound_case, get_logger, scrub
+from asyncflow.log import Stopwatch, bind_node, bound_case, get_logger, scrub
 from asyncflow.pipeline.fetching import Fetcher
 from asyncflow.pipeline.flow import CaseFlow
 from asyncflow.pipeline.journal import CaseSink
@@ -101,9 +101,12 @@ class Intake:
                 _log_unpacked(unpacked, watch.duration_s)
                 scanned = None
                 if not unpacked.error:
-                    scanned = await anyio.to_thread.run_sync(scan, unpacked, self.limits.max_file_bytes)
+                    # Reading the files' headers, CPU work: on a cluster's node (the files are where
+                    # every node reaches them).
+                    scanned = await self.flow.offload.run(scan, unpacked, self.limits.max_file_bytes)
                     if scanned.skipped:
                         log.info("files.skipped", input_index=item.index, files=len(scanned.skipped))
+                    bind_node(None)  # where the scan ran, on a cluster: not the next input's
                 await send.send((unpacked, scanned))
 
     async def assemble(

@@ -27,8 +27,10 @@ each stage: :mod:`~asyncflow.pipeline.intake` (unpack and assemble),
 
 from __future__ import annotations
 
+import tempfile
 import uuid
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -39,6 +41,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from asyncflow.backends.base import Backend
 from asyncflow.backends.plan import ModelPlan
 from asyncflow.case import Case, SkippedFile
+from asyncflow.cluster.session import Cluster, connect
 from asyncflow.enums import CaseStatus, RequestStatus
 from asyncflow.errors import Interrupted, RequestError
 from asyncflow.labels.config import load_label_config
@@ -102,8 +105,10 @@ class _Request:
         label_config: Mapping[int, Mapping[str, Any]],
         sink: CaseSink | None,
         model: str,
+        cluster: Cluster | None = None,
     ) -> None:
         self.settings = settings
+        self.cluster = cluster
         self.plan = plan  # one prediction worker per backend
         self.flow = flow
         self.intake = Intake(settings, flow, sink, model)
@@ -121,6 +126,8 @@ class _Request:
             async with anyio.create_task_group() as watcher:
                 if watch_signals:
                     watcher.start_soon(stop.watch, self.flow.ledger.in_flight)
+                if self.cluster is not None:
+                    watcher.start_soon(self.cluster.watch)
                 with stop.stages:
                     await self._stages(items)
                 watcher.cancel_scope.cancel()
@@ -226,6 +233,8 @@ async def run_request(
     usable case, and :class:`~asyncflow.errors.ModelError` when the model cannot load. With a
     ``stop`` (:class:`~asyncflow.pipeline.stopping.Stop`) and in the main thread, SIGINT, SIGTERM
     and SIGHUP stop the request in two steps, and it raises :class:`~asyncflow.errors.Interrupted`.
+    With ``settings.cluster``, the steps run on that Ray cluster and the books stay here
+    (:mod:`asyncflow.cluster`; :class:`~asyncflow.errors.ClusterError` when it cannot).
     """
     settings = settings or Settings.from_env()
     items = request_items(entries)
@@ -233,11 +242,16 @@ async def run_request(
         raise RequestError("the request has no inputs")
     label_config = load_label_config(settings.label_config) if settings.label_config else {}
     plan = build_plan(settings) if backend is None else ModelPlan.of(backend)
+    model = await anyio.to_thread.run_sync(model_key, plan, settings)  # before any file
+    cluster = None
+    if settings.cluster is not None:  # asyncflow.cluster: the steps on its nodes, the books here
+        cluster = await anyio.to_thread.run_sync(connect, settings.cluster)
+        await anyio.to_thread.run_sync(cluster.check, settings.work_dir or Path(tempfile.gettempdir()), plan)
+        settings, plan = cluster.per_node(settings), cluster.plan(plan, settings)
     at_once = inputs_on_disk_at_once(settings, plan)
     check_free_space(settings.work_dir, settings.disk_headroom, [i.size for i in items], at_once)
     request_id = uuid.uuid4().hex[:12]
     watch = Stopwatch()
-    model = await anyio.to_thread.run_sync(model_key, plan, settings)  # before any file
     ledger = Ledger(
         on_progress,
         keep_bytes=sink is None or not sink.keeps_files,
@@ -263,8 +277,9 @@ async def run_request(
         # The request's folder exists from here: whatever happens next, ``finally`` removes it.
         workspace = Workspace(request_id, settings.work_dir, items, settings.archive_limits())
         try:
-            flow = CaseFlow(ledger, workspace, budget, stop or Stop(settings.grace_s))
-            request = _Request(settings, plan, flow, label_config, sink, model)
+            offload = cluster.offload() if cluster is not None else None
+            flow = CaseFlow(ledger, workspace, budget, stop or Stop(settings.grace_s), offload)
+            request = _Request(settings, plan, flow, label_config, sink, model, cluster)
             watch_signals = stop is not None and (not stop.signals or can_watch_signals())
             await request.run(items, watch_signals=watch_signals)
             result = ledger.result(request_id, watch.seconds, request.intake.skipped)
@@ -278,6 +293,8 @@ async def run_request(
             raise
         finally:
             workspace.close()
+            if cluster is not None:
+                cluster.close(plan)
             skipped = request.intake.skipped if request is not None else []
             reason = f"{type(error).__name__}: {error}" if error is not None else None
             if on_finish is not None:
