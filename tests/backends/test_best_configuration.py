@@ -82,7 +82,9 @@ def reference(tmp_path_factory: pytest.TempPathFactory, results: Path) -> Refere
 def _rotated_nifti(rng: np.random.Generator) -> bytes:
     """An anisotropic phantom whose axes are rotated 20 degrees about z and flipped in y."""
     phantom = make_phantom(rng, (22, 52, 48), spacing=(0.9, 0.8, 2.2))
-    image = sitk.ReadImage(_temporary(nifti_bytes(phantom.image, phantom.spacing, phantom.origin)))
+    path = Path(_temporary(nifti_bytes(phantom.image, phantom.spacing, phantom.origin)))
+    image = sitk.ReadImage(str(path))
+    path.unlink()
     angle = np.deg2rad(20)
     image.SetDirection((np.cos(angle), np.sin(angle), 0.0, np.sin(angle), -np.cos(angle), 0.0, 0.0, 0.0, 1.0))
     return _bytes_of(image)
