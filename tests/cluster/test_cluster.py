@@ -39,6 +39,8 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
+pytestmark = pytest.mark.model  # every test runs the packaged tiny model, on the cluster and alone
+
 LOOPBACK = {"node_ip_address": "127.0.0.1"}
 SCHEMA = jsonschema.Draft202012Validator(
     json.loads((Path(__file__).resolve().parents[2] / "ops" / "events.schema.json").read_text())
