@@ -92,10 +92,11 @@ def run_step(fn: Callable[..., Any], *args: Any) -> Remote:
 
 
 def _portable(exc: Exception) -> Exception:
-    """``exc``, or, when it cannot travel back to the driver, a RuntimeError that says the same."""
+    """``exc``, or, when it cannot travel back to the driver, a RuntimeError that says the same
+    (an exception whose class needs arguments its ``args`` do not hold does not unpickle)."""
     import pickle
 
-    try:
+    try:  # this process's own object, pickled and read back here: no outside data is unpickled
         pickle.loads(pickle.dumps(exc))
     except Exception:  # noqa: BLE001 - any exception that does not round-trip
         return RuntimeError(f"{type(exc).__name__}: {exc}")
