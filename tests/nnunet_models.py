@@ -17,6 +17,8 @@ built from the tiny model (tests of ensembles and postprocessing).
 ``find_best_configuration`` writes it (absolute paths of the machine that "trained" it), and its
 ``postprocessing.pkl``/``.json`` (keep the largest component of all foreground, then of label 2)
 are written with nnU-Net's own ``save_pickle`` of its own function, and ``save_json``.
+
+:func:`make_v1_cascade` builds an nnU-Net v1 cascade from the tiny v1 model the same way.
 """
 
 from __future__ import annotations
@@ -166,3 +168,69 @@ def make_results(root: Path, tiny: Path) -> Path:
     }
     save_json(information, str(folder / "inference_information.json"))
     return folder
+
+
+V1_TASK = "Task998_AsyncflowTiny"
+V1_PLANS = "nnUNetPlansv2.1"
+V1_CASCADE_TRAINER = "nnUNetTrainerV2CascadeFullRes"
+
+
+def make_v1_cascade(root: Path, tiny_v1: Path) -> Path:
+    """A v1 RESULTS_FOLDER under ``root`` with a cascade made from the tiny v1 model (whose
+    ``RESULTS_FOLDER`` is ``tiny_v1``), laid out as v1's training leaves it:
+    ``nnUNet/3d_lowres/<task>/nnUNetTrainerV2__<plans>`` (stage 0 of two-stage plans, 1.6 mm, the
+    tiny network's weights perturbed) and ``nnUNet/3d_cascade_fullres/<task>/
+    nnUNetTrainerV2CascadeFullRes__<plans>`` (stage 1, 1 mm; v1's own cascade trainer, whose
+    network reads the previous stage's one-hot foreground beside the image: the tiny weights for
+    the image, random ones for those channels). Returns the RESULTS_FOLDER."""
+    import pickle
+
+    import numpy as np
+    import torch
+
+    tiny = tiny_v1 / "nnUNet" / "3d_fullres" / V1_TASK / f"nnUNetTrainerV2__{V1_PLANS}"
+    with (tiny / "fold_0" / "model_final_checkpoint.model.pkl").open("rb") as f:
+        info = pickle.load(f)  # the repository's own file
+    plans = copy.deepcopy(info["plans"])
+    fullres = plans["plans_per_stage"][0]
+    lowres = copy.deepcopy(fullres)
+    lowres["current_spacing"] = np.array([1.6, 1.6, 1.6])
+    plans["plans_per_stage"] = {0: lowres, 1: fullres}
+    plans["num_stages"] = 2
+    checkpoint = torch.load(
+        tiny / "fold_0" / "model_final_checkpoint.model", map_location="cpu", weights_only=False
+    )
+    generator = torch.Generator().manual_seed(20261207)
+    classes = len(plans["all_classes"]) + 1
+    results = root / "v1_results"
+    for configuration, trainer, stage in (
+        ("3d_lowres", "nnUNetTrainerV2", 0),
+        ("3d_cascade_fullres", V1_CASCADE_TRAINER, 1),
+    ):
+        model = results / "nnUNet" / configuration / V1_TASK / f"{trainer}__{V1_PLANS}"
+        (model / "fold_0").mkdir(parents=True)
+        with (model / "plans.pkl").open("wb") as f:
+            pickle.dump(plans, f)
+        shutil.copy(tiny / "dataset.json", model / "dataset.json")
+        init = list(info["init"])
+        init[5] = stage
+        weights = dict(checkpoint["state_dict"])
+        if stage == 0:
+            weights = {
+                k: v * (1 + 0.15 * torch.randn(v.shape, generator=generator)) for k, v in weights.items()
+            }
+        else:
+            init.insert(8, "nnUNetTrainerV2")  # the cascade trainer's previous_trainer
+            first = "conv_blocks_context.0.blocks.0.conv.weight"
+            image = weights[first]
+            extra = (
+                0.5
+                * image.abs().mean()
+                * torch.randn((image.shape[0], classes - 1, *image.shape[2:]), generator=generator)
+            )
+            weights[first] = torch.cat([image, extra], dim=1)
+        stored = {**info, "init": tuple(init), "name": trainer, "plans": plans}
+        with (model / "fold_0" / "model_final_checkpoint.model.pkl").open("wb") as f:
+            pickle.dump(stored, f)
+        torch.save({**checkpoint, "state_dict": weights}, model / "fold_0" / "model_final_checkpoint.model")
+    return results

@@ -30,6 +30,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from asyncflow.backends.base import Composite, MemoryPhases, ModelInfo, abandonable
+from asyncflow.backends.locate import MODEL_DEFAULTS
 from asyncflow.backends.nnunet_v2 import CroppedLabels, Logits, ModelInput, NnUNetV2Backend, NnUNetV2Steps
 from asyncflow.case import PreparedCase
 from asyncflow.enums import Generation
@@ -40,7 +41,7 @@ __all__ = ["CascadeBackend", "CascadeInput", "CascadeSteps", "PreviousStage", "p
 
 def _previous_stage_name(info: ModelInfo) -> str | None:
     if info.generation is not Generation.V2:
-        return None  # nnUNet_predict runs a v1 cascade's first stage itself
+        return "3d_lowres" if info.configuration == "3d_cascade_fullres" else None  # v1's names
     try:
         plans = json.loads((info.folder / "plans.json").read_text())
         name = plans["configurations"][info.configuration].get("previous_stage")
@@ -52,10 +53,13 @@ def _previous_stage_name(info: ModelInfo) -> str | None:
 def previous_stage(info: ModelInfo) -> ModelInfo | None:
     """The first stage of the cascade whose second stage ``info`` is (None for any other model):
     ``<trainer>__<plans>__<previous_stage>`` beside it in the dataset's results folder, with the
-    same folds and checkpoint. A ModelError when it is not there or cannot run with it."""
+    same folds and checkpoint (v1: :func:`_v1_previous_stage`). A ModelError when it is not
+    there or cannot run with it."""
     name = _previous_stage_name(info)
     if name is None:
         return None
+    if info.generation is Generation.V1:
+        return _checked(info, _v1_previous_stage(info))
     folder = info.folder.parent / f"{info.trainer}__{info.plans}__{name}"
     if not folder.is_dir():
         raise ModelError(
@@ -63,12 +67,40 @@ def previous_stage(info: ModelInfo) -> ModelInfo | None:
             f"{name}, which asyncflow runs first from {folder.name} beside it, but that folder is not "
             f"in {info.folder.parent} (nnUNetv2_predict -c {name} makes it; copy that model there)"
         )
-    previous = ModelInfo.from_folder(folder, folds=info.folds, checkpoint=info.checkpoint)
+    return _checked(info, ModelInfo.from_folder(folder, folds=info.folds, checkpoint=info.checkpoint))
+
+
+def _v1_previous_stage(info: ModelInfo) -> ModelInfo:
+    """A v1 cascade's first stage, where ``nnUNet_predict -m 3d_cascade_fullres`` runs it from:
+    ``RESULTS_FOLDER/nnUNet/3d_lowres/<task>/<trainer>__<plans>`` (the trainer it is given with
+    ``-tr``: the one folder of these plans there, or v1's stock ``nnUNetTrainerV2`` among
+    several), with the cascade's folds and v1's stock checkpoint, whatever ``-chk`` says."""
+    defaults = MODEL_DEFAULTS[Generation.V1]
+    task = info.folder.parents[2] / "3d_lowres" / info.folder.parent.name
+    found = sorted(task.glob(f"*__{info.plans}")) if task.is_dir() else []
+    stock = task / f"{defaults['trainer']}__{info.plans}"
+    if len(found) > 1 and stock not in found:
+        raise ModelError(
+            f"{info.folder.name} is the second stage of a v1 cascade and {task} holds several "
+            f"first stages ({', '.join(f.name for f in found)}): keep the one it was trained after"
+        )
+    if not found:
+        raise ModelError(
+            f"{info.folder.name} is the second stage of a v1 cascade: nnUNet_predict runs 3d_lowres "
+            f"first from {task}/<trainer>__{info.plans}, which is not there (copy that model there)"
+        )
+    folder = found[0] if len(found) == 1 else stock
+    return ModelInfo.from_v1_folder(folder, folds=info.folds, checkpoint=defaults["checkpoint"])
+
+
+def _checked(info: ModelInfo, previous: ModelInfo) -> ModelInfo:
+    folder = previous.folder
     if _previous_stage_name(previous):
         raise ModelError(
             f"{folder.name} is itself a cascade's second stage: nnU-Net cascades have two stages"
         )
-    if previous.labels != info.labels or previous.num_channels != info.num_channels:
+    # by value: a v1 stage without a dataset.json of its own names its labels by value
+    if set(previous.labels) != set(info.labels) or previous.num_channels != info.num_channels:
         raise ModelError(
             f"the cascade's stages differ in their labels or input channels: {folder.name} and {info.folder.name}"
         )

@@ -24,6 +24,11 @@ loads the checkpoint, which fails on a model folder mounted read-only (as an
 image ships one). ``RESULTS_FOLDER`` therefore points at a writable overlay made
 at :meth:`NnUNetV1Backend.load`: the model's folder layout, its files as symlinks,
 its fold folders real, temporary directories. The model folder is never written.
+
+A cascade (``3d_cascade_fullres``) runs its first stage inside ``nnUNet_predict``, from
+``nnUNet/3d_lowres/<task>/<trainer>__<plans>`` (found before any case by
+:func:`asyncflow.backends.cascade.previous_stage`): the overlay holds both stages, ``-tr``
+names the first stage's trainer and ``-ctr`` the cascade's.
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ class NnUNetV1Backend:
         v1_case_timeout_s: float = 1800.0,
         v1_preprocess_threads: int = 2,
         v1_export_threads: int = 2,
+        v1_first_stage: ModelInfo | None = None,
     ) -> None:
         if Resampling(resampling) is not Resampling.MODEL:
             raise ModelError(
@@ -92,6 +98,7 @@ class NnUNetV1Backend:
         self.case_timeout_s = v1_case_timeout_s
         self.preprocess_threads = v1_preprocess_threads
         self.export_threads = v1_export_threads
+        self.first_stage = v1_first_stage  # a cascade's 3d_lowres, which nnUNet_predict runs first
         self._executable: str | None = None
         self._overlay: Path | None = None  # RESULTS_FOLDER for nnUNet_predict (see the module doc)
 
@@ -110,7 +117,8 @@ class NnUNetV1Backend:
                 f"{self.command} not found on PATH or beside {sys.executable}: "
                 "install nnU-Net v1 with pip install 'asyncflow[v1]'"
             )
-        self._overlay = _writable_overlay(self.info.folder)
+        stages = [self.info.folder] + ([self.first_stage.folder] if self.first_stage else [])
+        self._overlay = _writable_overlay(*stages)
         weakref.finalize(self, shutil.rmtree, self._overlay, True)  # with the backend, or at exit
         self._executable = found
 
@@ -121,7 +129,13 @@ class NnUNetV1Backend:
         command = [
             self._executable,
             *("-i", str(inputs), "-o", str(outputs)),
-            *("-t", info.name, "-m", info.configuration, "-tr", info.trainer, "-p", info.plans),
+            *("-t", info.name, "-m", info.configuration, "-p", info.plans),
+            # a cascade: -tr names its first stage's trainer, -ctr its own
+            *(
+                ("-tr", self.first_stage.trainer, "-ctr", info.trainer)
+                if self.first_stage
+                else ("-tr", info.trainer)
+            ),
             *("-f", *(str(f) for f in info.folds)),
             *("-chk", info.checkpoint),
             *("--step_size", str(self.tile_step_size)),
@@ -224,19 +238,20 @@ class NnUNetV1Backend:
         return list(stdout)
 
 
-def _writable_overlay(model: Path) -> Path:
-    """A RESULTS_FOLDER whose ``nnUNet/<configuration>/<task>/<trainer>__<plans>`` is ``model``
-    as symlinks, with fold folders of its own that nnUNet_predict may write its logs into."""
+def _writable_overlay(*models: Path) -> Path:
+    """A RESULTS_FOLDER whose ``nnUNet/<configuration>/<task>/<trainer>__<plans>`` are ``models``
+    as symlinks, with fold folders of their own that nnUNet_predict may write its logs into."""
     root = Path(tempfile.mkdtemp(prefix="asyncflow-v1-model-"))
-    target = root / model.relative_to(model.parents[3])
-    target.mkdir(parents=True)
-    for entry in model.iterdir():
-        if entry.is_dir() and entry.name.startswith("fold_"):
-            (target / entry.name).mkdir()
-            for file in entry.iterdir():
-                (target / entry.name / file.name).symlink_to(file.resolve())
-        else:
-            (target / entry.name).symlink_to(entry.resolve())
+    for model in models:
+        target = root / model.relative_to(model.parents[3])
+        target.mkdir(parents=True)
+        for entry in model.iterdir():
+            if entry.is_dir() and entry.name.startswith("fold_"):
+                (target / entry.name).mkdir()
+                for file in entry.iterdir():
+                    (target / entry.name / file.name).symlink_to(file.resolve())
+            else:
+                (target / entry.name).symlink_to(entry.resolve())
     return root
 
 

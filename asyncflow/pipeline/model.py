@@ -14,6 +14,7 @@ from asyncflow.backends.build import create_backend, read_model
 from asyncflow.backends.locate import ModelSelection
 from asyncflow.backends.plan import ModelPlan
 from asyncflow.backends.postprocessing import Postprocessing, read_postprocessing
+from asyncflow.enums import Generation
 from asyncflow.settings import Settings
 
 __all__ = ["PlanFacts", "build_backend", "build_backends", "build_plan", "locate_model", "read_plan"]
@@ -78,7 +79,7 @@ def _backend(settings: Settings, facts: PlanFacts, device: str) -> Backend:
     from asyncflow.backends.ensemble import EnsembleBackend
     from asyncflow.backends.nnunet_v2 import NnUNetV2Backend
 
-    def create(info: ModelInfo) -> Backend:
+    def create(info: ModelInfo, v1_first_stage: ModelInfo | None = None) -> Backend:
         return create_backend(
             info,
             tile_step_size=settings.tile_step_size,
@@ -91,11 +92,14 @@ def _backend(settings: Settings, facts: PlanFacts, device: str) -> Backend:
             v1_case_timeout_s=settings.v1_case_timeout_s,
             v1_preprocess_threads=settings.v1_preprocess_threads,
             v1_export_threads=settings.v1_export_threads,
+            v1_first_stage=v1_first_stage,
         )
 
     def member(info: ModelInfo, previous: ModelInfo | None) -> Backend:
         if previous is None:
             return create(info)
+        if info.generation is Generation.V1:  # nnUNet_predict runs a v1 cascade's first stage
+            return create(info, previous)
         first, second = create(previous), create(info)  # a cascade's stages: v2 models
         assert isinstance(first, NnUNetV2Backend) and isinstance(second, NnUNetV2Backend)
         return CascadeBackend(first, second)

@@ -9,6 +9,7 @@ import os
 import pickle
 import shutil
 import stat
+import subprocess
 import sys
 import textwrap
 import time
@@ -338,3 +339,56 @@ def test_real_v1_checkpoints_need_weights_only_loading_lifted(tmp_path: Path) ->
     stock += ["-chk", "model_final_checkpoint", "--disable_tta"]
     run = subprocess.run(stock, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode != 0 and "Weights only load failed" in run.stderr
+
+
+def _stock_predict(results: Path, inputs: Path, out: Path, *options: str) -> None:
+    """The stock ``nnUNet_predict`` as a user runs it, in the environment v1 models need."""
+    env = {**os.environ, "RESULTS_FOLDER": str(results), "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
+    env |= {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    command = [NNUNET_PREDICT, "-i", str(inputs), "-o", str(out), "-t", TASK, "-f", "0", *options]
+    done = subprocess.run([*command, "--disable_tta"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+@needs_v1
+def test_a_v1_cascade_runs_its_first_stage_as_nnunet_predict_does(
+    tmp_path: Path, rng: np.random.Generator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``-m 3d_cascade_fullres``: nnUNet_predict runs 3d_lowres first (``-tr`` its trainer,
+    ``-ctr`` the cascade's), both found in asyncflow's overlay of the results folder; the label
+    map is the stock command's, voxel for voxel, and the report records the first stage."""
+    from nnunet_models import V1_CASCADE_TRAINER, make_v1_cascade
+
+    results = make_v1_cascade(tmp_path, RESULTS)
+    cascade = results / "nnUNet" / "3d_cascade_fullres" / TASK / f"{V1_CASCADE_TRAINER}__nnUNetPlansv2.1"
+    phantom = make_phantom(rng, (40, 60, 56), spacing=(1.1, 0.9, 1.7))
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "case_0000.nii.gz").write_bytes(nifti_bytes(phantom.image, phantom.spacing, phantom.origin))
+    reference = tmp_path / "reference"
+    _stock_predict(results, inputs, reference, "-m", "3d_cascade_fullres")
+    expected = sitk.GetArrayFromImage(sitk.ReadImage(str(reference / "case.nii.gz")))
+    lowres = sitk.GetArrayFromImage(sitk.ReadImage(str(reference / "3d_lowres_predictions" / "case.nii.gz")))
+    assert set(np.unique(expected)) == {0, 1, 2}
+    assert (expected != lowres).any(), "the second stage changed nothing"
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    argv = ["run", str(inputs / "case_0000.nii.gz"), "-o", str(out), "--work-dir", str(work)]
+    argv += ["--model", str(cascade), "--device", "cpu", "--no-mirroring", "--threads", "1", "--json-logs"]
+    assert main(argv) == 0, capsys.readouterr().err[-3000:]
+    got = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "nifti_seg" / "case.nii.gz")))
+    np.testing.assert_array_equal(got, expected)
+    parameters = json.loads((out / "report.json").read_text())["model"]["parameters"]
+    assert parameters["configuration"] == "3d_cascade_fullres"
+    assert parameters["cascade"] == "3d_lowres (folds 0) first, its segmentation read by 3d_cascade_fullres"
+    assert not any(work.iterdir())
+
+
+def test_a_v1_cascade_without_its_first_stage_is_refused_before_any_case(tmp_path: Path) -> None:
+    from nnunet_models import V1_CASCADE_TRAINER, make_v1_cascade
+
+    results = make_v1_cascade(tmp_path, RESULTS)
+    shutil.rmtree(results / "nnUNet" / "3d_lowres")
+    cascade = results / "nnUNet" / "3d_cascade_fullres" / TASK / f"{V1_CASCADE_TRAINER}__nnUNetPlansv2.1"
+    with pytest.raises(ModelError, match="second stage of a v1 cascade: nnUNet_predict runs 3d_lowres first"):
+        build_backend(Settings(model_dir=cascade, device="cpu"))
