@@ -76,3 +76,15 @@ def test_the_resampling_benchmark_smoke_run_compares_every_mode(tmp_path: Path) 
     assert runs["model_equals_whole"] == {"segs": 2, "identical": True}
     for agreement in runs["torch_against_model_real_network"].values():
         assert 0 <= agreement["differing_share"] < 0.1 and agreement["dice"]
+
+
+@pytest.mark.model
+def test_the_cascade_memory_benchmark_finds_its_estimates_above_what_is_allocated(tmp_path: Path) -> None:
+    command = [sys.executable, str(BENCHMARKS / "cascade_memory.py"), "--tars", "1", "--series", "1"]
+    subprocess.run(
+        [*command, "--matrix", "64", "--out", str(tmp_path)], check=True, capture_output=True, timeout=600
+    )
+    (case,) = json.loads((tmp_path / "results.json").read_text())["cases"]
+    assert case["estimate_bytes"] >= case["measured_peak_bytes"] > case["channels_bytes"]
+    seg = case["seg_resampling"]
+    assert seg["estimate_bytes"] >= seg["measured_bytes"] > 0

@@ -209,7 +209,7 @@ class NnUNetV2Steps:
         """
         from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
 
-        from asyncflow.backends.resampling import TORCH, picks_slices, probabilities_function
+        from asyncflow.backends import resampling as rs
 
         channels = len(prepared.images)
         first = prepared.images[0]
@@ -226,16 +226,19 @@ class NnUNetV2Steps:
         to_labels = 2 * classes * m + 12 * n  # the logits; best, labels and mask of the source grid
         if shape == model_shape:
             pass
-        elif probabilities_function(self.configuration_manager) == TORCH:  # float32 in torch
+        elif rs.probabilities_function(self.configuration_manager) == rs.TORCH:  # float32 in torch
             preprocess += 8 * max(n, m)
             to_labels += 8 * m + 16 * n
-        elif not picks_slices(self.configuration_manager, spacing, target, shape, model_shape):
+        elif not rs.picks_slices(self.configuration_manager, spacing, target, shape, model_shape):
             preprocess += 48 * max(n, m)
             to_labels += 8 * m + 8 * n
         model_input, logits = 4 * channels * m, 2 * classes * m  # both held while predicted
-        if self.previous_stage:  # the previous stage's labels: float32, resampled, one-hot beside
-            one_hot = 4 * len(self.label_manager.foreground_labels) * m
-            preprocess, model_input = preprocess + 4 * n + 24 * m + 2 * one_hot, model_input + one_hot
+        if self.previous_stage:  # its labels (float32) resampled after the image, then one-hot stacked
+            fg = len(self.label_manager.foreground_labels)
+            one_hot, image, grids = 4 * fg * m, 4 * channels * m, (spacing, target, shape, model_shape)
+            seg = image + rs.seg_resampling_bytes(self.configuration_manager, *grids, fg + 1)
+            preprocess = 4 * n + max(preprocess, seg, 2 * image + 4 * m + 2 * one_hot)
+            model_input += one_hot
         return MemoryPhases(2 * channels * n, preprocess, model_input, logits, to_labels, n, classes)
 
     def _read(self, prepared: PreparedCase) -> tuple[np.ndarray, dict[str, Any]]:
