@@ -15,16 +15,22 @@ process (CPU: user + system of its tree; RSS: the peak of its tree):
   processes held more memory than this machine has in RESULTS-resampling.md), then
   ``nnUNetv2_ensemble -np 1``;
 - ``asyncflow_cascade``: ``asyncflow run --model .../3d_cascade_fullres``;
+- ``asyncflow_cascade_torch``: the same with ``--resampling torch`` (nnU-Net's torch
+  resampling for the image and the logits, not voxel-identical to the CLI: see
+  RESULTS-resampling.md);
 - ``nnunet_cascade``: ``nnUNetv2_predict_from_modelfolder`` of ``3d_lowres``, then of
   ``3d_cascade_fullres`` with ``-prev_stage_predictions`` (``-npp 1 -nps 1``).
 
-Usage: ``python benchmarks/ensemble.py [--tars 1 --series 2] [--out benchmarks/results-ensemble]``
+Usage: ``python benchmarks/ensemble.py [--tars 1 --series 2] [--out benchmarks/results-ensemble]
+[--runs asyncflow_cascade,nnunet_cascade]`` (``--runs``: some of the runs above; the others'
+figures already in ``--out`` are kept)
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import json
 import os
 import shutil
@@ -48,6 +54,14 @@ from network_hold import (  # noqa: E402
 )
 
 PREFIX = "nnUNetTrainer__nnUNetPlans__"
+RUNS = (
+    "asyncflow_one",
+    "asyncflow_ensemble",
+    "asyncflow_cascade",
+    "asyncflow_cascade_torch",
+    "nnunet_sequence",
+    "nnunet_cascade",
+)
 
 
 def three_configurations(folder: Path) -> dict[str, Path]:
@@ -97,9 +111,11 @@ def three_configurations(folder: Path) -> dict[str, Path]:
     return models
 
 
-def run_asyncflow(name: str, tars: list[Path], models: list[Path], scratch: Path, service_s: float) -> dict:
+def run_asyncflow(
+    name: str, tars: list[Path], models: list[Path], scratch: Path, service_s: float, *more: str
+) -> dict:
     out, log = scratch / name, scratch / f"{name}.log"
-    argv = [*map(str, tars), "-o", str(out), "--device", "cpu", "--no-mirroring", "--threads", "1"]
+    argv = [*map(str, tars), "-o", str(out), "--device", "cpu", "--no-mirroring", "--threads", "1", *more]
     argv += ["--json-logs", "--work-dir", str(scratch / "work"), "--set", "disk_headroom=0"]
     for model in models:
         argv += ["--model", str(model)]
@@ -156,15 +172,20 @@ def main(argv: list[str] | None = None) -> int:
     add_request_arguments(parser)
     parser.add_argument("--service-s", type=float, default=2.0, help="stand-in seconds per configuration")
     parser.add_argument("--out", type=Path, default=HERE / "results-ensemble")
+    parser.add_argument("--runs", default=",".join(RUNS), help="which runs, comma-separated")
     args = parser.parse_args(argv)
+    chosen = args.runs.split(",")
+    if unknown := set(chosen) - set(RUNS):
+        parser.error(f"unknown runs {sorted(unknown)}: choose among {', '.join(RUNS)}")
     args.out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="asyncflow-ensemble-"))
     results: dict[str, Any] = {"machine": f"{os.cpu_count()} cores, CPU only", "service_s": args.service_s}
-    runs: dict[str, Any] = {}
+    kept = args.out / "results.json"
+    runs: dict[str, Any] = json.loads(kept.read_text())["runs"] if kept.exists() else {}
     results["runs"] = runs
 
     def record(name: str, value: dict[str, Any]) -> None:
-        runs[name] = value
+        runs[name] = {**value, "measured_on": datetime.date.today().isoformat()}
         print(name, json.dumps(value), flush=True)
         (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
@@ -175,18 +196,26 @@ def main(argv: list[str] | None = None) -> int:
             scratch / "request", args.tars, args.series, args.matrix, np.random.default_rng(16)
         )
         record("request", {"tars": args.tars, "series": args.tars * args.series})
-        record("asyncflow_one", run_asyncflow("one", tars, [models["3d_fullres"]], scratch, args.service_s))
-        record(
-            "asyncflow_ensemble",
-            run_asyncflow("ensemble", tars, list(ensemble.values()), scratch, args.service_s),
-        )
-        record(
-            "asyncflow_cascade",
-            run_asyncflow("cascade", tars, [models["3d_cascade_fullres"]], scratch, args.service_s),
-        )
-        nifti = write_nifti_copies(tars, scratch / "nifti")
-        record("nnunet_sequence", run_sequence(nifti[0].parent, ensemble, scratch, args.service_s))
-        record("nnunet_cascade", run_cascade(nifti[0].parent, models, scratch, args.service_s))
+        ours = {
+            "asyncflow_one": [models["3d_fullres"]],
+            "asyncflow_ensemble": list(ensemble.values()),
+            "asyncflow_cascade": [models["3d_cascade_fullres"]],
+        }
+        for name, chosen_models in ours.items():
+            if name in chosen:
+                short = name.removeprefix("asyncflow_")
+                record(name, run_asyncflow(short, tars, chosen_models, scratch, args.service_s))
+        if "asyncflow_cascade_torch" in chosen:  # not nnU-Net's arithmetic: RESULTS-resampling.md
+            more = ("--resampling", "torch")
+            cascade = ours["asyncflow_cascade"]
+            run = run_asyncflow("cascade_torch", tars, cascade, scratch, args.service_s, *more)
+            record("asyncflow_cascade_torch", run)
+        if {"nnunet_sequence", "nnunet_cascade"} & set(chosen):
+            nifti = write_nifti_copies(tars, scratch / "nifti")[0].parent
+        if "nnunet_sequence" in chosen:
+            record("nnunet_sequence", run_sequence(nifti, ensemble, scratch, args.service_s))
+        if "nnunet_cascade" in chosen:
+            record("nnunet_cascade", run_cascade(nifti, models, scratch, args.service_s))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print(f"wrote {args.out / 'results.json'}")
