@@ -118,11 +118,22 @@ class ModelsSteps:
         self.steps, self.merge = list(steps), merge
 
     def memory_bytes(self, prepared: PreparedCase) -> int:
-        """Every model's estimate (their arrays may be held together while the case is
-        predicted), and the label maps made one after another, kept until written."""
+        """The label maps made one after another, kept until written, beside the largest of:
+        each model's preprocessing (or a cascade's step between its stages) while every other
+        model's input and logits may be held; every model's input and logits while predicted;
+        each model's way back beside the logits of the models after it. Where a model's steps
+        give no phases (an ensemble of configurations), every model's estimate added."""
         voxels = int(np.prod(prepared.images[0].GetSize()))
-        models = sum(s.memory_bytes(prepared) for s in self.steps)
-        return models + 2 * voxels * (len(self.steps) + 1)
+        labels = 2 * voxels * (len(self.steps) + 1)
+        given = [getattr(s, "memory_phases", None) for s in self.steps]
+        each = [phases(prepared) if phases else None for phases in given]
+        if any(p is None for p in each):
+            return sum(s.memory_bytes(prepared) for s in self.steps) + labels
+        phases = [p for p in each if p is not None]
+        held = [p.model_input + p.logits for p in phases]
+        preprocess = max(p.preprocess + sum(held) - h for p, h in zip(phases, held, strict=True))
+        back = max(p.to_labels + sum(q.logits for q in phases[i + 1 :]) for i, p in enumerate(phases))
+        return max(p.base for p in phases) + max(preprocess, sum(held), back) + labels
 
     def preprocess(self, prepared: PreparedCase) -> ModelsInput:
         inputs = [s.preprocess(prepared) for s in self.steps]

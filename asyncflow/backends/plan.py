@@ -11,13 +11,13 @@ choosing.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from asyncflow.backends.base import Backend, ModelInfo, ModelSteps
+from asyncflow.backends.base import Backend, MemoryPhases, ModelInfo, ModelSteps
 from asyncflow.backends.models import MERGE_RULE, LabelMerge, ModelsBackend, ModelsSteps
 from asyncflow.backends.postprocessing import Postprocessing
 from asyncflow.case import PreparedCase
@@ -182,6 +182,15 @@ class Postprocessed:
     def memory_bytes(self, prepared: PreparedCase) -> int:
         voxels = int(np.prod(prepared.images[0].GetSize())) if prepared.images else 0
         return self.steps.memory_bytes(prepared) + self.postprocessing.memory_bytes(voxels)
+
+    def memory_phases(self, prepared: PreparedCase) -> MemoryPhases | None:
+        """The steps' phases (None where they give none), the postprocessing in the way back."""
+        phases = getattr(self.steps, "memory_phases", None)
+        if phases is None:
+            return None
+        voxels = int(np.prod(prepared.images[0].GetSize())) if prepared.images else 0
+        each: MemoryPhases = phases(prepared)
+        return replace(each, to_labels=each.to_labels + self.postprocessing.memory_bytes(voxels))
 
     def preprocess(self, prepared: PreparedCase) -> Any:
         return self.steps.preprocess(prepared)

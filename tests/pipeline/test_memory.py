@@ -193,6 +193,44 @@ def test_the_estimate_bounds_what_an_ensemble_allocates(
     assert measured <= estimate <= 2.5 * measured, (estimate, peaks)
 
 
+@pytest.mark.parametrize(("shape", "spacing"), SEVERAL_GEOMETRIES)
+def test_the_estimate_bounds_what_several_models_allocate(
+    model_dir: Path, tmp_path: Path, shape: tuple[int, int, int], spacing: tuple[float, float, float]
+) -> None:
+    """Two models (1 and 1.6 mm), as the pipeline holds a case: each model's preprocessing, both
+    model inputs and logits while predicted, each label map made while the next model's logits
+    wait. The estimate takes the phases' largest, below the two models' estimates added."""
+    from nnunet_models import PREFIX, make_results
+
+    from asyncflow.backends.models import ModelsInput, ModelsOutput, ModelsSteps
+
+    results = make_results(tmp_path, model_dir)
+    each = [
+        NnUNetV2Steps(ModelInfo.from_folder(results / f"{PREFIX}{c}")) for c in ("3d_fullres", "3d_lowres")
+    ]
+    steps = ModelsSteps(each, None)
+    for size in ((8, 16, 16), shape):  # the first: nnU-Net's first-use caches, not measured
+        image = _ct_image(size, spacing)
+        prepared = _case(image, tmp_path)
+        estimate = steps.memory_bytes(prepared)
+        added = sum(s.memory_bytes(prepared) for s in each) + 2 * image.GetNumberOfPixels() * 3
+        inputs, preprocess = _traced(steps.preprocess, prepared)
+        assert isinstance(inputs, ModelsInput)
+        prepared.images = []
+        outputs = [
+            _logits(m, i.data.shape[1:], i.properties) for m, i in zip(each, inputs.inputs, strict=True)
+        ]
+        logits = sum(o.array.nbytes for o in outputs)
+        held = inputs.nbytes + logits
+        del inputs
+        labels, back = _traced(steps.each_labels, prepared, ModelsOutput(outputs, 0.0))
+    assert [m.shape for m in labels] == [shape, shape]
+    peaks = (preprocess, held, back + logits)
+    measured = max(peaks) + image.GetNumberOfPixels() * 2  # the channels: SimpleITK's, not traced
+    assert measured <= estimate <= 2.5 * measured, (estimate, peaks)
+    assert estimate < added
+
+
 def _rss(field: str) -> int:
     """This process's ``VmRSS`` or ``VmHWM`` (its peak since the last reset), in bytes."""
     status = Path("/proc/self/status").read_text(encoding="utf-8")
