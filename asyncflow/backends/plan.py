@@ -180,17 +180,19 @@ class Postprocessed:
         self.steps, self.postprocessing = steps, postprocessing
 
     def memory_bytes(self, prepared: PreparedCase) -> int:
-        voxels = int(np.prod(prepared.images[0].GetSize())) if prepared.images else 0
-        return self.steps.memory_bytes(prepared) + self.postprocessing.memory_bytes(voxels)
+        return self.steps.memory_bytes(prepared) + self._postprocessing_bytes(prepared)
 
     def memory_phases(self, prepared: PreparedCase) -> MemoryPhases | None:
         """The steps' phases (None where they give none), the postprocessing in the way back."""
         phases = getattr(self.steps, "memory_phases", None)
         if phases is None:
             return None
-        voxels = int(np.prod(prepared.images[0].GetSize())) if prepared.images else 0
         each: MemoryPhases = phases(prepared)
-        return replace(each, to_labels=each.to_labels + self.postprocessing.memory_bytes(voxels))
+        return replace(each, to_labels=each.to_labels + self._postprocessing_bytes(prepared))
+
+    def _postprocessing_bytes(self, prepared: PreparedCase) -> int:
+        voxels = int(np.prod(prepared.images[0].GetSize())) if prepared.images else 0
+        return self.postprocessing.memory_bytes(voxels)
 
     def preprocess(self, prepared: PreparedCase) -> Any:
         return self.steps.preprocess(prepared)
